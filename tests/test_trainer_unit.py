@@ -1,0 +1,233 @@
+"""Unit tests of the trainer's pure parts: ID tables, ordering, losses, the learning step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.id_table import IdTable
+from trainer.losses import candidate_log_q, popularity_distribution, sampled_softmax_loss
+from trainer.ordering import EventTimeMerger
+from trainer.state import TrainerState
+from twotower import checkpoint
+from twotower.config import ModelConfig, TrainerConfig
+from twotower.events import CatalogItem, Interaction
+
+# --- ID tables ---------------------------------------------------------------------------
+
+
+def test_id_table_grows_without_collisions() -> None:
+    table = IdTable(dim=4, capacity=2)
+    rows = [table.observe(f"id{i}", ts_ms=i, seq=1) for i in range(100)]
+    assert rows == list(range(100))
+    assert len(table) == 100
+    assert table.capacity >= 100
+    assert table.row("id42") == 42
+    assert table.row("nope") == -1
+
+
+def test_admission_filter_keeps_one_off_ids_out() -> None:
+    table = IdTable(dim=4, admission_min_count=3)
+    assert table.observe("a", 1, 1) == -1
+    assert table.observe("a", 2, 1) == -1
+    row = table.observe("a", 3, 1)
+    assert row == 0
+    assert int(table.count[row]) == 3
+    assert table.observe("b", 4, 1) == -1
+    assert "b" not in table
+
+
+def test_expiry_frees_rows_and_reuses_them() -> None:
+    table = IdTable(dim=4)
+    table.observe("old", ts_ms=1_000, seq=1)
+    table.observe("new", ts_ms=100_000, seq=1)
+    table.emb[table.row("old")] = 1.0
+    gone = table.expire(now_ms=100_000, ttl_ms=50_000, seq=2)
+    assert gone == ["old"]
+    assert "old" not in table and "new" in table
+    row = table.add("fresh", ts_ms=100_000, seq=2)
+    assert row == 0  # the freed slot is reused
+    assert torch.equal(table.emb[row], torch.zeros(4))  # and starts clean
+
+
+def test_id_table_state_round_trip() -> None:
+    table = IdTable(dim=3, admission_min_count=2)
+    for key in ["a", "b", "a", "b", "c"]:
+        table.observe(key, 5, 1)
+    table.emb[table.row("a")] = torch.tensor([1.0, 2.0, 3.0])
+    state, _ = table.to_state()
+    again = IdTable.from_state(state, admission_min_count=2)
+    assert again.row("a") >= 0 and again.row("c") == -1
+    assert torch.equal(again.emb[again.row("a")], torch.tensor([1.0, 2.0, 3.0]))
+    assert again.observe("c", 6, 2) >= 0  # pending count survived the round trip
+
+
+# --- event-time merge ---------------------------------------------------------------------
+
+
+def test_merger_releases_in_event_time_order_and_counts_late() -> None:
+    merger = EventTimeMerger(allowance_ms=100)
+    tp_a, tp_b = ("events", 0), ("events", 1)
+    merger.push(tp_a, 0, 1_000, "a0")
+    merger.push(tp_b, 0, 950, "b0")
+    merger.push(tp_a, 1, 1_200, "a1")
+    assert [v for *_, v in merger.pop_ready()] == ["b0", "a0"]  # watermark 1100
+    merger.push(tp_b, 1, 900, "late")
+    assert [v for *_, v in merger.pop_ready()] == ["late"]  # below the watermark: released, not dropped
+    assert merger.late == 1
+    assert [v for *_, v in merger.pop_ready(force=True)] == ["a1"]
+
+
+def test_merger_safe_offsets_and_replay_skip() -> None:
+    merger = EventTimeMerger(allowance_ms=0)
+    tp = ("events", 0)
+    merger.push(tp, 10, 5_000, "x")  # held: newest
+    merger.push(tp, 11, 1_000, "y")  # released below: older in event time
+    merger.push(tp, 12, 6_000, "z")
+    released = [v for *_, v in merger.pop_ready()]
+    assert released == ["y", "x", "z"]
+    merger2 = EventTimeMerger(allowance_ms=1_000)
+    merger2.push(tp, 10, 5_000, "x")
+    merger2.push(tp, 11, 1_000, "y")
+    assert [v for *_, v in merger2.pop_ready()] == ["y"]
+    assert merger2.safe_offsets() == {tp: 10}
+    assert merger2.applied_above() == {tp: [11]}
+    # after a restart from offset 10, record 11 must not be applied again
+    restarted = EventTimeMerger(allowance_ms=1_000)
+    restarted.skip_on_replay(merger2.applied_above())
+    assert restarted.push(tp, 10, 5_000, "x") is True
+    assert restarted.push(tp, 11, 1_000, "y") is False
+    assert restarted.safe_offsets() == {tp: 10}
+
+
+# --- losses -------------------------------------------------------------------------------
+
+
+def test_softmax_loss_step_raises_positive_score() -> None:
+    torch.manual_seed(0)
+    users = torch.randn(4, 8, requires_grad=True)
+    items = torch.randn(6, 8)
+    pos = torch.tensor([0, 1, 2, 3])
+    before = (users @ items.T).detach()
+    loss = sampled_softmax_loss(users @ items.T, pos)
+    loss.backward()
+    with torch.no_grad():
+        after = (users - 0.1 * users.grad) @ items.T
+    gain_pos = (after - before)[torch.arange(4), pos]
+    assert (gain_pos > 0).all()
+
+
+def test_logq_correction_and_accidental_hits() -> None:
+    logits = torch.zeros(2, 3)
+    pos = torch.tensor([0, 1])
+    log_q = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    plain = sampled_softmax_loss(logits, pos)
+    corrected = sampled_softmax_loss(logits, pos, log_q)
+    # a popular positive (column 0) is penalised by the correction, so its loss rises
+    assert corrected.item() != pytest.approx(plain.item())
+    same = torch.tensor([[True, False, True], [False, True, False]])
+    masked = sampled_softmax_loss(logits, pos, None, same)
+    # row 0 has a duplicate of its positive in column 2: masked, so fewer competitors
+    assert masked.item() < plain.item()
+
+
+def test_popularity_distribution_power() -> None:
+    p = popularity_distribution(torch.tensor([16, 1, 0]))
+    assert p[2] == 0
+    assert p[0] / p[1] == pytest.approx(16**0.75)
+    q = candidate_log_q(torch.tensor([0.5, 0.5]), torch.tensor([0.9, 0.1]), 10, 10)
+    assert torch.allclose(q, torch.log(torch.tensor([14.0, 6.0])))
+
+
+# --- the learning step --------------------------------------------------------------------
+
+
+def _toy(seed: int = 0, n_users: int = 60, n_items: int = 80, n_cats: int = 4):
+    """A state over a catalogue where each user clicks only items of one favourite category."""
+    rng = np.random.default_rng(seed)
+    cats = rng.integers(0, n_cats, n_items)
+    fav = rng.integers(0, n_cats, n_users)
+    state = TrainerState(ModelConfig(dim=16, id_dim=8, hidden=32, content_dim=4), TrainerConfig(stream_lr=0.05))
+    for i in range(n_items):
+        state.apply_catalog(CatalogItem(f"i{i}", f"c{cats[i]}", list(np.eye(4)[cats[i]]), 0))
+
+    def clicks(n: int, t0: int) -> list[Interaction]:
+        out = []
+        for k in range(n):
+            u = int(rng.integers(n_users))
+            i = int(rng.choice(np.flatnonzero(cats == fav[u])))
+            out.append(Interaction(f"e{t0 + k}", "r", f"u{u}", f"i{i}", "click", 0, t0 + k))
+        return out
+
+    _toy.fav = {f"u{u}": int(fav[u]) for u in range(n_users)}
+    _toy.cats = {f"i{i}": int(cats[i]) for i in range(n_items)}
+    return state, clicks
+
+
+def test_streaming_updates_keep_dense_weights_bit_identical() -> None:
+    state, clicks = _toy()
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    rows_before = state.items.emb.clone()
+    for step in range(20):
+        state.learn(state.observe_clicks(clicks(64, step * 1_000)), dense=False)
+    for name, value in state.model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    assert not torch.equal(state.items.emb[: rows_before.shape[0]], rows_before)  # rows did move
+
+
+def test_nightly_step_moves_dense_weights() -> None:
+    state, clicks = _toy()
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    state.learn(state.observe_clicks(clicks(64, 0)), dense=True)
+    changed = [k for k, v in state.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
+
+
+def test_training_learns_category_preferences() -> None:
+    state, clicks = _toy()
+    for step in range(40):
+        state.learn(state.observe_clicks(clicks(64, step * 1_000)), dense=step % 2 == 0)
+    users = [f"u{u}" for u in range(60)]
+    items = [f"i{i}" for i in range(80)]
+    with torch.no_grad():
+        iv = state.item_vectors(items)
+        uv = state.model.user(
+            state.users.gather(state.users.rows(users)),
+            state.profile_matrix(users),
+            state.pooled_history([list(state.histories.get(u, [])) for u in users], [10**9] * 60),
+        )
+    top = (uv @ iv.T).topk(5).indices
+    hits = [_toy.cats[items[j]] == _toy.fav[u] for k, u in enumerate(users) for j in top[k].tolist()]
+    assert np.mean(hits) > 0.8  # four categories: chance is 0.25
+
+
+def test_checkpoint_round_trip_resumes_exactly(tmp_path) -> None:
+    state, clicks = _toy()
+    state.learn(state.observe_clicks(clicks(64, 0)), dense=True)
+    state.seq += 1
+    checkpoint.save(tmp_path, state.to_checkpoint({"events:0": 64}))
+    loaded = checkpoint.load(tmp_path)
+    assert loaded is not None and loaded.offsets == {"events:0": 64}
+    again = TrainerState.from_checkpoint(loaded, state.tcfg)
+    batch = clicks(32, 10_000)
+    r1 = state.learn(state.observe_clicks(batch), dense=False)
+    r2 = again.learn(again.observe_clicks(batch), dense=False)
+    assert r1.loss == pytest.approx(r2.loss, abs=1e-6)
+    for key in ["u1", "u2"]:
+        if key in state.users:
+            torch.testing.assert_close(state.users.emb[state.users.row(key)], again.users.emb[again.users.row(key)])
+
+
+def test_new_item_content_vector_lands_near_its_category() -> None:
+    state, clicks = _toy()
+    for step in range(30):
+        state.learn(state.observe_clicks(clicks(64, step * 1_000)), dense=True)
+    state.apply_catalog(CatalogItem("brand-new", "c2", [0, 0, 1, 0], 0))
+    with torch.no_grad():
+        ids = [f"i{i}" for i in range(80)]
+        iv = state.item_vectors(ids)
+        new = state.item_vectors(["brand-new"])[0]
+    sims = iv @ new
+    same = torch.tensor([state.catalog[i][0] == state.catalog["brand-new"][0] for i in ids])
+    assert sims[same].mean() > sims[~same].mean() + 0.1

@@ -1,0 +1,202 @@
+"""Growing ID-embedding tables: one row per admitted ID, no hashing, no collisions.
+
+An ID gets a row once it has been seen ``admission_min_count`` times (one-off IDs stay out);
+new rows start at zero, so a new item's vector comes from its content and a new user's from
+profile and history until training moves the row. Rows unseen for a while expire and their
+slots are reused. Row-wise Adagrad state lives beside the rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from twotower.checkpoint import TableState
+
+
+class IdTable:
+    """String ID → row of a growable ``[capacity, dim]`` float32 tensor.
+
+    Args:
+        dim: row width.
+        admission_min_count: observations needed before an ID gets a row.
+        capacity: initial number of slots (doubles when full).
+    """
+
+    def __init__(self, dim: int, admission_min_count: int = 1, capacity: int = 1024) -> None:
+        if admission_min_count < 1:
+            raise ValueError("admission_min_count must be >= 1")
+        self.dim = dim
+        self.admission_min_count = admission_min_count
+        self.ids: list[str | None] = []
+        self.index: dict[str, int] = {}
+        self.pending: dict[str, int] = {}
+        self.free: list[int] = []
+        capacity = max(capacity, 1)
+        self.emb = torch.zeros(capacity, dim)
+        self.accum = torch.zeros(capacity)
+        self.count = torch.zeros(capacity, dtype=torch.int64)
+        self.last_seen_ms = torch.zeros(capacity, dtype=torch.int64)
+        self.updated_seq = torch.zeros(capacity, dtype=torch.int64)
+
+    # --- size ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self.index
+
+    @property
+    def capacity(self) -> int:
+        return self.emb.shape[0]
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the row storage and its per-row state."""
+        tensors = (self.emb, self.accum, self.count, self.last_seen_ms, self.updated_seq)
+        return sum(t.element_size() * t.nelement() for t in tensors)
+
+    def _grow(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new_cap = max(needed, 2 * self.capacity)
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros((new_cap, *t.shape[1:]), dtype=t.dtype)
+            out[: t.shape[0]] = t
+            return out
+
+        self.emb, self.accum = grow(self.emb), grow(self.accum)
+        self.count, self.last_seen_ms, self.updated_seq = (
+            grow(self.count),
+            grow(self.last_seen_ms),
+            grow(self.updated_seq),
+        )
+
+    # --- lookup and admission ----------------------------------------------------------
+    def row(self, key: str) -> int:
+        """The row of ``key``, or -1."""
+        return self.index.get(key, -1)
+
+    def rows(self, keys: list[str]) -> torch.Tensor:
+        """Rows of ``keys`` as int64, -1 where unknown."""
+        get = self.index.get
+        return torch.tensor([get(k, -1) for k in keys], dtype=torch.int64)
+
+    def add(self, key: str, ts_ms: int = 0, seq: int = 0) -> int:
+        """Give ``key`` a row now (no admission check); returns the row."""
+        row = self.index.get(key)
+        if row is not None:
+            return row
+        if self.free:
+            row = self.free.pop()
+        else:
+            row = len(self.ids)
+            self._grow(row + 1)
+            self.ids.append(None)
+        self.ids[row] = key
+        self.index[key] = row
+        self.emb[row] = 0.0
+        self.accum[row] = 0.0
+        self.count[row] = self.pending.pop(key, 0)
+        self.last_seen_ms[row] = ts_ms
+        self.updated_seq[row] = seq
+        return row
+
+    def observe(self, key: str, ts_ms: int, seq: int) -> int:
+        """Count one sighting of ``key``; admit it when it reaches the threshold.
+
+        Returns:
+            Its row, or -1 while it is not admitted.
+        """
+        row = self.index.get(key)
+        if row is None:
+            seen = self.pending.get(key, 0) + 1
+            if seen < self.admission_min_count:
+                self.pending[key] = seen
+                return -1
+            self.pending[key] = seen - 1
+            row = self.add(key, ts_ms, seq)
+        self.count[row] += 1
+        if ts_ms > self.last_seen_ms[row]:
+            self.last_seen_ms[row] = ts_ms
+        return row
+
+    def expire(self, now_ms: int, ttl_ms: int, seq: int) -> list[str]:
+        """Free the rows unseen since ``now_ms - ttl_ms``; returns their IDs."""
+        n = len(self.ids)
+        if n == 0:
+            return []
+        live = torch.tensor([k is not None for k in self.ids])
+        stale = (live & (self.last_seen_ms[:n] < now_ms - ttl_ms)).nonzero().flatten().tolist()
+        gone = []
+        for row in stale:
+            key = self.ids[row]
+            if key is None:
+                continue
+            gone.append(key)
+            del self.index[key]
+            self.ids[row] = None
+            self.emb[row] = 0.0
+            self.accum[row] = 0.0
+            self.count[row] = 0
+            self.updated_seq[row] = seq
+            self.free.append(row)
+        return gone
+
+    # --- updates -----------------------------------------------------------------------
+    def adagrad_update(self, rows: torch.Tensor, grads: torch.Tensor, lr: float, seq: int, eps: float = 1e-8) -> None:
+        """Row-wise Adagrad on ``rows`` (unique, >= 0) with their summed gradients ``[n, dim]``."""
+        if rows.numel() == 0:
+            return
+        self.accum[rows] += grads.pow(2).mean(dim=1)
+        self.emb[rows] -= lr * grads / (self.accum[rows].sqrt().unsqueeze(1) + eps)
+        self.updated_seq[rows] = seq
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Copies of ``rows`` (zeros where the row is -1)."""
+        out = torch.zeros(rows.shape[0], self.dim)
+        known = rows >= 0
+        if known.any():
+            out[known] = self.emb[rows[known]]
+        return out
+
+    # --- persistence -------------------------------------------------------------------
+    def live_rows(self) -> tuple[list[str], torch.Tensor]:
+        """IDs and row numbers of the live rows, in row order."""
+        keys, rows = [], []
+        for row, key in enumerate(self.ids):
+            if key is not None:
+                keys.append(key)
+                rows.append(row)
+        return keys, torch.tensor(rows, dtype=torch.int64)
+
+    def to_state(self) -> tuple[TableState, torch.Tensor]:
+        """The compacted live rows, and the row numbers they came from (to align side tables)."""
+        keys, rows = self.live_rows()
+        state = TableState(
+            ids=keys,
+            emb=self.emb[rows].clone(),
+            accum=self.accum[rows].clone(),
+            count=self.count[rows].clone(),
+            last_seen_ms=self.last_seen_ms[rows].clone(),
+            updated_seq=self.updated_seq[rows].clone(),
+            pending=dict(self.pending),
+        )
+        return state, rows
+
+    @classmethod
+    def from_state(cls, state: TableState, admission_min_count: int) -> IdTable:
+        """Rebuild a table whose rows are in ``state`` order (row i = ``state.ids[i]``)."""
+        n = len(state.ids)
+        dim = state.emb.shape[1] if state.emb.ndim == 2 else 0
+        table = cls(dim, admission_min_count, capacity=max(n, 1024))
+        if state.emb.shape != (n, dim):
+            raise ValueError(f"table state has {n} ids but rows of shape {tuple(state.emb.shape)}")
+        table.ids = list(state.ids)
+        table.index = {k: i for i, k in enumerate(state.ids)}
+        table.pending = dict(state.pending)
+        table.emb[:n] = state.emb
+        table.accum[:n] = state.accum
+        table.count[:n] = state.count
+        table.last_seen_ms[:n] = state.last_seen_ms
+        table.updated_seq[:n] = state.updated_seq
+        return table

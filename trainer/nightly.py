@@ -1,0 +1,220 @@
+"""``train nightly``: a shuffled one-epoch retrain over yesterday's events, warm-started.
+
+Reading "yesterday": Kafka's record timestamp is the event time (producers set it), so the
+broker's time index finds the first record of the day in each partition
+(``offsets_for_times``). The read starts ``nightly_margin_ms`` early and stops that much
+late, and each event's own ``ts_ms`` decides whether it belongs to the day, so events that
+arrived out of order are neither lost nor counted in two days. No archive is needed while
+the topic's retention covers the day (set retention to a few days at least).
+
+Warm start: the retrain starts from the latest checkpoint (dense weights, ID rows, optimizer
+state), builds each click's history in event order, shuffles the examples with a seed
+derived from the configured seed and the date, and trains one epoch over towers and rows.
+The result becomes a full snapshot: written as the new checkpoint when no streaming trainer
+runs, or handed over to the running one (:mod:`trainer.handoff`). A date already retrained
+is skipped, so rerunning it changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import random
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from kafka import TopicPartition
+from tqdm import tqdm
+
+from trainer import handoff
+from trainer.state import TrainerState
+from trainer.stream import StateLock
+from twotower import checkpoint
+from twotower.config import Config, KafkaConfig
+from twotower.events import CatalogItem, Interaction, Profile, SchemaError, decode
+from twotower.kafka_io import Topics, ensure_topics, make_consumer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NightlyResult:
+    date: str
+    status: str
+    """``trained``, ``skipped`` (date done before) or ``empty`` (no events that day)."""
+    examples: int = 0
+    mean_loss: float = 0.0
+    handed_over: bool = False
+    """True when a running streaming trainer will merge the result."""
+
+
+def day_bounds_ms(date: dt.date, timezone: str) -> tuple[int, int]:
+    """[start, end) of a calendar day in ``timezone``, as epoch milliseconds."""
+    tz = ZoneInfo(timezone)
+    start = dt.datetime.combine(date, dt.time.min, tzinfo=tz)
+    end = dt.datetime.combine(date + dt.timedelta(days=1), dt.time.min, tzinfo=tz)
+    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+
+
+def yesterday(timezone: str, now: dt.datetime | None = None) -> dt.date:
+    now = now or dt.datetime.now(ZoneInfo(timezone))
+    return (now.astimezone(ZoneInfo(timezone)) - dt.timedelta(days=1)).date()
+
+
+def read_topic_range(cfg: KafkaConfig, topic: str, start_ms: int | None, end_ms: int | None) -> Iterator[object]:
+    """Raw messages of ``topic`` whose Kafka timestamp falls in ``[start_ms, end_ms)`` by the time
+    index (``None``: from the beginning / to the current end). Reads without a consumer group."""
+    consumer = make_consumer(cfg, None, enable_auto_commit=False, consumer_timeout_ms=5_000)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return
+        consumer.assign(tps)
+        ends = consumer.end_offsets(tps)
+        if end_ms is not None:
+            found = consumer.offsets_for_times({tp: end_ms for tp in tps})
+            ends = {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
+        starts = consumer.beginning_offsets(tps)
+        if start_ms is not None:
+            found = consumer.offsets_for_times({tp: start_ms for tp in tps})
+            starts = {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
+        todo = {tp for tp in tps if starts[tp] < ends[tp]}
+        if not todo:
+            return
+        consumer.assign(sorted(todo, key=lambda t: t.partition))
+        for tp in todo:
+            consumer.seek(tp, starts[tp])
+        while todo:
+            polled = consumer.poll(timeout_ms=1_000, max_records=5_000)
+            if not polled:
+                # nothing more arrives below the end offsets: they may point past compacted gaps
+                if all(consumer.position(tp) >= ends[tp] for tp in todo):
+                    break
+                continue
+            for tp, messages in polled.items():
+                for message in messages:
+                    if message.offset < ends[tp]:
+                        yield message
+                if consumer.position(tp) >= ends[tp]:
+                    todo.discard(tp)
+                    consumer.pause(tp)
+    finally:
+        consumer.close(autocommit=False)
+
+
+def load_day(cfg: Config, topics: Topics, date: dt.date) -> list[Interaction]:
+    """Clicks of ``date`` (by event time, in the configured timezone), in event-time order."""
+    start, end = day_bounds_ms(date, cfg.trainer.schedule_timezone)
+    margin = cfg.trainer.nightly_margin_ms
+    clicks: list[tuple[int, int, int, Interaction]] = []
+    bad = 0
+    for message in read_topic_range(cfg.kafka, topics.events, start - margin, end + margin):
+        try:
+            record = decode(message.value)
+        except SchemaError:
+            bad += 1  # the streaming trainer dead-letters it; the nightly only skips it
+            continue
+        if isinstance(record, Interaction) and record.type == "click" and start <= record.ts_ms < end:
+            clicks.append((record.ts_ms, message.partition, message.offset, record))
+    if bad:
+        log.warning("skipped %d malformed records while reading %s", bad, date)
+    clicks.sort(key=lambda x: x[:3])
+    return [c for *_, c in clicks]
+
+
+def load_side_topics(cfg: Config, topics: Topics, state: TrainerState) -> None:
+    """Apply the (compacted) catalogue and profile topics, so a cold start knows every item."""
+    for topic in (topics.catalog, topics.profiles):
+        for message in read_topic_range(cfg.kafka, topic, None, None):
+            try:
+                record = decode(message.value)
+            except SchemaError:
+                continue
+            if isinstance(record, CatalogItem):
+                if record.item_id not in state.catalog:
+                    state.apply_catalog(record)
+            elif isinstance(record, Profile):
+                state.apply_profile(record)
+
+
+def build_examples(
+    state: TrainerState, clicks: list[Interaction], day_start_ms: int
+) -> list[tuple[Interaction, list[tuple[str, int]]]]:
+    """Each click with the history its user had just before it, replayed in event order.
+
+    Histories start from what the state remembers from before the day; every ID seen gets a
+    row (the nightly job sees the whole day, so it needs no admission filter).
+    """
+    hist_len = state.model_cfg.history_len
+    histories = {
+        u: deque(((i, t) for i, t in h if t < day_start_ms), maxlen=hist_len) for u, h in state.histories.items()
+    }
+    seq = state.next_seq
+    out = []
+    for click in clicks:
+        state.users.add(click.user_id, click.ts_ms, seq)
+        state.items.add(click.item_id, click.ts_ms, seq)
+        hist = histories.setdefault(click.user_id, deque(maxlen=hist_len))
+        out.append((click, list(hist)))
+        hist.append((click.item_id, click.ts_ms))
+    return out
+
+
+def retrain(state: TrainerState, examples: list, seed: int, batch_size: int, progress: bool) -> float:
+    """One shuffled epoch over towers and rows; returns the mean loss."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    state.generator.manual_seed(seed)
+    losses = []
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc="nightly retrain", unit="batch", disable=not progress):
+        batch = [examples[i] for i in order[start : start + batch_size]]
+        losses.append(state.learn(batch, dense=True).loss)
+    return sum(losses) / max(len(losses), 1)
+
+
+def run_nightly(cfg: Config, date: dt.date, force: bool = False, progress: bool = True) -> NightlyResult:
+    """Retrain on ``date`` and publish the result as the next full version (via checkpoint or handoff)."""
+    day = date.isoformat()
+    state_dir = Path(cfg.trainer.state_dir)
+    lock = StateLock(state_dir)
+    own_state = lock.acquire(blocking=False)
+    try:
+        topics = ensure_topics(cfg.kafka)
+        ckpt = checkpoint.load(state_dir)
+        state = (
+            TrainerState.from_checkpoint(ckpt, cfg.trainer) if ckpt else TrainerState(cfg.model, cfg.trainer)
+        )
+        if day in state.nightly_done and not force:
+            log.info("nightly %s already done: skipping", day)
+            return NightlyResult(day, "skipped")
+        before = copy.deepcopy(state) if not own_state else None
+        load_side_topics(cfg, topics, state)
+        clicks = load_day(cfg, topics, date)
+        if not clicks:
+            log.info("no clicks on %s: nothing to retrain", day)
+            return NightlyResult(day, "empty")
+        start_ms, _ = day_bounds_ms(date, cfg.trainer.schedule_timezone)
+        examples = build_examples(state, clicks, start_ms)
+        seed = cfg.trainer.seed * 1_000_003 + date.toordinal()
+        mean_loss = retrain(state, examples, seed, cfg.trainer.batch_size, progress)
+        log.info("nightly %s: %d examples, mean loss %.4f", day, len(examples), mean_loss)
+        if own_state:
+            state.dense_version += 1
+            state.nightly_done.append(day)
+            state.seq += 1
+            offsets = ckpt.offsets if ckpt else {}
+            extra = {"applied_above": ckpt.extra.get("applied_above", {})} if ckpt else {}
+            checkpoint.save(state_dir, state.to_checkpoint(offsets, extra))
+            return NightlyResult(day, "trained", len(examples), mean_loss)
+        assert before is not None
+        handoff.write(state_dir, day, before, state)
+        return NightlyResult(day, "trained", len(examples), mean_loss, handed_over=True)
+    finally:
+        if own_state:
+            lock.release()

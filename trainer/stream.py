@@ -1,0 +1,268 @@
+"""``train stream``: consume events in event-time order and update only ID-embedding rows.
+
+Exactly-once effect on the model state: offsets are part of the checkpoint, the checkpoint
+is written atomically, and offsets are committed to Kafka only after it is on disk. On
+start the trainer seeks to the checkpoint's offsets (not Kafka's committed ones, which may
+lag a crash), and skips the records it had already applied above them.
+
+A nightly retrain running beside it hands over its result through a file (see
+:mod:`trainer.handoff`); the streaming trainer merges it between micro-batches.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+from prometheus_client import Counter, Gauge, Histogram
+
+from trainer import handoff
+from trainer.ordering import EventTimeMerger, Partition
+from trainer.state import TrainerState
+from twotower import checkpoint
+from twotower.config import Config
+from twotower.daemon import Daemon
+from twotower.events import CatalogItem, Interaction, Profile
+from twotower.kafka_io import RecordDecoder, ensure_topics, make_consumer, make_producer
+
+log = logging.getLogger(__name__)
+
+EVENTS = Counter("twotower_trainer_events_total", "Records consumed by the streaming trainer", ["kind"])
+TRAINED = Counter("twotower_trainer_examples_total", "Clicks trained on by the streaming trainer")
+LATE = Gauge("twotower_trainer_late_events", "Events released after a newer one (trained anyway)")
+CHECKPOINTS = Counter("twotower_trainer_checkpoints_total", "Checkpoints written")
+CHECKPOINT_SEQ = Gauge("twotower_trainer_checkpoint_seq", "Sequence number of the last checkpoint")
+LAG = Gauge("twotower_trainer_consumer_lag", "Records behind the log end, summed over partitions")
+ROWS = Gauge("twotower_trainer_rows", "Live rows of an ID table", ["table"])
+TABLE_BYTES = Gauge("twotower_trainer_table_bytes", "Memory held by an ID table", ["table"])
+LOSS = Gauge("twotower_trainer_loss", "Loss of the last streaming step")
+STEP_SECONDS = Histogram("twotower_trainer_step_seconds", "Duration of one streaming step")
+BUFFERED = Gauge("twotower_trainer_buffered", "Records held for event-time ordering")
+
+
+def partition_key(tp: Partition) -> str:
+    return f"{tp[0]}:{tp[1]}"
+
+
+def parse_partition_key(key: str) -> Partition:
+    topic, _, part = key.rpartition(":")
+    return topic, int(part)
+
+
+class StateLock:
+    """An exclusive lock on a state directory: one writer of the checkpoint at a time."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "trainer.lock"
+        self._fh: Any = None
+
+    def acquire(self, blocking: bool) -> bool:
+        self._fh = open(self.path, "a+")  # noqa: SIM115 - held for the process lifetime
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            self._fh.close()
+            self._fh = None
+            return False
+        return True
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+class _SeekToCheckpoint(ConsumerRebalanceListener):
+    def __init__(self, trainer: StreamTrainer) -> None:
+        self.trainer = trainer
+
+    # These run on kafka-python's network thread: no blocking client calls (no commit) here.
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        if revoked:
+            self.trainer.checkpoint(commit=False)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self.trainer.assigned = bool(assigned)
+        self.trainer.last_record = time.monotonic()
+        for tp in assigned:
+            offset = self.trainer.resume_offsets.get((tp.topic, tp.partition))
+            if offset is not None:
+                self.trainer.consumer.seek(tp, offset)
+
+
+class StreamTrainer(Daemon):
+    """The streaming trainer daemon. ``max_idle_s`` stops it after that long without records (tests)."""
+
+    name = "trainer-stream"
+
+    def __init__(self, cfg: Config, max_idle_s: float | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tcfg = cfg.trainer
+        self.max_idle_s = max_idle_s
+        self.state_dir = Path(cfg.trainer.state_dir)
+        self.lock = StateLock(self.state_dir)
+        self.merger = EventTimeMerger(cfg.trainer.out_of_order_ms)
+        self.resume_offsets: dict[Partition, int] = {}
+        self.state: TrainerState | None = None
+        self.consumer: Any = None
+        self.producer: Any = None
+        self.pending: list[Interaction] = []
+        self.dirty = False
+        self.last_checkpoint = time.monotonic()
+        self.last_record = time.monotonic()
+        self.assigned = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def startup(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            raise RuntimeError(f"another trainer holds {self.lock.path}; one streaming trainer per state dir")
+        topics = ensure_topics(self.cfg.kafka)
+        ckpt = checkpoint.load(self.state_dir)
+        if ckpt is None:
+            self.state = TrainerState(self.cfg.model, self.tcfg)
+            log.info("no checkpoint in %s: starting from scratch", self.state_dir)
+        else:
+            self.state = TrainerState.from_checkpoint(ckpt, self.tcfg)
+            self.resume_offsets = {parse_partition_key(k): v for k, v in ckpt.offsets.items()}
+            applied = ckpt.extra.get("applied_above", {})
+            self.merger.skip_on_replay({parse_partition_key(k): v for k, v in applied.items()})
+            log.info("resumed from checkpoint seq %d (%d offsets)", ckpt.seq, len(ckpt.offsets))
+        self._merge_handoff()
+        self.producer = make_producer(self.cfg.kafka)
+        self.decoder = RecordDecoder(self.producer)
+        self.consumer = make_consumer(self.cfg.kafka, self.tcfg.group_id)
+        self.consumer.subscribe([topics.events, topics.catalog, topics.profiles], listener=_SeekToCheckpoint(self))
+
+    def main_loop(self) -> None:
+        while not self.shutdown_flag.is_set():
+            polled = self.consumer.poll(timeout_ms=100, max_records=5_000)
+            now = time.monotonic()
+            if polled:
+                self.last_record = now
+                for tp, messages in polled.items():
+                    for message in messages:
+                        self._route((tp.topic, tp.partition), message)
+            idle = now - self.last_record
+            self._train_ready(force=idle * 1000 >= self.tcfg.max_batch_wait_ms)
+            self._merge_handoff()
+            if now - self.last_checkpoint >= self.tcfg.checkpoint_interval_s:
+                self.checkpoint()
+                self._report_lag()
+            if self.max_idle_s is not None and self.assigned and idle >= self.max_idle_s:
+                log.info("idle for %.1f s: stopping", idle)
+                break
+
+    def shutdown(self) -> None:
+        try:
+            if self.state is not None and self.consumer is not None:
+                self._train_ready(force=True)
+                self.checkpoint(force=True)
+        finally:
+            if self.consumer is not None:
+                self.consumer.close(autocommit=False)
+            if self.producer is not None:
+                self.producer.close(timeout=10)
+            self.lock.release()
+
+    def health(self) -> dict[str, Any]:
+        out = super().health()
+        if self.state is not None:
+            out.update(seq=self.state.seq, users=len(self.state.users), items=len(self.state.items))
+        return out
+
+    # --- records -----------------------------------------------------------------------
+    def _route(self, tp: Partition, message: Any) -> None:
+        assert self.state is not None
+        record = self.decoder.decode(message)
+        if record is None:
+            EVENTS.labels("dead_letter").inc()
+            self.merger.mark_done(tp, message.offset)
+            return
+        if isinstance(record, Interaction):
+            EVENTS.labels(record.type).inc()
+            self.merger.push(tp, message.offset, record.ts_ms, record)
+            return
+        if isinstance(record, CatalogItem):
+            EVENTS.labels("catalog").inc()
+            self.state.apply_catalog(record)
+        elif isinstance(record, Profile):
+            EVENTS.labels("profile").inc()
+            self.state.apply_profile(record)
+        self.merger.mark_done(tp, message.offset)
+        self.dirty = True
+
+    def _train_ready(self, force: bool) -> None:
+        assert self.state is not None
+        for _, _, record in self.merger.pop_ready(force=force):
+            self.dirty = True
+            if record.type == "click":
+                self.pending.append(record)
+            if len(self.pending) >= self.tcfg.batch_size:
+                self._step()
+        if force and self.pending:
+            self._step()
+        LATE.set(self.merger.late)
+        BUFFERED.set(len(self.merger))
+
+    def _step(self) -> None:
+        assert self.state is not None
+        clicks, self.pending = self.pending, []
+        with STEP_SECONDS.time():
+            examples = self.state.observe_clicks(clicks)
+            result = self.state.learn(examples, dense=False)
+        TRAINED.inc(result.examples)
+        LOSS.set(result.loss)
+
+    def _merge_handoff(self) -> None:
+        assert self.state is not None
+        if handoff.merge_pending(self.state, self.state_dir):
+            self.dirty = True
+            self.checkpoint(force=True)
+
+    # --- checkpoints -------------------------------------------------------------------
+    def checkpoint(self, force: bool = False, commit: bool = True) -> None:
+        """Write the state with the offsets it includes, then (``commit``) commit those offsets to Kafka."""
+        self.last_checkpoint = time.monotonic()
+        if self.state is None or not (self.dirty or force):
+            return
+        if self.pending:  # released records count as applied in the offsets below: train them first
+            self._step()
+        state = self.state
+        state.expire(state.event_time_ms)
+        state.seq += 1
+        safe = self.merger.safe_offsets()
+        applied = self.merger.applied_above()
+        offsets = {**{partition_key(tp): off for tp, off in self.resume_offsets.items()}}
+        offsets.update({partition_key(tp): off for tp, off in safe.items()})
+        extra = {"applied_above": {partition_key(tp): offs for tp, offs in applied.items()}}
+        checkpoint.save(self.state_dir, state.to_checkpoint(offsets, extra))
+        self.dirty = False
+        CHECKPOINTS.inc()
+        CHECKPOINT_SEQ.set(state.seq)
+        for name, table in (("users", state.users), ("items", state.items)):
+            ROWS.labels(name).set(len(table))
+            TABLE_BYTES.labels(name).set(table.memory_bytes())
+        if commit and self.consumer is not None and safe:
+            commits = {TopicPartition(t, p): OffsetAndMetadata(off, "", -1) for (t, p), off in safe.items()}
+            try:
+                self.consumer.commit(commits)
+            except KafkaError as exc:  # the state on disk is authoritative; the next commit catches up
+                log.warning("offset commit failed (state is safe on disk): %s", exc)
+        log.debug("checkpoint seq %d", state.seq)
+
+    def _report_lag(self) -> None:
+        total = 0
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                total += max(0, high - self.consumer.position(tp))
+        LAG.set(total)

@@ -1,0 +1,250 @@
+"""All configuration, in one typed place.
+
+Every component gets its own section; each field says its unit in its name and carries a
+docstring. Values come from, lowest precedence first:
+
+1. the defaults below,
+2. a TOML file named by ``--config`` or ``TWOTOWER_CONFIG``,
+3. environment variables ``TWOTOWER_<SECTION>__<FIELD>`` (e.g. ``TWOTOWER_TRAINER__LR=0.05``),
+4. the two conventional shortcuts ``KAFKA_BOOTSTRAP`` and ``REDIS_URL``.
+
+Unknown keys are rejected with an error naming them (kafka-python shows the cost of
+silently ignoring a misspelt key).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Raised for an unreadable config file, an unknown key or an invalid value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class KafkaConfig(_Section):
+    bootstrap: str = "127.0.0.1:9092"
+    """Comma-separated host:port list of the brokers."""
+    topic_prefix: str = ""
+    """Prepended to every topic name; tests use it to isolate themselves on a shared broker."""
+    partitions: int = Field(default=3, ge=1)
+    """Partitions for the topics this system creates."""
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    """Consumer-group session timeout; heartbeat is a third of it."""
+
+
+class RedisConfig(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    """Redis connection URL."""
+    key_prefix: str = "tt"
+    """Prepended to every key and channel; tests use one per test."""
+
+
+class ModelConfig(_Section):
+    dim: int = Field(default=64, ge=4)
+    """Output embedding dimension of both towers."""
+    id_dim: int = Field(default=32, ge=2)
+    """Dimension of the ID-embedding rows."""
+    hidden: int = Field(default=128, ge=4)
+    """Hidden width of the tower MLPs."""
+    n_categories: int = Field(default=64, ge=1)
+    """Size of the item-category vocabulary (categories are hashed into it without collisions
+    below this count; the vocabulary grows as in an ID table)."""
+    content_dim: int = Field(default=16, ge=0)
+    """Length of the dense content-feature vector of an item (shorter vectors are zero-padded)."""
+    profile_dim: int = Field(default=8, ge=0)
+    """Length of the dense user-profile vector (shorter vectors are zero-padded)."""
+    history_len: int = Field(default=20, ge=1)
+    """How many recent interactions the user tower pools."""
+    history_half_life_s: float = Field(default=86_400.0, gt=0)
+    """Time-decay half-life of the history pooling, in seconds of event time."""
+    temperature: float = Field(default=0.05, gt=0)
+    """Softmax temperature: score = cosine / temperature."""
+
+
+class TrainerConfig(_Section):
+    state_dir: Path = Path("var/trainer")
+    """Where checkpoints (weights + ID tables + Kafka offsets, written together) live."""
+    group_id: str = "twotower-trainer"
+    """Kafka consumer group of the streaming trainer."""
+    batch_size: int = Field(default=256, ge=1)
+    """Micro-batch size of the streaming trainer and batch size of the nightly retrain."""
+    max_batch_wait_ms: int = Field(default=200, ge=1)
+    """Longest a streaming micro-batch waits to fill before it is trained anyway."""
+    stream_lr: float = Field(default=0.02, gt=0)
+    """Row-wise Adagrad step size of the streaming ID-row updates."""
+    nightly_lr: float = Field(default=0.003, gt=0)
+    """Adam step size of the nightly dense retrain."""
+    checkpoint_interval_s: float = Field(default=5.0, gt=0)
+    """How often the streaming trainer checkpoints (and so how often a delta can be published)."""
+    out_of_order_ms: int = Field(default=2_000, ge=0)
+    """Event-time allowance for out-of-order events when merging partitions."""
+    admission_min_count: int = Field(default=1, ge=1)
+    """An ID gets its own row once seen this many times."""
+    row_ttl_days: float = Field(default=30.0, gt=0)
+    """Rows unseen for this many days of event time are expired."""
+    seed: int = 0
+    """Seed of the nightly shuffle and of new-row initialisation."""
+    nightly_margin_ms: int = Field(default=3_600_000, ge=0)
+    """The nightly read starts and ends this far outside the day (by Kafka timestamp) to catch
+    out-of-order events; each event's own time then decides whether it belongs to the day."""
+    schedule_cron: str = "0 2 * * *"
+    """Cron expression (minute hour day month weekday) of the nightly retrain."""
+    schedule_timezone: str = "UTC"
+    """Timezone of the cron expression and of the day boundaries of the nightly retrain."""
+
+
+class PublisherConfig(_Section):
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    """How often the publisher looks for a new trainer checkpoint."""
+    full_every: int = Field(default=50, ge=1)
+    """Publish a full snapshot after this many deltas even if the dense weights did not change."""
+    keep_versions: int = Field(default=5, ge=2)
+    """How many full versions (with their deltas) are kept in Redis."""
+    history_max_len: int = Field(default=100, ge=1)
+    """Length cap of the per-user recent-history list in Redis."""
+    group_id: str = "twotower-publisher"
+    """Kafka consumer group of the serving-state writer (history, item details, new items)."""
+
+
+class RetrieverConfig(_Section):
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """Port of the HTTP API (recommend, health, metrics)."""
+    workers: int = Field(default=1, ge=1)
+    """Worker processes."""
+    default_k: int = Field(default=10, ge=1)
+    """Items returned when the request does not say."""
+    max_k: int = Field(default=1000, ge=1)
+    """Largest k a request may ask for."""
+
+
+class SimulatorConfig(_Section):
+    n_users: int = Field(default=500, ge=1)
+    """Simulated users."""
+    n_items: int = Field(default=2_000, ge=1)
+    """Items in the starting catalogue."""
+    n_categories: int = Field(default=20, ge=1)
+    """Item categories; each user's latent interest mixes a few of them."""
+    latent_dim: int = Field(default=16, ge=2)
+    """Dimension of the simulator's ground-truth latent space."""
+    rate_per_s: float = Field(default=200.0, gt=0)
+    """Recommendation requests (sessions) simulated per second."""
+    slate_size: int = Field(default=10, ge=1)
+    """Items shown per request."""
+    zipf_a: float = Field(default=1.1, gt=0)
+    """Zipf exponent of item popularity."""
+    drift_per_s: float = Field(default=0.002, ge=0)
+    """How fast user interests drift, as a fraction of the latent norm per simulated second."""
+    new_item_every_s: float = Field(default=2.0, gt=0)
+    """A new item arrives this often (simulated seconds)."""
+    seed: int = 0
+    """Seed of the ground truth and of every draw."""
+    retriever_url: str = ""
+    """Base URL of a retriever for closed-loop impressions; empty: popularity-random slates."""
+
+
+class ObservabilityConfig(_Section):
+    log_format: str = Field(default="json", pattern="^(json|text)$")
+    """json for one JSON object per line, text for humans."""
+    log_level: str = "INFO"
+    """Root log level."""
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    """Port of /metrics and /health for daemons without their own HTTP server; 0 disables."""
+
+
+class Config(_Section):
+    """The whole system's configuration."""
+
+    kafka: KafkaConfig = KafkaConfig()
+    redis: RedisConfig = RedisConfig()
+    model: ModelConfig = ModelConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    publisher: PublisherConfig = PublisherConfig()
+    retriever: RetrieverConfig = RetrieverConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.retriever.default_k > self.retriever.max_k:
+            raise ValueError("retriever.default_k must not exceed retriever.max_k")
+        return self
+
+    def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> Config:
+        """A copy with some fields of some sections replaced (validated like a file would be)."""
+        data = self.model_dump()
+        for section, values in overrides.items():
+            if section not in data:
+                raise ConfigError(f"unknown config section {section!r}")
+            data[section].update(values)
+        return _validate(data, "overrides")
+
+
+ENV_PREFIX = "TWOTOWER_"
+
+
+def _deep_update(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"environment variable {name} must look like {ENV_PREFIX}<SECTION>__<FIELD>")
+        layer.setdefault(parts[0], {})[parts[1]] = value
+    if env.get("KAFKA_BOOTSTRAP"):
+        layer.setdefault("kafka", {})["bootstrap"] = env["KAFKA_BOOTSTRAP"]
+    if env.get("REDIS_URL"):
+        layer.setdefault("redis", {})["url"] = env["REDIS_URL"]
+    return layer
+
+
+def _validate(data: Mapping[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration ({source}): {problems}") from None
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from defaults, an optional TOML file and the environment.
+
+    Args:
+        path: TOML file; ``None`` falls back to ``$TWOTOWER_CONFIG`` and then to no file.
+        env: the environment to read; ``None`` means ``os.environ``.
+
+    Raises:
+        ConfigError: the file cannot be read, or a key or value is invalid.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    path = path or env.get(ENV_PREFIX + "CONFIG") or None
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    _deep_update(data, _env_layer(env))
+    return _validate(data, str(path) if path else "defaults and environment")

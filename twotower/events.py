@@ -1,0 +1,210 @@
+"""The event schema: what producers write to Kafka and every consumer reads.
+
+Three record kinds travel as msgpack maps carrying a schema version ``v``:
+
+* :class:`Interaction` (topic ``events``, key = user id): an impression or a click.
+* :class:`CatalogItem` (topic ``catalog``, compacted, key = item id).
+* :class:`Profile` (topic ``profiles``, compacted, key = user id).
+
+IDs are strings on the wire (integers are accepted and converted), so any ID space fits.
+``ts_ms`` is the event time in milliseconds since the epoch and is also the Kafka record
+timestamp, so the broker's time index can find "yesterday".
+
+Validation is the same on both sides: :func:`encode` refuses an invalid record before it is
+sent, :func:`decode` raises :class:`SchemaError` with a reason, which consumers turn into a
+dead letter (see :func:`dead_letter`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import msgpack
+
+SCHEMA_VERSION = 1
+IMPRESSION = "impression"
+CLICK = "click"
+INTERACTION_TYPES = (IMPRESSION, CLICK)
+MAX_ID_LEN = 256
+MAX_FEATURES = 4096
+
+
+class SchemaError(ValueError):
+    """A record that does not follow the schema; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Interaction:
+    """An impression (item shown) or a click (item chosen) by a user."""
+
+    event_id: str
+    request_id: str
+    user_id: str
+    item_id: str
+    type: Literal["impression", "click"]
+    position: int
+    ts_ms: int
+    context: dict[str, Any] = field(default_factory=dict)
+    """Optional extras, e.g. ``{"retrieved": [...]}``: items retrieved but not shown."""
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogItem:
+    """An item entering or changing in the catalogue; content features give a new item its vector."""
+
+    item_id: str
+    category: str
+    features: list[float]
+    ts_ms: int
+    title: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Dense profile features of a user."""
+
+    user_id: str
+    features: list[float]
+    ts_ms: int
+
+
+Record = Interaction | CatalogItem | Profile
+_KIND = {Interaction: "interaction", CatalogItem: "catalog", Profile: "profile"}
+
+
+def _id(value: Any, name: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise SchemaError(f"{name} must be a string or integer, got {type(value).__name__}")
+    text = str(value)
+    if not text or len(text) > MAX_ID_LEN:
+        raise SchemaError(f"{name} must have 1..{MAX_ID_LEN} characters")
+    return text
+
+
+def _int(value: Any, name: str, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SchemaError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < low:
+        raise SchemaError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _floats(value: Any, name: str) -> list[float]:
+    if not isinstance(value, list | tuple):
+        raise SchemaError(f"{name} must be a list of numbers")
+    if len(value) > MAX_FEATURES:
+        raise SchemaError(f"{name} has {len(value)} values, more than {MAX_FEATURES}")
+    out = []
+    for x in value:
+        if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+            raise SchemaError(f"{name} must hold finite numbers only")
+        out.append(float(x))
+    return out
+
+
+def _fields(raw: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...]) -> None:
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise SchemaError(f"missing field(s): {', '.join(missing)}")
+    unknown = sorted(set(raw) - set(required) - set(optional) - {"v", "kind"})
+    if unknown:
+        raise SchemaError(f"unknown field(s): {', '.join(unknown)}")
+
+
+def from_dict(raw: Any) -> Record:
+    """Validate a decoded map and build the record it describes.
+
+    Raises:
+        SchemaError: with the first problem found.
+    """
+    if not isinstance(raw, dict):
+        raise SchemaError(f"a record must be a map, got {type(raw).__name__}")
+    if raw.get("v") != SCHEMA_VERSION:
+        raise SchemaError(f"unsupported schema version {raw.get('v')!r} (expected {SCHEMA_VERSION})")
+    kind = raw.get("kind")
+    if kind == "interaction":
+        _fields(raw, ("event_id", "request_id", "user_id", "item_id", "type", "position", "ts_ms"), ("context",))
+        if raw["type"] not in INTERACTION_TYPES:
+            raise SchemaError(f"type must be one of {INTERACTION_TYPES}, got {raw['type']!r}")
+        context = raw.get("context", {})
+        if not isinstance(context, dict):
+            raise SchemaError("context must be a map")
+        return Interaction(
+            event_id=_id(raw["event_id"], "event_id"),
+            request_id=_id(raw["request_id"], "request_id"),
+            user_id=_id(raw["user_id"], "user_id"),
+            item_id=_id(raw["item_id"], "item_id"),
+            type=raw["type"],
+            position=_int(raw["position"], "position"),
+            ts_ms=_int(raw["ts_ms"], "ts_ms"),
+            context=context,
+        )
+    if kind == "catalog":
+        _fields(raw, ("item_id", "category", "features", "ts_ms"), ("title",))
+        title = raw.get("title", "")
+        if not isinstance(title, str):
+            raise SchemaError("title must be a string")
+        return CatalogItem(
+            item_id=_id(raw["item_id"], "item_id"),
+            category=_id(raw["category"], "category"),
+            features=_floats(raw["features"], "features"),
+            ts_ms=_int(raw["ts_ms"], "ts_ms"),
+            title=title,
+        )
+    if kind == "profile":
+        _fields(raw, ("user_id", "features", "ts_ms"), ())
+        return Profile(
+            user_id=_id(raw["user_id"], "user_id"),
+            features=_floats(raw["features"], "features"),
+            ts_ms=_int(raw["ts_ms"], "ts_ms"),
+        )
+    raise SchemaError(f"unknown record kind {kind!r}")
+
+
+def to_dict(record: Record) -> dict[str, Any]:
+    """The wire map of a record (validated: building it back must succeed)."""
+    data = asdict(record)
+    data["v"] = SCHEMA_VERSION
+    data["kind"] = _KIND[type(record)]
+    from_dict(data)
+    return data
+
+
+def encode(record: Record) -> bytes:
+    """msgpack bytes of a valid record.
+
+    Raises:
+        SchemaError: the record is invalid; nothing should be sent.
+    """
+    return msgpack.packb(to_dict(record), use_bin_type=True)
+
+
+def decode(payload: bytes | None) -> Record:
+    """The record in ``payload``.
+
+    Raises:
+        SchemaError: not msgpack, or not a valid record.
+    """
+    if payload is None:
+        raise SchemaError("empty payload (tombstone)")
+    try:
+        raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise SchemaError(f"not msgpack: {exc}") from None
+    return from_dict(raw)
+
+
+def record_key(record: Record) -> bytes:
+    """The Kafka key: user id for interactions and profiles, item id for catalog items."""
+    key = record.item_id if isinstance(record, CatalogItem) else record.user_id
+    return key.encode()
+
+
+def dead_letter(payload: bytes | None, reason: str, topic: str, partition: int, offset: int) -> bytes:
+    """The msgpack body of a dead letter: the raw bytes plus why and where they came from."""
+    return msgpack.packb(
+        {"payload": payload, "reason": reason, "topic": topic, "partition": partition, "offset": offset},
+        use_bin_type=True,
+    )

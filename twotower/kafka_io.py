@@ -1,0 +1,150 @@
+"""Kafka topics and clients, set up the same way by every stage.
+
+One place names the topics and builds producers and consumers, so that key, timestamp and
+dead-letter rules are the same for everyone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+from prometheus_client import Counter
+
+from twotower.config import KafkaConfig
+from twotower.events import Record, SchemaError, dead_letter, decode, encode, record_key
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTERS = Counter(
+    "twotower_dead_letters_total", "Malformed messages sent to a dead-letter topic", ["topic", "reason"]
+)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under a prefix."""
+
+    prefix: str = ""
+
+    @property
+    def events(self) -> str:
+        """Impressions and clicks, keyed by user id."""
+        return f"{self.prefix}events"
+
+    @property
+    def catalog(self) -> str:
+        """Catalogue items, keyed by item id, compacted."""
+        return f"{self.prefix}catalog"
+
+    @property
+    def profiles(self) -> str:
+        """User profiles, keyed by user id, compacted."""
+        return f"{self.prefix}profiles"
+
+    @staticmethod
+    def dlq(topic: str) -> str:
+        """The dead-letter topic of ``topic``."""
+        return f"{topic}.dlq"
+
+    def all(self) -> list[str]:
+        """Every topic the system uses, dead-letter topics included."""
+        main = [self.events, self.catalog, self.profiles]
+        return main + [self.dlq(t) for t in main]
+
+
+def ensure_topics(cfg: KafkaConfig) -> Topics:
+    """Create the system's topics if they do not exist yet."""
+    topics = Topics(cfg.topic_prefix)
+    compacted = {topics.catalog, topics.profiles}
+    admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap, client_id="twotower-admin")
+    try:
+        existing = set(admin.list_topics())
+        new = [
+            NewTopic(
+                name,
+                num_partitions=cfg.partitions,
+                replication_factor=1,
+                topic_configs={"cleanup.policy": "compact"} if name in compacted else {},
+            )
+            for name in topics.all()
+            if name not in existing
+        ]
+        if new:
+            # Another process may create them between list and create: the goal is met either way.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(new)
+            log.info("created topics %s", [t.name for t in new])
+    finally:
+        admin.close()
+    return topics
+
+
+def make_producer(cfg: KafkaConfig, **overrides: object) -> KafkaProducer:
+    """A producer that waits for the broker's acknowledgement and retries transient errors."""
+    options: dict[str, object] = {
+        "bootstrap_servers": cfg.bootstrap,
+        "acks": "all",
+        "linger_ms": 5,
+        "retries": 5,
+        "client_id": "twotower",
+    }
+    options.update(overrides)
+    return KafkaProducer(**options)
+
+
+def make_consumer(
+    cfg: KafkaConfig, group_id: str | None, topics: Iterable[str] = (), **overrides: object
+) -> KafkaConsumer:
+    """A consumer with manual commits (the caller commits after its state is safe)."""
+    options: dict[str, object] = {
+        "bootstrap_servers": cfg.bootstrap,
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": cfg.session_timeout_ms,
+        "heartbeat_interval_ms": max(cfg.session_timeout_ms // 3, 300),
+        "max_poll_records": 2_000,
+        "client_id": "twotower",
+    }
+    options.update(overrides)
+    consumer = KafkaConsumer(**options)
+    topics = list(topics)
+    if topics:
+        consumer.subscribe(topics)
+    return consumer
+
+
+def send_record(producer: KafkaProducer, topic: str, record: Record):
+    """Send one record with its key and its event time as the Kafka timestamp."""
+    return producer.send(topic, key=record_key(record), value=encode(record), timestamp_ms=record.ts_ms)
+
+
+class RecordDecoder:
+    """Decodes consumed messages; a malformed one goes to the dead-letter topic and is counted.
+
+    Never raises for bad input: :meth:`decode` returns ``None`` for a message it dead-lettered.
+    """
+
+    def __init__(self, producer: KafkaProducer) -> None:
+        self._producer = producer
+
+    def decode(self, message) -> Record | None:
+        """The record of a consumed ``ConsumerRecord``, or ``None`` if it was dead-lettered."""
+        try:
+            return decode(message.value)
+        except SchemaError as exc:
+            reason = str(exc)
+            body = dead_letter(message.value, reason, message.topic, message.partition, message.offset)
+            # Wait for the ack: the caller commits the offset afterwards, so the letter must exist.
+            self._producer.send(Topics.dlq(message.topic), key=message.key, value=body).get(timeout=30)
+            DEAD_LETTERS.labels(message.topic, reason.split(":")[0][:60]).inc()
+            log.warning(
+                "dead-lettered %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
+            )
+            return None

@@ -1,0 +1,95 @@
+"""What a snapshot version holds: the parts the publisher writes and the retriever reads.
+
+A **full** version has every part below except ``removed_items``; a **delta** has
+``users`` and ``items`` (only the changed or new rows) and ``removed_items``.
+
+* ``model_config``: the :class:`~twotower.config.ModelConfig` the weights belong to (msgpack map).
+* ``weights``: the dense weights of both towers (:func:`twotower.blobs.pack_arrays`).
+* ``users``: user ID-embedding rows (the retriever runs the user tower with them).
+* ``items``: item vectors, i.e. item-tower outputs, unit length.
+* ``index``: ``faiss.serialize_index`` bytes of an index over ``items`` whose ids are
+  the row positions in ``items``.
+* ``removed_items``: ids of items gone since the parent version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from twotower.blobs import BlobError, Rows, pack_arrays, pack_rows, pack_strings, unpack_arrays, unpack_rows
+from twotower.blobs import unpack_strings as _unpack_strings
+from twotower.config import ModelConfig
+
+MODEL_CONFIG = "model_config"
+WEIGHTS = "weights"
+USERS = "users"
+ITEMS = "items"
+INDEX = "index"
+REMOVED_ITEMS = "removed_items"
+
+
+@dataclass(frozen=True)
+class FullSnapshot:
+    model_config: ModelConfig
+    weights: dict[str, np.ndarray]
+    users: Rows
+    items: Rows
+    index: bytes
+
+
+@dataclass(frozen=True)
+class DeltaSnapshot:
+    users: Rows
+    items: Rows
+    removed_items: list[str]
+
+
+def encode_full(snap: FullSnapshot) -> dict[str, bytes]:
+    return {
+        MODEL_CONFIG: msgpack.packb(snap.model_config.model_dump(), use_bin_type=True),
+        WEIGHTS: pack_arrays(snap.weights),
+        USERS: pack_rows(snap.users),
+        ITEMS: pack_rows(snap.items),
+        INDEX: snap.index,
+    }
+
+
+def decode_full(parts: dict[str, bytes]) -> FullSnapshot:
+    """Raises BlobError on a corrupt or incomplete set of parts."""
+    missing = {MODEL_CONFIG, WEIGHTS, USERS, ITEMS, INDEX} - set(parts)
+    if missing:
+        raise BlobError(f"full snapshot lacks parts {sorted(missing)}")
+    try:
+        cfg = ModelConfig.model_validate(msgpack.unpackb(parts[MODEL_CONFIG], raw=False))
+    except Exception as exc:
+        raise BlobError(f"bad model_config part: {exc}") from None
+    return FullSnapshot(
+        model_config=cfg,
+        weights=unpack_arrays(parts[WEIGHTS]),
+        users=unpack_rows(parts[USERS]),
+        items=unpack_rows(parts[ITEMS]),
+        index=parts[INDEX],
+    )
+
+
+def encode_delta(snap: DeltaSnapshot) -> dict[str, bytes]:
+    return {
+        USERS: pack_rows(snap.users),
+        ITEMS: pack_rows(snap.items),
+        REMOVED_ITEMS: pack_strings(snap.removed_items),
+    }
+
+
+def decode_delta(parts: dict[str, bytes]) -> DeltaSnapshot:
+    """Raises BlobError on a corrupt or incomplete set of parts."""
+    missing = {USERS, ITEMS, REMOVED_ITEMS} - set(parts)
+    if missing:
+        raise BlobError(f"delta snapshot lacks parts {sorted(missing)}")
+    return DeltaSnapshot(
+        users=unpack_rows(parts[USERS]),
+        items=unpack_rows(parts[ITEMS]),
+        removed_items=_unpack_strings(parts[REMOVED_ITEMS]),
+    )

@@ -1,0 +1,260 @@
+"""Snapshots in Redis: the one module that owns every key name and how versions are stored.
+
+Layout (``p`` is the configured key prefix):
+
+====================================  ==========================================================
+``p:snap:seq``                        counter that hands out version numbers
+``p:snap:current``                    the version retrievers serve (moves in one MULTI/EXEC)
+``p:snap:versions``                   sorted set of stored versions (score = version)
+``p:snap:v:<n>:meta``                 hash: kind (full/delta), parent, base, created_ms,
+                                      trainer_seq, and per part ``sha256:<part>``,
+                                      ``size:<part>``, ``chunks:<part>``
+``p:snap:v:<n>:part:<name>:<i>``      the i-th chunk of a part's bytes
+``p:snap:notify``                     pub/sub channel; the message is the new version number
+``p:hist:<user>``                     the user's recent interactions, newest first (msgpack)
+``p:item:<item>``                     hash of item details (category, title, ts_ms)
+``p:profile:<user>``                  the user's profile features (msgpack list of floats)
+====================================  ==========================================================
+
+A version is written completely (chunks and meta) before the pointer moves, and the pointer
+never moves backwards except through an explicit rollback. A delta names its parent; a
+reader applies the chain from the nearest full version.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import redis
+
+from twotower.blobs import BlobError, checksum
+
+FULL = "full"
+DELTA = "delta"
+DEFAULT_CHUNK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class SnapshotLayout:
+    """Key names under a prefix; pure functions, tested byte for byte."""
+
+    prefix: str
+
+    @property
+    def seq(self) -> str:
+        return f"{self.prefix}:snap:seq"
+
+    @property
+    def current(self) -> str:
+        return f"{self.prefix}:snap:current"
+
+    @property
+    def versions(self) -> str:
+        return f"{self.prefix}:snap:versions"
+
+    @property
+    def channel(self) -> str:
+        return f"{self.prefix}:snap:notify"
+
+    def meta(self, version: int) -> str:
+        return f"{self.prefix}:snap:v:{version}:meta"
+
+    def chunk(self, version: int, part: str, index: int) -> str:
+        return f"{self.prefix}:snap:v:{version}:part:{part}:{index}"
+
+    def history(self, user_id: str) -> str:
+        return f"{self.prefix}:hist:{user_id}"
+
+    def item(self, item_id: str) -> str:
+        return f"{self.prefix}:item:{item_id}"
+
+    def profile(self, user_id: str) -> str:
+        return f"{self.prefix}:profile:{user_id}"
+
+
+class SnapshotError(RuntimeError):
+    """A missing, incomplete or corrupt version."""
+
+
+@dataclass(frozen=True)
+class VersionMeta:
+    """What the meta hash of a version says."""
+
+    version: int
+    kind: str
+    parent: int | None
+    base: int
+    created_ms: int
+    trainer_seq: int
+    parts: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    """part name → (sha256, size in bytes, chunk count)."""
+
+    @staticmethod
+    def from_hash(version: int, raw: Mapping[bytes, bytes]) -> VersionMeta:
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        try:
+            parts = {
+                name: (data[f"sha256:{name}"], int(data[f"size:{name}"]), int(data[f"chunks:{name}"]))
+                for name in filter(None, data["parts"].split(","))
+            }
+            return VersionMeta(
+                version=version,
+                kind=data["kind"],
+                parent=int(data["parent"]) if data["parent"] else None,
+                base=int(data["base"]),
+                created_ms=int(data["created_ms"]),
+                trainer_seq=int(data["trainer_seq"]),
+                parts=parts,
+            )
+        except (KeyError, ValueError) as exc:
+            raise SnapshotError(f"version {version} has an incomplete meta hash ({exc})") from None
+
+
+class SnapshotStore:
+    """Writes and reads versions; shared by the publisher (writer) and the retrievers (readers)."""
+
+    def __init__(
+        self, client: redis.Redis, layout: SnapshotLayout, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> None:
+        self.redis = client
+        self.layout = layout
+        self.chunk_bytes = chunk_bytes
+
+    # --- writing -------------------------------------------------------------------------
+    def write(
+        self, kind: str, parts: Mapping[str, bytes], parent: int | None, trainer_seq: int
+    ) -> int:
+        """Store a version fully, then move the pointer to it and announce it.
+
+        Args:
+            kind: ``full`` or ``delta``.
+            parts: part name → bytes.
+            parent: the version a delta applies to (required for a delta).
+            trainer_seq: the trainer checkpoint sequence number the version reflects.
+
+        Returns:
+            The new version number.
+        """
+        if kind not in (FULL, DELTA):
+            raise ValueError(f"kind must be {FULL!r} or {DELTA!r}")
+        if kind == DELTA and parent is None:
+            raise ValueError("a delta needs a parent")
+        lay = self.layout
+        base = 0
+        if kind == DELTA:
+            assert parent is not None
+            base = self.meta(parent).base
+        version = int(self.redis.incr(lay.seq))
+        if kind == FULL:
+            base = version
+        meta: dict[str, str | int] = {
+            "kind": kind,
+            "parent": "" if parent is None else parent,
+            "base": base,
+            "created_ms": int(time.time() * 1000),
+            "trainer_seq": trainer_seq,
+            "parts": ",".join(parts),
+        }
+        pipe = self.redis.pipeline(transaction=False)
+        for name, data in parts.items():
+            if ":" in name or "," in name:
+                raise ValueError(f"bad part name {name!r}")
+            chunks = [data[i : i + self.chunk_bytes] for i in range(0, len(data), self.chunk_bytes)] or [b""]
+            for i, chunk in enumerate(chunks):
+                pipe.set(lay.chunk(version, name, i), chunk)
+            meta[f"sha256:{name}"] = checksum(data)
+            meta[f"size:{name}"] = len(data)
+            meta[f"chunks:{name}"] = len(chunks)
+        pipe.hset(lay.meta(version), mapping=meta)
+        pipe.execute()
+        self._point_to(version, forward_only=True)
+        return version
+
+    def _point_to(self, version: int, forward_only: bool) -> None:
+        lay = self.layout
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(lay.current)
+                    current = pipe.get(lay.current)
+                    if forward_only and current is not None and int(current) > version:
+                        pipe.unwatch()
+                        return  # a newer version is already current; never go back silently
+                    pipe.multi()
+                    pipe.set(lay.current, version)
+                    pipe.zadd(lay.versions, {str(version): version})
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        self.redis.publish(lay.channel, str(version))
+
+    def rollback(self, version: int) -> None:
+        """Point retrievers back to a stored version (checked complete first)."""
+        for meta in self.chain(version):
+            for name in meta.parts:
+                self.read_part(meta, name)
+        self._point_to(version, forward_only=False)
+
+    def trim(self, keep_full: int) -> list[int]:
+        """Delete every version older than the ``keep_full``-th newest full version.
+
+        Returns:
+            The deleted version numbers.
+        """
+        versions = [int(v) for v in self.redis.zrange(self.layout.versions, 0, -1)]
+        fulls = [v for v in versions if self.meta(v).kind == FULL]
+        if len(fulls) <= keep_full:
+            return []
+        cutoff = fulls[-keep_full]
+        current = self.current_version()
+        doomed = [v for v in versions if v < cutoff and (current is None or v < self.meta(current).base)]
+        for v in doomed:
+            meta = self.meta(v)
+            keys = [self.layout.chunk(v, n, i) for n, (_, _, c) in meta.parts.items() for i in range(c)]
+            self.redis.delete(*keys, self.layout.meta(v))
+            self.redis.zrem(self.layout.versions, str(v))
+        return doomed
+
+    # --- reading -------------------------------------------------------------------------
+    def current_version(self) -> int | None:
+        raw = self.redis.get(self.layout.current)
+        return int(raw) if raw is not None else None
+
+    def meta(self, version: int) -> VersionMeta:
+        raw = self.redis.hgetall(self.layout.meta(version))
+        if not raw:
+            raise SnapshotError(f"version {version} does not exist")
+        return VersionMeta.from_hash(version, raw)
+
+    def read_part(self, meta: VersionMeta, name: str) -> bytes:
+        """A part's bytes, checked against its size and checksum.
+
+        Raises:
+            SnapshotError: the part is missing or corrupt.
+        """
+        if name not in meta.parts:
+            raise SnapshotError(f"version {meta.version} has no part {name!r}")
+        sha, size, chunks = meta.parts[name]
+        values = self.redis.mget([self.layout.chunk(meta.version, name, i) for i in range(chunks)])
+        if any(v is None for v in values):
+            raise SnapshotError(f"version {meta.version} part {name!r} is missing chunks")
+        data = b"".join(values)
+        if len(data) != size or checksum(data) != sha:
+            raise SnapshotError(f"version {meta.version} part {name!r} fails its checksum")
+        return data
+
+    def chain(self, version: int) -> list[VersionMeta]:
+        """The versions to apply, oldest first: the base full version, then each delta to ``version``."""
+        out = [self.meta(version)]
+        while out[-1].kind == DELTA:
+            parent = out[-1].parent
+            if parent is None:
+                raise SnapshotError(f"delta {out[-1].version} has no parent")
+            out.append(self.meta(parent))
+        return out[::-1]
+
+
+__all__ = ["DELTA", "FULL", "BlobError", "SnapshotError", "SnapshotLayout", "SnapshotStore", "VersionMeta"]
