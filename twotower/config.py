@@ -38,6 +38,11 @@ class KafkaConfig(_Section):
     """Prepended to every topic name; tests use it to isolate themselves on a shared broker."""
     partitions: int = Field(default=3, ge=1)
     """Partitions for the topics this system creates."""
+    events_retention_ms: int = Field(default=-1, ge=-1)
+    """Retention of the events topic; -1 keeps everything. Kafka measures retention against
+    record timestamps, which are event times here: a replay of old logs into a topic with a
+    finite retention is deleted within minutes, so keep -1 (or a value longer than the age of
+    any log you replay). The nightly retrain needs at least the last day."""
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     """Consumer-group session timeout; heartbeat is a third of it."""
 
@@ -59,7 +64,7 @@ class ModelConfig(_Section):
     n_categories: int = Field(default=64, ge=1)
     """Size of the item-category vocabulary (categories are hashed into it without collisions
     below this count; the vocabulary grows as in an ID table)."""
-    content_dim: int = Field(default=16, ge=0)
+    content_dim: int = Field(default=32, ge=0)
     """Length of the dense content-feature vector of an item (shorter vectors are zero-padded)."""
     profile_dim: int = Field(default=8, ge=0)
     """Length of the dense user-profile vector (shorter vectors are zero-padded)."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 from prometheus_client import Counter
 
 from twotower.config import KafkaConfig
@@ -70,7 +71,9 @@ def ensure_topics(cfg: KafkaConfig) -> Topics:
                 name,
                 num_partitions=cfg.partitions,
                 replication_factor=1,
-                topic_configs={"cleanup.policy": "compact"} if name in compacted else {},
+                topic_configs={"cleanup.policy": "compact"}
+                if name in compacted
+                else {"retention.ms": str(cfg.events_retention_ms)},
             )
             for name in topics.all()
             if name not in existing
@@ -80,9 +83,27 @@ def ensure_topics(cfg: KafkaConfig) -> Topics:
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(new)
             log.info("created topics %s", [t.name for t in new])
+            _wait_for_leaders(admin, [t.name for t in new])
     finally:
         admin.close()
     return topics
+
+
+def _wait_for_leaders(admin: KafkaAdminClient, names: list[str], timeout_s: float = 30.0) -> None:
+    """Block until every partition of ``names`` has a leader (sends before that are retried)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            described = admin.describe_topics(names)
+        except KafkaError:
+            described = []
+        ready = len(described) == len(names) and all(
+            t.get("partitions") and all(p.get("leader_id", -1) >= 0 for p in t["partitions"]) for t in described
+        )
+        if ready:
+            return
+        time.sleep(0.2)
+    log.warning("topics %s still have partitions without a leader after %.0f s", names, timeout_s)
 
 
 def make_producer(cfg: KafkaConfig, **overrides: object) -> KafkaProducer:
@@ -91,7 +112,9 @@ def make_producer(cfg: KafkaConfig, **overrides: object) -> KafkaProducer:
         "bootstrap_servers": cfg.bootstrap,
         "acks": "all",
         "linger_ms": 5,
-        "retries": 5,
+        # New topics elect leaders for a while: retry long enough that no send is lost to that.
+        "retries": 50,
+        "retry_backoff_ms": 200,
         "client_id": "twotower",
     }
     options.update(overrides)

@@ -1,0 +1,193 @@
+"""Replay a logged dataset into Kafka as ``click`` interactions, keeping the original event times.
+
+Each row becomes an :class:`Interaction` of type ``click`` whose ``ts_ms`` (and Kafka record
+timestamp) is the row's original time, with a deterministic ``event_id`` =
+``request_id`` = ``"{format}:{file name}:{line}"`` so that replaying the same file twice
+produces the same ids (consumers can deduplicate). Rows go out in event-time order, as fast
+as possible or paced so that wall-clock gaps are event-time gaps divided by ``speed``.
+
+For MovieLens-100K the item catalogue in ``u.item`` beside ``u.data`` (if present) is sent
+first, stamped with the first event's time: category = first genre, features = 19 genre flags.
+
+Note on retention: the records carry their original (possibly decades-old) timestamps, and
+Kafka's time-based retention deletes a segment once its newest timestamp is older than
+``retention.ms`` (7 days by default). A topic meant to keep a replayed history needs
+``retention.ms=-1``; :func:`replay` logs a warning when the events topic would delete it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kafka import KafkaAdminClient
+from kafka.admin import ConfigResource, ConfigResourceType
+from tqdm import tqdm
+
+from producers.replay_formats import ColumnSpec, read_movielens_items, read_rows
+from twotower.config import Config
+from twotower.daemon import ShutdownFlag
+from twotower.events import CLICK, CatalogItem, Interaction
+from twotower.kafka_io import ensure_topics, make_producer, send_record
+
+log = logging.getLogger(__name__)
+
+REPLAY_CONTEXT = {"source": "replay"}
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What a replay sent."""
+
+    events: int
+    """Click interactions sent."""
+    catalog: int
+    """Catalogue items sent before the events."""
+    first_ts_ms: int | None
+    """Event time of the first row sent (``None`` if none was)."""
+    last_ts_ms: int | None
+    """Event time of the last row sent."""
+    elapsed_s: float
+    """Wall-clock duration of the replay, including the final flush."""
+    interrupted: bool
+    """True if a shutdown request stopped it before the end."""
+
+
+def _topic_retention_ms(bootstrap: str, topic: str) -> int | None:
+    """``retention.ms`` of a topic as the broker reports it, or ``None`` if it cannot be read."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="twotower-replay")
+    try:
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic, {"retention.ms": None})
+        described = admin.describe_configs([resource], config_filter="All")
+        return int(described["topic"][topic]["retention.ms"]["value"])
+    except Exception as exc:  # diagnostics only: never fail a replay over a warning
+        log.debug("could not read retention.ms of %s: %s", topic, exc)
+    finally:
+        admin.close()
+    return None
+
+
+def _warn_about_retention(bootstrap: str, topic: str, oldest_ts_ms: int) -> None:
+    retention = _topic_retention_ms(bootstrap, topic)
+    if retention is not None and retention >= 0 and time.time() * 1000 - oldest_ts_ms > retention:
+        log.warning(
+            "topic %s has retention.ms=%d but the replayed events are older: the broker will delete them at "
+            "its next retention check; set retention.ms=-1 on the topic to keep a replayed history",
+            topic,
+            retention,
+        )
+
+
+def replay(
+    cfg: Config,
+    path: str | Path,
+    fmt: str,
+    *,
+    user_col: ColumnSpec | None = None,
+    item_col: ColumnSpec | None = None,
+    time_col: ColumnSpec | None = None,
+    has_header: bool = True,
+    columns: Sequence[str] | None = None,
+    delimiter: str = ",",
+    time_unit: str = "auto",
+    speed: float | None = None,
+    limit: int | None = None,
+    shutdown_flag: ShutdownFlag | None = None,
+    progress: bool = True,
+) -> ReplayResult:
+    """Send a dataset's interactions (and MovieLens-100K's catalogue) to Kafka in event-time order.
+
+    Args:
+        cfg: configuration (only the kafka section is used).
+        path: the interaction file.
+        fmt: one of :data:`producers.replay_formats.FORMATS`.
+        user_col: user column for format ``csv`` (name or 0-based number; guessed from the header if omitted).
+        item_col: item column for format ``csv``.
+        time_col: time column for format ``csv``.
+        has_header: format ``csv`` only: whether the first line names the columns.
+        columns: format ``csv`` only: names of the columns (needed to map by name without a header).
+        delimiter: format ``csv`` only: field separator.
+        time_unit: format ``csv`` only: ``auto``, ``s``, ``ms`` or ``iso``.
+        speed: ``None`` sends as fast as possible; otherwise event-time gaps divided by
+            ``speed`` become wall-clock gaps (``speed=3600``: an hour of history per second).
+        limit: send only the first ``limit`` rows in time order.
+        shutdown_flag: stops the replay (after a flush) when set, e.g. by SIGTERM.
+        progress: show a tqdm progress bar on stderr.
+
+    Raises:
+        ValueError: bad arguments or a bad file (the message names the line).
+    """
+    if speed is not None and speed <= 0:
+        raise ValueError(f"speed must be positive, got {speed}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    path = Path(path)
+    if fmt == "csv":
+        mapping: dict[str, object] = {
+            "user_col": user_col, "item_col": item_col, "time_col": time_col, "has_header": has_header,
+            "columns": columns, "delimiter": delimiter, "time_unit": time_unit,
+        }  # fmt: skip
+    else:
+        mapping = {"user_col": user_col, "item_col": item_col, "time_col": time_col, "columns": columns}
+    rows = read_rows(path, fmt, **mapping)
+    if limit is not None:
+        rows = rows[:limit]
+    flag = shutdown_flag or ShutdownFlag()
+    started = time.monotonic()
+
+    topics = ensure_topics(cfg.kafka)
+    if rows:
+        _warn_about_retention(cfg.kafka.bootstrap, topics.events, rows[0].ts_ms)
+    # A bulk load: bigger batches and a longer linger roughly double kafka-python's throughput.
+    producer = make_producer(cfg.kafka, client_id="twotower-replay", linger_ms=20, batch_size=262_144)
+    failures: list[BaseException] = []
+    catalog = sent = 0
+    interrupted = False
+    try:
+        item_file = path.with_name("u.item")
+        if fmt == "movielens-100k" and item_file.exists() and rows:
+            for item in read_movielens_items(item_file):
+                record = CatalogItem(item.item_id, item.category, item.features, rows[0].ts_ms, item.title)
+                send_record(producer, topics.catalog, record).add_errback(failures.append)
+                catalog += 1
+            producer.flush(timeout=60)
+            log.info("sent %d catalogue items from %s", catalog, item_file)
+
+        prefix = f"{fmt}:{path.name}"
+        wall0 = time.monotonic()
+        with tqdm(total=len(rows), unit="ev", disable=not progress, desc=f"replay {path.name}") as bar:
+            for row in rows:
+                if flag.is_set():
+                    interrupted = True
+                    break
+                if speed is not None:
+                    due = wall0 + (row.ts_ms - rows[0].ts_ms) / 1000.0 / speed
+                    wait = due - time.monotonic()
+                    if wait > 0 and flag.wait(wait):
+                        interrupted = True
+                        break
+                event_id = f"{prefix}:{row.line}"
+                event = Interaction(
+                    event_id, event_id, row.user_id, row.item_id, CLICK, 0, row.ts_ms, dict(REPLAY_CONTEXT)
+                )
+                send_record(producer, topics.events, event).add_errback(failures.append)
+                sent += 1
+                bar.update(1)
+        producer.flush(timeout=120)
+    finally:
+        producer.close(timeout=10)
+    if failures:
+        raise RuntimeError(f"{len(failures)} record(s) could not be delivered; first error: {failures[0]!r}")
+    result = ReplayResult(
+        events=sent,
+        catalog=catalog,
+        first_ts_ms=rows[0].ts_ms if sent else None,
+        last_ts_ms=rows[sent - 1].ts_ms if sent else None,
+        elapsed_s=time.monotonic() - started,
+        interrupted=interrupted,
+    )
+    log.info("replayed %s", path, extra={"result": result.__dict__})
+    return result

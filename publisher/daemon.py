@@ -1,0 +1,595 @@
+"""The publisher daemon: trainer checkpoints → snapshot versions in Redis, plus the serving state.
+
+Two loops run on their own threads, each with its own Redis/Kafka clients:
+
+* **snapshot loop** — every ``publisher.poll_interval_s`` it looks at the trainer's checkpoint
+  file (mtime first, then ``ckpt.seq``). A new checkpoint is published as a FULL version when
+  there is no current version, when the dense weights changed (``dense_version``), when the
+  trainer's ``seq`` went backwards, or after ``publisher.full_every`` deltas; otherwise as a
+  DELTA of the rows changed since the trainer ``seq`` of the last published version (nothing
+  is written when nothing changed). After a full version, versions older than the
+  ``publisher.keep_versions``-th newest full are trimmed.
+* **serving-state loop** — :class:`~publisher.serving_state.ServingStateWriter` turns clicks,
+  catalogue items and profiles into Redis history/item/profile keys. A catalogue item that
+  the served snapshot lacks (and the trainer has no ID row for) gets a **content-only
+  vector** with the served dense weights and is published at once as a DELTA — one delta per
+  poll batch — so that new items are retrievable within about a second of their event.
+
+Both loops append deltas to the same chain; one lock serialises every write so each delta
+names the right parent. Full snapshots are built outside the lock (index builds can take a
+while) and only written under it.
+
+Catalogue items without an ID row live only in this process's memory (and in the compacted
+catalogue topic): they are re-embedded into every full snapshot until the trainer admits
+them. At startup the daemon replays the catalogue topic from the beginning to rebuild that
+memory, and recovers the last published (version, trainer seq, deltas since full, served
+item ids) from the current version in Redis; whether the dense weights still match is
+decided by comparing checksums of the weights part with the next checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import redis
+from kafka import TopicPartition
+from prometheus_client import Counter, Gauge, Histogram
+
+from publisher.build import (
+    category_indices,
+    content_only_vectors,
+    delta_snapshot,
+    full_snapshot,
+    is_empty,
+    model_from_checkpoint,
+)
+from publisher.serving_state import ServingStateWriter
+from twotower import checkpoint
+from twotower.blobs import BlobError, Rows, checksum, unpack_rows
+from twotower.checkpoint import Checkpoint
+from twotower.config import Config
+from twotower.daemon import Daemon
+from twotower.events import CatalogItem, SchemaError, decode
+from twotower.kafka_io import Topics, ensure_topics, make_consumer
+from twotower.model import TwoTower, dense_arrays
+from twotower.snapshot_parts import (
+    ITEMS,
+    MODEL_CONFIG,
+    WEIGHTS,
+    DeltaSnapshot,
+    FullSnapshot,
+    decode_delta,
+    encode_delta,
+    encode_full,
+)
+from twotower.snapshots import DELTA, FULL, SnapshotError, SnapshotLayout, SnapshotStore, VersionMeta
+
+log = logging.getLogger(__name__)
+
+SKIP = "skip"
+
+VERSIONS = Counter("twotower_publisher_versions", "Snapshot versions published", ["kind"])
+LAST_VERSION = Gauge("twotower_publisher_last_version", "Last snapshot version this publisher wrote")
+PUBLISH_SECONDS = Histogram(
+    "twotower_publisher_publish_seconds",
+    "Time to build and write a snapshot version",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+NEW_ITEMS = Counter("twotower_publisher_new_items", "Catalogue items first served with a content-only vector")
+LOOP_ERRORS = Counter("twotower_publisher_loop_errors", "Failed loop iterations (retried)", ["loop"])
+
+_BACKOFF_MIN_S = 0.5
+_BACKOFF_MAX_S = 30.0
+_STALE_MIN_S = 60.0
+"""A loop without a successful iteration for this long (or 10 poll intervals) makes health "stalled"."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """What the publisher last wrote (or found current in Redis at startup)."""
+
+    version: int
+    trainer_seq: int
+    dense_version: int | None
+    """``None`` when recovered from Redis (the meta does not record it)."""
+    deltas_since_full: int
+    weights_sha: str = ""
+    """sha256 of the base full version's ``weights`` part (to match weights after a restart)."""
+    config_sha: str = ""
+    """sha256 of the base full version's ``model_config`` part."""
+
+
+def plan_publish(
+    last: Published | None, ckpt_seq: int, dense_version: int, dense_matches: bool | None, full_every: int
+) -> str:
+    """What to publish for a new checkpoint: ``full``, ``delta`` or ``skip``.
+
+    Args:
+        last: the last published version, or ``None`` if there is none.
+        ckpt_seq: the checkpoint's ``seq``.
+        dense_version: the checkpoint's ``dense_version``.
+        dense_matches: for a ``last`` recovered from Redis (``dense_version is None``): whether
+            the checkpoint's weights are the ones served; ignored otherwise.
+        full_every: deltas after which a full version is due.
+    """
+    if last is None or ckpt_seq < last.trainer_seq:
+        return FULL
+    same_dense = bool(dense_matches) if last.dense_version is None else last.dense_version == dense_version
+    if not same_dense:
+        return FULL
+    if ckpt_seq == last.trainer_seq:
+        return SKIP
+    if last.deltas_since_full >= full_every:
+        return FULL
+    return DELTA
+
+
+def weight_checksums(model: TwoTower) -> tuple[str, str]:
+    """sha256 of the ``weights`` and ``model_config`` parts a full snapshot of ``model`` would have."""
+    cfg = model.cfg
+    parts = encode_full(FullSnapshot(cfg, dense_arrays(model), Rows.empty(cfg.id_dim), Rows.empty(cfg.dim), b""))
+    return checksum(parts[WEIGHTS]), checksum(parts[MODEL_CONFIG])
+
+
+def served_items(store: SnapshotStore, version: int) -> tuple[set[str], list[VersionMeta]]:
+    """Item ids served by ``version`` (its chain applied) and the chain's metas.
+
+    Raises:
+        SnapshotError: a version of the chain is missing or corrupt.
+        BlobError: a part does not decode.
+    """
+    chain = store.chain(version)
+    items: set[str] = set()
+    for meta in chain:
+        if meta.kind == FULL:
+            items = set(unpack_rows(store.read_part(meta, ITEMS)).ids)
+        else:
+            delta = decode_delta({name: store.read_part(meta, name) for name in meta.parts})
+            items |= set(delta.items.ids)
+            items -= set(delta.removed_items)
+    return items, chain
+
+
+class PublisherDaemon(Daemon):
+    """Publishes trainer checkpoints and maintains the serving state (see the module docstring)."""
+
+    name = "publisher"
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        index_kind: str = "auto",
+        index_options: dict[str, Any] | None = None,
+        catalog_replay_timeout_s: float = 60.0,
+    ) -> None:
+        """Set the daemon up (no I/O before :meth:`startup`).
+
+        Args:
+            cfg: the configuration.
+            index_kind: Faiss index kind of full snapshots (see :func:`publisher.index.build_index`).
+            index_options: further ``build_index`` keyword arguments.
+            catalog_replay_timeout_s: longest the startup replay of the catalogue topic may take.
+        """
+        super().__init__()
+        self.cfg = cfg
+        self.layout = SnapshotLayout(cfg.redis.key_prefix)
+        self.topics = Topics(cfg.kafka.topic_prefix)
+        self.state_dir = Path(cfg.trainer.state_dir)
+        self.index_kind = index_kind
+        self.index_options = dict(index_options or {})
+        self.catalog_replay_timeout_s = catalog_replay_timeout_s
+        # --- guarded by _lock: everything about what is served and the chain's tip --------
+        self._lock = threading.Lock()
+        self._last: Published | None = None
+        self._served: set[str] = set()
+        self._catalog: dict[str, CatalogItem] = {}
+        self._pending: set[str] = set()
+        """Catalogue items that need a content-only vector published (new or changed)."""
+        self._removed: set[str] = set()
+        """Items the trainer expired and no catalogue event revived since."""
+        self._model: TwoTower | None = None
+        self._vocab: dict[str, int] = {}
+        self._owned: set[str] = set()
+        """Item ids the last processed checkpoint has ID rows for."""
+        self._ckpt_seq: int | None = None
+        # --- snapshot loop only ------------------------------------------------------------
+        self._ckpt_mtime: float | None = None
+        # --- lifecycle ------------------------------------------------------------------------
+        self._threads: list[threading.Thread] = []
+        self._ticks: dict[str, float] = {}
+        self._failure: BaseException | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def _redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.cfg.redis.url)
+
+    def startup(self) -> None:
+        """Check Redis and Kafka, recover the published state and replay the catalogue."""
+        client = self._redis()
+        try:
+            client.ping()
+            self.recover(SnapshotStore(client, self.layout))
+        finally:
+            client.close()
+        ensure_topics(self.cfg.kafka)
+        self.replay_catalog()
+        with self._lock:
+            self._pending = {i for i in self._catalog if i not in self._served}
+        log.info(
+            "publisher state: version %s, %d served items, %d catalogue items, %d pending",
+            self._last.version if self._last else None,
+            len(self._served),
+            len(self._catalog),
+            len(self._pending),
+        )
+
+    def main_loop(self) -> None:
+        """Run both loops until shutdown; a loop that dies stops the daemon with an error."""
+        self._threads = [
+            threading.Thread(target=self._run, args=("snapshot", self._snapshot_loop), name="snapshot", daemon=True),
+            threading.Thread(target=self._run, args=("serving", self._serving_loop), name="serving", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        while not self.shutdown_flag.wait(0.5):
+            if self._failure is not None or not all(t.is_alive() for t in self._threads):
+                self.shutdown_flag.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        if self._failure is not None:
+            raise RuntimeError("a publisher loop failed") from self._failure
+
+    def shutdown(self) -> None:
+        self.shutdown_flag.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=30)
+
+    def health(self) -> dict[str, Any]:
+        now = time.time()
+        running = len(self._threads) == 2 and all(t.is_alive() for t in self._threads)
+        ticked = {"snapshot", "serving"} <= set(self._ticks)
+        stale_after = max(_STALE_MIN_S, 10 * self.cfg.publisher.poll_interval_s)
+        if self._failure is not None:
+            status = "failed"
+        elif running and ticked:
+            # a loop whose iterations keep failing stops ticking: report it instead of "ok"
+            status = "ok" if all(now - t < stale_after for t in self._ticks.values()) else "stalled"
+        else:
+            status = "starting"
+        last = self._last
+        return {
+            "status": status,
+            "daemon": self.name,
+            "uptime_s": round(now - self.started_at, 1),
+            "version": last.version if last else None,
+            "trainer_seq": last.trainer_seq if last else None,
+            "deltas_since_full": last.deltas_since_full if last else None,
+            "served_items": len(self._served),
+            "pending_items": len(self._pending),
+            "loop_idle_s": {name: round(now - t, 1) for name, t in self._ticks.items()},
+        }
+
+    def _run(self, name: str, loop: Callable[[], None]) -> None:
+        try:
+            loop()
+        except BaseException as exc:
+            log.exception("%s loop died", name)
+            self._failure = exc
+            self.shutdown_flag.set()
+
+    def _retrying(self, name: str, step: Callable[[], None], interval_s: float) -> None:
+        """Call ``step`` until shutdown, ``interval_s`` apart; failures are logged and retried with backoff."""
+        backoff = _BACKOFF_MIN_S
+        while not self.shutdown_flag.is_set():
+            try:
+                step()
+            except Exception:
+                LOOP_ERRORS.labels(name).inc()
+                log.exception("%s loop iteration failed; retrying in %.1fs", name, backoff)
+                if self.shutdown_flag.wait(backoff):
+                    return
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            backoff = _BACKOFF_MIN_S
+            self._ticks[name] = time.time()
+            if interval_s > 0 and self.shutdown_flag.wait(interval_s):
+                return
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self, store: SnapshotStore) -> None:
+        """Adopt the current version in Redis as the last published one (if readable)."""
+        current = store.current_version()
+        if current is None:
+            return
+        try:
+            served, chain = served_items(store, current)
+            base = chain[0]
+            last = Published(
+                version=current,
+                trainer_seq=chain[-1].trainer_seq,
+                dense_version=None,
+                deltas_since_full=len(chain) - 1,
+                weights_sha=base.parts[WEIGHTS][0] if WEIGHTS in base.parts else "",
+                config_sha=base.parts[MODEL_CONFIG][0] if MODEL_CONFIG in base.parts else "",
+            )
+        except (SnapshotError, BlobError) as exc:
+            log.warning("current version %d is unreadable (%s); the next publish will be a full version", current, exc)
+            return
+        with self._lock:
+            self._last = last
+            self._served = served
+        LAST_VERSION.set(current)
+        log.info(
+            "recovered version %d (trainer seq %d, %d deltas since full %d, %d items)",
+            current,
+            last.trainer_seq,
+            last.deltas_since_full,
+            base.version,
+            len(served),
+        )
+
+    def replay_catalog(self) -> int:
+        """Read the compacted catalogue topic from its start into memory (no writes).
+
+        Returns:
+            The number of catalogue records read.
+        """
+        consumer = make_consumer(self.cfg.kafka, None, client_id="twotower-publisher-replay")
+        count = 0
+        try:
+            partitions = consumer.partitions_for_topic(self.topics.catalog) or set()
+            tps = [TopicPartition(self.topics.catalog, p) for p in sorted(partitions)]
+            if not tps:
+                return 0
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            ends = consumer.end_offsets(tps)
+            deadline = time.monotonic() + self.catalog_replay_timeout_s
+            while any(consumer.position(tp) < ends[tp] for tp in tps):
+                if self.shutdown_flag.is_set() or time.monotonic() > deadline:
+                    log.warning("catalogue replay stopped early after %d records", count)
+                    break
+                for messages in consumer.poll(timeout_ms=500).values():
+                    for message in messages:
+                        try:
+                            record = decode(message.value)
+                        except SchemaError:
+                            continue  # the serving-state loop dead-letters it
+                        if isinstance(record, CatalogItem):
+                            count += 1
+                            with self._lock:
+                                self._catalog[record.item_id] = record
+        finally:
+            consumer.close(autocommit=False)
+        log.info("replayed %d catalogue records (%d items)", count, len(self._catalog))
+        return count
+
+    # ------------------------------------------------------------------ snapshot loop
+    def _snapshot_loop(self) -> None:
+        client = self._redis()
+        store = SnapshotStore(client, self.layout)
+        try:
+            self._retrying("snapshot", lambda: self.poll_checkpoint(store), self.cfg.publisher.poll_interval_s)
+        finally:
+            client.close()
+
+    def poll_checkpoint(self, store: SnapshotStore) -> int | None:
+        """Publish the trainer's checkpoint if it changed since the last look.
+
+        Returns:
+            The version written (the last one, if a content-only delta followed), or ``None``.
+        """
+        mtime = checkpoint.stat_seq(self.state_dir)
+        if mtime is None or mtime == self._ckpt_mtime:
+            return None
+        ckpt = checkpoint.load(self.state_dir)
+        if ckpt is None:
+            return None
+        version = None
+        if ckpt.seq != self._ckpt_seq:
+            version = self.publish_checkpoint(store, ckpt)
+        self._ckpt_mtime = mtime
+        return version
+
+    def publish_checkpoint(self, store: SnapshotStore, ckpt: Checkpoint) -> int | None:
+        """Publish ``ckpt`` as a full or delta version (or nothing if nothing changed).
+
+        Returns:
+            The last version written, or ``None``.
+        """
+        started = time.perf_counter()
+        model = model_from_checkpoint(ckpt)
+        with self._lock:
+            last = self._last
+            matches = None
+            if last is not None and last.dense_version is None:
+                matches = weight_checksums(model) == (last.weights_sha, last.config_sha)
+            kind = plan_publish(last, ckpt.seq, ckpt.dense_version, matches, self.cfg.publisher.full_every)
+            extras: list[CatalogItem] = []
+            if kind == FULL:  # every content-only item is re-embedded with the new weights
+                removed = self._removed_after(ckpt)
+                extras = [it for i, it in self._catalog.items() if i not in removed]
+        if kind == FULL:
+            return self._publish_full(store, ckpt, model, extras, started)
+        with self._lock:
+            if self._last is None:  # plan_publish returns FULL without a last version; nothing else clears it
+                raise RuntimeError("no published version to append a delta to")
+            if self._last.dense_version is None:  # recovered, and the weights matched: remember it
+                self._last = replace(self._last, dense_version=ckpt.dense_version)
+            self._adopt(ckpt, model)
+            version = None
+            if kind == DELTA:
+                pending = [self._catalog[i] for i in self._pending if i in self._catalog and i not in self._removed]
+                delta = delta_snapshot(ckpt, self._last.trainer_seq, extra_items=pending, model=model)
+                if is_empty(delta):
+                    self._last = replace(self._last, trainer_seq=ckpt.seq)
+                    log.debug("checkpoint %d changes nothing", ckpt.seq)
+                else:
+                    version = self._write_delta_locked(store, delta, ckpt.seq, started)
+                    self._pending.difference_update(delta.items.ids)
+            flushed = self._flush_pending_locked(store)
+        return flushed or version
+
+    def _removed_after(self, ckpt: Checkpoint) -> set[str]:
+        """The removed set once ``ckpt``'s new removals are applied (not stored; caller holds the lock)."""
+        since = -1 if self._ckpt_seq is None else self._ckpt_seq
+        owned = set(ckpt.items.ids)
+        return (self._removed | {item for seq, item in ckpt.removed_items if seq > since}) - owned
+
+    def _adopt(self, ckpt: Checkpoint, model: TwoTower) -> None:
+        """Make ``ckpt``'s model, vocabulary, rows and removals the current ones (caller holds the lock)."""
+        self._removed = self._removed_after(ckpt)
+        self._pending -= self._removed
+        self._model = model
+        self._vocab = category_indices(ckpt.categories, model.cfg.n_categories)
+        self._owned = set(ckpt.items.ids)
+        self._ckpt_seq = ckpt.seq
+
+    def _publish_full(
+        self, store: SnapshotStore, ckpt: Checkpoint, model: TwoTower, extras: list[CatalogItem], started: float
+    ) -> int:
+        snap = full_snapshot(
+            ckpt, extra_items=extras, model=model, index_kind=self.index_kind, index_options=self.index_options
+        )
+        parts = encode_full(snap)
+        with self._lock:
+            version = store.write(FULL, parts, None, ckpt.seq)
+            weights_sha, config_sha = checksum(parts[WEIGHTS]), checksum(parts[MODEL_CONFIG])
+            self._last = Published(version, ckpt.seq, ckpt.dense_version, 0, weights_sha, config_sha)
+            self._served = set(snap.items.ids)
+            self._adopt(ckpt, model)
+            # Items served meanwhile through content-only deltas on the old chain (or that
+            # arrived during the build) are not in this full version: publish them again.
+            self._pending = {i for i in self._catalog if i not in self._served}
+            self._record(FULL, version, started)
+            log.info(
+                "published full version %d: trainer seq %d, dense version %d, %d users, %d items (%d content-only), "
+                "%.1f MB",
+                version,
+                ckpt.seq,
+                ckpt.dense_version,
+                len(snap.users.ids),
+                len(snap.items.ids),
+                len(snap.items.ids) - len(ckpt.items.ids),
+                sum(len(p) for p in parts.values()) / 1e6,
+                extra={"version": version, "kind": FULL, "trainer_seq": ckpt.seq},
+            )
+            flushed = self._flush_pending_locked(store)
+        trimmed = store.trim(self.cfg.publisher.keep_versions)
+        if trimmed:
+            log.info("trimmed %d old versions (%d..%d)", len(trimmed), min(trimmed), max(trimmed))
+        return flushed or version
+
+    def _write_delta_locked(self, store: SnapshotStore, delta: DeltaSnapshot, trainer_seq: int, started: float) -> int:
+        last = self._last
+        if last is None:
+            raise RuntimeError("a delta needs a published parent version")
+        version = store.write(DELTA, encode_delta(delta), last.version, trainer_seq)
+        self._last = replace(
+            last, version=version, trainer_seq=trainer_seq, deltas_since_full=last.deltas_since_full + 1
+        )
+        self._served |= set(delta.items.ids)
+        self._served -= set(delta.removed_items)
+        self._record(DELTA, version, started)
+        log.info(
+            "published delta version %d (parent %d): trainer seq %d, %d users, %d items, %d removed",
+            version,
+            last.version,
+            trainer_seq,
+            len(delta.users.ids),
+            len(delta.items.ids),
+            len(delta.removed_items),
+            extra={"version": version, "kind": DELTA, "trainer_seq": trainer_seq},
+        )
+        return version
+
+    @staticmethod
+    def _record(kind: str, version: int, started: float) -> None:
+        VERSIONS.labels(kind).inc()
+        LAST_VERSION.set(version)
+        PUBLISH_SECONDS.labels(kind).observe(time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ new items
+    def note_catalog(self, items: Iterable[CatalogItem]) -> int:
+        """Remember catalogue items; mark those needing a content-only vector as pending.
+
+        An item needs one when the trainer has no ID row for it and it is not served yet, or
+        its category or features changed.
+
+        Returns:
+            How many items became pending.
+        """
+        marked = 0
+        with self._lock:
+            for item in items:
+                previous = self._catalog.get(item.item_id)
+                self._catalog[item.item_id] = item
+                self._removed.discard(item.item_id)  # listed again after an expiry
+                if item.item_id in self._owned:
+                    continue  # the trainer's row (and its content) decide this item's vector
+                unchanged = previous is not None and (previous.category, previous.features) == (
+                    item.category,
+                    item.features,
+                )
+                if item.item_id in self._served and unchanged:
+                    continue
+                self._pending.add(item.item_id)
+                marked += 1
+        return marked
+
+    def flush_pending(self, store: SnapshotStore) -> int | None:
+        """Publish pending content-only vectors as one delta (if a model and a version exist)."""
+        with self._lock:
+            return self._flush_pending_locked(store)
+
+    def _flush_pending_locked(self, store: SnapshotStore) -> int | None:
+        if not self._pending or self._model is None or self._last is None:
+            return None
+        started = time.perf_counter()
+        ids = [i for i in self._pending if i in self._catalog and i not in self._owned and i not in self._removed]
+        if not ids:
+            self._pending.clear()
+            return None
+        rows = content_only_vectors(self._model, self._vocab, [self._catalog[i] for i in ids])
+        new = sum(1 for i in ids if i not in self._served)
+        delta = DeltaSnapshot(users=Rows.empty(self._model.cfg.id_dim), items=rows, removed_items=[])
+        version = self._write_delta_locked(store, delta, self._last.trainer_seq, started)
+        self._pending.clear()
+        NEW_ITEMS.inc(new)
+        return version
+
+    # ------------------------------------------------------------------ serving-state loop
+    def _serving_loop(self) -> None:
+        client = self._redis()
+        store = SnapshotStore(client, self.layout)
+        holder: list[ServingStateWriter] = []
+
+        def step() -> None:
+            if not holder:
+                holder.append(ServingStateWriter(self.cfg))
+            result = holder[0].poll_once(timeout_ms=200)
+            if result.catalog:
+                self.note_catalog(result.catalog)
+            if self._pending:
+                self.flush_pending(store)
+
+        try:
+            self._retrying("serving", step, 0)
+        finally:
+            try:
+                if holder:
+                    holder[0].close()
+            finally:
+                client.close()
+
+
+__all__ = ["SKIP", "Published", "PublisherDaemon", "plan_publish", "served_items", "weight_checksums"]

@@ -1,0 +1,226 @@
+"""The serving-state writer: Kafka events, catalogue and profiles → the Redis keys retrievers read.
+
+Per poll batch, in one MULTI/EXEC:
+
+* a **click** → ``LPUSH`` msgpack ``[item_id, ts_ms]`` onto ``layout.history(user)`` and one
+  ``LTRIM`` per touched user to ``history_max_len`` (newest first; impressions are no history);
+* a :class:`~twotower.events.CatalogItem` → ``HSET layout.item(item)`` with ``category``,
+  ``title`` and ``ts_ms``;
+* a :class:`~twotower.events.Profile` → ``SET layout.profile(user)`` to a msgpack list of floats.
+
+Malformed messages go to the dead-letter topic (:class:`~twotower.kafka_io.RecordDecoder`)
+and never stop the loop. Offsets are committed only after the Redis transaction succeeded;
+if decoding or writing fails, the consumer is rewound to the start of the batch so that the
+next poll retries it. Delivery is at-least-once: a crash between the Redis write and the
+commit replays the batch (item and profile writes are idempotent; a click may then appear
+twice in a history).
+
+The catalogue items of each batch are handed back to the caller, which decides whether an
+item needs a content-only vector (see :class:`publisher.daemon.PublisherDaemon`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import msgpack
+import redis
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError
+from prometheus_client import Counter
+
+from twotower.config import Config
+from twotower.events import CLICK, CatalogItem, Interaction, Profile, Record
+from twotower.kafka_io import RecordDecoder, Topics, make_consumer, make_producer
+from twotower.snapshots import SnapshotLayout
+
+log = logging.getLogger(__name__)
+
+HISTORY_WRITES = Counter("twotower_publisher_history_writes", "Clicks pushed onto user histories in Redis")
+SERVING_RECORDS = Counter("twotower_publisher_serving_records", "Records applied by the serving-state writer", ["kind"])
+
+
+def encode_history_entry(item_id: str, ts_ms: int) -> bytes:
+    """The bytes of one history entry: msgpack ``[item_id, ts_ms]``."""
+    return msgpack.packb([item_id, ts_ms], use_bin_type=True)
+
+
+def decode_history_entry(payload: bytes) -> tuple[str, int]:
+    """Inverse of :func:`encode_history_entry`.
+
+    Raises:
+        ValueError: the payload is not such an entry.
+    """
+    try:
+        raw = msgpack.unpackb(payload, raw=False)
+    except Exception as exc:
+        raise ValueError(f"history entry is not msgpack: {exc}") from None
+    if not (isinstance(raw, list) and len(raw) == 2 and isinstance(raw[0], str) and isinstance(raw[1], int)):
+        raise ValueError(f"history entry must be [item_id, ts_ms], got {raw!r}")
+    return raw[0], raw[1]
+
+
+def encode_profile(features: Sequence[float]) -> bytes:
+    """The bytes stored under ``layout.profile(user)``: msgpack list of floats."""
+    return msgpack.packb([float(x) for x in features], use_bin_type=True)
+
+
+@dataclass
+class BatchResult:
+    """What one poll applied."""
+
+    messages: int = 0
+    dead_letters: int = 0
+    clicks: int = 0
+    impressions: int = 0
+    profiles: int = 0
+    catalog: list[CatalogItem] = field(default_factory=list)
+    """Catalogue items of the batch, in arrival order."""
+
+
+def queue_writes(
+    pipe: redis.client.Pipeline, layout: SnapshotLayout, records: Iterable[Record], history_max_len: int
+) -> BatchResult:
+    """Queue the Redis commands of ``records`` on ``pipe`` (nothing is executed here).
+
+    Args:
+        pipe: a pipeline (the caller executes it).
+        layout: key names.
+        records: decoded records in arrival order.
+        history_max_len: length cap of a user's history list.
+
+    Returns:
+        Counts and the catalogue items seen.
+    """
+    result = BatchResult()
+    touched: dict[str, None] = {}
+    for record in records:
+        if isinstance(record, Interaction):
+            if record.type == CLICK:
+                key = layout.history(record.user_id)
+                pipe.lpush(key, encode_history_entry(record.item_id, record.ts_ms))
+                touched[key] = None
+                result.clicks += 1
+            else:
+                result.impressions += 1
+        elif isinstance(record, CatalogItem):
+            pipe.hset(
+                layout.item(record.item_id),
+                mapping={"category": record.category, "title": record.title, "ts_ms": record.ts_ms},
+            )
+            result.catalog.append(record)
+        elif isinstance(record, Profile):
+            pipe.set(layout.profile(record.user_id), encode_profile(record.features))
+            result.profiles += 1
+    for key in touched:
+        pipe.ltrim(key, 0, history_max_len - 1)
+    return result
+
+
+class ServingStateWriter:
+    """Consumes events, catalogue and profiles in the publisher's group and writes Redis.
+
+    Owns its clients (one consumer, one producer for dead letters, one Redis connection), so
+    it must be used from one thread.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        client: redis.Redis | None = None,
+        consumer: KafkaConsumer | None = None,
+        producer: KafkaProducer | None = None,
+    ) -> None:
+        """Connect (or adopt the given clients).
+
+        Args:
+            cfg: the configuration (kafka, redis and publisher sections are used).
+            client: Redis client; built from ``cfg.redis.url`` when ``None``.
+            consumer: a consumer already subscribed; by default one in ``publisher.group_id``
+                on the events, catalog and profiles topics.
+            producer: producer for dead letters; built when ``None``.
+        """
+        self.cfg = cfg
+        self.layout = SnapshotLayout(cfg.redis.key_prefix)
+        self.topics = Topics(cfg.kafka.topic_prefix)
+        self.redis = client if client is not None else redis.Redis.from_url(cfg.redis.url)
+        self.producer = producer if producer is not None else make_producer(cfg.kafka, client_id="twotower-publisher")
+        self.consumer = (
+            consumer
+            if consumer is not None
+            else make_consumer(
+                cfg.kafka,
+                cfg.publisher.group_id,
+                [self.topics.events, self.topics.catalog, self.topics.profiles],
+                client_id="twotower-publisher",
+            )
+        )
+        self.decoder = RecordDecoder(self.producer)
+
+    def poll_once(self, timeout_ms: int = 200) -> BatchResult:
+        """Poll one batch, apply it to Redis in one transaction, then commit its offsets.
+
+        Raises:
+            Exception: whatever Kafka or Redis raised; the consumer was rewound to the start
+                of the batch first, so calling again retries it.
+        """
+        batch = self.consumer.poll(timeout_ms=timeout_ms)
+        if not batch:
+            return BatchResult()
+        firsts = {tp: messages[0].offset for tp, messages in batch.items() if messages}
+        try:
+            records: list[Record] = []
+            dead = 0
+            count = 0
+            for messages in batch.values():
+                for message in messages:
+                    count += 1
+                    record = self.decoder.decode(message)
+                    if record is None:
+                        dead += 1
+                    else:
+                        records.append(record)
+            pipe = self.redis.pipeline(transaction=True)
+            result = queue_writes(pipe, self.layout, records, self.cfg.publisher.history_max_len)
+            if len(pipe):
+                pipe.execute()
+        except Exception:
+            self._rewind(firsts)
+            raise
+        result.messages, result.dead_letters = count, dead
+        HISTORY_WRITES.inc(result.clicks)
+        for kind, n in (
+            ("click", result.clicks),
+            ("impression", result.impressions),
+            ("catalog", len(result.catalog)),
+            ("profile", result.profiles),
+            ("dead_letter", dead),
+        ):
+            if n:
+                SERVING_RECORDS.labels(kind).inc(n)
+        try:
+            self.consumer.commit()
+        except CommitFailedError as exc:
+            # A rebalance took the partitions away; their new owner replays from the last commit.
+            log.warning("offset commit failed after a rebalance (the batch will be replayed): %s", exc)
+        return result
+
+    def _rewind(self, firsts: dict[TopicPartition, int]) -> None:
+        for tp, offset in firsts.items():
+            try:
+                self.consumer.seek(tp, offset)
+            except Exception as exc:  # a partition revoked meanwhile: its next owner replays it
+                log.warning("cannot rewind %s to %d: %s", tp, offset, exc)
+
+    def close(self) -> None:
+        """Close every client, without committing anything further."""
+        try:
+            self.consumer.close(autocommit=False)
+        finally:
+            try:
+                self.producer.close(timeout=5)
+            finally:
+                self.redis.close()

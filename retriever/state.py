@@ -1,0 +1,523 @@
+"""What one retriever process serves: a snapshot version turned into searchable, immutable state.
+
+A :class:`ServingState` is built once (from a full version, or from an older state plus
+deltas) and never changed afterwards: request handlers read whichever state the watcher
+published last, and the watcher replaces it by assigning a new object. Applying a delta
+therefore copies what it changes (the ID-row dicts and matrices) into a *new* state, so a
+request that still holds the old state never sees a half-applied delta.
+
+Item positions are the rows of the ``items`` part of the base full version, extended by
+every new item a delta appends; Faiss ids are those positions. A removed item keeps its
+position (dead) until the next full version renumbers everything.
+
+The index is two-level, so that a delta never copies or edits the (possibly large,
+possibly HNSW, which cannot remove) index of the full version:
+
+* the **base** index of the full version, shared read-only by every state derived from it,
+  searched with an ``IDSelectorBitmap`` that admits only the positions no delta has touched;
+* an exact **overlay** (``IDMap2,Flat``, inner product) over the live positions deltas have
+  touched (changed and new items), rebuilt by each delta (its size is the number of items
+  touched since the full version).
+
+Results of both are merged by score; with an exact base the merge is exact top-k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+
+import faiss
+import numpy as np
+import torch
+
+from twotower.blobs import BlobError
+from twotower.config import ModelConfig
+from twotower.model import TwoTower, fit_features, load_dense_arrays, pool_history
+from twotower.snapshot_parts import (
+    INDEX,
+    ITEMS,
+    MODEL_CONFIG,
+    REMOVED_ITEMS,
+    USERS,
+    WEIGHTS,
+    DeltaSnapshot,
+    FullSnapshot,
+    decode_delta,
+    decode_full,
+)
+from twotower.snapshots import DELTA, FULL, SnapshotError, SnapshotStore, VersionMeta
+
+CategoryLookup = Callable[[Sequence[str]], Sequence[str | None]]
+"""Batch lookup of item categories: ids → category (``None`` when unknown), same order."""
+
+FILTER_OVERFETCH = 4
+"""With a category filter or a per-category cap, the first search asks for this many times
+the candidates it needs, then doubles while too few qualify."""
+MAX_FILTER_CANDIDATES = 10_000
+"""A category filter or cap never examines more candidates than this (a rare category can
+then yield fewer than ``k`` items)."""
+
+
+def deserialize_index(data: bytes) -> faiss.Index:
+    """A Faiss index from ``faiss.serialize_index`` bytes.
+
+    Raises:
+        SnapshotError: the bytes are not a Faiss index.
+    """
+    try:
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as exc:
+        raise SnapshotError(f"index part is not a faiss index: {str(exc).splitlines()[0]}") from None
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    out = np.ascontiguousarray(array, dtype=np.float32)
+    out.setflags(write=False)
+    return out
+
+
+def _exact_index(vectors: np.ndarray, positions: np.ndarray) -> faiss.Index | None:
+    """An exact inner-product index over ``vectors[positions]`` with the positions as ids
+    (``None`` when there are no positions)."""
+    if positions.size == 0:
+        return None
+    index = faiss.index_factory(vectors.shape[1], "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.add_with_ids(np.ascontiguousarray(vectors[positions]), positions)
+    return index
+
+
+def _params_factory(index: faiss.Index) -> Callable[[faiss.IDSelector], faiss.SearchParameters]:
+    """Search parameters carrying a selector, keeping the index's own efSearch / nprobe
+    (typed parameters would otherwise reset them to faiss's defaults)."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        ef_search = inner.hnsw.efSearch
+        return lambda sel: faiss.SearchParametersHNSW(sel=sel, efSearch=ef_search)
+    if isinstance(inner, faiss.IndexIVF):
+        nprobe = inner.nprobe
+        return lambda sel: faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+    return lambda sel: faiss.SearchParameters(sel=sel)
+
+
+@dataclass(frozen=True, eq=False)
+class _BaseFilter:
+    """Admits the base-index positions no delta touched (keeps the bitmap alive for faiss)."""
+
+    bitmap: np.ndarray
+    selector: faiss.IDSelectorBitmap
+
+    @staticmethod
+    def build(n_base: int, touched: Iterable[int]) -> _BaseFilter | None:
+        blocked = np.fromiter((p for p in touched if p < n_base), dtype=np.int64)
+        if blocked.size == 0:
+            return None
+        allowed = np.ones(n_base, dtype=bool)
+        allowed[blocked] = False
+        bitmap = np.packbits(allowed, bitorder="little")
+        return _BaseFilter(bitmap, faiss.IDSelectorBitmap(n_base, faiss.swig_ptr(bitmap)))
+
+
+@dataclass(frozen=True, eq=False)
+class ServingState:
+    """One snapshot version, ready to answer requests; never mutated once built.
+
+    Attributes:
+        version: the snapshot version this state reflects.
+        base: the full version it was built from.
+        created_ms: when the publisher wrote ``version`` (wall clock, ms).
+        model_config: the model configuration of the snapshot's weights.
+        model: the towers in eval mode (only ``model.user`` runs here).
+        user_rows: user id → row of ``user_matrix``.
+        user_matrix: ``[U, id_dim]`` user ID-embedding rows (read-only).
+        item_ids: position → item id (dead positions keep their old id).
+        item_pos: live item id → position.
+        item_vectors: ``[N, dim]`` unit item vectors by position (read-only).
+        index: the base Faiss index of the full version (ids = positions; shared, never edited).
+        n_base: items in the full version (the base index's positions are ``0..n_base-1``).
+        touched: positions deltas changed, added or removed since the full version.
+        removed: positions that are dead (removed, or superseded by a re-added item).
+        overlay: exact index over the live touched positions (``None`` when there are none).
+    """
+
+    version: int
+    base: int
+    created_ms: int
+    model_config: ModelConfig
+    model: TwoTower
+    user_rows: dict[str, int]
+    user_matrix: np.ndarray
+    item_ids: list[str]
+    item_pos: dict[str, int]
+    item_vectors: np.ndarray
+    index: faiss.Index
+    n_base: int
+    touched: frozenset[int]
+    removed: frozenset[int]
+    overlay: faiss.Index | None
+    base_filter: _BaseFilter | None
+    search_params: Callable[[faiss.IDSelector], faiss.SearchParameters]
+
+    # --- building ---------------------------------------------------------------------------
+    @classmethod
+    def from_full(cls, meta: VersionMeta, snap: FullSnapshot) -> ServingState:
+        """Build the state of a full version.
+
+        Raises:
+            SnapshotError: the parts do not fit together (shapes, duplicate ids, index size).
+        """
+        cfg = snap.model_config
+        if snap.users.matrix.shape[1] != cfg.id_dim:
+            raise SnapshotError(
+                f"version {meta.version}: user rows have width {snap.users.matrix.shape[1]}, id_dim is {cfg.id_dim}"
+            )
+        if snap.items.matrix.shape[1] != cfg.dim:
+            raise SnapshotError(
+                f"version {meta.version}: item vectors have width {snap.items.matrix.shape[1]}, dim is {cfg.dim}"
+            )
+        item_pos = {item_id: pos for pos, item_id in enumerate(snap.items.ids)}
+        user_rows = {user_id: row for row, user_id in enumerate(snap.users.ids)}
+        if len(item_pos) != len(snap.items.ids) or len(user_rows) != len(snap.users.ids):
+            raise SnapshotError(f"version {meta.version}: duplicate user or item ids")
+        index = deserialize_index(snap.index)
+        if index.d != cfg.dim or index.ntotal != len(snap.items.ids):
+            raise SnapshotError(
+                f"version {meta.version}: index has {index.ntotal} vectors of dim {index.d}, "
+                f"expected {len(snap.items.ids)} of dim {cfg.dim}"
+            )
+        model = TwoTower(cfg)
+        try:
+            load_dense_arrays(model, snap.weights)
+        except RuntimeError as exc:
+            raise SnapshotError(f"version {meta.version}: weights do not fit the model: {exc}") from None
+        model.eval()
+        model.requires_grad_(False)
+        return cls(
+            version=meta.version,
+            base=meta.base,
+            created_ms=meta.created_ms,
+            model_config=cfg,
+            model=model,
+            user_rows=user_rows,
+            user_matrix=_frozen(snap.users.matrix),
+            item_ids=list(snap.items.ids),
+            item_pos=item_pos,
+            item_vectors=_frozen(snap.items.matrix),
+            index=index,
+            n_base=len(snap.items.ids),
+            touched=frozenset(),
+            removed=frozenset(),
+            overlay=None,
+            base_filter=None,
+            search_params=_params_factory(index),
+        )
+
+    def apply_delta(self, delta: DeltaSnapshot, version: int, created_ms: int | None = None) -> ServingState:
+        """A new state with ``delta`` applied on top of this one (which stays unchanged).
+
+        Within a delta, ``removed_items`` are applied before ``items``: an id in both lists
+        was removed and came back, so it is live afterwards (at a new position).
+
+        Raises:
+            SnapshotError: the delta's row widths do not match this state.
+        """
+        return self.apply_deltas([delta], version, created_ms)
+
+    def apply_deltas(
+        self, deltas: Sequence[DeltaSnapshot], version: int, created_ms: int | None = None
+    ) -> ServingState:
+        """Apply consecutive deltas (oldest first) in one pass: one copy of the arrays, one
+        overlay build; the base index is shared, never copied."""
+        cfg = self.model_config
+        for delta in deltas:
+            if delta.users.matrix.shape[1] != cfg.id_dim or delta.items.matrix.shape[1] != cfg.dim:
+                raise SnapshotError(
+                    f"version {version}: delta rows have widths {delta.users.matrix.shape[1]}/"
+                    f"{delta.items.matrix.shape[1]}, expected {cfg.id_dim}/{cfg.dim}"
+                )
+        user_rows, user_matrix = self._merged_users(deltas)
+        created_ms = self.created_ms if created_ms is None else created_ms
+        if not any(d.items.ids or d.removed_items for d in deltas):
+            return replace(self, version=version, created_ms=created_ms, user_rows=user_rows, user_matrix=user_matrix)
+        item_ids, item_pos, item_vectors, touched, removed = self._merged_items(deltas)
+        return replace(
+            self,
+            version=version,
+            created_ms=created_ms,
+            user_rows=user_rows,
+            user_matrix=user_matrix,
+            item_ids=item_ids,
+            item_pos=item_pos,
+            item_vectors=item_vectors,
+            touched=touched,
+            removed=removed,
+            overlay=_exact_index(item_vectors, np.array(sorted(touched - removed), dtype=np.int64)),
+            base_filter=_BaseFilter.build(self.n_base, touched),
+        )
+
+    def _merged_users(self, deltas: Sequence[DeltaSnapshot]) -> tuple[dict[str, int], np.ndarray]:
+        if not any(d.users.ids for d in deltas):
+            return self.user_rows, self.user_matrix
+        rows = dict(self.user_rows)
+        updates: dict[int, np.ndarray] = {}
+        for delta in deltas:
+            for i, user_id in enumerate(delta.users.ids):
+                row = rows.setdefault(user_id, len(rows))
+                updates[row] = delta.users.matrix[i]
+        matrix = np.zeros((len(rows), self.model_config.id_dim), dtype=np.float32)
+        matrix[: self.user_matrix.shape[0]] = self.user_matrix
+        matrix[np.fromiter(updates, dtype=np.int64)] = np.stack(list(updates.values()))
+        return rows, _frozen(matrix)
+
+    def _merged_items(
+        self, deltas: Sequence[DeltaSnapshot]
+    ) -> tuple[list[str], dict[str, int], np.ndarray, frozenset[int], frozenset[int]]:
+        item_ids = list(self.item_ids)
+        item_pos = dict(self.item_pos)
+        touched = set(self.touched)
+        removed = set(self.removed)
+        updates: dict[int, np.ndarray] = {}
+        for delta in deltas:
+            for item_id in delta.removed_items:
+                pos = item_pos.pop(item_id, None)
+                if pos is not None:
+                    removed.add(pos)
+                    touched.add(pos)
+            for i, item_id in enumerate(delta.items.ids):
+                pos = item_pos.get(item_id)
+                if pos is None:
+                    pos = len(item_ids)
+                    item_ids.append(item_id)
+                    item_pos[item_id] = pos
+                updates[pos] = delta.items.matrix[i]
+                touched.add(pos)
+        vectors = np.zeros((len(item_ids), self.model_config.dim), dtype=np.float32)
+        vectors[: self.item_vectors.shape[0]] = self.item_vectors
+        if updates:
+            vectors[np.fromiter(updates, dtype=np.int64)] = np.stack(list(updates.values()))
+        return item_ids, item_pos, _frozen(vectors), frozenset(touched), frozenset(removed)
+
+    @classmethod
+    def load(cls, store: SnapshotStore, version: int) -> ServingState:
+        """Read ``version`` and its chain (base full version + deltas) from the store.
+
+        Raises:
+            SnapshotError: a version is missing, incomplete or corrupt.
+        """
+        return cls.from_chain(store, store.chain(version))
+
+    @classmethod
+    def from_chain(cls, store: SnapshotStore, chain: Sequence[VersionMeta]) -> ServingState:
+        """Read a chain as :meth:`SnapshotStore.chain` gives it (full version first) and build its state.
+
+        Raises:
+            SnapshotError: the chain does not start with a full version, or a part is missing or corrupt.
+        """
+        if not chain or chain[0].kind != FULL:
+            raise SnapshotError("a snapshot chain must start with a full version")
+        state = cls.from_full(chain[0], read_full(store, chain[0]))
+        return state.extend(store, chain[1:])
+
+    def extend(self, store: SnapshotStore, metas: Sequence[VersionMeta]) -> ServingState:
+        """Read the delta versions ``metas`` (oldest first, the first one's parent being this
+        state's version) and apply them in one pass; ``self`` when ``metas`` is empty."""
+        if not metas:
+            return self
+        parent = self.version
+        deltas = []
+        for meta in metas:
+            if meta.kind != DELTA or meta.parent != parent:
+                raise SnapshotError(f"version {meta.version} is not a delta of version {parent}")
+            deltas.append(read_delta(store, meta))
+            parent = meta.version
+        return self.apply_deltas(deltas, metas[-1].version, metas[-1].created_ms)
+
+    # --- serving ----------------------------------------------------------------------------
+    @property
+    def n_items(self) -> int:
+        """Live items."""
+        return len(self.item_pos)
+
+    def user_vector(
+        self,
+        user_id: str,
+        history: Sequence[tuple[str, int]],
+        profile: Sequence[float] | None,
+        now_ms: int,
+    ) -> np.ndarray:
+        """The user tower's unit vector ``[dim]`` for a request.
+
+        Args:
+            user_id: the user; an id without a row gets an all-zero ID row.
+            history: ``(item_id, ts_ms)`` interactions, newest first; the newest
+                ``history_len`` are pooled, skipping items this state does not know.
+            profile: profile features (cut or zero-padded), or ``None`` for zeros.
+            now_ms: the time the history decays towards (event-time ms).
+        """
+        cfg = self.model_config
+        positions: list[int] = []
+        stamps: list[int] = []
+        for item_id, ts_ms in history[: cfg.history_len]:
+            pos = self.item_pos.get(item_id)
+            if pos is not None:
+                positions.append(pos)
+                stamps.append(ts_ms)
+        pooled = pool_history(
+            self.item_vectors[positions], np.asarray(stamps, dtype=np.int64), now_ms, cfg.history_half_life_s
+        )
+        row = self.user_rows.get(user_id)
+        id_row = self.user_matrix[row] if row is not None else np.zeros(cfg.id_dim, dtype=np.float32)
+        features = fit_features(profile, cfg.profile_dim)
+        with torch.inference_mode():
+            out = self.model.user(
+                torch.tensor(id_row).unsqueeze(0),
+                torch.from_numpy(features).unsqueeze(0),
+                torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32)).unsqueeze(0),
+            )
+        return out[0].numpy()
+
+    def _search_one(
+        self, index: faiss.Index, query: np.ndarray, fetch: int, params: faiss.SearchParameters | None
+    ) -> list[tuple[int, float]]:
+        fetch = min(fetch, index.ntotal)
+        if fetch <= 0:
+            return []
+        distances, ids = index.search(query, fetch, params=params)
+        scores = distances[0]
+        if index.metric_type == faiss.METRIC_L2:  # unit vectors: |u - v|^2 = 2 - 2 cos
+            scores = 1.0 - scores / 2.0
+        return [(pos, score) for pos, score in zip(ids[0].tolist(), scores.tolist(), strict=True) if pos >= 0]
+
+    def _raw_search(self, query: np.ndarray, fetch: int) -> list[tuple[int, float]]:
+        """The best ``fetch`` (position, cosine) pairs of base and overlay merged, best first."""
+        # a fresh parameter object per call: IndexIDMap swaps its selector during a search
+        params = self.search_params(self.base_filter.selector) if self.base_filter is not None else None
+        hits = self._search_one(self.index, query, fetch, params)
+        if self.overlay is not None:
+            hits += self._search_one(self.overlay, query, fetch, None)
+            hits.sort(key=lambda pair: -pair[1])
+        return hits[:fetch]
+
+    def search(
+        self,
+        vec: np.ndarray,
+        k: int,
+        exclude: Iterable[str] = (),
+        category_filter: set[str] | None = None,
+        item_category: CategoryLookup | None = None,
+        max_per_category: int | None = None,
+    ) -> list[tuple[str, float]]:
+        """The top ``k`` live items for a user vector, best first, as ``(item_id, cosine)``.
+
+        Args:
+            vec: ``[dim]`` user vector.
+            k: how many items to return (fewer when too few qualify).
+            exclude: item ids never returned.
+            category_filter: if given, only items whose category is in it.
+            item_category: batch category lookup; required with a filter or a cap.
+            max_per_category: diversity cap: at most this many items of one category; items
+                of unknown category are not capped. The cap is soft: when the examined
+                candidates cannot fill ``k`` under it, the best capped-out items fill the rest.
+
+        Raises:
+            ValueError: a filter or cap without ``item_category``, or a wrong vector shape.
+        """
+        if vec.shape != (self.model_config.dim,):
+            raise ValueError(f"user vector has shape {vec.shape}, expected ({self.model_config.dim},)")
+        needs_categories = category_filter is not None or max_per_category is not None
+        ntotal = self.n_items
+        if k <= 0 or ntotal == 0:
+            return []
+        exclude = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
+        n_excluded = sum(1 for item_id in exclude if item_id in self.item_pos)
+        query = np.ascontiguousarray(vec, dtype=np.float32).reshape(1, -1)
+        if not needs_categories:
+            # an exact index can lose at most n_excluded slots to exclusions
+            fetch = min(ntotal, k + n_excluded)
+            out = []
+            for pos, score in self._raw_search(query, fetch):
+                item_id = self._live_id(pos)
+                if item_id is not None and item_id not in exclude:
+                    out.append((item_id, score))
+                    if len(out) == k:
+                        break
+            return out
+        if item_category is None:
+            raise ValueError("a category filter or cap needs an item_category lookup")
+        categories: dict[str, str | None] = {}
+        limit = min(ntotal, MAX_FILTER_CANDIDATES)
+        fetch = min(limit, (k + n_excluded) * FILTER_OVERFETCH)
+        while True:
+            candidates = [
+                (item_id, score)
+                for pos, score in self._raw_search(query, fetch)
+                if (item_id := self._live_id(pos)) is not None and item_id not in exclude
+            ]
+            unknown = [item_id for item_id, _ in candidates if item_id not in categories]
+            if unknown:
+                categories.update(zip(unknown, item_category(unknown), strict=True))
+            picked, spilled = _select(candidates, categories, k, category_filter, max_per_category)
+            if len(picked) >= k or fetch >= limit:
+                break
+            fetch = min(limit, fetch * 2)
+        if len(picked) < k and spilled:
+            picked = sorted(picked + spilled[: k - len(picked)], key=lambda pair: -pair[1])
+        return picked
+
+    def _live_id(self, pos: int) -> str | None:
+        if pos < 0 or pos >= len(self.item_ids):
+            return None
+        item_id = self.item_ids[pos]
+        return item_id if self.item_pos.get(item_id) == pos else None
+
+
+def _select(
+    candidates: Sequence[tuple[str, float]],
+    categories: dict[str, str | None],
+    k: int,
+    category_filter: set[str] | None,
+    max_per_category: int | None,
+) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """Walk ranked candidates: those passing the filter and cap (up to k), and those capped out."""
+    picked: list[tuple[str, float]] = []
+    spilled: list[tuple[str, float]] = []
+    counts: dict[str, int] = {}
+    for item_id, score in candidates:
+        category = categories.get(item_id)
+        if category_filter is not None and category not in category_filter:
+            continue
+        if max_per_category is not None and category:
+            if counts.get(category, 0) >= max_per_category:
+                spilled.append((item_id, score))
+                continue
+            counts[category] = counts.get(category, 0) + 1
+        picked.append((item_id, score))
+        if len(picked) == k:
+            break
+    return picked, spilled
+
+
+def read_full(store: SnapshotStore, meta: VersionMeta) -> FullSnapshot:
+    """Read and decode a full version's parts (checksums verified).
+
+    Raises:
+        SnapshotError: a part is missing or corrupt.
+    """
+    parts = {name: store.read_part(meta, name) for name in (MODEL_CONFIG, WEIGHTS, USERS, ITEMS, INDEX)}
+    try:
+        return decode_full(parts)
+    except BlobError as exc:
+        raise SnapshotError(f"version {meta.version}: {exc}") from None
+
+
+def read_delta(store: SnapshotStore, meta: VersionMeta) -> DeltaSnapshot:
+    """Read and decode a delta version's parts (checksums verified).
+
+    Raises:
+        SnapshotError: a part is missing or corrupt.
+    """
+    parts = {name: store.read_part(meta, name) for name in (USERS, ITEMS, REMOVED_ITEMS)}
+    try:
+        return decode_delta(parts)
+    except BlobError as exc:
+        raise SnapshotError(f"version {meta.version}: {exc}") from None

@@ -1,0 +1,200 @@
+"""Keeps a retriever process on the current snapshot version, swapping without a pause.
+
+A background thread holds the reference to the :class:`~retriever.state.ServingState`
+that request handlers read. It follows ``layout.current`` (the pointer the publisher moves):
+woken by a notice on ``layout.channel`` and, in case a notice is missed (pub/sub is
+fire-and-forget), by polling the pointer every ``poll_interval_s``. The notice's payload is
+only a wake-up; the pointer is the truth, so a rollback (pointer moved back) is followed too.
+
+When the pointer names another version, the watcher builds the new state off to the side:
+
+* if the served version lies on the new version's chain (the usual case: the next delta, or
+  a few deltas when notices were missed), it applies only the deltas after it;
+* otherwise (a new full version, a rollback, the first load) it loads the whole chain.
+
+Then it publishes the new state with one attribute assignment. A failure (missing version,
+corrupt part, Redis down) is logged and counted, and the old state keeps serving; a version
+that failed is retried after ``retry_failed_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+from prometheus_client import Counter, Gauge, Histogram
+
+from retriever.state import ServingState
+from twotower.blobs import BlobError
+from twotower.snapshots import SnapshotError, SnapshotStore
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_VERSION = Gauge(
+    "twotower_retriever_snapshot_version",
+    "Snapshot version this retriever process serves (0: none yet).",
+    multiprocess_mode="liveall",
+)
+SNAPSHOT_CREATED = Gauge(
+    "twotower_retriever_snapshot_created_seconds",
+    "Unix time at which the served snapshot version was written (freshness = now - this).",
+    multiprocess_mode="liveall",
+)
+SWAPS = Counter(
+    "twotower_retriever_swaps_total",
+    "Serving-state swaps; kind=delta applied deltas to the served state, kind=full loaded a whole chain.",
+    ["kind"],
+)
+SWAP_SECONDS = Histogram(
+    "twotower_retriever_swap_seconds",
+    "Time to read and build a new serving state (the old one serves meanwhile).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+SNAPSHOT_ERRORS = Counter(
+    "twotower_retriever_snapshot_errors_total",
+    "Failed attempts to check or load a snapshot version (the previous state kept serving).",
+)
+
+_EXPECTED_ERRORS = (SnapshotError, BlobError, redis.RedisError, ValueError, RuntimeError)
+
+
+class SnapshotWatcher:
+    """Follows the current snapshot version on a daemon thread; :attr:`state` is what to serve.
+
+    Args:
+        store: the snapshot store (its Redis client is used from the watcher thread only,
+            plus a pub/sub connection from the same pool).
+        poll_interval_s: how often the pointer is polled when no notice arrives.
+        retry_failed_s: how long a version that failed to load is left alone.
+    """
+
+    def __init__(self, store: SnapshotStore, poll_interval_s: float = 1.0, retry_failed_s: float = 10.0) -> None:
+        self.store = store
+        self.poll_interval_s = poll_interval_s
+        self.retry_failed_s = retry_failed_s
+        self.state: ServingState | None = None
+        """The state to serve; replaced by one assignment, never mutated. ``None`` before the first load."""
+        self.errors = 0
+        """Failed refreshes so far (also exported as a metric)."""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failed: tuple[int, float] | None = None
+        self._last_error = ""
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start following in the background (returns at once; :attr:`state` stays ``None``
+        until a version exists and has loaded)."""
+        if self._thread is not None:
+            raise RuntimeError("watcher already started")
+        self._thread = threading.Thread(target=self._run, name="snapshot-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the thread to stop and wait for it (a load in progress finishes first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("snapshot watcher did not stop within %.1f s", timeout_s)
+            self._thread = None
+
+    def _run(self) -> None:
+        pubsub = None
+        while not self._stop.is_set():
+            if pubsub is None:
+                pubsub = self._subscribe()
+            self.refresh()
+            try:
+                if pubsub is not None:
+                    # any message (or the timeout) triggers a check of the pointer
+                    pubsub.get_message(ignore_subscribe_messages=True, timeout=self.poll_interval_s)
+                else:
+                    self._stop.wait(self.poll_interval_s)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("snapshot notice subscription lost (%s); polling until it is back", exc)
+                _close(pubsub)
+                pubsub = None
+                self._stop.wait(self.poll_interval_s)
+        _close(pubsub)
+
+    def _subscribe(self) -> redis.client.PubSub | None:
+        try:
+            pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(self.store.layout.channel)
+            return pubsub
+        except (redis.RedisError, OSError) as exc:
+            self._note_error(f"cannot subscribe to {self.store.layout.channel}: {exc}")
+            return None
+
+    # --- following --------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Check the pointer once and swap to its version if it differs from the served one.
+
+        Returns:
+            True if a new state was published. Never raises for snapshot or Redis failures
+            (they are logged and counted).
+        """
+        try:
+            target = self.store.current_version()
+        except redis.RedisError as exc:
+            self._note_error(f"cannot read the current snapshot pointer: {exc}")
+            return False
+        state = self.state
+        if target is None or (state is not None and state.version == target):
+            return False
+        if self._failed is not None and self._failed[0] == target and time.monotonic() < self._failed[1]:
+            return False
+        started = time.perf_counter()
+        try:
+            new_state, kind = self._build(target, state)
+        except _EXPECTED_ERRORS as exc:
+            self._failed = (target, time.monotonic() + self.retry_failed_s)
+            self._note_error(f"cannot load snapshot version {target}: {exc}")
+            return False
+        elapsed = time.perf_counter() - started
+        self.state = new_state  # the swap: requests that already hold the old state finish with it
+        self._failed = None
+        self._last_error = ""
+        SWAPS.labels(kind=kind).inc()
+        SWAP_SECONDS.observe(elapsed)
+        SNAPSHOT_VERSION.set(new_state.version)
+        SNAPSHOT_CREATED.set(new_state.created_ms / 1000.0)
+        log.info(
+            "serving snapshot version %d (%s swap from %s in %.3f s, %d items, %d users)",
+            new_state.version,
+            kind,
+            state.version if state else None,
+            elapsed,
+            new_state.n_items,
+            len(new_state.user_rows),
+        )
+        return True
+
+    def _build(self, target: int, state: ServingState | None) -> tuple[ServingState, str]:
+        chain = self.store.chain(target)
+        if state is not None:
+            versions = [meta.version for meta in chain]
+            if state.version in versions:
+                return state.extend(self.store, chain[versions.index(state.version) + 1 :]), "delta"
+        return ServingState.from_chain(self.store, chain), "full"
+
+    def _note_error(self, message: str) -> None:
+        self.errors += 1
+        SNAPSHOT_ERRORS.inc()
+        if message != self._last_error:  # the same failure every second is logged once
+            log.warning("%s; still serving version %s", message, self.state.version if self.state else None)
+            self._last_error = message
+        else:
+            log.debug("%s (again)", message)
+
+
+def _close(pubsub: redis.client.PubSub | None) -> None:
+    if pubsub is None:
+        return
+    try:
+        pubsub.close()
+    except (redis.RedisError, OSError) as exc:
+        log.debug("closing the notice subscription failed: %s", exc)

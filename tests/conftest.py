@@ -1,0 +1,73 @@
+"""Shared fixtures: one Kafka broker and one Redis server for the whole session.
+
+The services start on first use (a run of unit tests alone starts nothing), on free ports,
+with their state in a temporary directory, and stop when the session ends. With
+``KAFKA_BOOTSTRAP`` / ``REDIS_URL`` set, those services are used instead and nothing starts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from twotower import infra
+from twotower.config import Config
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct ports nobody listens on (all held open at once, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap address of the session's Kafka broker."""
+    state = tmp_path_factory.mktemp("kafka-infra")
+    port, controller_port = _free_ports(2)
+    endpoints = infra.up(state, kafka_port=port, controller_port=controller_port, services=["kafka"], env=os.environ)
+    yield endpoints.kafka_bootstrap
+    infra.down(state)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of the session's Redis server."""
+    state = tmp_path_factory.mktemp("redis-infra")
+    endpoints = infra.up(state, redis_port=_free_ports(1)[0], services=["redis"], env=os.environ)
+    yield endpoints.redis_url
+    infra.down(state)
+
+
+@pytest.fixture
+def config(request: pytest.FixtureRequest, tmp_path: Path) -> Config:
+    """A configuration private to this test: own topic and key prefixes, own trainer state.
+
+    Tests marked ``integration`` get the session's Kafka and Redis endpoints; other tests get
+    the defaults and start no services.
+    """
+    tag = f"t{uuid.uuid4().hex[:12]}"
+    kafka: dict[str, object] = {"topic_prefix": f"{tag}-", "session_timeout_ms": 6000}
+    redis: dict[str, object] = {"key_prefix": tag}
+    if request.node.get_closest_marker("integration") is not None:
+        kafka["bootstrap"] = request.getfixturevalue("kafka_bootstrap")
+        redis["url"] = request.getfixturevalue("redis_url")
+    return Config().with_overrides(
+        {
+            "kafka": kafka,
+            "redis": redis,
+            "trainer": {"state_dir": tmp_path / "trainer", "group_id": f"{tag}-trainer"},
+            "publisher": {"group_id": f"{tag}-publisher"},
+        }
+    )

@@ -1,0 +1,414 @@
+"""Integration tests of the publisher against the live Redis (and, for the serving state, Kafka)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import msgpack
+import numpy as np
+import pytest
+import redis
+from kafka import KafkaConsumer, KafkaProducer
+from test_publisher_unit import make_checkpoint
+from typer.testing import CliRunner
+
+from publisher.build import content_only_vectors, delta_snapshot, full_snapshot, model_from_checkpoint
+from publisher.cli import app
+from publisher.daemon import PublisherDaemon, served_items
+from publisher.index import deserialize
+from publisher.serving_state import ServingStateWriter, decode_history_entry, queue_writes
+from twotower import checkpoint
+from twotower.blobs import BlobError
+from twotower.config import Config
+from twotower.events import CatalogItem, Interaction, Profile, Record
+from twotower.kafka_io import Topics, ensure_topics, make_producer, send_record
+from twotower.snapshot_parts import decode_delta, decode_full, encode_delta, encode_full
+from twotower.snapshots import DELTA, FULL, SnapshotError, SnapshotLayout, SnapshotStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(config: Config) -> Iterator[SnapshotStore]:
+    client = redis.Redis.from_url(config.redis.url)
+    yield SnapshotStore(client, SnapshotLayout(config.redis.key_prefix))
+    client.close()
+
+
+def read_parts(store: SnapshotStore, version: int) -> list[dict[str, bytes]]:
+    return [{name: store.read_part(meta, name) for name in meta.parts} for meta in store.chain(version)]
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def kafka_config(config: Config, **publisher: object) -> Config:
+    """The test's config with a consumer group of its own (and optional publisher settings)."""
+    return config.with_overrides({"publisher": {"group_id": f"pub-{uuid.uuid4().hex[:8]}", **publisher}})
+
+
+def patient_producer(config: Config) -> KafkaProducer:
+    """A producer that outlasts leader elections of topics just created on a fresh broker."""
+    return make_producer(config.kafka, retries=50, retry_backoff_ms=200)
+
+
+def send(producer: KafkaProducer, topic: str, record: Record) -> None:
+    send_record(producer, topic, record).get(timeout=30)
+
+
+# ---------------------------------------------------------------- snapshots through the store
+
+
+def test_full_and_delta_round_trip_through_the_store(store: SnapshotStore) -> None:
+    ckpt = make_checkpoint(seq=3)
+    full = full_snapshot(ckpt)
+    v1 = store.write(FULL, encode_full(full), None, ckpt.seq)
+    ckpt2 = make_checkpoint(seq=4, user_updated=[1, 4, 1, 1, 1], item_updated=[1, 1, 1, 1, 4, 1])
+    delta = delta_snapshot(ckpt2, since_seq=3)
+    v2 = store.write(DELTA, encode_delta(delta), v1, ckpt2.seq)
+    assert store.current_version() == v2
+
+    chain = store.chain(v2)
+    assert [(m.version, m.kind, m.parent, m.base, m.trainer_seq) for m in chain] == [
+        (v1, FULL, None, v1, 3),
+        (v2, DELTA, v1, v1, 4),
+    ]
+    full_parts, delta_parts = read_parts(store, v2)
+    back = decode_full(full_parts)
+    assert back.model_config == full.model_config and back.items.ids == full.items.ids
+    np.testing.assert_array_equal(back.items.matrix, full.items.matrix)
+    assert deserialize(back.index).ntotal == len(full.items.ids)
+    back_delta = decode_delta(delta_parts)
+    assert back_delta.users.ids == ["u1"] and back_delta.items.ids == ["i4"]
+    np.testing.assert_array_equal(back_delta.items.matrix, delta.items.matrix)
+    assert served_items(store, v2)[0] == set(full.items.ids)
+
+
+def test_corrupted_or_missing_chunk_raises_snapshot_error(config: Config) -> None:
+    client = redis.Redis.from_url(config.redis.url)
+    store = SnapshotStore(client, SnapshotLayout(config.redis.key_prefix), chunk_bytes=1024)
+    try:
+        version = store.write(FULL, encode_full(full_snapshot(make_checkpoint())), None, 1)
+        meta = store.meta(version)
+        assert meta.parts["weights"][2] > 1  # several chunks
+        key = store.layout.chunk(version, "weights", 1)
+        good = client.get(key)
+        assert good is not None
+        client.set(key, bytes([good[0] ^ 0xFF]) + good[1:])
+        with pytest.raises(SnapshotError, match="checksum"):
+            store.read_part(meta, "weights")
+        client.set(key, good[:-1])
+        with pytest.raises(SnapshotError, match="checksum"):
+            store.read_part(meta, "weights")
+        client.delete(key)
+        with pytest.raises(SnapshotError, match="missing"):
+            store.read_part(meta, "weights")
+        with pytest.raises(SnapshotError):
+            store.rollback(version)  # a rollback checks the version first
+        assert store.read_part(meta, "index")  # the other parts are intact
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------- the daemon's snapshot loop
+
+
+def save(cfg: Config, **kwargs: object) -> None:
+    checkpoint.save(cfg.trainer.state_dir, make_checkpoint(**kwargs))  # type: ignore[arg-type]
+
+
+def test_snapshot_loop_publishes_full_delta_skip_and_recovers(config: Config, store: SnapshotStore) -> None:
+    cfg = config.with_overrides({"publisher": {"full_every": 3}})
+    daemon = PublisherDaemon(cfg)
+    daemon.recover(store)
+    assert daemon.poll_checkpoint(store) is None  # no checkpoint yet
+
+    save(cfg, seq=1)
+    v1 = daemon.poll_checkpoint(store)
+    assert v1 is not None and store.meta(v1).kind == FULL and store.current_version() == v1
+    assert daemon.poll_checkpoint(store) is None  # unchanged file
+
+    save(cfg, seq=2, user_updated=[2, 1, 1, 1, 1], item_updated=[1, 2, 1, 1, 1, 1], removed=[(2, "old")])
+    v2 = daemon.poll_checkpoint(store)
+    assert v2 is not None and store.meta(v2).kind == DELTA and store.meta(v2).parent == v1
+    delta = decode_delta(read_parts(store, v2)[1])
+    assert delta.users.ids == ["u0"] and delta.items.ids == ["i1"] and delta.removed_items == ["old"]
+
+    save(cfg, seq=3)  # nothing changed after seq 2: no version
+    assert daemon.poll_checkpoint(store) is None and store.current_version() == v2
+
+    # a restarted publisher adopts the current version and, the weights being the same, goes on with deltas
+    again = PublisherDaemon(cfg)
+    again.recover(store)
+    assert again._last is not None and again._last.version == v2 and again._last.dense_version is None
+    assert again._served == {f"i{i}" for i in range(6)}
+    save(cfg, seq=4, item_updated=[1, 1, 4, 1, 1, 1])
+    v3 = again.poll_checkpoint(store)
+    assert v3 is not None and store.meta(v3).kind == DELTA and store.meta(v3).parent == v2
+    assert again._last is not None and again._last.dense_version == 1
+
+    save(cfg, seq=5, item_updated=[1, 1, 5, 1, 1, 1])  # third delta since the full: full_every=3 is due next
+    v4 = again.poll_checkpoint(store)
+    assert v4 is not None and store.meta(v4).kind == DELTA
+    save(cfg, seq=6, item_updated=[1, 1, 6, 1, 1, 1])
+    v5 = again.poll_checkpoint(store)
+    assert v5 is not None and store.meta(v5).kind == FULL
+
+    save(cfg, seq=7, dense_version=2, seed=9)  # new dense weights: full
+    v6 = again.poll_checkpoint(store)
+    assert v6 is not None and store.meta(v6).kind == FULL
+    weights = decode_full(read_parts(store, v6)[0]).weights
+    expected = make_checkpoint(seed=9).dense
+    for name, value in weights.items():
+        np.testing.assert_array_equal(value, expected[name].numpy())
+
+    # a restart after new weights were trained but not yet published: the weights differ, so full
+    third = PublisherDaemon(cfg)
+    third.recover(store)
+    save(cfg, seq=8, dense_version=3, seed=11)
+    v7 = third.poll_checkpoint(store)
+    assert v7 is not None and store.meta(v7).kind == FULL
+
+
+def test_trim_keeps_the_newest_full_versions(config: Config, store: SnapshotStore) -> None:
+    cfg = config.with_overrides({"publisher": {"full_every": 1, "keep_versions": 2}})
+    daemon = PublisherDaemon(cfg)
+    written = []
+    for seq in range(1, 8):  # full, delta, full, delta, ... (full_every=1)
+        save(cfg, seq=seq, item_updated=[seq] * 6)
+        version = daemon.poll_checkpoint(store)
+        assert version is not None
+        written.append((version, store.meta(version).kind))
+    fulls = [v for v, kind in written if kind == FULL]
+    assert [kind for _, kind in written] == [FULL, DELTA, FULL, DELTA, FULL, DELTA, FULL]
+    stored = [int(v) for v in store.redis.zrange(store.layout.versions, 0, -1)]
+    assert stored == [v for v, _ in written if v >= fulls[-2]]
+    assert store.redis.hgetall(store.layout.meta(written[0][0])) == {}
+    assert not store.redis.keys(f"{store.layout.prefix}:snap:v:{written[0][0]}:*")
+    read_parts(store, store.current_version() or 0)  # the served chain is intact
+
+
+def test_cli_status_and_rollback(config: Config, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TWOTOWER_REDIS__URL", config.redis.url)
+    monkeypatch.setenv("TWOTOWER_REDIS__KEY_PREFIX", config.redis.key_prefix)
+    runner = CliRunner()
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0 and "no version published" in result.output
+
+    v1 = store.write(FULL, encode_full(full_snapshot(make_checkpoint(seq=1))), None, 1)
+    delta = delta_snapshot(make_checkpoint(seq=2, item_updated=[2] + [1] * 5), since_seq=1)
+    v2 = store.write(DELTA, encode_delta(delta), v1, 2)
+    result = runner.invoke(app, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["current"] == v2 and report["full_versions"] == [v1]
+    assert [c["version"] for c in report["chain"]] == [v1, v2]
+    assert report["chain"][0]["parts"]["index"] > 0
+    assert f"current version {v2}" in runner.invoke(app, ["status"]).output
+
+    result = runner.invoke(app, ["rollback", str(v1)])
+    assert result.exit_code == 0, result.output
+    assert store.current_version() == v1
+    result = runner.invoke(app, ["rollback", "999"])
+    assert result.exit_code == 1 and "does not exist" in result.output
+    assert store.current_version() == v1
+
+
+def test_new_catalog_items_get_content_only_deltas(config: Config, store: SnapshotStore) -> None:
+    daemon = PublisherDaemon(config)
+    new = CatalogItem("fresh", "music", [0.5, 0.1, 0.9], 10, "Fresh")
+    assert daemon.note_catalog([new]) == 1
+    assert daemon.flush_pending(store) is None  # no model and no version yet: stays pending
+
+    checkpoint.save(config.trainer.state_dir, make_checkpoint(seq=1))
+    v1 = daemon.poll_checkpoint(store)
+    assert v1 is not None
+    full = decode_full(read_parts(store, v1)[0])
+    assert full.items.ids[-1] == "fresh"  # the first full carries the pending item
+
+    later = CatalogItem("later", "books", [0.2], 11)
+    owned = CatalogItem("i3", "books", [0.2], 11)  # the trainer has a row: not the publisher's business
+    assert daemon.note_catalog([later, owned, new]) == 1
+    v2 = daemon.flush_pending(store)
+    assert v2 is not None and store.meta(v2).parent == v1 and store.meta(v2).trainer_seq == 1
+    delta = decode_delta(read_parts(store, v2)[1])
+    assert delta.items.ids == ["later"] and delta.users.ids == [] and delta.users.matrix.shape == (0, 4)
+    model = model_from_checkpoint(make_checkpoint(seq=1))
+    expected = content_only_vectors(model, make_checkpoint().categories, [later])
+    np.testing.assert_allclose(delta.items.matrix, expected.matrix, atol=1e-6)
+
+    # the next trainer delta chains on the content-only one; a full keeps both new items
+    checkpoint.save(config.trainer.state_dir, make_checkpoint(seq=2, item_updated=[2, 1, 1, 1, 1, 1]))
+    v3 = daemon.poll_checkpoint(store)
+    assert v3 is not None and store.meta(v3).parent == v2
+    checkpoint.save(config.trainer.state_dir, make_checkpoint(seq=3, dense_version=2, seed=4))
+    v4 = daemon.poll_checkpoint(store)
+    assert v4 is not None and store.meta(v4).kind == FULL
+    assert {"fresh", "later"} <= set(decode_full(read_parts(store, v4)[0]).items.ids)
+
+
+def test_queue_writes_history_items_and_profiles(config: Config) -> None:
+    client = redis.Redis.from_url(config.redis.url)
+    layout = SnapshotLayout(config.redis.key_prefix)
+    try:
+        records = [Interaction(f"e{i}", "r", "alice", f"it{i}", "click", i, 1000 + i) for i in range(5)]
+        records.insert(2, Interaction("imp", "r", "alice", "shown", "impression", 0, 999))
+        records += [
+            CatalogItem("it9", "books", [1.0], 55, "A book"),
+            Profile("alice", [0.5, 1.5], 60),
+        ]
+        pipe = client.pipeline(transaction=True)
+        result = queue_writes(pipe, layout, records, history_max_len=3)
+        pipe.execute()
+        assert (result.clicks, result.impressions, result.profiles, len(result.catalog)) == (5, 1, 1, 1)
+        history = [decode_history_entry(x) for x in client.lrange(layout.history("alice"), 0, -1)]
+        assert history == [("it4", 1004), ("it3", 1003), ("it2", 1002)]  # newest first, capped
+        assert client.hgetall(layout.item("it9")) == {b"category": b"books", b"title": b"A book", b"ts_ms": b"55"}
+        assert msgpack.unpackb(client.get(layout.profile("alice"))) == [0.5, 1.5]
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------- serving state with the real broker
+
+
+def test_serving_state_writer_turns_clicks_into_history_and_dead_letters_garbage(config: Config) -> None:
+    config = kafka_config(config)
+    topics = ensure_topics(config.kafka)
+    producer = patient_producer(config)
+    writer = ServingStateWriter(config)
+    layout = SnapshotLayout(config.redis.key_prefix)
+    client = redis.Redis.from_url(config.redis.url)
+    dlq = KafkaConsumer(
+        Topics.dlq(topics.events), bootstrap_servers=config.kafka.bootstrap, auto_offset_reset="earliest"
+    )
+    try:
+        for i in range(3):
+            send(producer, topics.events, Interaction(f"e{i}", "r", "bob", f"item{i}", "click", i, 5000 + i))
+        send(producer, topics.events, Interaction("x", "r", "bob", "seen", "impression", 0, 5003))
+        producer.send(topics.events, key=b"bob", value=b"\x93not a record").get(timeout=30)
+        send(producer, topics.events, Interaction("e9", "r", "bob", "item9", "click", 9, 5009))
+        send(producer, topics.profiles, Profile("bob", [1.0, 2.0], 5010))
+
+        seen = {"messages": 0, "dead": 0}
+
+        def drained() -> bool:
+            result = writer.poll_once(timeout_ms=200)
+            seen["messages"] += result.messages
+            seen["dead"] += result.dead_letters
+            return seen["messages"] >= 7
+
+        wait_for(drained, 60, "the writer to consume the produced messages")
+        assert seen["dead"] == 1
+        history = [decode_history_entry(x) for x in client.lrange(layout.history("bob"), 0, -1)]
+        assert history == [("item9", 5009), ("item2", 5002), ("item1", 5001), ("item0", 5000)]
+        assert msgpack.unpackb(client.get(layout.profile("bob"))) == [1.0, 2.0]
+
+        letters: list[object] = []
+
+        def dead_letter_arrived() -> bool:
+            letters.extend(m for ms in dlq.poll(timeout_ms=500).values() for m in ms)
+            return bool(letters)
+
+        wait_for(dead_letter_arrived, 30, "the dead letter")
+        body = msgpack.unpackb(letters[0].value, raw=False)  # type: ignore[attr-defined]
+        assert body["payload"] == b"\x93not a record" and body["topic"] == topics.events
+
+        # offsets were committed: a new writer in the same group starts after them
+        writer.close()
+        writer = ServingStateWriter(config)
+        send(producer, topics.events, Interaction("e10", "r", "bob", "item10", "click", 1, 5020))
+        total = {"messages": 0}
+
+        def one_more() -> bool:
+            total["messages"] += writer.poll_once(timeout_ms=200).messages
+            return client.llen(layout.history("bob")) == 5
+
+        wait_for(one_more, 60, "the click after the restart")
+        assert total["messages"] == 1
+        assert decode_history_entry(client.lindex(layout.history("bob"), 0)) == ("item10", 5020)
+    finally:
+        writer.close()
+        producer.close()
+        dlq.close()
+        client.close()
+
+
+def test_daemon_end_to_end_new_item_retrievable_within_two_seconds(config: Config, store: SnapshotStore) -> None:
+    cfg = kafka_config(config, poll_interval_s=0.1)
+    topics = ensure_topics(cfg.kafka)
+    checkpoint.save(cfg.trainer.state_dir, make_checkpoint(seq=1))
+    producer = patient_producer(cfg)
+    daemon = PublisherDaemon(cfg)
+    daemon.startup()
+    thread = threading.Thread(target=daemon.main_loop, daemon=True)
+    thread.start()
+    client = store.redis
+    layout = store.layout
+    try:
+        wait_for(lambda: daemon.health()["status"] == "ok", 60, "both loops to run")
+        v1 = wait_for(store.current_version, 10, "the first full version")
+        # warm up: the consumer group has joined once a click shows up in Redis
+        send(producer, topics.events, Interaction("w", "r", "carol", "i1", "click", 0, 1))
+        wait_for(lambda: client.exists(layout.history("carol")), 60, "the warm-up click")
+
+        item = CatalogItem(f"new-{uuid.uuid4().hex[:6]}", "games", [0.3, 0.3, 0.3], 2, "New game")
+        started = time.monotonic()
+        send(producer, topics.catalog, item)
+
+        def served() -> bool:
+            current = store.current_version()
+            return current is not None and item.item_id in served_items(store, current)[0]
+
+        wait_for(served, 10, "the new item in the served chain")
+        elapsed = time.monotonic() - started
+        assert elapsed < 2.0, f"new item took {elapsed:.2f}s to be published"
+        assert client.hget(layout.item(item.item_id), "title") == b"New game"
+        current = store.current_version()
+        assert current is not None and store.meta(current).parent == v1
+
+        producer.send(topics.catalog, key=b"bad", value=b"garbage").get(
+            timeout=30
+        )  # dead-lettered; the loop keeps running
+        send(producer, topics.profiles, Profile("carol", [0.1], 3))
+        wait_for(lambda: client.exists(layout.profile("carol")), 30, "the profile after a malformed record")
+        assert daemon.health()["status"] == "ok"
+    finally:
+        daemon.shutdown_flag.set()
+        thread.join(timeout=60)
+        daemon.shutdown()
+        producer.close()
+    assert not thread.is_alive()
+
+    # a restarted publisher replays the catalogue, so new weights keep the content-only item
+    restarted = PublisherDaemon(cfg)
+    restarted.startup()
+    assert item.item_id in restarted._catalog and not restarted._pending
+    checkpoint.save(cfg.trainer.state_dir, make_checkpoint(seq=2, dense_version=2, seed=3))
+    version = restarted.poll_checkpoint(store)
+    assert version is not None and store.meta(version).kind == FULL
+    assert item.item_id in decode_full(read_parts(store, version)[0]).items.ids
+
+
+def test_unreadable_current_version_means_next_publish_is_full(config: Config, store: SnapshotStore) -> None:
+    v1 = store.write(FULL, encode_full(full_snapshot(make_checkpoint(seq=1))), None, 1)
+    store.redis.set(store.layout.chunk(v1, "items", 0), b"broken")
+    daemon = PublisherDaemon(config)
+    daemon.recover(store)
+    assert daemon._last is None
+    checkpoint.save(config.trainer.state_dir, make_checkpoint(seq=2))
+    v2 = daemon.poll_checkpoint(store)
+    assert v2 is not None and store.meta(v2).kind == FULL
+    with pytest.raises((SnapshotError, BlobError)):
+        served_items(store, v1)

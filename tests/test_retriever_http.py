@@ -1,0 +1,438 @@
+"""The retriever against a live Redis: HTTP API on a real uvicorn, the watcher, hot swaps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import faiss
+import httpx
+import msgpack
+import numpy as np
+import pytest
+import redis
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from retriever.app import NO_SNAPSHOT, create_app
+from retriever.state import ServingState
+from retriever.watcher import SnapshotWatcher
+from twotower.blobs import Rows
+from twotower.config import Config, ModelConfig
+from twotower.model import TwoTower, dense_arrays
+from twotower.snapshot_parts import DeltaSnapshot, FullSnapshot, encode_delta, encode_full
+from twotower.snapshots import DELTA, FULL, SnapshotLayout, SnapshotStore
+
+pytestmark = pytest.mark.integration
+
+MODEL = ModelConfig(dim=8, id_dim=4, hidden=16, n_categories=4, content_dim=2, profile_dim=3, history_len=6)
+N_ITEMS = 60
+DEADLINE_S = 15.0
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def category(item_id: str) -> str:
+    return f"c{sum(map(ord, item_id)) % 3}"
+
+
+def full_snapshot(seed: int = 0, n_items: int = N_ITEMS) -> FullSnapshot:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    items = unit(rng.standard_normal((n_items, MODEL.dim)))
+    index = faiss.index_factory(MODEL.dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.add_with_ids(items, np.arange(n_items, dtype=np.int64))
+    return FullSnapshot(
+        model_config=MODEL,
+        weights=dense_arrays(TwoTower(MODEL)),
+        users=Rows([f"u{j}" for j in range(8)], rng.standard_normal((8, MODEL.id_dim)).astype(np.float32)),
+        items=Rows([f"i{j}" for j in range(n_items)], items),
+        index=faiss.serialize_index(index).tobytes(),
+    )
+
+
+def empty_delta(**kwargs: Any) -> DeltaSnapshot:
+    base = {"users": Rows.empty(MODEL.id_dim), "items": Rows.empty(MODEL.dim), "removed_items": []}
+    return DeltaSnapshot(**{**base, **kwargs})
+
+
+@pytest.fixture
+def cfg(redis_url: str) -> Iterator[Config]:
+    """Redis only (no Kafka needed here): a private key prefix, removed afterwards."""
+    prefix = f"rt{uuid.uuid4().hex[:12]}"
+    yield Config().with_overrides(
+        {"redis": {"url": redis_url, "key_prefix": prefix}, "retriever": {"default_k": 5, "max_k": 50}}
+    )
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def store(cfg: Config) -> Iterator[SnapshotStore]:
+    client = redis.Redis.from_url(cfg.redis.url)
+    yield SnapshotStore(client, SnapshotLayout(cfg.redis.key_prefix))
+    client.close()
+
+
+def publish_full(store: SnapshotStore, snap: FullSnapshot) -> int:
+    pipe = store.redis.pipeline(transaction=False)
+    for item_id in snap.items.ids:
+        pipe.hset(store.layout.item(item_id), mapping={"category": category(item_id), "title": f"Title {item_id}"})
+    pipe.execute()
+    return store.write(FULL, encode_full(snap), parent=None, trainer_seq=0)
+
+
+def publish_delta(store: SnapshotStore, delta: DeltaSnapshot, parent: int) -> int:
+    for item_id in delta.items.ids:
+        store.redis.hset(store.layout.item(item_id), mapping={"category": category(item_id), "title": item_id})
+    return store.write(DELTA, encode_delta(delta), parent=parent, trainer_seq=0)
+
+
+@contextmanager
+def serve(cfg: Config) -> Iterator[tuple[httpx.Client, FastAPI]]:
+    """The app on a real uvicorn server (own thread, free port) and a client for it."""
+    app = create_app(cfg, watcher_poll_interval_s=0.2)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, "uvicorn to start")
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as client:
+            yield client, app
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def wait_for(predicate: Callable[[], Any], what: str, deadline_s: float = DEADLINE_S) -> Any:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_version(client: httpx.Client, version: int) -> None:
+    def served() -> bool:
+        response = client.get("/ready")
+        return response.status_code == 200 and response.json()["version"] == version
+
+    wait_for(served, f"version {version} to be served")
+
+
+def ids(response: httpx.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [item["item_id"] for item in response.json()["items"]]
+
+
+def test_503_before_a_snapshot_then_recommendations(cfg: Config, store: SnapshotStore) -> None:
+    with serve(cfg) as (client, _app):
+        assert client.get("/health").json() == {"status": "ok", "version": None}
+        assert client.get("/ready").status_code == 503
+        response = client.get("/recommend", params={"user_id": "u0"})
+        assert response.status_code == 503
+        assert response.json() == {"detail": NO_SNAPSHOT}
+
+        snap = full_snapshot()
+        version = publish_full(store, snap)
+        wait_version(client, version)
+        assert client.get("/health").json() == {"status": "ok", "version": version}
+
+        response = client.get("/recommend", params={"user_id": "u0", "k": 7})
+        body = response.json()
+        assert response.status_code == 200 and body["user_id"] == "u0" and body["version"] == version
+        assert body["took_ms"] >= 0
+        local = ServingState.load(store, version)
+        want = local.search(local.user_vector("u0", [], None, 0), 7)
+        assert [i["item_id"] for i in body["items"]] == [i for i, _ in want]
+        np.testing.assert_allclose([i["score"] for i in body["items"]], [s for _, s in want], rtol=1e-5)
+        for item in body["items"]:
+            assert item["category"] == category(item["item_id"]) and item["title"] == f"Title {item['item_id']}"
+        assert len(ids(client.get("/recommend", params={"user_id": "u0"}))) == cfg.retriever.default_k
+        # unknown user: still served (zero ID row)
+        assert len(ids(client.post("/recommend", json={"user_id": "nobody-yet", "k": 3}))) == 3
+
+
+def test_history_and_profile_in_redis_shape_the_result(cfg: Config, store: SnapshotStore) -> None:
+    version = publish_full(store, full_snapshot())
+    local = ServingState.load(store, version)
+    lay = store.layout
+    with serve(cfg) as (client, _app):
+        wait_version(client, version)
+        before = ids(client.get("/recommend", params={"user_id": "u1", "k": 8}))
+
+        ts = int(time.time() * 1000) - 5_000  # one timestamp: pooling weights do not depend on "now"
+        seen = before[:3]
+        store.redis.lpush(lay.history("u1"), *[msgpack.packb([item_id, ts]) for item_id in reversed(seen)])
+        store.redis.lpush(lay.history("u1"), b"\xc1not msgpack")  # skipped, counted
+        after = ids(client.get("/recommend", params={"user_id": "u1", "k": 8}))
+        assert not set(seen) & set(after)
+        history = [(item_id, ts) for item_id in seen]
+        want = local.search(local.user_vector("u1", history, None, ts), 8, set(seen))
+        assert after == [i for i, _ in want]
+
+        profile = [1.5, -2.0, 0.5]
+        store.redis.set(lay.profile("u1"), msgpack.packb(profile))
+        with_profile = ids(client.get("/recommend", params={"user_id": "u1", "k": 8}))
+        want = local.search(local.user_vector("u1", history, profile, ts), 8, set(seen))
+        assert with_profile == [i for i, _ in want]
+
+        # fresh history in a POST body counts and is excluded too; exclude= as well
+        fresh = {"item_id": after[0], "ts_ms": ts}
+        response = client.post("/recommend", json={"user_id": "u1", "k": 8, "history": [fresh], "exclude": [after[1]]})
+        merged = [(after[0], ts), *history]
+        want = local.search(local.user_vector("u1", merged, profile, ts), 8, {*seen, after[0], after[1]})
+        assert ids(response) == [i for i, _ in want]
+        assert not {*seen, after[0], after[1]} & set(ids(response))
+        # GET exclude, category filter, diversity
+        got = ids(client.get("/recommend", params={"user_id": "u1", "k": 5, "exclude": f"{after[0]}, {after[1]}"}))
+        assert after[0] not in got and after[1] not in got and len(got) == 5
+        got = client.get("/recommend", params={"user_id": "u1", "k": 6, "category": "c1,c2"}).json()["items"]
+        assert len(got) == 6 and {i["category"] for i in got} <= {"c1", "c2"}
+        got = client.get("/recommend", params={"user_id": "u1", "k": 6, "diversity": "true"}).json()["items"]
+        counts = {c: [i["category"] for i in got].count(c) for c in ("c0", "c1", "c2")}
+        assert len(got) == 6 and max(counts.values()) <= 2
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "status", "detail"),
+    [
+        ("GET", {"user_id": "u0", "k": 0}, 400, "k must be between 1 and 50"),
+        ("GET", {"user_id": "u0", "k": 51}, 400, "k must be between 1 and 50"),
+        ("GET", {"user_id": "u0", "k": "many"}, 422, "integer"),
+        ("GET", {}, 422, "user_id"),
+        ("GET", {"user_id": ""}, 422, "user_id"),
+        ("GET", {"user_id": "   "}, 400, "user_id must not be empty"),
+        ("GET", {"user_id": "u0", "diversity": "perhaps"}, 422, "diversity"),
+        ("POST", {"user_id": "u0", "k": -1}, 400, "k must be between 1 and 50"),
+        ("POST", {"k": 3}, 422, "user_id"),
+        ("POST", {"user_id": "u0", "kk": 3}, 422, "kk"),
+        ("POST", {"user_id": "u0", "history": [{"ts_ms": 1}]}, 422, "item_id"),
+        ("POST", {"user_id": "u0", "profile": ["x"]}, 422, "profile"),
+        ("POST", b"{not json", 422, "JSON"),
+    ],
+)
+def test_bad_requests_get_clear_4xx(
+    cfg: Config, store: SnapshotStore, method: str, params: Any, status: int, detail: str
+) -> None:
+    version = publish_full(store, full_snapshot())
+    with serve(cfg) as (client, _app):
+        wait_version(client, version)
+        if method == "GET":
+            response = client.get("/recommend", params=params)
+        elif isinstance(params, bytes):
+            response = client.post("/recommend", content=params, headers={"content-type": "application/json"})
+        else:
+            response = client.post("/recommend", json=params)
+        assert response.status_code == status, response.text
+        assert detail in response.text
+
+
+def test_a_published_delta_becomes_visible(cfg: Config, store: SnapshotStore) -> None:
+    snap = full_snapshot()
+    v1 = publish_full(store, snap)
+    local = ServingState.load(store, v1)
+    vec = local.user_vector("u2", [], None, 0)
+    with serve(cfg) as (client, _app):
+        wait_version(client, v1)
+        assert "fresh" not in ids(client.get("/recommend", params={"user_id": "u2", "k": 50}))
+
+        v2 = publish_delta(store, empty_delta(items=Rows(["fresh"], vec[None].copy())), parent=v1)
+        wait_version(client, v2)
+        body = client.get("/recommend", params={"user_id": "u2", "k": 3}).json()
+        assert body["version"] == v2 and body["items"][0]["item_id"] == "fresh"
+        assert body["items"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+        assert body["items"][0]["category"] == category("fresh")
+
+        v3 = publish_delta(store, empty_delta(removed_items=["fresh", "i0"]), parent=v2)
+        wait_version(client, v3)
+        got = ids(client.get("/recommend", params={"user_id": "u2", "k": 50}))
+        assert "fresh" not in got and "i0" not in got and len(got) == 50
+
+
+def test_swaps_under_concurrent_requests_drop_nothing(cfg: Config, store: SnapshotStore) -> None:
+    v = publish_full(store, full_snapshot())
+    stop = threading.Event()
+    results: list[list[tuple[int, int | None]]] = [[] for _ in range(4)]
+
+    def hammer(slot: int, base_url: str) -> None:
+        with httpx.Client(base_url=base_url, timeout=10.0) as http:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                if n % 2:
+                    response = http.get("/recommend", params={"user_id": f"u{slot}", "k": 10, "diversity": n % 3 == 0})
+                else:
+                    response = http.post("/recommend", json={"user_id": f"u{slot}", "k": 10, "history": ["i1", "i2"]})
+                version = response.json().get("version") if response.status_code == 200 else None
+                results[slot].append((response.status_code, version))
+
+    rng = np.random.default_rng(1)
+    with serve(cfg) as (client, app):
+        wait_version(client, v)
+        base_url = str(client.base_url)
+        threads = [threading.Thread(target=hammer, args=(slot, base_url)) for slot in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            for step in range(40):
+                if step % 10 == 9:
+                    v = publish_full(store, full_snapshot(seed=step))
+                else:
+                    changed = [f"i{j}" for j in rng.choice(N_ITEMS, 5, replace=False)] + [f"new{step}"]
+                    delta = empty_delta(
+                        users=Rows([f"u{step % 8}"], rng.standard_normal((1, MODEL.id_dim)).astype(np.float32)),
+                        items=Rows(changed, unit(rng.standard_normal((len(changed), MODEL.dim)))),
+                        removed_items=[f"new{step - 1}"],
+                    )
+                    v = publish_delta(store, delta, parent=v)
+                time.sleep(0.03)
+            wait_version(client, v)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+        watcher = app.state.service.watcher
+        assert watcher.errors == 0
+    statuses = [status for slot in results for status, _ in slot]
+    assert len(statuses) > 100
+    assert set(statuses) == {200}
+    for slot in results:  # one process: the served version only moves forward
+        versions = [version for _, version in slot]
+        assert versions == sorted(versions)
+    assert len({version for slot in results for _, version in slot}) > 5
+
+
+def test_watcher_keeps_serving_through_bad_versions(cfg: Config, store: SnapshotStore) -> None:
+    watcher = SnapshotWatcher(store, poll_interval_s=0.1, retry_failed_s=60.0)
+    assert watcher.refresh() is False and watcher.state is None  # nothing published: waits quietly
+    assert watcher.errors == 0
+
+    v1 = publish_full(store, full_snapshot())
+    assert watcher.refresh() is True and watcher.state.version == v1
+
+    garbage = {"users": b"\x01", "items": b"\x02", "removed_items": b"\x03"}  # checksums fine, content not
+    bad = store.write(DELTA, garbage, parent=v1, trainer_seq=0)
+    assert watcher.refresh() is False and watcher.state.version == v1 and watcher.errors == 1
+    assert watcher.refresh() is False and watcher.errors == 1  # not retried within retry_failed_s
+
+    v3 = publish_delta(store, empty_delta(items=Rows(["n1"], unit(np.ones((1, MODEL.dim))))), parent=v1)
+    assert watcher.refresh() is True and watcher.state.version == v3 and "n1" in watcher.state.item_pos
+    assert bad not in (watcher.state.version, watcher.state.base)
+
+    v4 = publish_delta(store, empty_delta(removed_items=["n1"]), parent=v3)
+    store.redis.set(store.layout.chunk(v4, "items", 0), b"tampered")
+    assert watcher.refresh() is False and watcher.state.version == v3 and watcher.errors == 2
+
+    store.redis.set(store.layout.current, 999_999)
+    assert watcher.refresh() is False and watcher.state.version == v3 and watcher.errors == 3
+
+    store.rollback(v1)  # the pointer moves back: followed with a full load
+    assert watcher.refresh() is True and watcher.state.version == v1 and "n1" not in watcher.state.item_pos
+
+    watcher.start()  # the thread follows pub/sub notices (and polls)
+    try:
+        v5 = publish_full(store, full_snapshot(seed=5))
+        wait_for(lambda: watcher.state.version == v5, "the watcher thread to follow a new full version")
+        v6 = publish_delta(store, empty_delta(items=Rows(["n2"], unit(np.ones((1, MODEL.dim))))), parent=v5)
+        wait_for(lambda: watcher.state.version == v6, "the watcher thread to apply a delta")
+    finally:
+        watcher.stop()
+
+
+def test_metrics_endpoint(cfg: Config, store: SnapshotStore) -> None:
+    version = publish_full(store, full_snapshot())
+    with serve(cfg) as (client, _app):
+        wait_version(client, version)
+        assert client.get("/recommend", params={"user_id": "u0"}).status_code == 200
+        assert client.get("/recommend", params={"user_id": "u0", "k": 0}).status_code == 400
+        text = client.get("/metrics").text
+    assert 'twotower_retriever_requests_total{status="200"}' in text
+    assert 'twotower_retriever_requests_total{status="400"}' in text
+    assert "twotower_retriever_latency_seconds_bucket" in text
+    assert "twotower_retriever_snapshot_version" in text
+    assert 'twotower_retriever_swaps_total{kind="full"}' in text
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_command_with_two_workers(cfg: Config, store: SnapshotStore) -> None:
+    version = publish_full(store, full_snapshot())
+    port = _free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": cfg.redis.url,
+        "TWOTOWER_REDIS__KEY_PREFIX": cfg.redis.key_prefix,
+        "TWOTOWER_OBSERVABILITY__LOG_FORMAT": "json",
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop("TWOTOWER_CONFIG", None)
+    code = f"from retriever.cli import serve_command; serve_command(host='127.0.0.1', port={port}, workers=2)"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as client:
+
+            def ready() -> bool:
+                try:
+                    response = client.get("/ready")
+                except httpx.TransportError:
+                    return False
+                return response.status_code == 200 and response.json()["version"] == version
+
+            wait_for(ready, "the served retriever to be ready", deadline_s=90.0)
+            for _ in range(10):  # several connections: both workers answer
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as fresh:
+                    assert fresh.get("/recommend", params={"user_id": "u0"}).status_code == 200
+            wait_for(lambda: "twotower_retriever_requests_total" in client.get("/metrics").text, "metrics")
+            text = client.get("/metrics").text
+            assert 'twotower_retriever_requests_total{status="200"}' in text
+            assert "twotower_retriever_snapshot_version{pid=" in text  # multiprocess mode
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0].decode()
+        assert proc.returncode == 0, output
+        assert '"level": "info"' in output or '"level": "warning"' in output  # JSON logs
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_redis_failure_on_the_request_path_is_a_503(cfg: Config, store: SnapshotStore) -> None:
+    version = publish_full(store, full_snapshot())
+    with serve(cfg) as (client, app):
+        wait_version(client, version)
+        service = app.state.service
+        working = service.redis
+        service.redis = redis.Redis(port=_free_port(), socket_connect_timeout=0.5)  # nobody listens there
+        try:
+            response = client.get("/recommend", params={"user_id": "u0"})
+            assert response.status_code == 503 and "redis unavailable" in response.json()["detail"]
+        finally:
+            service.redis.close()
+            service.redis = working
+        assert client.get("/recommend", params={"user_id": "u0"}).status_code == 200

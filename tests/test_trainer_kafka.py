@@ -1,0 +1,157 @@
+"""The trainer against the real broker: exact resume after a kill, dead letters, the nightly read."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import torch
+
+from trainer.nightly import day_bounds_ms, load_day, run_nightly
+from trainer.stream import StreamTrainer
+from twotower import checkpoint
+from twotower.config import Config
+from twotower.events import CatalogItem, Interaction
+from twotower.kafka_io import Topics, ensure_topics, make_consumer, make_producer, send_record
+
+pytestmark = pytest.mark.integration
+
+
+def _clicks(n: int, t0_ms: int, step_ms: int = 1_000, users: int = 40, items: int = 60) -> list[Interaction]:
+    return [
+        Interaction(f"e{t0_ms}-{k}", f"r{k}", f"u{k % users}", f"i{(k * 7) % items}", "click", 0, t0_ms + k * step_ms)
+        for k in range(n)
+    ]
+
+
+def _produce(cfg: Config, records, raw: list[bytes] = ()) -> None:
+    topics = ensure_topics(cfg.kafka)
+    producer = make_producer(cfg.kafka)
+    for value in raw:
+        producer.send(topics.events, key=b"bad", value=value)
+    for record in records:
+        topic = topics.catalog if isinstance(record, CatalogItem) else topics.events
+        send_record(producer, topic, record)
+    producer.flush()
+    producer.close()
+
+
+def _run_in_process(cfg: Config, idle_s: float = 3.0) -> StreamTrainer:
+    trainer = StreamTrainer(cfg, max_idle_s=idle_s)
+    trainer.startup()
+    try:
+        trainer.main_loop()
+    finally:
+        trainer.shutdown()
+    return trainer
+
+
+def _fast(cfg: Config) -> Config:
+    return cfg.with_overrides({"trainer": {"checkpoint_interval_s": 0.3, "batch_size": 32, "max_batch_wait_ms": 50}})
+
+
+def test_stream_trains_only_rows_and_checkpoints(config: Config) -> None:
+    cfg = _fast(config)
+    _produce(cfg, _clicks(300, 1_700_000_000_000))
+    trainer = _run_in_process(cfg)
+    ckpt = checkpoint.load(cfg.trainer.state_dir)
+    assert ckpt is not None
+    assert int(ckpt.items.count.sum()) == 300
+    assert sum(ckpt.offsets.values()) == 300  # every record is covered by the checkpoint
+    fresh = type(trainer.state)(cfg.model, cfg.trainer)  # same seed: the initial dense weights
+    for name, value in ckpt.dense.items():
+        torch.testing.assert_close(value, fresh.model.state_dict()[name], rtol=0, atol=0)
+
+
+def test_killed_trainer_resumes_without_loss_or_double_apply(config: Config, tmp_path) -> None:
+    cfg = _fast(config)
+    n = 4_000
+    _produce(cfg, _clicks(n, 1_700_000_000_000, step_ms=10))
+    env = dict(os.environ)
+    env.update(
+        {
+            "KAFKA_BOOTSTRAP": cfg.kafka.bootstrap,
+            "TWOTOWER_KAFKA__TOPIC_PREFIX": cfg.kafka.topic_prefix,
+            "TWOTOWER_KAFKA__SESSION_TIMEOUT_MS": "6000",
+            "TWOTOWER_TRAINER__STATE_DIR": str(cfg.trainer.state_dir),
+            "TWOTOWER_TRAINER__CHECKPOINT_INTERVAL_S": "0.3",
+            "TWOTOWER_TRAINER__BATCH_SIZE": "16",
+            "TWOTOWER_TRAINER__MAX_BATCH_WAIT_MS": "50",
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twotower.cli", "train", "stream"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "trainer.log", "wb"),  # noqa: SIM115
+    )
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline:
+            ckpt = checkpoint.load(cfg.trainer.state_dir) if checkpoint.stat_seq(cfg.trainer.state_dir) else None
+            if ckpt is not None and 0 < int(ckpt.items.count.sum()) < n:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the trainer subprocess wrote no partial checkpoint: " + (tmp_path / "trainer.log").read_text())
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no chance to flush: the worst case
+        proc.wait()
+    partial = int(ckpt.items.count.sum())
+    assert 0 < partial < n
+    _run_in_process(cfg)
+    final = checkpoint.load(cfg.trainer.state_dir)
+    assert final is not None
+    assert int(final.items.count.sum()) == n  # nothing lost, nothing applied twice
+    assert int(final.users.count.sum()) == n
+
+
+def test_malformed_message_goes_to_dead_letter_topic(config: Config) -> None:
+    cfg = _fast(config)
+    _produce(cfg, _clicks(50, 1_700_000_000_000), raw=[b"\xc1not msgpack", msgpack.packb({"v": 1, "kind": "nope"})])
+    _run_in_process(cfg)
+    ckpt = checkpoint.load(cfg.trainer.state_dir)
+    assert ckpt is not None and int(ckpt.items.count.sum()) == 50  # the daemon went on
+    topics = Topics(cfg.kafka.topic_prefix)
+    consumer = make_consumer(cfg.kafka, None, consumer_timeout_ms=5_000)
+    consumer.subscribe([Topics.dlq(topics.events)])
+    letters = [msgpack.unpackb(m.value) for m in consumer]
+    consumer.close()
+    reasons = sorted(letter["reason"] for letter in letters)
+    assert len(letters) == 2
+    assert reasons[0].startswith("not msgpack") and "unknown record kind" in reasons[1]
+    assert {letter["payload"] for letter in letters} == {b"\xc1not msgpack", msgpack.packb({"v": 1, "kind": "nope"})}
+
+
+def test_nightly_reads_exactly_one_day_and_is_idempotent(config: Config) -> None:
+    cfg = _fast(config)
+    day = dt.date(2024, 3, 10)
+    start, end = day_bounds_ms(day, "UTC")
+    inside = _clicks(200, start + 1_000, step_ms=60_000)  # 200 minutes into the day
+    before = _clicks(30, start - 40 * 60_000, step_ms=60_000)  # the 40 minutes before it
+    after = _clicks(30, end, step_ms=60_000)  # the next day
+    _produce(cfg, before + inside + after)
+    assert len(load_day(cfg, Topics(cfg.kafka.topic_prefix), day)) == 200
+
+    first = run_nightly(cfg, day, progress=False)
+    assert first.status == "trained" and first.examples == 200
+    ckpt = checkpoint.load(cfg.trainer.state_dir)
+    assert ckpt is not None and ckpt.dense_version == 1
+    again = run_nightly(cfg, day, progress=False)
+    assert again.status == "skipped"
+    unchanged = checkpoint.load(cfg.trainer.state_dir)
+    for name, value in ckpt.dense.items():
+        torch.testing.assert_close(unchanged.dense[name], value, rtol=0, atol=0)
+
+    # warm start: the next day's retrain starts from these weights and moves them
+    second = run_nightly(cfg, day + dt.timedelta(days=1), progress=False)
+    assert second.status == "trained" and second.examples == 30
+    later = checkpoint.load(cfg.trainer.state_dir)
+    assert later.dense_version == 2
+    assert any(not torch.equal(later.dense[k], v) for k, v in ckpt.dense.items())
