@@ -25,14 +25,15 @@ from pathlib import Path
 
 import httpx
 import typer
+from kafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from twotower import infra
-from twotower.config import load_config
-from twotower.kafka_io import ensure_topics
+from twotower.config import KafkaConfig, load_config
+from twotower.kafka_io import Topics, ensure_topics, make_consumer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def count_records(cfg: KafkaConfig, topic: str) -> int:
+    """Records in ``topic`` (sum of end minus beginning offsets): what really reached Kafka."""
+    consumer = make_consumer(cfg, None)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        ends, starts = consumer.end_offsets(tps), consumer.beginning_offsets(tps)
+        return sum(ends[tp] - starts[tp] for tp in tps)
+    finally:
+        consumer.close()
 
 
 def scrape(url: str, timeout_s: float = 2.0) -> dict[str, float] | None:
@@ -254,7 +266,10 @@ def run_demo(duration_s: float, rate: float | None, state_root: Path, console: C
             daemons[name].start(proc_env)
         console.print(f"daemons started; logs in {run_dir / 'logs'}")
         summary = _watch(daemons, duration_s, console)
-        failed = [n for n, d in daemons.items() if d.process is not None and d.process.returncode not in (0, None)]
+        summary["events_produced"] = count_records(topics_cfg.kafka, Topics(topics_cfg.kafka.topic_prefix).events)
+        # uvicorn re-raises the SIGTERM it handled after its graceful shutdown: that exit is clean too.
+        clean = (0, None, -signal.SIGTERM)
+        failed = [n for n, d in daemons.items() if d.process is not None and d.process.returncode not in clean]
         summary["daemons_failed"] = failed
         summary["logs"] = str(run_dir / "logs")
         ok = (
@@ -296,7 +311,7 @@ def _watch(daemons: dict[str, Daemon], duration_s: float, console: Console) -> d
                 if interactive:
                     live.update(render(totals, previous, now - prev_t, now - start, daemons))
                 elif now - last_print >= 10:
-                    console.print(json.dumps({"elapsed_s": round(now - start), **totals.summary()}))
+                    print(json.dumps({"elapsed_s": round(now - start), **totals.summary()}), flush=True)
                     last_print = now
                 previous, prev_t = totals, now
                 dead = [n for n, d in daemons.items() if not d.alive()]
