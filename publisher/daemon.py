@@ -166,7 +166,7 @@ class PublisherDaemon(Daemon):
         self,
         cfg: Config,
         *,
-        index_kind: str = "auto",
+        index_kind: str | None = None,
         index_options: dict[str, Any] | None = None,
         catalog_replay_timeout_s: float = 60.0,
     ) -> None:
@@ -174,8 +174,10 @@ class PublisherDaemon(Daemon):
 
         Args:
             cfg: the configuration.
-            index_kind: Faiss index kind of full snapshots (see :func:`publisher.index.build_index`).
-            index_options: further ``build_index`` keyword arguments.
+            index_kind: Faiss index kind of full snapshots (see :func:`publisher.index.build_index`);
+                default ``publisher.index_kind``.
+            index_options: further ``build_index`` keyword arguments; ``exact_below`` defaults to
+                ``publisher.exact_below``.
             catalog_replay_timeout_s: longest the startup replay of the catalogue topic may take.
         """
         super().__init__()
@@ -183,8 +185,8 @@ class PublisherDaemon(Daemon):
         self.layout = SnapshotLayout(cfg.redis.key_prefix)
         self.topics = Topics(cfg.kafka.topic_prefix)
         self.state_dir = Path(cfg.trainer.state_dir)
-        self.index_kind = index_kind
-        self.index_options = dict(index_options or {})
+        self.index_kind = index_kind or cfg.publisher.index_kind
+        self.index_options = {"exact_below": cfg.publisher.exact_below, **(index_options or {})}
         self.catalog_replay_timeout_s = catalog_replay_timeout_s
         # --- guarded by _lock: everything about what is served and the chain's tip --------
         self._lock = threading.Lock()
