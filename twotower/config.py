@@ -91,7 +91,7 @@ class ModelConfig(_Section):
     ``max``: every candidate is scored by its nearest interest, exactly as serving merges. Default
     ``label_aware`` (the paper's): a negative near the user's *other* interest is not pushed away."""
     example_age: bool = False
-    """Feed the user tower the example age (YouTubeDNN): (trainer's event-time clock − event time)
+    """Feed the user tower the example age (YouTubeDNN): (trainer's event-time clock - event time)
     in days while training, 0 at serving, so the model can learn freshness effects without them
     leaking into serving. Default off: it changes the tower's input width (a new full version)."""
 
