@@ -37,6 +37,7 @@ from twotower.kafka_io import Topics, ensure_topics, make_consumer
 
 log = logging.getLogger(__name__)
 
+STARTUP_TIMEOUT_S = 180.0
 # Daemons in start order; the simulator comes last and stops first.
 DAEMONS: dict[str, list[str]] = {
     "trainer": ["train", "stream"],
@@ -225,6 +226,7 @@ def run_demo(duration_s: float, rate: float | None, state_root: Path, console: C
     started_infra = not any(s.running for s in infra.status(infra_dir).values())
     console.print(f"[bold]bringing up Kafka and Redis[/bold] (state in {infra_dir}) …")
     endpoints = infra.up(infra_dir)
+    daemons: dict[str, Daemon] = {}
     try:
         env = dict(os.environ)
         env.update(
@@ -241,7 +243,6 @@ def run_demo(duration_s: float, rate: float | None, state_root: Path, console: C
             {"kafka": {"bootstrap": endpoints.kafka_bootstrap, "topic_prefix": env["TWOTOWER_KAFKA__TOPIC_PREFIX"]}}
         )
         ensure_topics(topics_cfg.kafka)
-        daemons: dict[str, Daemon] = {}
         retriever_port = free_port()
         retriever_url = f"http://127.0.0.1:{retriever_port}"
         for name, args in DAEMONS.items():
@@ -263,8 +264,12 @@ def run_demo(duration_s: float, rate: float | None, state_root: Path, console: C
             proc_env = dict(env)
             if name != "retriever":
                 proc_env["TWOTOWER_OBSERVABILITY__METRICS_PORT"] = str(port)
+            if name == "simulator":
+                # the stream starts once every other daemon answers, so --duration is all traffic
+                _wait_healthy([d for n, d in daemons.items() if n != "simulator"], STARTUP_TIMEOUT_S)
             daemons[name].start(proc_env)
-        console.print(f"daemons started; logs in {run_dir / 'logs'}")
+        _wait_healthy([daemons["simulator"]], STARTUP_TIMEOUT_S)
+        console.print(f"all daemons up; logs in {run_dir / 'logs'}")
         summary = _watch(daemons, duration_s, console)
         summary["events_produced"] = count_records(topics_cfg.kafka, Topics(topics_cfg.kafka.topic_prefix).events)
         # uvicorn re-raises the SIGTERM it handled after its graceful shutdown: that exit is clean too.
@@ -283,8 +288,26 @@ def run_demo(duration_s: float, rate: float | None, state_root: Path, console: C
         summary["ok"] = ok
         return (0 if ok else 1), summary
     finally:
+        for daemon in daemons.values():
+            daemon.stop(timeout_s=10)  # already stopped after a normal run; this covers failures
         if started_infra:
             infra.down(infra_dir)
+
+
+def _wait_healthy(daemons: list[Daemon], timeout_s: float) -> None:
+    """Wait until each daemon's /health answers (any status: the process serves), or fail."""
+    deadline = time.monotonic() + timeout_s
+    for daemon in daemons:
+        while True:
+            if not daemon.alive():
+                raise RuntimeError(f"{daemon.name} exited during startup; see {daemon.log_path}")
+            try:
+                httpx.get(daemon.health_url, timeout=1.0)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{daemon.name} did not answer within {timeout_s:.0f} s") from None
+                time.sleep(0.5)
 
 
 def _watch(daemons: dict[str, Daemon], duration_s: float, console: Console) -> dict:
