@@ -8,12 +8,15 @@ since the main loop started):
 1. the world drifts by the elapsed time; items that arrived meanwhile are published to the
    catalogue first;
 2. a user is picked (activity-skewed);
-3. the slate is the retriever's answer (``GET {retriever_url}/recommend?user_id=..&k=..``) if
-   a retriever is configured and answers in time, else a popularity-random slate (a failed
-   call is counted, and the retriever is left alone for ``retriever_backoff_s`` so that an
-   outage does not slow the stream down to one request per timeout);
+3. the slate is the first ``slate_size`` items of the retriever's answer
+   (``GET {retriever_url}/recommend?user_id=..&k=2*slate_size``) if a retriever is configured
+   and answers in time, else a popularity-random slate (a failed call is counted, and the
+   retriever is left alone for ``retriever_backoff_s`` so that an outage does not slow the
+   stream down to one request per timeout);
 4. one ``impression`` per slate slot and one ``click`` per slot the world says was clicked,
-   all with the request's id, ``position`` = slot and ``context={"source": ...}``;
+   all with the request's id, ``position`` = slot and ``context={"source": ...}``; for a
+   retriever slate each impression's context also lists the items retrieved but not shown
+   (``context["retrieved"]``): the trainer's hard negatives for that request's clicks;
 5. one **organic** click with its own request id, ``position`` 0 and
    ``context={"source": "organic"}``: the item the user picks from the whole catalogue by
    their true preferences, excluding the ``exclude_recent`` items they clicked last before
@@ -66,6 +69,11 @@ SEND_ERRORS = Counter("twotower_sim_send_errors_total", "Records the Kafka produ
 SOURCE_RETRIEVER = "retriever"
 SOURCE_FALLBACK = "fallback"
 SOURCE_ORGANIC = "organic"
+RETRIEVE_FACTOR = 2
+"""The simulator asks the retriever for this many times ``slate_size`` items and shows the first
+``slate_size``; the rest go into each impression's ``context["retrieved"]``."""
+RETRIEVED_KEY = "retrieved"
+"""Impression context key: item ids the retriever returned for the request but were not shown."""
 ERROR_LOG_INTERVAL_S = 10.0
 """At most one warning per this many seconds about retriever failures (the counter has them all)."""
 
@@ -306,19 +314,28 @@ class SimulatorDaemon(Daemon):
                 self._publish_item(item, ts)
             log.debug("published %d new items (catalogue now %d)", len(new_items), self.world.n_items)
 
-    def _slate(self, user_id: str) -> tuple[list[str], str, Any]:
-        """The slate shown for this request: item ids, source (retriever or fallback) and version."""
+    def _slate(self, user_id: str) -> tuple[list[str], list[str], str, Any]:
+        """The slate of this request.
+
+        Asks the retriever for ``RETRIEVE_FACTOR x slate_size`` items and shows the first
+        ``slate_size``.
+
+        Returns:
+            The shown item ids, the retrieved-but-not-shown item ids (the trainer's hard
+            negatives; empty for a fallback slate), the source (retriever or fallback) and the
+            snapshot version.
+        """
         k = self.sim.slate_size
         if self._http is not None and time.monotonic() >= self._retriever_paused_until:
             try:
-                items, version = fetch_slate(self._http, self.sim.retriever_url, user_id, k)
+                items, version = fetch_slate(self._http, self.sim.retriever_url, user_id, RETRIEVE_FACTOR * k)
             except RetrieverError as exc:
                 self._retriever_failed(str(exc))
             else:
                 if items:
-                    return items[:k], SOURCE_RETRIEVER, version
+                    return items[:k], items[k : RETRIEVE_FACTOR * k], SOURCE_RETRIEVER, version
                 log.debug("retriever returned no items for %s", user_id)
-        return [self.world.item_id(j) for j in self.world.popular_slate(k)], SOURCE_FALLBACK, None
+        return [self.world.item_id(j) for j in self.world.popular_slate(k)], [], SOURCE_FALLBACK, None
 
     def _retriever_failed(self, reason: str) -> None:
         self.stats.retriever_errors += 1
@@ -344,14 +361,19 @@ class SimulatorDaemon(Daemon):
         self._n_requests += 1
         ts = _now_ms()
 
-        slate_ids, source, version = self._slate(user_id)
+        slate_ids, not_shown, source, version = self._slate(user_id)
         REQUESTS.labels(source).inc()
         self.stats.requests[source] += 1
         context: dict[str, Any] = {"source": source}
         if version is not None:
             context["version"] = version
+        # every impression carries the request's retrieved-but-not-shown items, so any one of them
+        # suffices for the trainer's hard negatives; the impressions themselves are not negatives
+        impression_context = {**context, RETRIEVED_KEY: not_shown} if not_shown else context
         for pos, item_id in enumerate(slate_ids):
-            event = Interaction(f"{request_id}:{pos}:i", request_id, user_id, item_id, IMPRESSION, pos, ts, context)
+            event = Interaction(
+                f"{request_id}:{pos}:i", request_id, user_id, item_id, IMPRESSION, pos, ts, impression_context
+            )
             self._send(events, event, IMPRESSION)
 
         recent = self._recent.get(user)

@@ -33,7 +33,7 @@ import torch
 
 from twotower.blobs import BlobError
 from twotower.config import ModelConfig
-from twotower.model import TwoTower, fit_features, load_dense_arrays, pool_history
+from twotower.model import TwoTower, fit_features, history_tensor, load_dense_arrays, pool_history
 from twotower.snapshot_parts import (
     INDEX,
     ITEMS,
@@ -127,7 +127,8 @@ class ServingState:
         base: the full version it was built from.
         created_ms: when the publisher wrote ``version`` (wall clock, ms).
         model_config: the model configuration of the snapshot's weights.
-        model: the towers in eval mode (only ``model.user`` runs here).
+        model: the towers in eval mode (only ``model.user`` runs here; with MIND it gives one
+            vector per interest and a request queries the index once per interest).
         user_rows: user id → row of ``user_matrix``.
         user_matrix: ``[U, id_dim]`` user ID-embedding rows (read-only).
         item_ids: position → item id (dead positions keep their old id).
@@ -345,7 +346,11 @@ class ServingState:
         profile: Sequence[float] | None,
         now_ms: int,
     ) -> np.ndarray:
-        """The user tower's unit vector ``[dim]`` for a request.
+        """The user tower's output for a request: a unit vector ``[dim]``, or with the MIND tower
+        (``model.user_tower = "mind"``) one unit vector per active interest, ``[K', dim]``.
+
+        :meth:`search` takes either shape (several interests: one index query each, merged).
+        The example-age input, if the model has one, is 0 here (serving is "now").
 
         Args:
             user_id: the user; an id without a row gets an all-zero ID row.
@@ -362,40 +367,57 @@ class ServingState:
             if pos is not None:
                 positions.append(pos)
                 stamps.append(ts_ms)
+        row = self.user_rows.get(user_id)
+        id_row = self.user_matrix[row] if row is not None else np.zeros(cfg.id_dim, dtype=np.float32)
+        features = torch.from_numpy(fit_features(profile, cfg.profile_dim)).unsqueeze(0)
+        if self.model.multi_interest:
+            seq, mask = history_tensor(self.item_vectors, [positions], cfg.history_len)
+            with torch.inference_mode():
+                interests, active = self.model.user(torch.tensor(id_row).unsqueeze(0), features, seq, mask)
+            return interests[0][active[0]].numpy()
         pooled = pool_history(
             self.item_vectors[positions], np.asarray(stamps, dtype=np.int64), now_ms, cfg.history_half_life_s
         )
-        row = self.user_rows.get(user_id)
-        id_row = self.user_matrix[row] if row is not None else np.zeros(cfg.id_dim, dtype=np.float32)
-        features = fit_features(profile, cfg.profile_dim)
         with torch.inference_mode():
             out = self.model.user(
                 torch.tensor(id_row).unsqueeze(0),
-                torch.from_numpy(features).unsqueeze(0),
+                features,
                 torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32)).unsqueeze(0),
             )
         return out[0].numpy()
 
     def _search_one(
         self, index: faiss.Index, query: np.ndarray, fetch: int, params: faiss.SearchParameters | None
-    ) -> list[tuple[int, float]]:
+    ) -> dict[int, float]:
+        """Position → best cosine over the query rows (``[Q, dim]``), ``fetch`` per row."""
         fetch = min(fetch, index.ntotal)
         if fetch <= 0:
-            return []
+            return {}
         distances, ids = index.search(query, fetch, params=params)
-        scores = distances[0]
         if index.metric_type == faiss.METRIC_L2:  # unit vectors: |u - v|^2 = 2 - 2 cos
-            scores = 1.0 - scores / 2.0
-        return [(pos, score) for pos, score in zip(ids[0].tolist(), scores.tolist(), strict=True) if pos >= 0]
+            distances = 1.0 - distances / 2.0
+        best: dict[int, float] = {}
+        for row_ids, row_scores in zip(ids.tolist(), distances.tolist(), strict=True):
+            for pos, score in zip(row_ids, row_scores, strict=True):
+                if pos >= 0 and score > best.get(pos, -np.inf):
+                    best[pos] = score
+        return best
 
     def _raw_search(self, query: np.ndarray, fetch: int) -> list[tuple[int, float]]:
-        """The best ``fetch`` (position, cosine) pairs of base and overlay merged, best first."""
+        """The best ``fetch`` (position, cosine) pairs of base and overlay merged, best first.
+
+        With several query rows (MIND interests) each row is searched for ``fetch`` items and an
+        item's score is its best cosine over the rows; the merged top ``fetch`` is exact for exact
+        indexes (an item in the true top ``fetch`` is in the top ``fetch`` of its best row).
+        """
         # a fresh parameter object per call: IndexIDMap swaps its selector during a search
         params = self.search_params(self.base_filter.selector) if self.base_filter is not None else None
-        hits = self._search_one(self.index, query, fetch, params)
+        best = self._search_one(self.index, query, fetch, params)
         if self.overlay is not None:
-            hits += self._search_one(self.overlay, query, fetch, None)
-            hits.sort(key=lambda pair: -pair[1])
+            for pos, score in self._search_one(self.overlay, query, fetch, None).items():
+                if score > best.get(pos, -np.inf):
+                    best[pos] = score
+        hits = sorted(best.items(), key=lambda pair: -pair[1])
         return hits[:fetch]
 
     def search(
@@ -410,7 +432,8 @@ class ServingState:
         """The top ``k`` live items for a user vector, best first, as ``(item_id, cosine)``.
 
         Args:
-            vec: ``[dim]`` user vector.
+            vec: ``[dim]`` user vector, or ``[K, dim]`` interest vectors (MIND): the index is queried
+                once per interest and an item scores its best cosine over the interests.
             k: how many items to return (fewer when too few qualify).
             exclude: item ids never returned.
             category_filter: if given, only items whose category is in it.
@@ -422,15 +445,16 @@ class ServingState:
         Raises:
             ValueError: a filter or cap without ``item_category``, or a wrong vector shape.
         """
-        if vec.shape != (self.model_config.dim,):
-            raise ValueError(f"user vector has shape {vec.shape}, expected ({self.model_config.dim},)")
+        dim = self.model_config.dim
+        if not (vec.shape == (dim,) or (vec.ndim == 2 and vec.shape[0] >= 1 and vec.shape[1] == dim)):
+            raise ValueError(f"user vector has shape {vec.shape}, expected ({dim},) or (K, {dim})")
         needs_categories = category_filter is not None or max_per_category is not None
         ntotal = self.n_items
         if k <= 0 or ntotal == 0:
             return []
         exclude = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
         n_excluded = sum(1 for item_id in exclude if item_id in self.item_pos)
-        query = np.ascontiguousarray(vec, dtype=np.float32).reshape(1, -1)
+        query = np.ascontiguousarray(vec, dtype=np.float32).reshape(-1, dim)
         if not needs_categories:
             # an exact index can lose at most n_excluded slots to exclusions
             fetch = min(ntotal, k + n_excluded)

@@ -157,7 +157,9 @@ def test_simulator_with_retriever_counts_served_hits(config: Config) -> None:
     topics = Topics(cfg.kafka.topic_prefix)
     events = decode_checked(consume_all(cfg, topics.events, stats.interactions))
     impressions = [r for r in events if r.type == IMPRESSION]
-    assert impressions and all(r.context == {"source": "retriever", "version": 7} for r in impressions)
+    assert impressions and all(r.context["source"] == "retriever" and r.context["version"] == 7 for r in impressions)
+    # asked for 2 x slate_size, showed slate_size: the rest are the trainer's hard negatives
+    assert all(len(r.context["retrieved"]) == 5 and r.item_id not in r.context["retrieved"] for r in impressions)
 
 
 def test_simulator_falls_back_when_the_retriever_fails(config: Config) -> None:

@@ -35,7 +35,7 @@ from trainer.state import TrainerState
 from trainer.stream import StateLock
 from twotower import checkpoint
 from twotower.config import Config, KafkaConfig
-from twotower.events import CatalogItem, Interaction, Profile, SchemaError, decode
+from twotower.events import CLICK, CatalogItem, Interaction, Profile, SchemaError, decode
 from twotower.kafka_io import Topics, ensure_topics, make_consumer
 
 log = logging.getLogger(__name__)
@@ -109,9 +109,14 @@ def read_topic_range(cfg: KafkaConfig, topic: str, start_ms: int | None, end_ms:
 
 def load_day(cfg: Config, topics: Topics, date: dt.date) -> list[Interaction]:
     """Clicks of ``date`` (by event time, in the configured timezone), in event-time order."""
+    return [r for r in load_day_interactions(cfg, topics, date) if r.type == CLICK]
+
+
+def load_day_interactions(cfg: Config, topics: Topics, date: dt.date) -> list[Interaction]:
+    """Clicks of ``date`` and the impressions that carry retrieved-but-not-shown items, in event-time order."""
     start, end = day_bounds_ms(date, cfg.trainer.schedule_timezone)
     margin = cfg.trainer.nightly_margin_ms
-    clicks: list[tuple[int, int, int, Interaction]] = []
+    records: list[tuple[int, int, int, Interaction]] = []
     bad = 0
     for message in read_topic_range(cfg.kafka, topics.events, start - margin, end + margin):
         try:
@@ -119,12 +124,14 @@ def load_day(cfg: Config, topics: Topics, date: dt.date) -> list[Interaction]:
         except SchemaError:
             bad += 1  # the streaming trainer dead-letters it; the nightly only skips it
             continue
-        if isinstance(record, Interaction) and record.type == "click" and start <= record.ts_ms < end:
-            clicks.append((record.ts_ms, message.partition, message.offset, record))
+        if not isinstance(record, Interaction) or not start <= record.ts_ms < end:
+            continue
+        if record.type == CLICK or record.context.get("retrieved"):
+            records.append((record.ts_ms, message.partition, message.offset, record))
     if bad:
         log.warning("skipped %d malformed records while reading %s", bad, date)
-    clicks.sort(key=lambda x: x[:3])
-    return [c for *_, c in clicks]
+    records.sort(key=lambda x: x[:3])
+    return [r for *_, r in records]
 
 
 def load_side_topics(cfg: Config, topics: Topics, state: TrainerState) -> None:
@@ -195,7 +202,11 @@ def run_nightly(cfg: Config, date: dt.date, force: bool = False, progress: bool 
             return NightlyResult(day, "skipped")
         before = copy.deepcopy(state) if not own_state else None
         load_side_topics(cfg, topics, state)
-        clicks = load_day(cfg, topics, date)
+        interactions = load_day_interactions(cfg, topics, date)
+        clicks = [r for r in interactions if r.type == CLICK]
+        for impression in interactions:  # hard negatives: what each request retrieved but did not show
+            if impression.type != CLICK:
+                state.observe_impression(impression)
         if not clicks:
             log.info("no clicks on %s: nothing to retrain", day)
             return NightlyResult(day, "empty")

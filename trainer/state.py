@@ -1,32 +1,61 @@
 """The trainer's model state and the one learning step both training modes share.
 
 :class:`TrainerState` holds the dense towers, the user and item ID tables, the item catalogue
-(category and content features), user profiles and the recent history the user tower pools.
+(category and content features), user profiles, the recent history the user tower pools and
+the recent requests' retrieved-but-not-shown items (hard negatives).
 :meth:`TrainerState.learn` takes clicks in event order and performs one step:
 
 * ``dense=False`` (streaming): only the touched ID rows move (row-wise Adagrad); the dense
-  weights do not take part in autograd at all, so they stay bit-identical.
-* ``dense=True`` (nightly): rows move the same way and the towers take an Adam step.
+  weights do not take part in autograd at all, so they stay bit-identical, whatever the loss,
+  user tower or negatives.
+* ``dense=True`` (nightly): rows move the same way and the towers take an Adam step (plus the
+  optional self-supervised item-tower loss).
+
+Candidates of a step: the batch's clicked items (in-batch negatives for each other) plus one
+extra negative per click, mixed by ``trainer.negatives_popularity_ratio`` between items drawn
+∝ count^0.75 and hard negatives. **An impression without a click is not a retrieval
+negative**: impressions only tell which items of a request were shown, so that the items the
+retriever returned but that were *not shown* can serve as hard negatives for that request's
+clicks (:meth:`TrainerState.observe_impression`).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from trainer.id_table import IdTable
-from trainer.losses import candidate_log_q, popularity_distribution, sampled_softmax_loss
+from trainer.losses import (
+    candidate_log_inclusion,
+    candidate_log_q,
+    info_nce_loss,
+    popularity_distribution,
+    retrieval_loss,
+)
 from twotower.checkpoint import Checkpoint
 from twotower.config import ModelConfig, TrainerConfig
-from twotower.events import CatalogItem, Interaction, Profile
-from twotower.model import TwoTower, decay_weights, fit_features
+from twotower.events import IMPRESSION, CatalogItem, Interaction, Profile
+from twotower.model import TwoTower, decay_weights, example_age_days, fit_features, history_tensor
 
 MS_PER_DAY = 86_400_000
+
+
+SSL_GROUPS = 3
+"""Feature groups of the item tower the self-supervised views mask: ID row, category, content."""
+
+
+@dataclass
+class RequestNegatives:
+    """What one request showed and what the retriever returned for it but did not show."""
+
+    shown: set[str] = field(default_factory=set)
+    not_shown: dict[str, None] = field(default_factory=dict)
+    """Insertion-ordered set of retrieved-but-not-shown item ids: the request's hard negatives."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +97,11 @@ class TrainerState:
         self.event_time_ms = 0
         self.dense_optimizer = torch.optim.Adam(self.model.parameters(), lr=trainer_cfg.nightly_lr)
         self.generator = torch.Generator().manual_seed(trainer_cfg.seed)
+        self.requests: OrderedDict[str, RequestNegatives] = OrderedDict()
+        """Recent requests (LRU, ``trainer.hard_negative_requests``) → shown / not-shown items."""
+        self.hard_counts: dict[str, int] = {}
+        """Item → times it was recorded as retrieved-but-not-shown (the hard-negative frequency)."""
+        self.hard_total = 0
 
     # --- side information --------------------------------------------------------------
     @property
@@ -100,6 +134,53 @@ class TrainerState:
         if hist is None:
             hist = self.histories[user_id] = deque(maxlen=self.model_cfg.history_len)
         hist.append((item_id, ts_ms))
+
+    def observe_impression(self, impression: Interaction) -> None:
+        """Record what a request showed and what it retrieved but did not show (hard negatives).
+
+        The impression itself is **not** a retrieval negative: it only marks its item as shown
+        (a shown item is never a hard negative of its request). Its ``context["retrieved"]``
+        lists item ids the retriever returned for the request beyond the shown slate; those
+        become hard negatives for the clicks of the same ``request_id``. Requests are kept in
+        a bounded LRU (``trainer.hard_negative_requests``). Records of other types are ignored,
+        so a caller may pass every interaction.
+        """
+        capacity = self.tcfg.hard_negative_requests
+        if impression.type != IMPRESSION or capacity <= 0 or not impression.request_id:
+            return
+        entry = self.requests.get(impression.request_id)
+        if entry is None:
+            entry = self.requests[impression.request_id] = RequestNegatives()
+            while len(self.requests) > capacity:
+                self.requests.popitem(last=False)
+        else:
+            self.requests.move_to_end(impression.request_id)
+        entry.shown.add(impression.item_id)
+        if impression.item_id in entry.not_shown:  # listed as not shown by an earlier impression
+            del entry.not_shown[impression.item_id]
+            self._count_hard(impression.item_id, -1)
+        retrieved = impression.context.get("retrieved", ())
+        if not isinstance(retrieved, (list, tuple)):
+            return
+        counts = self.hard_counts
+        for item_id in retrieved:
+            if isinstance(item_id, str) and item_id not in entry.shown and item_id not in entry.not_shown:
+                entry.not_shown[item_id] = None
+                counts[item_id] = counts.get(item_id, 0) + 1
+                self.hard_total += 1
+
+    def _count_hard(self, item_id: str, delta: int) -> None:
+        count = self.hard_counts.get(item_id, 0) + delta
+        if count > 0:
+            self.hard_counts[item_id] = count
+        else:
+            self.hard_counts.pop(item_id, None)
+        self.hard_total = max(0, self.hard_total + delta)
+
+    def hard_negatives(self, request_id: str) -> list[str]:
+        """The retrieved-but-not-shown items of a recent request (empty if unknown)."""
+        entry = self.requests.get(request_id) if request_id else None
+        return list(entry.not_shown) if entry is not None else []
 
     def item_side(self, item_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Category indices ``[n]`` and content ``[n, content_dim]`` of items (zeros if unknown)."""
@@ -138,6 +219,19 @@ class TrainerState:
             out[b] = torch.from_numpy(w @ vecs[idx])
         return out
 
+    def history_batch(self, histories: Sequence[Sequence[tuple[str, int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """MIND input: ``[B, history_len, dim]`` item vectors, newest first, and the ``[B, history_len]``
+        mask (no gradient). ``histories`` are oldest first, as the trainer stores them."""
+        length = self.model_cfg.history_len
+        recent = [[item for item, _ in hist][::-1][:length] for hist in histories]
+        unique = sorted({item for hist in recent for item in hist})
+        if not unique:
+            return history_tensor(np.zeros((0, self.model_cfg.dim), dtype=np.float32), [[]] * len(recent), length)
+        with torch.no_grad():
+            vecs = self.item_vectors(unique).numpy()
+        pos = {item: i for i, item in enumerate(unique)}
+        return history_tensor(vecs, [[pos[item] for item in hist] for hist in recent], length)
+
     def profile_matrix(self, user_ids: Sequence[str]) -> torch.Tensor:
         out = np.zeros((len(user_ids), self.model_cfg.profile_dim), dtype=np.float32)
         for i, user in enumerate(user_ids):
@@ -166,35 +260,111 @@ class TrainerState:
         dense: bool,
         row_lr: float | None = None,
     ) -> StepResult:
-        """One step of sampled softmax with in-batch and popularity negatives and logQ correction.
+        """One step of the configured retrieval loss over in-batch and extra negatives.
+
+        Candidates are the batch's clicked items plus one extra negative per click (popularity
+        and hard negatives mixed by ``trainer.negatives_popularity_ratio``, see
+        :meth:`_candidates`); every logit gets the logQ correction (``trainer.logq_correction``).
+        Impressions without a click never enter as negatives.
 
         Args:
             examples: clicks with the history each user had just before it (see :meth:`observe_clicks`).
-            dense: also step the towers (nightly); otherwise only ID rows move (streaming).
+            dense: also step the towers (nightly); otherwise only ID rows move (streaming) and the
+                dense weights stay bit-identical.
             row_lr: Adagrad step size of the rows; default ``trainer.stream_lr``.
         """
         if not examples:
             return StepResult(0.0, 0, 0, 0)
         row_lr = self.tcfg.stream_lr if row_lr is None else row_lr
+        mcfg, tcfg = self.model_cfg, self.tcfg
         seq = self.next_seq
         clicks = [c for c, _ in examples]
-        b = len(clicks)
-        user_rows = self.users.rows([c.user_id for c in clicks])
-        pooled = self.pooled_history([h for _, h in examples], [c.ts_ms for c in clicks])
-        profiles = self.profile_matrix([c.user_id for c in clicks])
+        user_ids = [c.user_id for c in clicks]
+        user_rows = self.users.rows(user_ids)
+        profiles = self.profile_matrix(user_ids)
+        age = None
+        if mcfg.example_age:
+            # the trainer's clock: the newest event time it has seen (≥ the end of a nightly day)
+            now_ms = max(self.event_time_ms, max(c.ts_ms for c in clicks))
+            age = example_age_days([c.ts_ms for c in clicks], now_ms)
+        cand_ids, positive_cols, log_q = self._candidates(clicks)
+        cand_rows = self.items.rows(cand_ids)
 
-        # Candidates: the batch's positives plus popularity^0.75 negatives, deduplicated.
+        # Leaf tensors for the rows: gradients land here and nowhere else unless dense=True.
+        u_leaf = self.users.gather(user_rows).requires_grad_(True)
+        i_leaf = self.items.gather(cand_rows).requires_grad_(True)
+        self.model.requires_grad_(dense)
+        self.model.train(dense)
+        try:
+            cats, content = self.item_side(cand_ids)
+            item_vecs = self.model.item(i_leaf, cats, content)
+            if self.model.multi_interest:
+                history, mask = self.history_batch([h for _, h in examples])
+                interests, active = self.model.user(u_leaf, profiles, history, mask, age)
+                logits = self.model.score_interests(interests, active, item_vecs, positive_cols)
+            else:
+                pooled = self.pooled_history([h for _, h in examples], [c.ts_ms for c in clicks])
+                logits = self.model.score(self.model.user(u_leaf, profiles, pooled, age), item_vecs)
+            loss = retrieval_loss(
+                tcfg.loss, logits, positive_cols, log_q, margin=tcfg.pairwise_margin / mcfg.temperature
+            )
+            total = loss
+            if dense and tcfg.ssl_weight > 0:
+                total = loss + tcfg.ssl_weight * self._ssl_loss(i_leaf, cats, content)
+            if dense:
+                self.dense_optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if dense:
+                self.dense_optimizer.step()
+        finally:
+            self.model.requires_grad_(False)
+            self.model.eval()
+
+        n_users = self._update_rows(self.users, user_rows, u_leaf.grad, row_lr, seq)
+        n_items = self._update_rows(self.items, cand_rows, i_leaf.grad, row_lr, seq)
+        return StepResult(float(loss.detach()), len(clicks), n_users, n_items)
+
+    def _candidates(self, clicks: Sequence[Interaction]) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+        """The candidate columns of a step, each row's positive column and the candidates' log Q
+        (``None`` with ``logq_correction = "none"``).
+
+        Columns: the clicked items (deduplicated, so a row never meets its own item as a
+        negative: accidental hits are removed by construction), then ``n_hard`` hard negatives
+        and ``n_pop`` popularity samples, ``n_hard + n_pop = len(clicks)``. ``n_hard`` is
+        ``round((1 - negatives_popularity_ratio) · len(clicks))`` capped by the hard negatives
+        the batch's requests have (drawn uniformly without replacement when there are more);
+        popularity samples (∝ count^0.75, with replacement) fill the rest.
+
+        log Q of a candidate (``trainer.logq_correction``): ``inclusion`` (default), the log of the
+        probability that it is in the batch's deduplicated candidate set,
+        ``1 - (1-p_click)^B (1-p_pop)^n_pop (1-p_hard)^n_hard``; ``expected_count``, the log of
+        ``B·p_click + n_pop·p_pop + n_hard·p_hard``. ``p_click`` is the item's share of clicks,
+        ``p_pop`` its popularity-sampling probability and ``p_hard`` its share of all
+        retrieved-but-not-shown records (streaming frequency estimates, as for clicks). The
+        hard-negative term treats hard negatives as draws from the stream of such records: they
+        are user-specific, so this is the user-independent approximation of their proposal.
+        """
+        b = len(clicks)
         counts = self.items.count
         sample_p = popularity_distribution(counts)
-        n_sampled = b if sample_p.sum() > 0 else 0
+        has_pop = bool(sample_p.sum() > 0)
+        n_extra = b
+        pool: dict[str, None] = {}
+        for click in clicks:
+            for item_id in self.hard_negatives(click.request_id):
+                pool[item_id] = None
+        hard_target = round((1.0 - self.tcfg.negatives_popularity_ratio) * n_extra) if has_pop else n_extra
+        hard = list(pool) if hard_target > 0 else []
+        if len(hard) > hard_target:
+            pick = torch.randperm(len(hard), generator=self.generator)[:hard_target].sort().values.tolist()
+            hard = [hard[i] for i in pick]
+        n_pop = n_extra - len(hard) if has_pop else 0
         sampled_rows = (
-            torch.multinomial(sample_p, n_sampled, replacement=True, generator=self.generator).tolist()
-            if n_sampled
-            else []
+            torch.multinomial(sample_p, n_pop, replacement=True, generator=self.generator).tolist() if n_pop else []
         )
         cand_ids: list[str] = []
         col: dict[str, int] = {}
-        for item in [c.item_id for c in clicks] + [self.items.ids[r] for r in sampled_rows]:
+        for item in [c.item_id for c in clicks] + hard + [self.items.ids[r] for r in sampled_rows]:
             if item is not None and item not in col:
                 col[item] = len(cand_ids)
                 cand_ids.append(item)
@@ -206,29 +376,42 @@ class TrainerState:
         samp_p = torch.zeros(len(cand_ids), dtype=torch.float64)
         click_p[known] = counts[cand_rows[known]].to(torch.float64) / total
         samp_p[known] = sample_p[cand_rows[known]]
-        log_q = candidate_log_q(click_p, samp_p, b, n_sampled)
+        hard_p = None
+        if hard:
+            hard_total = max(self.hard_total, 1)
+            hard_p = torch.tensor([self.hard_counts.get(i, 0) / hard_total for i in cand_ids], dtype=torch.float64)
+        mode = self.tcfg.logq_correction
+        if mode == "none":
+            return cand_ids, positive_cols, None
+        log_q_fn = candidate_log_inclusion if mode == "inclusion" else candidate_log_q
+        return cand_ids, positive_cols, log_q_fn(click_p, samp_p, b, n_pop, hard_prob=hard_p, n_hard=len(hard))
 
-        # Leaf tensors for the rows: gradients land here and nowhere else unless dense=True.
-        u_leaf = self.users.gather(user_rows).requires_grad_(True)
-        i_leaf = self.items.gather(cand_rows).requires_grad_(True)
-        self.model.requires_grad_(dense)
-        self.model.train(dense)
-        cats, content = self.item_side(cand_ids)
-        item_vecs = self.model.item(i_leaf, cats, content)
-        user_vecs = self.model.user(u_leaf, profiles, pooled)
-        logits = self.model.score(user_vecs, item_vecs)
-        loss = sampled_softmax_loss(logits, positive_cols, log_q)
-        if dense:
-            self.dense_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if dense:
-            self.dense_optimizer.step()
-        self.model.requires_grad_(False)
-        self.model.eval()
+    def _ssl_loss(self, id_rows: torch.Tensor, cats: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        """Self-supervised InfoNCE on the item tower (Yao et al. 2021) over the step's candidate items.
 
-        n_users = self._update_rows(self.users, user_rows, u_leaf.grad, row_lr, seq)
-        n_items = self._update_rows(self.items, cand_rows, i_leaf.grad, row_lr, seq)
-        return StepResult(float(loss.detach()), b, n_users, n_items)
+        Two views of each item: a random non-empty proper subset of the feature groups (ID row,
+        category, content) is kept in the first view and the complementary groups in the second
+        (complementary feature masking), and content dropout (``trainer.ssl_dropout``) on both.
+        A view without its ID row is what a brand-new item looks like, so the loss pulls an item's
+        content-only vector towards its ID-based one: the long tail benefits.
+        """
+        n = id_rows.shape[0]
+        if n < 2:
+            return torch.zeros(())
+        g = self.generator
+        keep_mask = torch.randint(1, 2**SSL_GROUPS - 1, (n,), generator=g)
+        keep = ((keep_mask.unsqueeze(1) >> torch.arange(SSL_GROUPS)) & 1).bool()  # [n, 3]
+        p = self.tcfg.ssl_dropout
+
+        def view(kept: torch.Tensor) -> torch.Tensor:
+            drop = (torch.rand(content.shape, generator=g) >= p).to(content.dtype) / (1.0 - p)
+            return self.model.item(
+                id_rows * kept[:, 0:1].to(id_rows.dtype),
+                torch.where(kept[:, 1], cats, torch.zeros_like(cats)),
+                content * kept[:, 2:3].to(content.dtype) * drop,
+            )
+
+        return info_nce_loss(view(keep), view(~keep), self.tcfg.ssl_temperature)
 
     @staticmethod
     def _update_rows(table: IdTable, rows: torch.Tensor, grad: torch.Tensor | None, lr: float, seq: int) -> int:
@@ -250,6 +433,8 @@ class TrainerState:
         for user in self.users.expire(now_ms, ttl_ms, seq):
             self.histories.pop(user, None)
         gone = self.items.expire(now_ms, ttl_ms, seq)
+        for item in gone:
+            self.hard_total -= self.hard_counts.pop(item, 0)
         self.removed_items.extend((seq, item) for item in gone)
         del self.removed_items[: max(0, len(self.removed_items) - 100_000)]
         return gone
@@ -287,6 +472,10 @@ class TrainerState:
                     if self.catalog
                     else np.zeros((0, self.model_cfg.content_dim), dtype=np.float32)
                 ),
+                "hard_negative_requests": {
+                    rid: [sorted(entry.shown), list(entry.not_shown)] for rid, entry in self.requests.items()
+                },
+                "hard_negative_counts": dict(self.hard_counts),
                 **(extra or {}),
             },
         )
@@ -314,6 +503,10 @@ class TrainerState:
         state.seq = ckpt.seq
         state.dense_version = ckpt.dense_version
         state.event_time_ms = ckpt.event_time_ms
+        for rid, (shown, not_shown) in extra.get("hard_negative_requests", {}).items():
+            state.requests[rid] = RequestNegatives(set(shown), dict.fromkeys(not_shown))
+        state.hard_counts = dict(extra.get("hard_negative_counts", {}))
+        state.hard_total = sum(state.hard_counts.values())
         if "generator" in extra:
             state.generator.set_state(extra["generator"])
         if "dense_optimizer" in extra:

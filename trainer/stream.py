@@ -206,6 +206,8 @@ class StreamTrainer(Daemon):
             self.dirty = True
             if record.type == "click":
                 self.pending.append(record)
+            else:  # impressions only mark shown / retrieved-not-shown items (hard negatives)
+                self.state.observe_impression(record)
             if len(self.pending) >= self.tcfg.batch_size:
                 self._step()
         if force and self.pending:

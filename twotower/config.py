@@ -85,15 +85,20 @@ class ModelConfig(_Section):
     ``max(1, min(interests, floor(log2 n)))``, the paper's dynamic interest number)."""
     routing_iterations: int = Field(default=3, ge=1)
     """MIND: iterations of behaviour-to-interest dynamic routing (the paper uses 3)."""
-    mind_scoring: Literal["label_aware", "max"] = "label_aware"
+    mind_scoring: Literal["label_aware", "max"] = "max"
     """MIND training score. ``label_aware``: each click picks the interest nearest its item (hard
     label-aware attention, the paper's p → ∞) and every candidate is scored against that interest;
     ``max``: every candidate is scored by its nearest interest, exactly as serving merges. Default
-    ``label_aware`` (the paper's): a negative near the user's *other* interest is not pushed away."""
+    ``max``: measured on MovieLens-100K (temporal split, recall@20 of the next item) it scored 0.127
+    against 0.110 for ``label_aware``, whose negatives never meet the user's other interests in
+    training but do at serving. ``label_aware`` keeps the interests further apart (more diverse
+    slates: on a two-category toy world both categories in the top 10 for 55 % of users vs 35 %)."""
     example_age: bool = False
-    """Feed the user tower the example age (YouTubeDNN): (trainer's event-time clock - event time)
-    in days while training, 0 at serving, so the model can learn freshness effects without them
-    leaking into serving. Default off: it changes the tower's input width (a new full version)."""
+    """Feed the user tower the example age (YouTubeDNN): ``log1p`` of (trainer's event-time clock -
+    event time) in days while training, 0 at serving, so the model can learn freshness effects
+    without them leaking into serving. The trainer's clock is the newest event time it has seen
+    (streaming: about the batch's own time; nightly: at least the end of the day retrained).
+    Default off: it changes the tower's input width (a new full version) and showed no gain offline."""
 
 
 class TrainerConfig(_Section):
@@ -135,10 +140,14 @@ class TrainerConfig(_Section):
     ``pairwise_margin``, or BPR's log-sigmoid)."""
     pairwise_margin: float = Field(default=0.1, ge=0)
     """Margin of ``pairwise_hinge`` in cosine units (the loss sees it divided by the temperature)."""
-    logq_correction: bool = True
-    """Subtract log(expected count of the candidate in a batch's candidate set) from every logit
-    (sampling-bias correction, Yi et al. 2019), with click frequencies, the popularity sampler and
-    hard-negative frequencies estimated from the stream. Off only to measure its effect."""
+    logq_correction: Literal["inclusion", "expected_count", "none"] = "inclusion"
+    """Sampling-bias correction (Yi et al. 2019): subtract log Q of each candidate from every logit,
+    with click frequencies, the popularity sampler and hard-negative frequencies estimated from the
+    stream. ``inclusion`` (default): Q = probability that the item is in the batch's deduplicated
+    candidate set; ``expected_count``: Q = its expected number of draws (what the paper writes,
+    equal for rare items, but it keeps penalising head items that are in every batch anyway: in a
+    controlled simulation it over-corrects, score-vs-log-popularity slope 1.29 where the truth is 1,
+    inclusion 1.04, none 0.41); ``none``: no correction (only to measure its effect)."""
     negatives_popularity_ratio: float = Field(default=0.5, ge=0, le=1)
     """Share of the extra negatives (one per click in a batch) drawn from count^0.75; the rest are
     hard negatives (retrieved for the click's request but not shown) while the batch has enough,
@@ -150,8 +159,10 @@ class TrainerConfig(_Section):
     negatives for clicks of the same request; 0 disables hard negatives."""
     ssl_weight: float = Field(default=0.0, ge=0)
     """Weight of the self-supervised contrastive loss on the item tower (Yao et al. 2021), added in
-    dense (nightly) steps only. Default 0 (off): it did not improve recall in the measurements on the
-    simulated world (see the README); try it for catalogues with a long cold tail."""
+    dense (nightly) steps only. Default 0 (off): measured on MovieLens-100K (temporal split,
+    recall@20 of the next item) weights 0.1 / 0.3 gave 0.122 / 0.128 against 0.129 without, and no
+    measurable change on items with at most 20 training clicks; try it for catalogues with a long
+    cold tail and rich content features."""
     ssl_temperature: float = Field(default=0.1, gt=0)
     """Temperature of the self-supervised InfoNCE loss."""
     ssl_dropout: float = Field(default=0.1, ge=0, lt=1)

@@ -7,15 +7,27 @@ it received.
 
 * Item tower: ``[item ID row | category embedding | content features]`` → MLP → L2-normalised.
   An unknown or new item has an all-zero ID row, so its vector comes from content alone.
-* User tower: ``[user ID row | profile features | time-decayed mean of history item vectors]``
-  → MLP, plus a learned linear skip of the pooled history → L2-normalised. A user with no ID
-  row yet still gets a vector from profile and history (YouTubeDNN-style pooling).
+* User tower (``model.user_tower``):
+
+  - ``mean``: ``[user ID row | profile features | time-decayed mean of history item vectors]``
+    → MLP, plus a learned linear skip of the pooled history → L2-normalised. A user with no ID
+    row yet still gets a vector from profile and history (YouTubeDNN-style pooling).
+  - ``mind``: MIND (Li et al. 2019). Behaviour-to-interest dynamic routing over the history item
+    vectors (newest first) gives up to ``interests`` capsules; each capsule, concatenated with the ID row and
+    profile, goes through a shared MLP (+ linear skip of the capsule) → one unit vector per
+    interest. Scores against an item are the max over the user's active interests at serving,
+    and label-aware (or max) during training (:meth:`TwoTower.score_interests`).
+
+* Example age (``model.example_age``, YouTubeDNN): one more user-tower input, the age of the
+  training example, ``log1p`` of (trainer clock - event time) in days, while training; 0 at
+  serving (:func:`example_age_days`).
 
 Scores are cosine similarity divided by the temperature.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -25,10 +37,25 @@ from torch import nn
 from twotower.config import ModelConfig
 
 UNKNOWN_CATEGORY = 0
+MS_PER_DAY = 86_400_000
 
 
 def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
+
+
+def _identity_linear(dim: int) -> nn.Linear:
+    layer = nn.Linear(dim, dim, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(dim))
+    return layer
+
+
+def _age_column(age: torch.Tensor | None, batch: int, ref: torch.Tensor) -> torch.Tensor:
+    """The example-age input ``[B, 1]`` (zeros, as at serving, when ``age`` is ``None``)."""
+    if age is None:
+        return torch.zeros(batch, 1, dtype=ref.dtype)
+    return age.reshape(batch, 1).to(ref.dtype)
 
 
 class ItemTower(nn.Module):
@@ -48,20 +75,150 @@ class ItemTower(nn.Module):
 
 
 class UserTower(nn.Module):
-    """User ID row + profile + pooled history vectors → unit vector."""
+    """User ID row + profile + pooled history vectors (+ example age) → unit vector."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.profile_dim = cfg.profile_dim
-        self.mlp = _mlp(cfg.id_dim + cfg.profile_dim + cfg.dim, cfg.hidden, cfg.dim)
-        self.skip = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        with torch.no_grad():
-            self.skip.weight.copy_(torch.eye(cfg.dim))
+        self.example_age = cfg.example_age
+        self.mlp = _mlp(cfg.id_dim + cfg.profile_dim + cfg.dim + int(cfg.example_age), cfg.hidden, cfg.dim)
+        self.skip = _identity_linear(cfg.dim)
 
-    def forward(self, id_rows: torch.Tensor, profile: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """Args: id_rows ``[B, id_dim]``, profile ``[B, profile_dim]``, pooled history ``[B, dim]``."""
-        x = torch.cat([id_rows, profile, pooled], dim=-1)
+    def forward(
+        self, id_rows: torch.Tensor, profile: torch.Tensor, pooled: torch.Tensor, age: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Args: id_rows ``[B, id_dim]``, profile ``[B, profile_dim]``, pooled history ``[B, dim]``,
+        age ``[B]`` example-age input of :func:`example_age_days` (used only with ``example_age``;
+        ``None`` = 0, as at serving)."""
+        parts = [id_rows, profile, pooled]
+        if self.example_age:
+            parts.append(_age_column(age, id_rows.shape[0], id_rows))
+        x = torch.cat(parts, dim=-1)
         return nn.functional.normalize(self.mlp(x) + self.skip(pooled), dim=-1)
+
+
+def squash(z: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """Capsule squashing along the last axis: ``|z|² / (1 + |z|²) · z / |z|`` (zeros stay zero)."""
+    sq = z.pow(2).sum(dim=-1, keepdim=True)
+    return z * (sq / (1.0 + sq) / torch.sqrt(sq + eps))
+
+
+def active_interests(n_history: torch.Tensor, max_interests: int) -> torch.Tensor:
+    """MIND's dynamic interest number ``max(1, min(K, floor(log2 n)))`` per user, as ``[B]`` int64."""
+    n = n_history.to(torch.float64).clamp(min=1.0)
+    return torch.floor(torch.log2(n)).to(torch.int64).clamp(min=1, max=max_interests)
+
+
+def farthest_point_seeds(vectors: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B, k]`` positions of ``k`` mutually distant history items per user (greedy k-means++-style:
+    the newest valid item first, then each time the item least similar to the seeds chosen so far).
+
+    Args:
+        vectors: ``[B, H, dim]`` history vectors, newest first.
+        mask: ``[B, H]`` bool, True for real items (a user needs at least one for a meaningful seed).
+    """
+    with torch.no_grad():
+        b = vectors.shape[0]
+        sims = torch.einsum("bhd,bgd->bhg", vectors, vectors)  # [B, H, H]
+        first = torch.where(mask.any(dim=1), mask.to(torch.int64).argmax(dim=1), torch.zeros(b, dtype=torch.int64))
+        seeds = [first]
+        closest = sims[torch.arange(b), :, first]  # [B, H]: similarity to the nearest seed so far
+        for _ in range(1, k):
+            nxt = closest.masked_fill(~mask, math.inf).argmin(dim=1)
+            seeds.append(nxt)
+            closest = torch.maximum(closest, sims[torch.arange(b), :, nxt])
+        return torch.stack(seeds, dim=1)
+
+
+class MindUserTower(nn.Module):
+    """MIND multi-interest user tower: history vectors → routing → K interest unit vectors.
+
+    Behaviour-to-interest (B2I) dynamic routing: one bilinear map ``S`` shared by every
+    (behaviour, interest) pair, initialised to the identity so the capsules start as soft
+    clusters of the history, then ``routing_iterations`` rounds of ``w = softmax_K(b)``,
+    ``u = squash(sum_i w_i S e_i)``, ``b += u . S e_i``.
+
+    One deviation from the paper, measured: the paper starts the routing logits ``b`` at random
+    (to break the symmetry between capsules). Here they start as ``ROUTING_SHARPNESS`` times the
+    similarity of each behaviour to ``K`` mutually distant behaviours of the same history
+    (:func:`farthest_point_seeds`), which is deterministic (serving and training route alike,
+    no random state) and separates distinct interests reliably: on a history of two orthogonal
+    topics random starting logits gave two distinct capsules (margin > 0.5) in 20 % of draws.
+    """
+
+    ROUTING_SHARPNESS = 5.0
+    """Scale of the starting routing logits (cosine similarities to the seed behaviours)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.profile_dim = cfg.profile_dim
+        self.example_age = cfg.example_age
+        self.n_interests = cfg.interests
+        self.iterations = cfg.routing_iterations
+        self.bilinear = _identity_linear(cfg.dim)
+        self.mlp = _mlp(cfg.dim + cfg.id_dim + cfg.profile_dim + int(cfg.example_age), cfg.hidden, cfg.dim)
+        self.skip = _identity_linear(cfg.dim)
+
+    def capsules(self, history: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic routing.
+
+        Args:
+            history: ``[B, H, dim]`` history item vectors, newest first (padding masked).
+            mask: ``[B, H]`` bool, True for real history items.
+
+        Returns:
+            Capsules ``[B, K, dim]`` (zeros where inactive) and the active mask ``[B, K]``.
+        """
+        b = history.shape[0]
+        k = self.n_interests
+        n_active = active_interests(mask.sum(dim=1), k)
+        active = torch.arange(k).unsqueeze(0) < n_active.unsqueeze(1)  # [B, K]
+        weight_mask = mask.unsqueeze(-1).to(history.dtype)
+        mapped = self.bilinear(history) * weight_mask  # [B, H, dim]
+        seeds = farthest_point_seeds(history, mask, k)  # [B, K]
+        seed_vecs = mapped[torch.arange(b).unsqueeze(1), seeds]  # [B, K, dim]
+        logits = self.ROUTING_SHARPNESS * torch.einsum(
+            "bhd,bkd->bhk", nn.functional.normalize(mapped, dim=-1), nn.functional.normalize(seed_vecs, dim=-1)
+        )
+        blocked = ~active.unsqueeze(1)  # [B, 1, K]
+        caps = torch.zeros(b, k, history.shape[-1], dtype=history.dtype)
+        for it in range(self.iterations):
+            w = torch.softmax(logits.masked_fill(blocked, float("-inf")), dim=-1) * weight_mask  # [B, H, K]
+            caps = squash(torch.einsum("bhk,bhd->bkd", w, mapped))
+            if it + 1 < self.iterations:
+                logits = logits + torch.einsum("bkd,bhd->bhk", caps, mapped)
+        return caps * active.unsqueeze(-1).to(caps.dtype), active
+
+    def forward(
+        self,
+        id_rows: torch.Tensor,
+        profile: torch.Tensor,
+        history: torch.Tensor,
+        mask: torch.Tensor,
+        age: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Interest vectors.
+
+        Args:
+            id_rows: ``[B, id_dim]`` user ID rows (zeros for unknown users).
+            profile: ``[B, profile_dim]``.
+            history: ``[B, H, dim]`` history item vectors, newest first.
+            mask: ``[B, H]`` bool, True for real history items.
+            age: ``[B]`` example-age input of :func:`example_age_days` (only with ``example_age``;
+                ``None`` = 0).
+
+        Returns:
+            ``[B, K, dim]`` unit interest vectors and ``[B, K]`` bool, True for the user's active
+            interests (at least one: a user without history gets one from ID row and profile).
+        """
+        caps, active = self.capsules(history, mask)
+        b, k, _ = caps.shape
+        side = [id_rows, profile]
+        if self.example_age:
+            side.append(_age_column(age, b, id_rows))
+        side_x = torch.cat(side, dim=-1).unsqueeze(1).expand(b, k, -1)
+        x = torch.cat([caps, side_x], dim=-1)
+        return nn.functional.normalize(self.mlp(x) + self.skip(caps), dim=-1), active
 
 
 class TwoTower(nn.Module):
@@ -70,12 +227,61 @@ class TwoTower(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.user = UserTower(cfg)
+        self.user: UserTower | MindUserTower = MindUserTower(cfg) if cfg.user_tower == "mind" else UserTower(cfg)
         self.item = ItemTower(cfg)
+
+    @property
+    def multi_interest(self) -> bool:
+        """True when the user tower gives several interest vectors (MIND)."""
+        return self.cfg.user_tower == "mind"
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``[B, N]`` logits: cosine / temperature (inputs are unit vectors)."""
         return users @ items.T / self.cfg.temperature
+
+    def score_interests(
+        self,
+        interests: torch.Tensor,
+        active: torch.Tensor,
+        items: torch.Tensor,
+        positive_cols: torch.Tensor | None = None,
+        mode: str | None = None,
+    ) -> torch.Tensor:
+        """``[B, N]`` training logits of multi-interest users against candidate items.
+
+        Args:
+            interests: ``[B, K, dim]`` unit interest vectors.
+            active: ``[B, K]`` bool, the interests that exist.
+            items: ``[N, dim]`` unit candidate vectors.
+            positive_cols: ``[B]`` column of each row's clicked item (needed by ``label_aware``).
+            mode: ``label_aware`` (hard label-aware attention: the interest nearest the clicked
+                item scores every candidate) or ``max`` (each candidate by its nearest interest,
+                as serving merges); default ``model.mind_scoring``.
+        """
+        mode = mode or self.cfg.mind_scoring
+        sims = torch.einsum("bkd,nd->bkn", interests, items).masked_fill(~active.unsqueeze(-1), -math.inf)
+        if mode == "max":
+            best = sims.max(dim=1).values
+        elif mode == "label_aware":
+            if positive_cols is None:
+                raise ValueError("label_aware scoring needs positive_cols")
+            rows = torch.arange(interests.shape[0])
+            chosen = sims[rows, :, positive_cols].argmax(dim=1)  # [B]
+            best = sims[rows, chosen]
+        else:
+            raise ValueError(f"unknown multi-interest scoring mode {mode!r}")
+        return best / self.cfg.temperature
+
+
+def example_age_days(event_ms: Sequence[int] | np.ndarray, now_ms: int) -> torch.Tensor:
+    """``[B]`` example-age input: ``log1p`` of ``(now - event time)`` in days, clipped at 0.
+
+    The log keeps the input in a range an MLP with standard initialisation handles (a raw age
+    of months in days swamps the other inputs: measured on MovieLens-100K, recall@20 fell from
+    0.129 to 0.102 with raw days); serving feeds 0, i.e. age 0.
+    """
+    ages = (now_ms - np.asarray(event_ms, dtype=np.float64)) / MS_PER_DAY
+    return torch.from_numpy(np.log1p(np.maximum(ages, 0.0)).astype(np.float32))
 
 
 def decay_weights(ts_ms: np.ndarray, now_ms: int, half_life_s: float) -> np.ndarray:
@@ -99,6 +305,29 @@ def pool_history(vectors: np.ndarray, ts_ms: np.ndarray, now_ms: int, half_life_
     if vectors.shape[0] == 0:
         return np.zeros(vectors.shape[1], dtype=np.float32)
     return decay_weights(ts_ms, now_ms, half_life_s) @ vectors.astype(np.float32, copy=False)
+
+
+def history_tensor(
+    vectors: np.ndarray, positions: Sequence[Sequence[int]], length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded history vectors for the MIND tower.
+
+    Args:
+        vectors: ``[N, dim]`` item vectors.
+        positions: per user, row numbers into ``vectors``, newest first (cut to ``length``).
+        length: padded history length ``H``.
+
+    Returns:
+        ``[B, H, dim]`` float32 vectors (zeros as padding) and the ``[B, H]`` bool mask.
+    """
+    out = np.zeros((len(positions), length, vectors.shape[1]), dtype=np.float32)
+    mask = np.zeros((len(positions), length), dtype=bool)
+    for b, pos in enumerate(positions):
+        pos = list(pos)[:length]
+        if pos:
+            out[b, : len(pos)] = vectors[pos]
+            mask[b, : len(pos)] = True
+    return torch.from_numpy(out), torch.from_numpy(mask)
 
 
 def fit_features(values: Sequence[float] | None, dim: int) -> np.ndarray:
