@@ -40,9 +40,13 @@ mkdir -p "$cache"
     # Re-point the editable install if it belongs to another clone (or was never made).
     # (Run from / so that the current directory does not shadow the installed package.)
     where="$(cd / && "$venv/bin/python" -c 'import pathlib, twotower; print(pathlib.Path(twotower.__file__).resolve().parents[1])' 2>/dev/null || true)"
-    if [[ "$where" != "$root" ]]; then
+    # Also when pyproject.toml changed (e.g. a new package in the list): editable installs map
+    # packages statically.
+    stamp="$(sha256sum "$root/pyproject.toml" | cut -c1-16)"
+    if [[ "$where" != "$root" || "$(cat "$venv/.project-stamp" 2>/dev/null)" != "$stamp" ]]; then
         echo "venv.sh: installing $root into $venv (editable, no deps)" >&2
         "$venv/bin/python" -m pip install --quiet --no-deps -e "$root" >&2
+        echo "$stamp" > "$venv/.project-stamp"
     fi
 ) 9>"$cache/venv-$key.lock"
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import typer
 
+from bench.cli import app as bench_app
+from evaluation.cli import app as evaluate_app
 from producers.cli import app as produce_app
 from publisher.cli import app as publish_app
 from retriever.cli import serve_command
@@ -52,6 +54,8 @@ app.command("schedule")(schedule_command)
 app.add_typer(publish_app, name="publish", help="Publish snapshots and indexes to Redis (daemon), or roll back.")
 app.command("serve")(serve_command)
 app.command("demo")(demo_command)
+app.add_typer(evaluate_app, name="evaluate", help="Prequential replay evaluation of several policies side by side.")
+app.add_typer(bench_app, name="bench", help="Benchmarks of the serving path; each writes --json OUT.")
 
 
 def main() -> None:

@@ -16,8 +16,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from rich.table import Table
 from twotower import infra
 from twotower.config import KafkaConfig, load_config
 from twotower.kafka_io import Topics, ensure_topics, make_consumer
+from twotower.processes import DaemonProcess
 
 log = logging.getLogger(__name__)
 
@@ -83,45 +82,17 @@ def scrape(url: str, timeout_s: float = 2.0) -> dict[str, float] | None:
 
 
 @dataclass
-class Daemon:
-    name: str
-    args: list[str]
-    metrics_url: str
-    health_url: str
-    log_path: Path
-    process: subprocess.Popen | None = None
+class Daemon(DaemonProcess):
+    """A daemon of the demo, with the endpoints its figures and health are read from."""
+
+    metrics_url: str = ""
+    health_url: str = ""
     last: dict[str, float] = field(default_factory=dict)
-
-    def start(self, env: Mapping[str, str]) -> None:
-        with open(self.log_path, "ab") as fh:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "twotower.cli", *self.args],
-                env=dict(env),
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C reaches the demo, which stops daemons in order
-            )
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def refresh(self) -> None:
         got = scrape(self.metrics_url)
         if got is not None:
             self.last = got
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
 
 
 @dataclass
@@ -257,9 +228,9 @@ def run_demo(duration_s: float, rate: float | None, state_root: Path, console: C
             daemons[name] = Daemon(
                 name,
                 extra_args,
-                f"http://127.0.0.1:{port}/metrics",
-                f"http://127.0.0.1:{port}/health",
                 run_dir / "logs" / f"{name}.log",
+                metrics_url=f"http://127.0.0.1:{port}/metrics",
+                health_url=f"http://127.0.0.1:{port}/health",
             )
             proc_env = dict(env)
             if name != "retriever":

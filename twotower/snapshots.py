@@ -34,6 +34,7 @@ from twotower.blobs import BlobError, checksum
 FULL = "full"
 DELTA = "delta"
 DEFAULT_CHUNK_BYTES = 8 << 20
+READ_BATCH = 2
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,10 @@ class SnapshotStore:
         if name not in meta.parts:
             raise SnapshotError(f"version {meta.version} has no part {name!r}")
         sha, size, chunks = meta.parts[name]
-        values = self.redis.mget([self.layout.chunk(meta.version, name, i) for i in range(chunks)])
+        # A few chunks per round trip: one MGET of a 500 MB part blocks every other Redis client
+        # (the retrievers' request path among them) for most of a second.
+        keys = [self.layout.chunk(meta.version, name, i) for i in range(chunks)]
+        values = [v for i in range(0, chunks, READ_BATCH) for v in self.redis.mget(keys[i : i + READ_BATCH])]
         if any(v is None for v in values):
             raise SnapshotError(f"version {meta.version} part {name!r} is missing chunks")
         data = b"".join(values)

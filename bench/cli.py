@@ -1,0 +1,155 @@
+"""``twotower bench …``: the serving benchmarks; each prints its JSON report and writes it to ``--json OUT``.
+
+Heavy modules (torch, faiss, Kafka clients) are imported inside the commands, so that
+``twotower --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Benchmarks: retriever latency/QPS under swaps, click freshness, cold-item latency.",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+JSON_HELP = "Write the JSON report to this file (it is printed to stdout too)."
+
+
+def _stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that every started daemon and service is stopped on the way out."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s bench %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("kafka", "urllib3", "httpx", "httpcore", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _parse_sets(values: list[str]) -> dict[str, str]:
+    """``section.field=value`` → ``TWOTOWER_SECTION__FIELD`` environment entries."""
+    out: dict[str, str] = {}
+    for value in values:
+        key, sep, setting = value.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not section or not name:
+            raise typer.BadParameter(f"--set wants section.field=value, got {value!r}")
+        out[f"TWOTOWER_{section.upper()}__{name.upper()}"] = setting
+    return out
+
+
+@app.command("retriever")
+def retriever_command(
+    items: int = typer.Option(100_000, "--items", help="Catalogue size (random unit vectors, dim 64)."),
+    duration_s: float = typer.Option(20.0, "--duration-s", help="Seconds of measured load."),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Open connections of the load generator."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Retriever worker processes."),
+    swaps: int = typer.Option(10, "--swaps", min=0, help="Versions published during the load (delta, full, ...)."),
+    users: int = typer.Option(10_000, "--users", min=1, help="Users in the snapshot (each with a history)."),
+    k: int = typer.Option(10, "--k", min=1, help="Items per request."),
+    index: str = typer.Option("auto", "--index", help="Index kind for build_index: auto, flat, hnsw or ivf."),
+    load_tool: str = typer.Option("auto", "--load-tool", help="wrk, python, or auto (wrk when installed)."),
+    wrk_threads: int = typer.Option(1, "--wrk-threads", min=1, help="wrk threads (each takes a core's share)."),
+    warmup_s: float = typer.Option(2.0, "--warmup-s", min=0, help="Unmeasured load before the run."),
+    floor_requests: int = typer.Option(3_000, "--floor-requests", min=10, help="Requests of the in-process floor."),
+    swap_kinds: str = typer.Option("alternate", "--swap-kinds", help="alternate (delta, full, ...), delta or full."),
+    index_cache: Path | None = typer.Option(
+        None, "--index-cache", help="Keep built indexes in this directory and reuse them (same items, kind, seed)."
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """HTTP p50/p99 and QPS of the real retriever, the in-process compute floor beside it, and
+    errors counted while snapshot versions are swapped in under the load.
+
+    Redis is started on a free port unless REDIS_URL is set. An HNSW build over 1M items takes
+    many minutes (260 s on 2 idle threads, 16-26 min on a busy 2-core machine): pass
+    --index-cache DIR to build it once and reuse it.
+    """
+    _stop_on_sigterm()
+    _setup_logging(verbose)
+    from bench.common import write_report
+    from bench.retriever import RetrieverBenchOptions, run
+
+    opts = RetrieverBenchOptions(
+        items=items,
+        duration_s=duration_s,
+        concurrency=concurrency,
+        workers=workers,
+        swaps=swaps,
+        users=users,
+        k=k,
+        index_kind=index,
+        floor_requests=floor_requests,
+        warmup_s=warmup_s,
+        load_tool=load_tool,
+        wrk_threads=wrk_threads,
+        swap_kinds=swap_kinds,
+        index_cache=index_cache,
+    )
+    typer.echo(write_report(run(opts), json_out))
+
+
+@app.command("freshness")
+def freshness_command(
+    clicks: int = typer.Option(50, "--clicks", min=1, help="Probe clicks (one at a time)."),
+    catalog: int = typer.Option(1_000, "--catalog", min=20, help="Items in the seeded catalogue."),
+    background_rate: float = typer.Option(
+        20.0, "--background-rate", min=0, help="Events per second of other users meanwhile (0: a silent system)."
+    ),
+    timeout_s: float = typer.Option(30.0, "--timeout-s", min=1, help="Longest wait per probe and path."),
+    settings: list[str] = typer.Option(
+        [], "--set", help="section.field=value passed to every daemon (default settings otherwise)."
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+    logs: Path | None = typer.Option(None, "--logs", help="Copy the daemons' logs into this directory."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Click produced → served result reflects it (history path, target p95 <= 1 s) and
+    → the trainer's updated ID rows for that user and item are served (parameter path,
+    target p95 <= 5 s), with the real Kafka, Redis, trainer, publisher and retriever.
+    """
+    _stop_on_sigterm()
+    _setup_logging(verbose)
+    from bench.common import SystemOptions, write_report
+    from bench.freshness import run
+
+    opts = SystemOptions(catalog=catalog, background_rate=background_rate, env_overrides=_parse_sets(settings))
+    typer.echo(write_report(run(opts, clicks=clicks, timeout_s=timeout_s, keep_logs=logs), json_out))
+
+
+@app.command("cold-item")
+def cold_item_command(
+    items: int = typer.Option(20, "--items", min=1, help="New catalogue items published (one at a time)."),
+    catalog: int = typer.Option(1_000, "--catalog", min=20, help="Items in the seeded catalogue."),
+    background_rate: float = typer.Option(20.0, "--background-rate", min=0, help="Events per second meanwhile."),
+    timeout_s: float = typer.Option(30.0, "--timeout-s", min=1, help="Longest wait per item."),
+    settings: list[str] = typer.Option([], "--set", help="section.field=value passed to every daemon."),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+    logs: Path | None = typer.Option(None, "--logs", help="Copy the daemons' logs into this directory."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Catalogue event → the new item is returned by the retriever (target <= 2 s)."""
+    _stop_on_sigterm()
+    _setup_logging(verbose)
+    from bench.cold_item import run
+    from bench.common import SystemOptions, write_report
+
+    opts = SystemOptions(catalog=catalog, background_rate=background_rate, env_overrides=_parse_sets(settings))
+    typer.echo(write_report(run(opts, items=items, timeout_s=timeout_s, keep_logs=logs), json_out))

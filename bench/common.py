@@ -1,0 +1,471 @@
+"""What the benchmarks share: machine facts, percentiles, services, daemon subprocesses, polling.
+
+Every process a benchmark starts is started here and stopped by the same object (its own
+process group, SIGTERM then SIGKILL), and every service is started through
+:func:`twotower.infra.up` into a temporary state directory on free loopback ports unless
+``KAFKA_BOOTSTRAP`` / ``REDIS_URL`` name running ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from twotower import infra
+from twotower.config import load_config
+from twotower.events import CatalogItem, Interaction, Record
+from twotower.kafka_io import Topics, ensure_topics, make_producer, send_record
+from twotower.processes import DaemonProcess
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+
+
+# --- facts and figures --------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    """CPU count and model, memory, load average and Python version of this machine."""
+    model = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 1024**2, 1)
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "mem_gib": mem_gib,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+    }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) by linear interpolation; ``nan`` for no values.
+
+    ``inf`` values (timeouts) sort last, so a percentile that reaches them is ``inf``.
+    """
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    if lo == hi or math.isinf(ordered[hi]):
+        return ordered[hi] if math.isinf(ordered[hi]) else ordered[lo]
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize_s(values_s: Sequence[float], digits: int = 3) -> dict[str, Any]:
+    """p50/p95/max/mean of durations in seconds (``None`` where a timeout, ``inf``, is reached)."""
+    finite = [v for v in values_s if math.isfinite(v)]
+
+    def clean(x: float) -> float | None:
+        return round(x, digits) if math.isfinite(x) else None
+
+    return {
+        "n": len(values_s),
+        "timeouts": len(values_s) - len(finite),
+        "p50_s": clean(percentile(values_s, 50)),
+        "p95_s": clean(percentile(values_s, 95)),
+        "max_s": clean(max(values_s)) if values_s else None,
+        "mean_s": clean(sum(finite) / len(finite)) if finite else None,
+    }
+
+
+def write_report(report: Mapping[str, Any], out: Path | None) -> str:
+    """The report as indented JSON, also written to ``out`` (parents created) when given."""
+    text = json.dumps(report, indent=2, sort_keys=False, allow_nan=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    return text
+
+
+def session_cpu_s(session_id: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a session.
+
+    A daemon started by :class:`DaemonProcess` leads its own session, so this covers it and
+    every worker it forked.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        # after the command name: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+        if int(fields[3]) == session_id:
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def redis_cpu_s(client: redis.Redis) -> float:
+    """CPU seconds the Redis server has used (``INFO cpu``: user + system, main and children)."""
+    info = client.info("cpu")
+    return float(info.get("used_cpu_user", 0.0)) + float(info.get("used_cpu_sys", 0.0))
+
+
+# --- ports, services, waiting -------------------------------------------------------------------
+def free_ports(count: int) -> list[int]:
+    """Distinct loopback ports nobody listens on (held open together so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@contextlib.contextmanager
+def services(needed: Collection[str], env: Mapping[str, str] | None = None) -> Iterator[infra.Endpoints]:
+    """Kafka and/or Redis for the length of the block.
+
+    Services named by ``KAFKA_BOOTSTRAP`` / ``REDIS_URL`` in ``env`` are used as they are;
+    the others are started by :func:`twotower.infra.up` into a temporary directory on free
+    ports and stopped (by :func:`twotower.infra.down`, which stops only what it started) at
+    the end.
+    """
+    env = os.environ if env is None else env
+    state = Path(tempfile.mkdtemp(prefix="twotower-bench-infra-"))
+    kafka_port, controller_port, redis_port = free_ports(3)
+    started = time.monotonic()
+    try:
+        endpoints = infra.up(
+            state,
+            kafka_port=kafka_port,
+            controller_port=controller_port,
+            redis_port=redis_port,
+            services=list(needed),
+            env=env,
+        )
+        log.info("services ready in %.1f s: %s", time.monotonic() - started, endpoints)
+        yield endpoints
+    finally:
+        infra.down(state, services=list(needed))
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
+    """Call ``predicate`` until it returns something truthy (returned), at most ``timeout_s``.
+
+    Raises:
+        TimeoutError: naming ``what``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def http_json(client: httpx.Client, url: str, **params: Any) -> tuple[int, Any]:
+    """(status, decoded JSON or None) of a GET; status 0 when the server cannot be reached."""
+    try:
+        response = client.get(url, params=params or None)
+    except httpx.HTTPError:
+        return 0, None
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, None
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def scrape(url: str, timeout_s: float = 5.0) -> list[Sample]:
+    """Every sample of a Prometheus endpoint (empty when unreachable)."""
+    try:
+        text = httpx.get(url, timeout=timeout_s).text
+    except httpx.HTTPError:
+        return []
+    return [
+        Sample(s.name, dict(s.labels), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
+
+
+def metric_sum(samples: Sequence[Sample], name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def delete_prefix(redis_url: str, prefix: str) -> int:
+    """Delete every key under ``prefix:`` (a benchmark's own keys on a shared Redis)."""
+    client = redis.Redis.from_url(redis_url)
+    deleted = 0
+    try:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{prefix}:*", count=5000):
+            batch.append(key)
+            if len(batch) >= 5000:
+                deleted += client.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += client.unlink(*batch)
+    finally:
+        client.close()
+    return deleted
+
+
+# --- daemons ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def running(daemons: Sequence[DaemonProcess]) -> Iterator[None]:
+    """Stop ``daemons`` (in reverse order) when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        for daemon in reversed(daemons):
+            try:
+                daemon.stop()
+            except Exception:
+                log.exception("stopping %s failed", daemon.name)
+
+
+# --- a live system: Kafka + Redis + trainer + publisher + retriever -----------------------------
+@dataclass(frozen=True)
+class SystemOptions:
+    """What :func:`live_system` seeds and how the daemons are configured."""
+
+    catalog: int = 1_000
+    """Items in the seeded catalogue."""
+    categories: int = 20
+    """Categories of the seeded catalogue (each probe user likes two of them)."""
+    users: int = 200
+    """Warm users (the freshness probes click as them; nobody else does)."""
+    warm_clicks: int = 5
+    """Clicks of each warm user on items of its two categories before the probes."""
+    background_rate: float = 20.0
+    """Events per second (30 % clicks, 70 % impressions) of other users while the system runs."""
+    background_users: int = 200
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    """Extra ``TWOTOWER_<SECTION>__<FIELD>`` settings for every daemon (none: default settings)."""
+    seed: int = 0
+    ready_timeout_s: float = 180.0
+
+
+class LiveSystem:
+    """The running daemons, the bench's Kafka producer and what was seeded (use :func:`live_system`)."""
+
+    def __init__(self, opts: SystemOptions, endpoints: infra.Endpoints, workdir: Path) -> None:
+        self.opts = opts
+        self.tag = f"bench{int(time.time())}{os.getpid() % 1000:03d}"
+        self.workdir = workdir
+        (self.retriever_port,) = free_ports(1)
+        self.base_url = f"http://{HOST}:{self.retriever_port}"
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        env.update(
+            {
+                **endpoints.as_env(),
+                "TWOTOWER_KAFKA__TOPIC_PREFIX": f"{self.tag}-",
+                "TWOTOWER_REDIS__KEY_PREFIX": self.tag,
+                "TWOTOWER_TRAINER__STATE_DIR": str(workdir / "trainer"),
+                "TWOTOWER_TRAINER__GROUP_ID": f"{self.tag}-trainer",
+                "TWOTOWER_PUBLISHER__GROUP_ID": f"{self.tag}-publisher",
+                "TWOTOWER_RETRIEVER__HOST": HOST,
+                "TWOTOWER_RETRIEVER__PORT": str(self.retriever_port),
+                "TWOTOWER_OBSERVABILITY__LOG_FORMAT": "json",
+                **opts.env_overrides,
+            }
+        )
+        self.env = env
+        self.cfg = load_config(env=env)
+        self.redis_url = endpoints.redis_url
+        self.daemons = [
+            DaemonProcess("trainer", ["train", "stream"], workdir / "logs" / "trainer.log"),
+            DaemonProcess("publisher", ["publish"], workdir / "logs" / "publisher.log"),
+            DaemonProcess(
+                "retriever", ["serve", "--port", str(self.retriever_port)], workdir / "logs" / "retriever.log"
+            ),
+        ]
+        self.rng = random.Random(opts.seed)
+        self.item_category: dict[str, str] = {}
+        self.category_items: dict[str, list[str]] = {}
+        self.user_homes: dict[str, tuple[str, str]] = {}
+        self.producer: Any = None
+        self._bg_stop = threading.Event()
+        self._bg_thread: Any = None
+        self.background_sent = 0
+
+    # --- events -------------------------------------------------------------------------
+    def send(self, record: Record, wait: bool = True) -> None:
+        """Produce one record to its topic (waiting for the broker's ack when ``wait``)."""
+        topics = Topics(self.cfg.kafka.topic_prefix)
+        if isinstance(record, Interaction):
+            topic = topics.events
+        elif isinstance(record, CatalogItem):
+            topic = topics.catalog
+        else:
+            topic = topics.profiles
+        future = send_record(self.producer, topic, record)
+        if wait:
+            future.get(timeout=30)
+
+    def click(self, user_id: str, item_id: str, kind: str = "click", ts_ms: int | None = None) -> Interaction:
+        """An interaction record (a click by default) at ``ts_ms`` (default: now)."""
+        return Interaction(
+            event_id=uuid_hex(),
+            request_id=uuid_hex(),
+            user_id=user_id,
+            item_id=item_id,
+            type=kind,
+            position=0,
+            ts_ms=int(time.time() * 1000) if ts_ms is None else ts_ms,
+        )
+
+    def catalog_item(self, item_id: str, category: str) -> CatalogItem:
+        """A catalogue record with random content features, timestamped now."""
+        features = [self.rng.gauss(0.0, 1.0) for _ in range(self.cfg.model.content_dim)]
+        return CatalogItem(item_id, category, features, int(time.time() * 1000), title=f"title of {item_id}")
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        ensure_topics(self.cfg.kafka)
+        self.producer = make_producer(self.cfg.kafka, client_id="twotower-bench")
+        for daemon in self.daemons:
+            daemon.start(self.env)
+        opts = self.opts
+        for j in range(opts.catalog):
+            item_id, category = f"it{j}", f"cat{j % opts.categories}"
+            self.item_category[item_id] = category
+            self.category_items.setdefault(category, []).append(item_id)
+            self.send(self.catalog_item(item_id, category), wait=False)
+        categories = sorted(self.category_items)
+        for i in range(opts.users):
+            user = f"user{i}"
+            homes = tuple(self.rng.sample(categories, 2))
+            self.user_homes[user] = homes  # type: ignore[assignment]
+            for _ in range(opts.warm_clicks):
+                self.send(self.click(user, self.rng.choice(self.category_items[self.rng.choice(homes)])), wait=False)
+        self.producer.flush(timeout=60)
+        log.info("seeded %d items and %d warm users; waiting for the retriever", opts.catalog, opts.users)
+        started = time.monotonic()
+        with httpx.Client(timeout=5.0) as http:
+
+            def ready() -> bool:
+                for daemon in self.daemons:
+                    daemon.check_alive()
+                status, body = http_json(http, f"{self.base_url}/ready")
+                return status == 200 and body["items"] >= opts.catalog
+
+            wait_until(ready, opts.ready_timeout_s, "the retriever to serve the seeded catalogue", 0.5)
+        log.info("system ready in %.1f s", time.monotonic() - started)
+        if opts.background_rate > 0:
+            self._bg_thread = threading.Thread(target=self._background, name="background", daemon=True)
+            self._bg_thread.start()
+
+    def _background(self) -> None:
+        """Other users' traffic at ``background_rate`` events/s until stopped."""
+        interval = 1.0 / self.opts.background_rate
+        rng = random.Random(self.opts.seed + 1)
+        items = list(self.item_category)
+        next_at = time.monotonic()
+        while not self._bg_stop.is_set():
+            user = f"bg{rng.randrange(self.opts.background_users)}"
+            kind = "click" if rng.random() < 0.3 else "impression"
+            try:
+                self.send(self.click(user, rng.choice(items), kind), wait=False)
+                self.background_sent += 1
+            except Exception:
+                log.exception("background send failed")
+            next_at += interval
+            self._bg_stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def check_alive(self) -> None:
+        for daemon in self.daemons:
+            daemon.check_alive()
+
+    def stop(self) -> None:
+        self._bg_stop.set()
+        if self._bg_thread is not None:
+            self._bg_thread.join(10)
+        try:
+            if self.producer is not None:
+                self.producer.close(timeout=10)
+        finally:
+            for daemon in reversed(self.daemons):
+                try:
+                    daemon.stop()
+                except Exception:
+                    log.exception("stopping %s failed", daemon.name)
+
+    def describe(self) -> dict[str, Any]:
+        """What the report says about the system under test."""
+        return {
+            "catalog": self.opts.catalog,
+            "categories": self.opts.categories,
+            "warm_users": self.opts.users,
+            "background_rate_per_s": self.opts.background_rate,
+            "background_events_sent": self.background_sent,
+            "settings": dict(self.opts.env_overrides) or "defaults",
+            "trainer_checkpoint_interval_s": self.cfg.trainer.checkpoint_interval_s,
+            "trainer_out_of_order_ms": self.cfg.trainer.out_of_order_ms,
+            "publisher_poll_interval_s": self.cfg.publisher.poll_interval_s,
+            "retriever_workers": self.cfg.retriever.workers,
+            "logs": str(self.workdir / "logs"),
+        }
+
+
+def uuid_hex() -> str:
+    return os.urandom(8).hex()
+
+
+@contextlib.contextmanager
+def live_system(
+    opts: SystemOptions, env: Mapping[str, str] | None = None, keep_logs: Path | None = None
+) -> Iterator[LiveSystem]:
+    """Kafka, Redis and the trainer, publisher and retriever daemons, seeded and ready.
+
+    Args:
+        opts: what to seed and how to configure the daemons.
+        env: where ``KAFKA_BOOTSTRAP`` / ``REDIS_URL`` may name running services (default
+            ``os.environ``).
+        keep_logs: copy the daemons' logs there at the end (they live in a temporary directory).
+    """
+    with services(["kafka", "redis"], env) as endpoints, tempfile.TemporaryDirectory(prefix="twotower-bench-") as tmp:
+        system = LiveSystem(opts, endpoints, Path(tmp))
+        try:
+            system.start()
+            yield system
+        finally:
+            system.stop()
+            with contextlib.suppress(Exception):
+                delete_prefix(endpoints.redis_url, system.tag)
+            if keep_logs is not None:
+                shutil.copytree(Path(tmp) / "logs", keep_logs, dirs_exist_ok=True)

@@ -1,0 +1,126 @@
+"""Smoke runs of the benchmarks: tiny sizes, checking the report's fields and that its numbers
+are sane (never how fast anything is: that is what the benchmarks themselves report)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bench.cli import _parse_sets, app
+from bench.common import SystemOptions, live_system, percentile, summarize_s, write_report
+from bench.retriever import RetrieverBenchOptions, swap_times
+
+TOOLS = ["python", pytest.param("wrk", marks=pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed"))]
+
+
+# --- pure helpers --------------------------------------------------------------------------------
+def test_percentile_interpolates_and_handles_timeouts() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile([5.0], 99) == 5.0
+    assert math.isnan(percentile([], 50))
+    assert math.isinf(percentile([1.0, 2.0, math.inf], 99))
+
+
+def test_summary_reports_timeouts_as_null_not_as_fast() -> None:
+    summary = summarize_s([0.1, 0.2, math.inf])
+    assert summary["n"] == 3 and summary["timeouts"] == 1
+    assert summary["p50_s"] == 0.2
+    assert summary["p95_s"] is None and summary["max_s"] is None
+    assert summary["mean_s"] == pytest.approx(0.15)
+    json.loads(write_report({"s": summary}, None))  # valid JSON, no NaN/Infinity
+
+
+def test_swap_times_fall_inside_the_load() -> None:
+    times = swap_times(10, 20.0)
+    assert len(times) == 10 and times == sorted(times)
+    assert times[0] >= 2.0 and times[-1] <= 16.0
+    assert swap_times(0, 20.0) == []
+
+
+def test_set_options_become_environment_variables() -> None:
+    assert _parse_sets(["trainer.checkpoint_interval_s=1"]) == {"TWOTOWER_TRAINER__CHECKPOINT_INTERVAL_S": "1"}
+
+
+def test_cli_lists_the_three_benchmarks() -> None:
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("retriever", "freshness", "cold-item"):
+        assert name in result.output
+
+
+# --- live smoke runs -----------------------------------------------------------------------------
+@pytest.mark.integration
+@pytest.mark.parametrize("tool", TOOLS)
+def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> None:
+    from bench.retriever import run
+
+    opts = RetrieverBenchOptions(
+        items=2_000,
+        users=200,
+        duration_s=2.0,
+        warmup_s=1.0,
+        concurrency=2,
+        workers=1,
+        swaps=2,
+        floor_requests=100,
+        load_tool=tool,
+    )
+    report = run(opts, env={"REDIS_URL": redis_url})
+    out = tmp_path / "retriever.json"
+    write_report(report, out)
+    report = json.loads(out.read_text())
+
+    assert report["items"] == 2_000 and report["tool"] == tool
+    assert report["index"]["kind"] == "flat" and report["index"]["recall_at_10"] == 1.0
+    http = report["http"]
+    for key in ("p50_ms", "p90_ms", "p99_ms", "qps", "requests", "errors", "non_200"):
+        assert key in http
+    assert http["requests"] > 0 and http["qps"] > 0
+    assert 0 < http["p50_ms"] <= http["p90_ms"] <= http["p99_ms"]
+    assert http["non_200"] == 0  # a swap must never fail a request
+    floor = report["floor"]
+    assert 0 < floor["p50_ms"] <= floor["p99_ms"]
+    assert report["swaps"]["published"] == 2 and report["swaps"]["publish_error"] is None
+    assert report["swaps_done"] >= 1
+    assert report["machine"]["nproc"] >= 1 and report["machine"]["cpu_model"]
+    assert set(report["targets"]) >= {"p99_le_3ms", "qps_ge_1500", "p99_le_2x_floor", "zero_errors"}
+
+
+@pytest.mark.integration
+def test_freshness_and_cold_item_smoke(kafka_bootstrap: str, redis_url: str) -> None:
+    from bench import cold_item, freshness
+
+    opts = SystemOptions(
+        catalog=100,
+        categories=5,
+        users=6,
+        warm_clicks=3,
+        background_rate=5.0,
+        background_users=10,
+        # the harness is under test here, not the default latencies: checkpoint often
+        env_overrides={"TWOTOWER_TRAINER__CHECKPOINT_INTERVAL_S": "1"},
+        ready_timeout_s=120.0,
+    )
+    with live_system(opts, env={"KAFKA_BOOTSTRAP": kafka_bootstrap, "REDIS_URL": redis_url}) as system:
+        fresh = freshness.measure(system, clicks=2, timeout_s=60.0)
+        cold = cold_item.measure(system, items=2, timeout_s=60.0)
+        described = system.describe()
+
+    assert fresh["clicks"] == 2
+    for path in ("history_path", "parameter_path"):
+        summary = fresh[path]
+        assert summary["n"] == 2 and summary["timeouts"] == 0
+        assert 0 < summary["p50_s"] <= summary["p95_s"] <= summary["max_s"]
+        assert isinstance(summary["meets_target"], bool)
+    for probe in fresh["probes"]:
+        assert probe["params_version"] is not None and probe["item_row_in_same_version"] is True
+        assert probe["history_s"] > 0 and probe["params_s"] > 0
+    assert cold["items"] == 2 and cold["retrievable"]["timeouts"] == 0
+    assert all(p["retrievable_s"] > 0 for p in cold["probes"])
+    assert described["settings"] == {"TWOTOWER_TRAINER__CHECKPOINT_INTERVAL_S": "1"}
+    json.loads(write_report({"freshness": fresh, "cold_item": cold}, None))
