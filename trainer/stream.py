@@ -29,7 +29,7 @@ from twotower import checkpoint
 from twotower.config import Config
 from twotower.daemon import Daemon
 from twotower.events import CatalogItem, Interaction, Profile
-from twotower.kafka_io import RecordDecoder, ensure_topics, make_consumer, make_producer
+from twotower.kafka_io import RecordDecoder, ensure_topics, make_consumer, make_producer, subscribe
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,12 @@ class _SeekToCheckpoint(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: Any) -> None:
         self.trainer.assigned = bool(assigned)
         self.trainer.last_record = time.monotonic()
+        # The seek itself happens in the main loop (see StreamTrainer._apply_seeks): a seek from
+        # this callback did not reliably take effect, and the restart then re-read from the start.
         for tp in assigned:
             offset = self.trainer.resume_offsets.get((tp.topic, tp.partition))
             if offset is not None:
-                self.trainer.consumer.seek(tp, offset)
+                self.trainer.pending_seeks[tp] = offset
 
 
 class StreamTrainer(Daemon):
@@ -120,6 +122,7 @@ class StreamTrainer(Daemon):
         self.last_checkpoint = time.monotonic()
         self.last_record = time.monotonic()
         self.assigned = False
+        self.pending_seeks: dict[Any, int] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
     def startup(self) -> None:
@@ -140,11 +143,12 @@ class StreamTrainer(Daemon):
         self.producer = make_producer(self.cfg.kafka)
         self.decoder = RecordDecoder(self.producer)
         self.consumer = make_consumer(self.cfg.kafka, self.tcfg.group_id)
-        self.consumer.subscribe([topics.events, topics.catalog, topics.profiles], listener=_SeekToCheckpoint(self))
+        subscribe(self.consumer, [topics.events, topics.catalog, topics.profiles], listener=_SeekToCheckpoint(self))
 
     def main_loop(self) -> None:
         while not self.shutdown_flag.is_set():
             polled = self.consumer.poll(timeout_ms=100, max_records=5_000)
+            polled = self._apply_seeks(polled)
             now = time.monotonic()
             if polled:
                 self.last_record = now
@@ -160,6 +164,16 @@ class StreamTrainer(Daemon):
             if self.max_idle_s is not None and self.assigned and idle >= self.max_idle_s:
                 log.info("idle for %.1f s: stopping", idle)
                 break
+
+    def _apply_seeks(self, polled: dict) -> dict:
+        """Move newly assigned partitions to the checkpoint's offsets; drop what was fetched before."""
+        if not self.pending_seeks:
+            return polled
+        seeks, self.pending_seeks = self.pending_seeks, {}
+        for tp, offset in seeks.items():
+            if tp in self.consumer.assignment():
+                self.consumer.seek(tp, offset)
+        return {tp: msgs for tp, msgs in polled.items() if tp not in seeks}
 
     def shutdown(self) -> None:
         try:

@@ -133,14 +133,27 @@ def make_consumer(
         "session_timeout_ms": cfg.session_timeout_ms,
         "heartbeat_interval_ms": max(cfg.session_timeout_ms // 3, 300),
         "max_poll_records": 2_000,
+        # A group leader that joins before it has a topic's metadata assigns no partition of it;
+        # a short metadata age bounds how long such an empty assignment can last.
+        "metadata_max_age_ms": 10_000,
         "client_id": "twotower",
     }
     options.update(overrides)
     consumer = KafkaConsumer(**options)
     topics = list(topics)
     if topics:
-        consumer.subscribe(topics)
+        subscribe(consumer, topics)
     return consumer
+
+
+def subscribe(consumer: KafkaConsumer, topics: list[str], listener: object | None = None) -> None:
+    """Subscribe after fetching the topics' metadata, so the first group assignment covers them."""
+    for topic in topics:
+        consumer.partitions_for_topic(topic)
+    if listener is None:
+        consumer.subscribe(topics)
+    else:
+        consumer.subscribe(topics, listener=listener)
 
 
 def send_record(producer: KafkaProducer, topic: str, record: Record):
