@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import redis
@@ -33,6 +35,22 @@ def _store(cfg: Config) -> SnapshotStore:
     return SnapshotStore(redis.Redis.from_url(cfg.redis.url), SnapshotLayout(cfg.redis.key_prefix))
 
 
+@contextlib.contextmanager
+def _opened_store(cfg: Config, context: str = "") -> Iterator[SnapshotStore]:
+    """The snapshot store, closed afterwards; snapshot and Redis errors end the command with exit 1."""
+    store = _store(cfg)
+    try:
+        yield store
+    except SnapshotError as exc:
+        typer.echo(f"error: {context}{exc}", err=True)
+        raise typer.Exit(1) from None
+    except redis.RedisError as exc:
+        typer.echo(f"error: redis at {cfg.redis.url}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        store.redis.close()
+
+
 @app.callback()
 def _main(ctx: typer.Context) -> None:
     """Without a subcommand: run the publisher daemon (snapshot loop + serving-state writer)."""
@@ -54,18 +72,9 @@ def rollback_command(
     again: stop the publisher first if the rollback must last.
     """
     cfg = _config()
-    store = _store(cfg)
-    try:
+    with _opened_store(cfg, f"cannot roll back to version {version}: ") as store:
         before = store.current_version()
         store.rollback(version)
-    except SnapshotError as exc:
-        typer.echo(f"error: cannot roll back to version {version}: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except redis.RedisError as exc:
-        typer.echo(f"error: redis at {cfg.redis.url}: {exc}", err=True)
-        raise typer.Exit(1) from None
-    finally:
-        store.redis.close()
     typer.echo(f"current version {before} -> {version}")
     typer.echo("note: a running publisher's next version supersedes this rollback", err=True)
 
@@ -98,20 +107,11 @@ def status_command(
 ) -> None:
     """Show the current version, the chain a retriever applies to serve it, and what is stored."""
     cfg = _config()
-    store = _store(cfg)
-    try:
+    with _opened_store(cfg) as store:
         current = store.current_version()
         stored = [int(v) for v in store.redis.zrange(store.layout.versions, 0, -1)]
         chain = [_describe(m) for m in store.chain(current)] if current is not None else []
         fulls = [v for v in stored if store.meta(v).kind == FULL]
-    except SnapshotError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except redis.RedisError as exc:
-        typer.echo(f"error: redis at {cfg.redis.url}: {exc}", err=True)
-        raise typer.Exit(1) from None
-    finally:
-        store.redis.close()
     report = {"current": current, "chain": chain, "stored_versions": stored, "full_versions": fulls}
     if as_json:
         typer.echo(json.dumps(report))
