@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 
 import msgpack
 import redis
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError
+from kafka import KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 from prometheus_client import Counter
 
 from twotower.config import Config
 from twotower.events import CLICK, CatalogItem, Interaction, Profile, Record
-from twotower.kafka_io import RecordDecoder, Topics, make_consumer, make_producer
+from twotower.kafka_io import PartitionAssigner, RecordDecoder, Topics, make_consumer, make_producer
 from twotower.snapshots import SnapshotLayout
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def queue_writes(
 
 
 class ServingStateWriter:
-    """Consumes events, catalogue and profiles in the publisher's group and writes Redis.
+    """Consumes events, catalogue and profiles and writes Redis; offsets commit under ``publisher.group_id``.
 
     Owns its clients (one consumer, one producer for dead letters, one Redis connection), so
     it must be used from one thread.
@@ -131,7 +131,6 @@ class ServingStateWriter:
         cfg: Config,
         *,
         client: redis.Redis | None = None,
-        consumer: KafkaConsumer | None = None,
         producer: KafkaProducer | None = None,
     ) -> None:
         """Connect (or adopt the given clients).
@@ -139,8 +138,6 @@ class ServingStateWriter:
         Args:
             cfg: the configuration (kafka, redis and publisher sections are used).
             client: Redis client; built from ``cfg.redis.url`` when ``None``.
-            consumer: a consumer already subscribed; by default one in ``publisher.group_id``
-                on the events, catalog and profiles topics.
             producer: producer for dead letters; built when ``None``.
         """
         self.cfg = cfg
@@ -148,15 +145,10 @@ class ServingStateWriter:
         self.topics = Topics(cfg.kafka.topic_prefix)
         self.redis = client if client is not None else redis.Redis.from_url(cfg.redis.url)
         self.producer = producer if producer is not None else make_producer(cfg.kafka, client_id="twotower-publisher")
-        self.consumer = (
-            consumer
-            if consumer is not None
-            else make_consumer(
-                cfg.kafka,
-                cfg.publisher.group_id,
-                [self.topics.events, self.topics.catalog, self.topics.profiles],
-                client_id="twotower-publisher",
-            )
+        self.consumer = make_consumer(cfg.kafka, cfg.publisher.group_id, client_id="twotower-publisher")
+        # Partitions start from the group's committed offsets (the last batch written to Redis).
+        self.assigner = PartitionAssigner(
+            self.consumer, [self.topics.events, self.topics.catalog, self.topics.profiles]
         )
         self.decoder = RecordDecoder(self.producer)
 
@@ -167,6 +159,7 @@ class ServingStateWriter:
             Exception: whatever Kafka or Redis raised; the consumer was rewound to the start
                 of the batch first, so calling again retries it.
         """
+        self.assigner.refresh()
         batch = self.consumer.poll(timeout_ms=timeout_ms)
         if not batch:
             return BatchResult()
@@ -203,16 +196,15 @@ class ServingStateWriter:
                 SERVING_RECORDS.labels(kind).inc(n)
         try:
             self.consumer.commit()
-        except CommitFailedError as exc:
-            # A rebalance took the partitions away; their new owner replays from the last commit.
-            log.warning("offset commit failed after a rebalance (the batch will be replayed): %s", exc)
+        except KafkaError as exc:  # Redis has the batch; a restart replays it (at least once)
+            log.warning("offset commit failed (the batch is replayed on restart): %s", exc)
         return result
 
     def _rewind(self, firsts: dict[TopicPartition, int]) -> None:
         for tp, offset in firsts.items():
             try:
                 self.consumer.seek(tp, offset)
-            except Exception as exc:  # a partition revoked meanwhile: its next owner replays it
+            except Exception as exc:  # a restart replays from the last commit
                 log.warning("cannot rewind %s to %d: %s", tp, offset, exc)
 
     def close(self) -> None:

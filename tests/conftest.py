@@ -58,7 +58,7 @@ def config(request: pytest.FixtureRequest, tmp_path: Path) -> Config:
     the defaults and start no services.
     """
     tag = f"t{uuid.uuid4().hex[:12]}"
-    kafka: dict[str, object] = {"topic_prefix": f"{tag}-", "session_timeout_ms": 6000}
+    kafka: dict[str, object] = {"topic_prefix": f"{tag}-"}
     redis: dict[str, object] = {"key_prefix": tag}
     if request.node.get_closest_marker("integration") is not None:
         kafka["bootstrap"] = request.getfixturevalue("kafka_bootstrap")

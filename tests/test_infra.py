@@ -109,7 +109,7 @@ def test_kafka_produce_and_consume(kafka_bootstrap: str, config: Config) -> None
         group_id=f"{config.kafka.topic_prefix}group",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
-        session_timeout_ms=config.kafka.session_timeout_ms,
+        session_timeout_ms=6000,
         heartbeat_interval_ms=1000,
     )
     try:

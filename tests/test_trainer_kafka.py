@@ -79,7 +79,6 @@ def test_killed_trainer_resumes_without_loss_or_double_apply(config: Config, tmp
         {
             "KAFKA_BOOTSTRAP": cfg.kafka.bootstrap,
             "TWOTOWER_KAFKA__TOPIC_PREFIX": cfg.kafka.topic_prefix,
-            "TWOTOWER_KAFKA__SESSION_TIMEOUT_MS": "6000",
             "TWOTOWER_TRAINER__STATE_DIR": str(cfg.trainer.state_dir),
             # another group than the restart's: the resume must come from the checkpoint alone
             "TWOTOWER_TRAINER__GROUP_ID": cfg.trainer.group_id + "-first",

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
@@ -29,7 +29,7 @@ from twotower import checkpoint
 from twotower.config import Config
 from twotower.daemon import Daemon
 from twotower.events import CatalogItem, Interaction, Profile
-from twotower.kafka_io import RecordDecoder, ensure_topics, make_consumer, make_producer, subscribe
+from twotower.kafka_io import PartitionAssigner, RecordDecoder, ensure_topics, make_consumer, make_producer
 
 log = logging.getLogger(__name__)
 
@@ -80,26 +80,6 @@ class StateLock:
             self._fh = None
 
 
-class _SeekToCheckpoint(ConsumerRebalanceListener):
-    def __init__(self, trainer: StreamTrainer) -> None:
-        self.trainer = trainer
-
-    # These run on kafka-python's network thread: no blocking client calls (no commit) here.
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        if revoked:
-            self.trainer.checkpoint(commit=False)
-
-    def on_partitions_assigned(self, assigned: Any) -> None:
-        self.trainer.assigned = bool(assigned)
-        self.trainer.last_record = time.monotonic()
-        # The seek itself happens in the main loop (see StreamTrainer._apply_seeks): a seek from
-        # this callback did not reliably take effect, and the restart then re-read from the start.
-        for tp in assigned:
-            offset = self.trainer.resume_offsets.get((tp.topic, tp.partition))
-            if offset is not None:
-                self.trainer.pending_seeks[tp] = offset
-
-
 class StreamTrainer(Daemon):
     """The streaming trainer daemon. ``max_idle_s`` stops it after that long without records (tests)."""
 
@@ -121,8 +101,7 @@ class StreamTrainer(Daemon):
         self.dirty = False
         self.last_checkpoint = time.monotonic()
         self.last_record = time.monotonic()
-        self.assigned = False
-        self.pending_seeks: dict[Any, int] = {}
+        self.assigner: PartitionAssigner | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
     def startup(self) -> None:
@@ -143,12 +122,21 @@ class StreamTrainer(Daemon):
         self.producer = make_producer(self.cfg.kafka)
         self.decoder = RecordDecoder(self.producer)
         self.consumer = make_consumer(self.cfg.kafka, self.tcfg.group_id)
-        subscribe(self.consumer, [topics.events, topics.catalog, topics.profiles], listener=_SeekToCheckpoint(self))
+        # The checkpoint is the authority on offsets: a partition it does not name starts from
+        # the beginning, whatever the group's committed offsets say.
+        self.assigner = PartitionAssigner(
+            self.consumer, [topics.events, topics.catalog, topics.profiles], start=self._start_offset
+        )
+        self.assigner.refresh(force=True)
+
+    def _start_offset(self, tp: TopicPartition) -> int:
+        return self.resume_offsets.get((tp.topic, tp.partition), 0)
 
     def main_loop(self) -> None:
+        assert self.assigner is not None
         while not self.shutdown_flag.is_set():
+            self.assigner.refresh()
             polled = self.consumer.poll(timeout_ms=100, max_records=5_000)
-            polled = self._apply_seeks(polled)
             now = time.monotonic()
             if polled:
                 self.last_record = now
@@ -161,19 +149,9 @@ class StreamTrainer(Daemon):
             if now - self.last_checkpoint >= self.tcfg.checkpoint_interval_s:
                 self.checkpoint()
                 self._report_lag()
-            if self.max_idle_s is not None and self.assigned and idle >= self.max_idle_s:
+            if self.max_idle_s is not None and self.assigner.assigned and idle >= self.max_idle_s:
                 log.info("idle for %.1f s: stopping", idle)
                 break
-
-    def _apply_seeks(self, polled: dict) -> dict:
-        """Move newly assigned partitions to the checkpoint's offsets; drop what was fetched before."""
-        if not self.pending_seeks:
-            return polled
-        seeks, self.pending_seeks = self.pending_seeks, {}
-        for tp, offset in seeks.items():
-            if tp in self.consumer.assignment():
-                self.consumer.seek(tp, offset)
-        return {tp: msgs for tp, msgs in polled.items() if tp not in seeks}
 
     def shutdown(self) -> None:
         try:

@@ -43,8 +43,6 @@ class KafkaConfig(_Section):
     record timestamps, which are event times here: a replay of old logs into a topic with a
     finite retention is deleted within minutes, so keep -1 (or a value longer than the age of
     any log you replay). The nightly retrain needs at least the last day."""
-    session_timeout_ms: int = Field(default=10_000, ge=1_000)
-    """Consumer-group session timeout; heartbeat is a third of it."""
 
 
 class RedisConfig(_Section):

@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import TopicPartition
 from prometheus_client import Counter
 
 from twotower.config import KafkaConfig
@@ -121,39 +122,76 @@ def make_producer(cfg: KafkaConfig, **overrides: object) -> KafkaProducer:
     return KafkaProducer(**options)
 
 
-def make_consumer(
-    cfg: KafkaConfig, group_id: str | None, topics: Iterable[str] = (), **overrides: object
-) -> KafkaConsumer:
-    """A consumer with manual commits (the caller commits after its state is safe)."""
+def make_consumer(cfg: KafkaConfig, group_id: str | None, **overrides: object) -> KafkaConsumer:
+    """A consumer with manual commits (the caller commits after its state is safe).
+
+    It joins no group: callers assign partitions with :class:`PartitionAssigner`. ``group_id``
+    only names where offsets are committed (and read back from when no position is given).
+    """
     options: dict[str, object] = {
         "bootstrap_servers": cfg.bootstrap,
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
-        "session_timeout_ms": cfg.session_timeout_ms,
-        "heartbeat_interval_ms": max(cfg.session_timeout_ms // 3, 300),
         "max_poll_records": 2_000,
-        # A group leader that joins before it has a topic's metadata assigns no partition of it;
-        # a short metadata age bounds how long such an empty assignment can last.
-        "metadata_max_age_ms": 10_000,
         "client_id": "twotower",
     }
     options.update(overrides)
-    consumer = KafkaConsumer(**options)
-    topics = list(topics)
-    if topics:
-        subscribe(consumer, topics)
-    return consumer
+    return KafkaConsumer(**options)
 
 
-def subscribe(consumer: KafkaConsumer, topics: list[str], listener: object | None = None) -> None:
-    """Subscribe after fetching the topics' metadata, so the first group assignment covers them."""
-    for topic in topics:
-        consumer.partitions_for_topic(topic)
-    if listener is None:
-        consumer.subscribe(topics)
-    else:
-        consumer.subscribe(topics, listener=listener)
+class PartitionAssigner:
+    """Assigns a consumer every partition of some topics, and the new ones as they appear.
+
+    Every consuming daemon of the system is a single writer of its state (the trainer holds a
+    file lock on its state directory; the publisher owns the snapshot versions), so Kafka's
+    group membership would buy no scaling, only rebalances: a consumer whose heartbeats lapse
+    is silently dropped from its group and stops receiving records. Manual assignment has no
+    membership to lose. Offsets still commit under the consumer's ``group_id``, so lag tools
+    see them.
+
+    Args:
+        consumer: a consumer built by :func:`make_consumer`.
+        topics: the topics to read in full.
+        start: the offset to start a newly assigned partition from, or ``None`` for the
+            committed offset of the consumer's group (else ``auto_offset_reset``).
+        refresh_s: how often :meth:`refresh` looks for new partitions.
+    """
+
+    def __init__(
+        self,
+        consumer: KafkaConsumer,
+        topics: Iterable[str],
+        start: Callable[[TopicPartition], int | None] | None = None,
+        refresh_s: float = 10.0,
+    ) -> None:
+        self.consumer = consumer
+        self.topics = list(topics)
+        self.start = start
+        self.refresh_s = refresh_s
+        self.assigned: set[TopicPartition] = set()
+        self._last = -float("inf")
+
+    def refresh(self, force: bool = False) -> list[TopicPartition]:
+        """Assign partitions not assigned yet (checked every ``refresh_s``); returns the new ones."""
+        now = time.monotonic()
+        if not force and now - self._last < self.refresh_s:
+            return []
+        self._last = now
+        found: set[TopicPartition] = set()
+        for topic in self.topics:
+            found.update(TopicPartition(topic, p) for p in self.consumer.partitions_for_topic(topic) or ())
+        new = sorted(found - self.assigned)
+        if not new:
+            return []
+        self.assigned |= found
+        self.consumer.assign(sorted(self.assigned))
+        for tp in new:
+            offset = self.start(tp) if self.start is not None else None
+            if offset is not None:
+                self.consumer.seek(tp, offset)
+        log.info("assigned %d new partition(s) of %s", len(new), sorted({tp.topic for tp in new}))
+        return new
 
 
 def send_record(producer: KafkaProducer, topic: str, record: Record):
@@ -180,7 +218,5 @@ class RecordDecoder:
             # Wait for the ack: the caller commits the offset afterwards, so the letter must exist.
             self._producer.send(Topics.dlq(message.topic), key=message.key, value=body).get(timeout=30)
             DEAD_LETTERS.labels(message.topic, reason.split(":")[0][:60]).inc()
-            log.warning(
-                "dead-lettered %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
-            )
+            log.warning("dead-lettered %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason)
             return None
