@@ -26,7 +26,7 @@ from twotower.blobs import Rows
 from twotower.checkpoint import Checkpoint
 from twotower.config import ModelConfig
 from twotower.events import CatalogItem
-from twotower.model import UNKNOWN_CATEGORY, TwoTower, dense_arrays, fit_features
+from twotower.model import UNKNOWN_CATEGORY, TwoTower, dense_arrays, fit_features, load_dense_state
 from twotower.snapshot_parts import DeltaSnapshot, FullSnapshot
 
 DEFAULT_BATCH = 4096
@@ -44,7 +44,7 @@ def model_from_checkpoint(ckpt: Checkpoint) -> TwoTower:
         raise ValueError(f"checkpoint {ckpt.seq}: bad model_config: {exc}") from None
     model = TwoTower(cfg)
     try:
-        model.load_state_dict(ckpt.dense, strict=True)
+        load_dense_state(model, ckpt.dense)
     except RuntimeError as exc:
         raise ValueError(f"checkpoint {ckpt.seq}: dense weights do not fit the model: {exc}") from None
     return model.eval()

@@ -33,7 +33,15 @@ import torch
 
 from twotower.blobs import BlobError
 from twotower.config import ModelConfig
-from twotower.model import TwoTower, fit_features, history_tensor, load_dense_arrays, pool_history
+from twotower.model import (
+    CONTEXT_FEATURES_KEY,
+    TwoTower,
+    context_matrix,
+    fit_features,
+    history_tensor,
+    load_dense_arrays,
+    pool_history,
+)
 from twotower.snapshot_parts import (
     INDEX,
     ITEMS,
@@ -345,6 +353,7 @@ class ServingState:
         history: Sequence[tuple[str, int]],
         profile: Sequence[float] | None,
         now_ms: int,
+        context: Sequence[float] | None = None,
     ) -> np.ndarray:
         """The user tower's output for a request: a unit vector ``[dim]``, or with the MIND tower
         (``model.user_tower = "mind"``) one unit vector per active interest, ``[K', dim]``.
@@ -357,7 +366,10 @@ class ServingState:
             history: ``(item_id, ts_ms)`` interactions, newest first; the newest
                 ``history_len`` are pooled, skipping items this state does not know.
             profile: profile features (cut or zero-padded), or ``None`` for zeros.
-            now_ms: the time the history decays towards (event-time ms).
+            now_ms: the time the history decays towards (event-time ms); also the request time
+                of the context's time features.
+            context: the request's dense context vector (cut or zero-padded to
+                ``model.context_dim``), or ``None`` for zeros.
         """
         cfg = self.model_config
         positions: list[int] = []
@@ -370,10 +382,11 @@ class ServingState:
         row = self.user_rows.get(user_id)
         id_row = self.user_matrix[row] if row is not None else np.zeros(cfg.id_dim, dtype=np.float32)
         features = torch.from_numpy(fit_features(profile, cfg.profile_dim)).unsqueeze(0)
+        ctx = context_matrix(cfg, [now_ms], [{CONTEXT_FEATURES_KEY: list(context)} if context is not None else None])
         if self.model.multi_interest:
             seq, mask = history_tensor(self.item_vectors, [positions], cfg.history_len)
             with torch.inference_mode():
-                interests, active = self.model.user(torch.tensor(id_row).unsqueeze(0), features, seq, mask)
+                interests, active = self.model.user(torch.tensor(id_row).unsqueeze(0), features, seq, mask, None, ctx)
             return interests[0][active[0]].numpy()
         pooled = pool_history(
             self.item_vectors[positions], np.asarray(stamps, dtype=np.int64), now_ms, cfg.history_half_life_s
@@ -383,6 +396,8 @@ class ServingState:
                 torch.tensor(id_row).unsqueeze(0),
                 features,
                 torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32)).unsqueeze(0),
+                None,
+                ctx,
             )
         return out[0].numpy()
 

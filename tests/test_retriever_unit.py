@@ -12,7 +12,7 @@ from retriever.app import HistoryEvent, _merge_history, decode_history, decode_p
 from retriever.state import ServingState
 from twotower.blobs import Rows
 from twotower.config import ModelConfig
-from twotower.model import TwoTower, dense_arrays, fit_features, pool_history
+from twotower.model import TwoTower, context_matrix, dense_arrays, fit_features, pool_history
 from twotower.snapshot_parts import DeltaSnapshot, FullSnapshot
 from twotower.snapshots import FULL, SnapshotError, VersionMeta
 
@@ -114,6 +114,8 @@ def test_user_vector_matches_the_tower_on_pooled_known_history(state: ServingSta
             torch.from_numpy(snap.users.matrix[2:3].copy()),
             torch.from_numpy(fit_features(profile, CFG.profile_dim))[None],
             torch.from_numpy(pooled)[None],
+            None,
+            context_matrix(CFG, [NOW_MS], [None]),  # the request's time; no dense context
         )[0].numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert got.shape == (CFG.dim,)
@@ -142,6 +144,8 @@ def test_unknown_user_gets_a_zero_id_row(state: ServingState) -> None:
             torch.zeros(1, CFG.id_dim),
             torch.zeros(1, CFG.profile_dim),
             torch.from_numpy(state.item_vectors[5:6].copy()),
+            None,
+            context_matrix(CFG, [NOW_MS], [None]),
         )[0].numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 

@@ -40,7 +40,15 @@ from trainer.losses import (
 from twotower.checkpoint import Checkpoint
 from twotower.config import ModelConfig, TrainerConfig
 from twotower.events import IMPRESSION, CatalogItem, Interaction, Profile
-from twotower.model import TwoTower, decay_weights, example_age_days, fit_features, history_tensor
+from twotower.model import (
+    TwoTower,
+    context_matrix,
+    decay_weights,
+    example_age_days,
+    fit_features,
+    history_tensor,
+    load_dense_state,
+)
 
 MS_PER_DAY = 86_400_000
 
@@ -287,6 +295,8 @@ class TrainerState:
             # the trainer's clock: the newest event time it has seen (≥ the end of a nightly day)
             now_ms = max(self.event_time_ms, max(c.ts_ms for c in clicks))
             age = example_age_days([c.ts_ms for c in clicks], now_ms)
+        # each click's context: the time of its event, and its own context["features"]
+        context = context_matrix(mcfg, [c.ts_ms for c in clicks], [c.context for c in clicks])
         cand_ids, positive_cols, log_q = self._candidates(clicks)
         cand_rows = self.items.rows(cand_ids)
 
@@ -300,11 +310,12 @@ class TrainerState:
             item_vecs = self.model.item(i_leaf, cats, content)
             if self.model.multi_interest:
                 history, mask = self.history_batch([h for _, h in examples])
-                interests, active = self.model.user(u_leaf, profiles, history, mask, age)
+                interests, active = self.model.user(u_leaf, profiles, history, mask, age, context)
                 logits = self.model.score_interests(interests, active, item_vecs, positive_cols)
             else:
                 pooled = self.pooled_history([h for _, h in examples], [c.ts_ms for c in clicks])
-                logits = self.model.score(self.model.user(u_leaf, profiles, pooled, age), item_vecs)
+                user_vecs = self.model.user(u_leaf, profiles, pooled, age, context)
+                logits = self.model.score(user_vecs, item_vecs)
             loss = retrieval_loss(
                 tcfg.loss, logits, positive_cols, log_q, margin=tcfg.pairwise_margin / mcfg.temperature
             )
@@ -484,7 +495,7 @@ class TrainerState:
     def from_checkpoint(cls, ckpt: Checkpoint, trainer_cfg: TrainerConfig) -> TrainerState:
         """Resume from a checkpoint (the model shape comes from the checkpoint)."""
         state = cls(ModelConfig.model_validate(ckpt.model_config), trainer_cfg)
-        state.model.load_state_dict(ckpt.dense, strict=True)
+        filled = load_dense_state(state.model, ckpt.dense)
         state.model.requires_grad_(False)
         state.model.eval()
         state.users = IdTable.from_state(ckpt.users, trainer_cfg.admission_min_count)
@@ -495,9 +506,7 @@ class TrainerState:
         ids = extra.get("catalog_ids", [])
         cats, content = extra.get("catalog_category"), extra.get("catalog_content")
         state.catalog = {item: (int(cats[i]), content[i].numpy()) for i, item in enumerate(ids)}
-        state.histories = {
-            u: deque(h, maxlen=state.model_cfg.history_len) for u, h in ckpt.histories.items()
-        }
+        state.histories = {u: deque(h, maxlen=state.model_cfg.history_len) for u, h in ckpt.histories.items()}
         state.removed_items = list(ckpt.removed_items)
         state.nightly_done = list(extra.get("nightly_done", []))
         state.seq = ckpt.seq
@@ -510,5 +519,24 @@ class TrainerState:
         if "generator" in extra:
             state.generator.set_state(extra["generator"])
         if "dense_optimizer" in extra:
-            state.dense_optimizer.load_state_dict(extra["dense_optimizer"])
+            state.dense_optimizer.load_state_dict(
+                _optimizer_state_without(state.model, extra["dense_optimizer"], filled)
+            )
         return state
+
+
+def _optimizer_state_without(model: torch.nn.Module, saved: dict, missing: Sequence[str]) -> dict:
+    """An Adam state saved for ``model`` minus the parameters ``missing`` (weights that predate
+    them, see :func:`twotower.model.load_dense_state`), renumbered for the whole ``model``: the
+    saved parameters keep their moments, the missing ones start fresh."""
+    if not missing:
+        return saved
+    names = [name for name, _ in model.named_parameters()]
+    old_to_new = [i for i, name in enumerate(names) if name not in set(missing)]
+    groups = saved["param_groups"]
+    if len(groups) != 1 or len(groups[0]["params"]) != len(old_to_new):
+        raise ValueError("the checkpoint's optimizer state does not fit the model's parameters")
+    return {
+        "state": {old_to_new[i]: s for i, s in saved["state"].items()},
+        "param_groups": [{**groups[0], "params": list(range(len(names)))}],
+    }

@@ -21,12 +21,21 @@ it received.
 * Example age (``model.example_age``, YouTubeDNN): one more user-tower input, the age of the
   training example, ``log1p`` of (trainer clock - event time) in days, while training; 0 at
   serving (:func:`example_age_days`).
+* Context (``model.context_time``, ``model.context_dim``): the request's context, ``[sin, cos]``
+  of the hour of day and of the day of week (UTC) of the event time (training: the click's time;
+  serving: the request's time), then a dense vector the caller supplies (an event's
+  ``context["features"]``, cut or zero-padded to ``context_dim``; :func:`context_matrix`). It
+  enters both user towers through its own linear map into the first hidden layer
+  (``user.context``), which is the same as widening the MLP's input, but keeps the older weights
+  loadable: a checkpoint or snapshot without ``user.context.weight`` gets zeros there, i.e.
+  exactly its old outputs, until a dense retrain learns them (:func:`load_dense_state`).
 
 Scores are cosine similarity divided by the temperature.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -36,8 +45,16 @@ from torch import nn
 
 from twotower.config import ModelConfig
 
+log = logging.getLogger(__name__)
+
 UNKNOWN_CATEGORY = 0
 MS_PER_DAY = 86_400_000
+TIME_FEATURES = 4
+"""Context columns of ``model.context_time``: sin/cos of hour of day, sin/cos of day of week."""
+CONTEXT_FEATURES_KEY = "features"
+"""Key of an event's (or request's) ``context`` map that holds its dense context vector."""
+_EPOCH_WEEKDAY = 3
+"""1970-01-01 was a Thursday: days since Monday at the epoch."""
 
 
 def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
@@ -58,6 +75,80 @@ def _age_column(age: torch.Tensor | None, batch: int, ref: torch.Tensor) -> torc
     return age.reshape(batch, 1).to(ref.dtype)
 
 
+def context_width(cfg: ModelConfig) -> int:
+    """Columns of the user tower's context input: time features (if on) + ``context_dim``."""
+    return TIME_FEATURES * int(cfg.context_time) + cfg.context_dim
+
+
+def context_vector(values: object, dim: int) -> np.ndarray:
+    """A caller's dense context vector as ``dim`` float32 values (cut or zero-padded).
+
+    Anything that is not a list of finite numbers (a missing key, a string, a NaN, a bool)
+    gives zeros: event contexts are free-form maps, so a malformed vector must not stop training.
+    """
+    out = np.zeros(dim, dtype=np.float32)
+    if dim == 0 or not isinstance(values, list | tuple):
+        return out
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in values):
+        return out
+    n = min(dim, len(values))
+    out[:n] = np.asarray(values[:n], dtype=np.float32)
+    return out
+
+
+def time_features(ts_ms: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``[B, 4]`` cyclical time of ``ts_ms`` (epoch ms, UTC): sin/cos of the hour of day and of
+    the day of week (both continuous, so 23:59 is next to 00:00 and Sunday night to Monday)."""
+    days = np.asarray(ts_ms, dtype=np.float64).reshape(-1) / MS_PER_DAY
+    day_phase = 2.0 * math.pi * np.mod(days, 1.0)
+    week_phase = 2.0 * math.pi * np.mod(days + _EPOCH_WEEKDAY, 7.0) / 7.0
+    return np.stack([np.sin(day_phase), np.cos(day_phase), np.sin(week_phase), np.cos(week_phase)], axis=1).astype(
+        np.float32
+    )
+
+
+def context_matrix(
+    cfg: ModelConfig, ts_ms: Sequence[int] | np.ndarray, contexts: Sequence[Mapping[str, object] | None]
+) -> torch.Tensor:
+    """``[B, context_width(cfg)]`` context input of the user tower.
+
+    Args:
+        cfg: the model's config (which context parts it has).
+        ts_ms: per row, the event (training) or request (serving) time, epoch ms.
+        contexts: per row, the event's or request's ``context`` map (``None``: no dense context);
+            its ``features`` entry is the dense context vector (:func:`context_vector`).
+    """
+    parts = []
+    if cfg.context_time:
+        parts.append(time_features(ts_ms))
+    if cfg.context_dim:
+        parts.append(
+            np.stack([context_vector((c or {}).get(CONTEXT_FEATURES_KEY), cfg.context_dim) for c in contexts])
+            if len(contexts)
+            else np.zeros((0, cfg.context_dim), dtype=np.float32)
+        )
+    if not parts:
+        return torch.zeros(len(contexts), 0)
+    return torch.from_numpy(np.concatenate(parts, axis=1))
+
+
+def _context_layer(cfg: ModelConfig) -> nn.Linear | None:
+    width = context_width(cfg)
+    return nn.Linear(width, cfg.hidden, bias=False) if width else None
+
+
+def _mlp_with_context(
+    mlp: nn.Sequential, x: torch.Tensor, layer: nn.Linear | None, context: torch.Tensor | None
+) -> torch.Tensor:
+    """``mlp(x)`` with ``layer(context)`` added to the first layer's pre-activation (= ``mlp`` over
+    ``[x | context]``); ``context`` ``[..., width]`` broadcasts over ``x``'s middle axes, ``None`` = 0."""
+    h = mlp[0](x)
+    if layer is not None and context is not None:
+        c = layer(context.to(h.dtype))
+        h = h + (c.unsqueeze(1) if h.dim() == 3 else c)
+    return mlp[2](mlp[1](h))
+
+
 class ItemTower(nn.Module):
     """Item ID row + category + content → unit vector."""
 
@@ -75,7 +166,7 @@ class ItemTower(nn.Module):
 
 
 class UserTower(nn.Module):
-    """User ID row + profile + pooled history vectors (+ example age) → unit vector."""
+    """User ID row + profile + pooled history vectors (+ example age, + context) → unit vector."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -83,18 +174,27 @@ class UserTower(nn.Module):
         self.example_age = cfg.example_age
         self.mlp = _mlp(cfg.id_dim + cfg.profile_dim + cfg.dim + int(cfg.example_age), cfg.hidden, cfg.dim)
         self.skip = _identity_linear(cfg.dim)
+        self.context = _context_layer(cfg)
 
     def forward(
-        self, id_rows: torch.Tensor, profile: torch.Tensor, pooled: torch.Tensor, age: torch.Tensor | None = None
+        self,
+        id_rows: torch.Tensor,
+        profile: torch.Tensor,
+        pooled: torch.Tensor,
+        age: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args: id_rows ``[B, id_dim]``, profile ``[B, profile_dim]``, pooled history ``[B, dim]``,
         age ``[B]`` example-age input of :func:`example_age_days` (used only with ``example_age``;
-        ``None`` = 0, as at serving)."""
+        ``None`` = 0, as at serving), context ``[B, context_width]`` of :func:`context_matrix`
+        (``None`` = 0)."""
         parts = [id_rows, profile, pooled]
         if self.example_age:
             parts.append(_age_column(age, id_rows.shape[0], id_rows))
         x = torch.cat(parts, dim=-1)
-        return nn.functional.normalize(self.mlp(x) + self.skip(pooled), dim=-1)
+        return nn.functional.normalize(
+            _mlp_with_context(self.mlp, x, self.context, context) + self.skip(pooled), dim=-1
+        )
 
 
 def squash(z: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
@@ -158,6 +258,7 @@ class MindUserTower(nn.Module):
         self.bilinear = _identity_linear(cfg.dim)
         self.mlp = _mlp(cfg.dim + cfg.id_dim + cfg.profile_dim + int(cfg.example_age), cfg.hidden, cfg.dim)
         self.skip = _identity_linear(cfg.dim)
+        self.context = _context_layer(cfg)
 
     def capsules(self, history: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dynamic routing.
@@ -196,6 +297,7 @@ class MindUserTower(nn.Module):
         history: torch.Tensor,
         mask: torch.Tensor,
         age: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Interest vectors.
 
@@ -206,6 +308,8 @@ class MindUserTower(nn.Module):
             mask: ``[B, H]`` bool, True for real history items.
             age: ``[B]`` example-age input of :func:`example_age_days` (only with ``example_age``;
                 ``None`` = 0).
+            context: ``[B, context_width]`` of :func:`context_matrix` (``None`` = 0), shared by
+                every interest of a user.
 
         Returns:
             ``[B, K, dim]`` unit interest vectors and ``[B, K]`` bool, True for the user's active
@@ -218,7 +322,8 @@ class MindUserTower(nn.Module):
             side.append(_age_column(age, b, id_rows))
         side_x = torch.cat(side, dim=-1).unsqueeze(1).expand(b, k, -1)
         x = torch.cat([caps, side_x], dim=-1)
-        return nn.functional.normalize(self.mlp(x) + self.skip(caps), dim=-1), active
+        out = _mlp_with_context(self.mlp, x, self.context, context) + self.skip(caps)
+        return nn.functional.normalize(out, dim=-1), active
 
 
 class TwoTower(nn.Module):
@@ -344,6 +449,31 @@ def dense_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()}
 
 
-def load_dense_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
-    """Load weights produced by :func:`dense_arrays`; shapes and names must match exactly."""
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=True)
+CONTEXT_WEIGHT = "user.context.weight"
+"""The one dense weight older checkpoints and snapshots (before context features) lack."""
+
+
+def load_dense_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Load dense weights; names and shapes must match, except that weights saved before the
+    context features existed (no :data:`CONTEXT_WEIGHT`) load with that weight zeroed, which
+    reproduces their old outputs exactly (the context then has no effect until a dense retrain).
+
+    Returns:
+        The names that were missing and zero-filled (empty for a current state).
+
+    Raises:
+        RuntimeError: any other missing, unexpected or misshapen weight (as ``load_state_dict``).
+    """
+    own = model.state_dict()
+    filled = [CONTEXT_WEIGHT] if CONTEXT_WEIGHT in own and CONTEXT_WEIGHT not in state else []
+    full = dict(state)
+    for name in filled:
+        full[name] = torch.zeros_like(own[name])
+        log.info("weights predate context features: %s starts at zero (the old outputs exactly)", name)
+    model.load_state_dict(full, strict=True)
+    return filled
+
+
+def load_dense_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """Load weights produced by :func:`dense_arrays` (as :func:`load_dense_state`)."""
+    return load_dense_state(model, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
