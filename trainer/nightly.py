@@ -10,6 +10,12 @@ the topic's retention covers the day (set retention to a few days at least).
 Warm start: the retrain starts from the latest checkpoint (dense weights, ID rows, optimizer
 state), builds each click's history in event order, shuffles the examples with a seed
 derived from the configured seed and the date, and trains one epoch over towers and rows.
+
+Counting: the state's ID counts (popularity sampler, logQ, admission) and histories must
+include every click exactly once. Beside a running streaming trainer, it counts them. When the
+nightly owns the state (no streaming trainer), it counts the day's clicks itself, once: not
+those the checkpoint's offsets say a streaming trainer applied before it stopped, and none on
+a forced rerun of a date already done.
 The result becomes a full snapshot: written as the new checkpoint when no streaming trainer
 runs, or handed over to the running one (:mod:`trainer.handoff`). A date already retrained
 is skipped, so rerunning it changes nothing.
@@ -22,9 +28,10 @@ import datetime as dt
 import logging
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 from kafka import TopicPartition
@@ -32,13 +39,14 @@ from tqdm import tqdm
 
 from trainer import handoff
 from trainer.state import TrainerState
-from trainer.stream import StateLock
+from trainer.stream import StateLock, parse_partition_key
 from twotower import checkpoint
 from twotower.config import Config, KafkaConfig
 from twotower.events import CLICK, CatalogItem, Interaction, Profile, SchemaError, decode
 from twotower.kafka_io import Topics, ensure_topics, make_consumer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,11 @@ def load_day(cfg: Config, topics: Topics, date: dt.date) -> list[Interaction]:
 
 def load_day_interactions(cfg: Config, topics: Topics, date: dt.date) -> list[Interaction]:
     """Clicks of ``date`` and the impressions that carry retrieved-but-not-shown items, in event-time order."""
+    return [r for *_, r in load_day_records(cfg, topics, date)]
+
+
+def load_day_records(cfg: Config, topics: Topics, date: dt.date) -> list[tuple[int, int, Interaction]]:
+    """As :func:`load_day_interactions`, each with its partition and offset in the events topic."""
     start, end = day_bounds_ms(date, cfg.trainer.schedule_timezone)
     margin = cfg.trainer.nightly_margin_ms
     records: list[tuple[int, int, int, Interaction]] = []
@@ -131,7 +144,43 @@ def load_day_interactions(cfg: Config, topics: Topics, date: dt.date) -> list[In
     if bad:
         log.warning("skipped %d malformed records while reading %s", bad, date)
     records.sort(key=lambda x: x[:3])
-    return [r for *_, r in records]
+    return [(partition, offset, r) for _, partition, offset, r in records]
+
+
+def applied_by_checkpoint(ckpt: checkpoint.Checkpoint | None, topic: str) -> Callable[[int, int], bool]:
+    """Whether the state of ``ckpt`` already includes the record at (partition, offset) of
+    ``topic``: below the checkpoint's offset for the partition, or listed as applied above it
+    (what a streaming trainer counted before it stopped)."""
+    if ckpt is None:
+        return lambda partition, offset: False
+    below = {p: off for (t, p), off in _by_partition(ckpt.offsets).items() if t == topic}
+    above = {p: set(offs) for (t, p), offs in _by_partition(ckpt.extra.get("applied_above", {})).items() if t == topic}
+    return lambda partition, offset: offset < below.get(partition, 0) or offset in above.get(partition, ())
+
+
+def _by_partition(keyed: dict[str, T]) -> dict[tuple[str, int], T]:
+    return {parse_partition_key(key): value for key, value in keyed.items()}
+
+
+def count_clicks(state: TrainerState, clicks: list[Interaction]) -> None:
+    """Count clicks the state has not seen (ID counts, admission, last-seen, event-time clock) and
+    add them to the users' histories, without learning from them.
+
+    This is what the streaming trainer does with every click before it learns; a nightly run that
+    owns the state does it for the day's clicks no streaming trainer applied, so that the next
+    day's histories and the negative sampler's and logQ's counts include them. Histories stay in
+    event-time order even when the state had already seen later clicks of the user.
+    """
+    if not clicks:
+        return
+    before = {c.user_id: list(state.histories.get(c.user_id, ())) for c in clicks}
+    state.observe_clicks(clicks)
+    added: dict[str, list[tuple[str, int]]] = {}
+    for click in clicks:
+        added.setdefault(click.user_id, []).append((click.item_id, click.ts_ms))
+    for user, new in added.items():
+        merged = sorted(before[user] + new, key=lambda entry: entry[1])
+        state.histories[user] = deque(merged, maxlen=state.model_cfg.history_len)
 
 
 def load_side_topics(cfg: Config, topics: Topics, state: TrainerState) -> None:
@@ -194,24 +243,32 @@ def run_nightly(cfg: Config, date: dt.date, force: bool = False, progress: bool 
     try:
         topics = ensure_topics(cfg.kafka)
         ckpt = checkpoint.load(state_dir)
-        state = (
-            TrainerState.from_checkpoint(ckpt, cfg.trainer) if ckpt else TrainerState(cfg.model, cfg.trainer)
-        )
+        state = TrainerState.from_checkpoint(ckpt, cfg.trainer) if ckpt else TrainerState(cfg.model, cfg.trainer)
         if day in state.nightly_done and not force:
             log.info("nightly %s already done: skipping", day)
             return NightlyResult(day, "skipped")
         before = copy.deepcopy(state) if not own_state else None
         load_side_topics(cfg, topics, state)
-        interactions = load_day_interactions(cfg, topics, date)
-        clicks = [r for r in interactions if r.type == CLICK]
-        for impression in interactions:  # hard negatives: what each request retrieved but did not show
+        records = load_day_records(cfg, topics, date)
+        # Records the state has not seen: not applied by a streaming trainer before its
+        # checkpoint, and not counted by an earlier run of this date (``force``).
+        applied = applied_by_checkpoint(ckpt, topics.events)
+        first_run = day not in state.nightly_done
+        unseen = [r for p, off, r in records if first_run and not applied(p, off)]
+        clicks = [r for *_, r in records if r.type == CLICK]
+        for impression in unseen:  # hard negatives: what each request retrieved but did not show
             if impression.type != CLICK:
                 state.observe_impression(impression)
         if not clicks:
             log.info("no clicks on %s: nothing to retrain", day)
             return NightlyResult(day, "empty")
         start_ms, _ = day_bounds_ms(date, cfg.trainer.schedule_timezone)
-        examples = build_examples(state, clicks, start_ms)
+        examples = build_examples(state, clicks, start_ms)  # from the histories before the day
+        if own_state:
+            # No streaming trainer counts these clicks: count them once here, as it would have
+            # (ID counts and histories for tomorrow; before the retrain, so that its sampler and
+            # logQ see the same counts as beside a streaming trainer, which counted them itself).
+            count_clicks(state, [r for r in unseen if r.type == CLICK])
         seed = cfg.trainer.seed * 1_000_003 + date.toordinal()
         mean_loss = retrain(state, examples, seed, cfg.trainer.batch_size, progress)
         log.info("nightly %s: %d examples, mean loss %.4f", day, len(examples), mean_loss)
