@@ -1,15 +1,19 @@
-"""The nightly retrain against the real broker: counting the day once."""
+"""The nightly retrain against the real broker: counting the day once, determinism, handoff."""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from trainer import nightly
+from trainer import handoff, nightly
 from trainer.nightly import day_bounds_ms, run_nightly
 from trainer.state import TrainerState
 from trainer.stream import StreamTrainer
@@ -161,3 +165,192 @@ def test_nightly_does_not_recount_what_a_stopped_streaming_trainer_applied(confi
     ckpt = checkpoint.load(cfg.trainer.state_dir)
     assert _counts(ckpt) == (40, 40)
     assert ckpt.histories == _expected_histories(clicks, 5)
+
+
+# --- determinism ------------------------------------------------------------------------------------
+
+
+def _assert_same(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint) -> None:
+    assert a.dense.keys() == b.dense.keys()
+    for name, value in a.dense.items():
+        assert torch.equal(value, b.dense[name]), name
+    for table in ("users", "items"):
+        ta, tb = getattr(a, table), getattr(b, table)
+        assert ta.ids == tb.ids
+        for part in ("emb", "accum", "count", "last_seen_ms", "updated_seq"):
+            assert torch.equal(getattr(ta, part), getattr(tb, part)), f"{table}.{part}"
+    assert a.histories == b.histories and a.seq == b.seq and a.dense_version == b.dense_version
+    sa, sb = a.extra["dense_optimizer"]["state"], b.extra["dense_optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert all(torch.equal(sa[key][k], sb[key][k]) for k in ("exp_avg", "exp_avg_sq")), key
+    assert torch.equal(a.extra["generator"], b.extra["generator"])
+    assert a.extra["hard_negative_counts"] == b.extra["hard_negative_counts"]
+
+
+def test_nightly_is_deterministic_for_a_seed(config: Config, tmp_path: Path) -> None:
+    cfg = _small(config)
+    start, _ = day_bounds_ms(DAY, "UTC")
+    before = _clicks("a", 30, start - 86_400_000 + 1_000)
+    day = _clicks("b", 50, start + 1_000)
+    _produce(cfg, _catalog() + before + _impressions(day) + day)
+    # the common starting checkpoint: the day before, retrained
+    assert run_nightly(cfg, DAY - dt.timedelta(days=1), progress=False).status == "trained"
+    runs = {}
+    for name, seed in (("first", 0), ("second", 0), ("other_seed", 1)):
+        state_dir = tmp_path / name
+        shutil.copytree(cfg.trainer.state_dir, state_dir)
+        run_cfg = cfg.with_overrides({"trainer": {"state_dir": state_dir, "seed": seed}})
+        result = run_nightly(run_cfg, DAY, progress=False)
+        assert result.status == "trained" and result.examples == 50
+        runs[name] = checkpoint.load(state_dir)
+    _assert_same(runs["first"], runs["second"])  # bit-identical weights, rows, optimizer and histories
+    differ = [k for k, v in runs["first"].dense.items() if not torch.equal(v, runs["other_seed"].dense[k])]
+    assert differ  # another seed: another shuffle and other negatives
+    assert not torch.equal(runs["first"].users.emb, runs["other_seed"].users.emb)
+    assert runs["first"].histories == runs["other_seed"].histories  # the same clicks, counted alike
+
+
+# --- handoff into a running streaming trainer ------------------------------------------------------------
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _rows(table: Any) -> dict[str, torch.Tensor]:
+    return {key: table.emb[row].clone() for key, row in table.index.items()}
+
+
+def test_nightly_hands_over_into_a_running_streaming_trainer(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _small(config)
+    start, _ = day_bounds_ms(DAY, "UTC")
+    yesterday = _clicks("a", 40, start + 1_000)
+    meanwhile = _clicks("b", 12, start + 86_400_000 + 1_000, users=4)  # today, during the retrain
+    _produce(cfg, _catalog() + yesterday)
+
+    trainer = StreamTrainer(cfg)
+    trainer.startup()
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            trainer.main_loop()
+        except BaseException as exc:  # surfaced by the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        state = trainer.state
+        assert state is not None
+        _wait(lambda: int(state.items.count.sum()) == 40, "the streaming trainer to count yesterday")
+        _wait(
+            lambda: (c := checkpoint.load(cfg.trainer.state_dir)) is not None and _counts(c) == (40, 40), "a checkpoint"
+        )
+        dense_before = {k: v.clone() for k, v in state.model.state_dict().items()}
+        start_ckpt = checkpoint.load(cfg.trainer.state_dir)  # what the nightly will start from
+        assert start_ckpt is not None
+        version_before = state.dense_version
+
+        # While the nightly retrains, the streaming trainer keeps learning today's clicks.
+        retrain = nightly.retrain
+
+        def retrain_while_streaming(*args: Any, **kwargs: Any) -> float:
+            loss = retrain(*args, **kwargs)
+            _produce(cfg, meanwhile)
+            _wait(lambda: int(state.items.count.sum()) == 52, "the streaming trainer to learn today's clicks")
+            return loss
+
+        monkeypatch.setattr(nightly, "retrain", retrain_while_streaming)
+        # What the streaming trainer's rows were just before the merge, and what it merged.
+        merged: list[tuple[dict, dict, dict]] = []
+        apply = handoff.apply
+
+        def spy_apply(target: TrainerState, payload: dict) -> None:
+            merged.append((_rows(target.users), _rows(target.items), payload))
+            apply(target, payload)
+
+        monkeypatch.setattr(handoff, "apply", spy_apply)
+
+        result = run_nightly(cfg, DAY, progress=False)
+        assert result.status == "trained" and result.handed_over and result.examples == 40
+        _wait(lambda: bool(merged), "the streaming trainer to merge the handoff")
+        _wait(
+            lambda: (
+                (c := checkpoint.load(cfg.trainer.state_dir)) is not None and DAY.isoformat() in c.extra["nightly_done"]
+            ),
+            "the merged checkpoint",
+        )
+        assert not errors
+        users_before, items_before, payload = merged[0]
+
+        # the new tower weights: changed, and exactly the nightly's
+        assert state.dense_version == version_before + 1
+        now = state.model.state_dict()
+        assert any(not torch.equal(now[k], v) for k, v in dense_before.items())
+        for name, value in payload["dense"].items():
+            assert torch.equal(now[name], value), name
+        ckpt = checkpoint.load(cfg.trainer.state_dir)
+        for name, value in payload["dense"].items():
+            assert torch.equal(ckpt.dense[name], value), name
+
+        # rows: what the streaming trainer learned meanwhile plus what the nightly changed
+        today_users = {c.user_id for c in meanwhile}
+        for table, before_merge, keys, deltas in (
+            (state.users, users_before, payload["users"], payload["user_deltas"]),
+            (state.items, items_before, payload["items"], payload["item_deltas"]),
+        ):
+            delta_of = dict(zip(keys, deltas, strict=True))
+            assert delta_of  # the nightly changed rows
+            for key, row in table.index.items():
+                want = before_merge.get(key, torch.zeros(table.dim)) + delta_of.get(key, 0.0)
+                assert torch.equal(table.emb[row], want), key
+        start_rows = {u: start_ckpt.users.emb[i] for i, u in enumerate(start_ckpt.users.ids)}
+        for user in today_users:  # the streaming trainer's own learning meanwhile is kept
+            assert not torch.equal(users_before[user], start_rows[user]), user
+        assert (set(payload["users"]) & today_users) == today_users  # both sides moved these rows
+
+        # counted once: the streaming trainer counted every click, the handoff added no counts
+        assert int(state.users.count.sum()) == 52 and int(state.items.count.sum()) == 52
+        assert _counts(ckpt) == (52, 52)
+
+        # clicks after the handoff are still applied (three, so that they are negatives for each other)
+        t_late = meanwhile[-1].ts_ms + 60_000
+        late = [
+            Interaction(f"late{k}", f"late-r{k}", user, item, CLICK, 0, t_late + k)
+            for k, (user, item) in enumerate((("u1", "i3"), ("u2", "i7"), ("u5", "i10")))
+        ]
+        rows_before = {c.user_id: state.users.emb[state.users.row(c.user_id)].clone() for c in late}
+        _produce(cfg, late)
+        _wait(lambda: int(state.items.count.sum()) == 55, "the clicks after the handoff")
+        _wait(
+            lambda: all(not torch.equal(state.users.emb[state.users.row(u)], r) for u, r in rows_before.items()),
+            "their rows to move",
+        )
+        for c in late:
+            assert state.histories[c.user_id][-1] == (c.item_id, c.ts_ms)
+        for name, value in payload["dense"].items():
+            assert torch.equal(state.model.state_dict()[name], value)  # streaming keeps the towers
+
+        # rerunning the date is a no-op: skipped, no handoff, nothing changes
+        _wait(
+            lambda: (c := checkpoint.load(cfg.trainer.state_dir)) is not None and _counts(c) == (55, 55), "a checkpoint"
+        )
+        before_rerun = checkpoint.load(cfg.trainer.state_dir)
+        assert run_nightly(cfg, DAY, progress=False).status == "skipped"
+        assert not (Path(cfg.trainer.state_dir) / handoff.FILENAME).exists()
+        time.sleep(0.5)
+        assert len(merged) == 1 and state.dense_version == version_before + 1
+        for name, value in before_rerun.dense.items():
+            assert torch.equal(state.model.state_dict()[name], value)
+        assert not errors
+    finally:
+        trainer.shutdown_flag.set()
+        thread.join(timeout=30)
+        trainer.shutdown()
