@@ -4,7 +4,7 @@ Endpoints:
 
 * ``GET /recommend?user_id=&k=&exclude=a,b&category=c1,c2&diversity=false`` and
   ``POST /recommend`` (JSON: ``user_id``, ``k``, ``history``, ``profile``, ``exclude``,
-  ``category``, ``diversity``) → ``{"user_id", "version", "items": [{"item_id", "score",
+  ``category``, ``diversity``, ``context``) → ``{"user_id", "version", "items": [{"item_id", "score",
   "category", "title"}], "took_ms"}``. ``score`` is the cosine of the user and item vectors.
 * ``GET /health``: the process is alive (200 even before the first snapshot).
 * ``GET /ready``: 200 once a snapshot is loaded, else 503.
@@ -102,6 +102,8 @@ class RecommendRequest(BaseModel):
     """Fresh interactions (item ids, or ``{item_id, ts_ms}``), merged with the stored history."""
     profile: list[float] | None = Field(default=None, max_length=MAX_LIST_LEN)
     """Profile features; overrides the stored profile."""
+    context: list[float] | None = Field(default=None, max_length=MAX_LIST_LEN)
+    """The request's dense context vector (``model.context_dim`` values); default zeros."""
     exclude: list[str] = Field(default_factory=list, max_length=MAX_LIST_LEN)
     category: list[str] | None = Field(default=None, max_length=MAX_LIST_LEN)
     """Only items of these categories."""
@@ -251,6 +253,7 @@ class RetrieverService:
         exclude: Sequence[str] = (),
         categories: Sequence[str] | None = None,
         diversity: bool = False,
+        context: Sequence[float] | None = None,
     ) -> dict[str, Any]:
         """Answer one request.
 
@@ -279,7 +282,7 @@ class RetrieverService:
                 profile = decode_profile(raw_profile)
             # decay towards the newest event if event time runs ahead of the wall clock
             now_ms = max(now_ms, max(ts for _, ts in history)) if history else now_ms
-            vec = state.user_vector(user_id, history, profile, now_ms)
+            vec = state.user_vector(user_id, history, profile, now_ms, context)
             excluded = {item_id for item_id, _ in history}
             excluded.update(exclude)
             hits = state.search(
@@ -407,7 +410,7 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> FastAPI:
     def recommend_post(body: RecommendRequest) -> dict[str, Any]:
         """Top-k items for a user, with optional fresh history and profile in the body."""
         return service.recommend(
-            body.user_id, body.k, body.history, body.profile, body.exclude, body.category, body.diversity
+            body.user_id, body.k, body.history, body.profile, body.exclude, body.category, body.diversity, body.context
         )
 
     @app.get("/health")

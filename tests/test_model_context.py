@@ -198,3 +198,18 @@ def test_weights_from_before_context_load_with_zero_context_and_old_outputs(tmp_
     broken = {k: v for k, v in arrays.items() if k != "user.skip.weight"}
     with pytest.raises(RuntimeError, match=r"user\.skip\.weight"):
         load_dense_arrays(TwoTower(ModelConfig(**SMALL)), broken)
+
+
+def test_serving_takes_the_request_context() -> None:
+    """The retriever's user vector: the request time (``now_ms``) and the POST body's ``context``."""
+    from retriever.app import RecommendRequest
+
+    state, clicks = _toy()
+    state.learn(state.observe_clicks(clicks(16, 0)), dense=True)
+    serving = ServingState.from_full(VersionMeta(1, FULL, None, 1, 0, 0), full_snapshot(state.to_checkpoint({})))
+    history = [("i0", _ms(2024, 1, 1, 7))]
+    am = serving.user_vector("u0", history, None, _ms(2024, 1, 1, 8))
+    assert not np.allclose(am, serving.user_vector("u0", history, None, _ms(2024, 1, 1, 20)), atol=1e-5)
+    assert not np.allclose(am, serving.user_vector("u0", history, None, _ms(2024, 1, 1, 8), [2.0]), atol=1e-5)
+    np.testing.assert_array_equal(am, serving.user_vector("u0", history, None, _ms(2024, 1, 1, 8), [0.0, 0.0]))
+    assert RecommendRequest.model_validate({"user_id": "u0", "context": [1.0, 2.0]}).context == [1.0, 2.0]
