@@ -125,9 +125,7 @@ def test_a_produced_click_changes_what_the_retriever_returns(system) -> None:
     before = _recommend(client, user)  # no history, no row: a fallback vector
     cat = 3
     t = int(time.time() * 1000)
-    clicks = [
-        Interaction(f"f{i}", f"f{i}", user, f"c{cat}-i{i}", "click", 0, t + i) for i in range(3)
-    ]
+    clicks = [Interaction(f"f{i}", f"f{i}", user, f"c{cat}-i{i}", "click", 0, t + i) for i in range(3)]
     send(clicks)
 
     clicked = {c.item_id for c in clicks}

@@ -116,17 +116,13 @@ class VersionMeta:
 class SnapshotStore:
     """Writes and reads versions; shared by the publisher (writer) and the retrievers (readers)."""
 
-    def __init__(
-        self, client: redis.Redis, layout: SnapshotLayout, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    ) -> None:
+    def __init__(self, client: redis.Redis, layout: SnapshotLayout, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.redis = client
         self.layout = layout
         self.chunk_bytes = chunk_bytes
 
     # --- writing -------------------------------------------------------------------------
-    def write(
-        self, kind: str, parts: Mapping[str, bytes], parent: int | None, trainer_seq: int
-    ) -> int:
+    def write(self, kind: str, parts: Mapping[str, bytes], parent: int | None, trainer_seq: int) -> int:
         """Store a version fully, then move the pointer to it and announce it.
 
         Args:
