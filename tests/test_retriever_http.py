@@ -35,7 +35,10 @@ from twotower.snapshots import DELTA, FULL, SnapshotLayout, SnapshotStore
 
 pytestmark = pytest.mark.integration
 
-MODEL = ModelConfig(dim=8, id_dim=4, hidden=16, n_categories=4, content_dim=2, profile_dim=3, history_len=6)
+# no time context: expected answers are computed here at another time than the server's request
+MODEL = ModelConfig(
+    dim=8, id_dim=4, hidden=16, n_categories=4, content_dim=2, profile_dim=3, history_len=6, context_time=False
+)
 N_ITEMS = 60
 DEADLINE_S = 15.0
 
