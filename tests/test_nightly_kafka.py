@@ -16,7 +16,7 @@ import torch
 from trainer import handoff, nightly
 from trainer.nightly import day_bounds_ms, run_nightly
 from trainer.state import TrainerState
-from trainer.stream import StreamTrainer
+from trainer.stream import NIGHTLY_COUNTED, StreamTrainer
 from twotower import checkpoint
 from twotower.config import Config
 from twotower.events import CLICK, IMPRESSION, CatalogItem, Interaction
@@ -165,6 +165,34 @@ def test_nightly_does_not_recount_what_a_stopped_streaming_trainer_applied(confi
     ckpt = checkpoint.load(cfg.trainer.state_dir)
     assert _counts(ckpt) == (40, 40)
     assert ckpt.histories == _expected_histories(clicks, 5)
+
+
+def test_streaming_trainer_started_after_nightly_only_days_does_not_count_them_again(config: Config) -> None:
+    cfg = _small(config)
+    start, _ = day_bounds_ms(DAY, "UTC")
+    day1 = _clicks("a", 40, start + 1_000)
+    day2 = _clicks("b", 30, start + 86_400_000 + 1_000)  # today: no nightly yet
+    _produce(cfg, _catalog() + _impressions(day1) + day1 + day2)
+    assert run_nightly(cfg, DAY, progress=False).status == "trained"
+    ckpt = checkpoint.load(cfg.trainer.state_dir)
+    assert ckpt is not None and ckpt.extra[NIGHTLY_COUNTED] == [list(day_bounds_ms(DAY, "UTC"))]
+    assert _counts(ckpt) == (40, 40)
+    hard = dict(ckpt.extra["hard_negative_counts"])
+
+    # a streaming trainer starts on this state: it replays the topic from the checkpoint's offsets
+    # (the beginning), skips yesterday's interactions (the nightly counted them) and counts today's
+    trainer = StreamTrainer(cfg, max_idle_s=2.0)
+    trainer.startup()
+    try:
+        trainer.main_loop()
+    finally:
+        trainer.shutdown()
+    final = checkpoint.load(cfg.trainer.state_dir)
+    assert _counts(final) == (70, 70)
+    assert final.histories == _expected_histories(day1 + day2, 5)
+    assert final.extra["hard_negative_counts"] == hard  # yesterday's impressions not observed twice
+    assert final.extra[NIGHTLY_COUNTED] == ckpt.extra[NIGHTLY_COUNTED]  # kept for a later restart
+    assert sum(final.offsets.values()) >= 40 + 40 + 30  # every record of the topic is behind it
 
 
 # --- determinism ------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ Counting: the state's ID counts (popularity sampler, logQ, admission) and histor
 include every click exactly once. Beside a running streaming trainer, it counts them. When the
 nightly owns the state (no streaming trainer), it counts the day's clicks itself, once: not
 those the checkpoint's offsets say a streaming trainer applied before it stopped, and none on
-a forced rerun of a date already done.
+a forced rerun of a date already done. It records the day's event-time range in the checkpoint,
+so that a streaming trainer started later, which replays the topic from the checkpoint's offsets,
+skips that day's interactions instead of counting them again.
 The result becomes a full snapshot: written as the new checkpoint when no streaming trainer
 runs, or handed over to the running one (:mod:`trainer.handoff`). A date already retrained
 is skipped, so rerunning it changes nothing.
@@ -39,7 +41,7 @@ from tqdm import tqdm
 
 from trainer import handoff
 from trainer.state import TrainerState
-from trainer.stream import StateLock, parse_partition_key
+from trainer.stream import NIGHTLY_COUNTED, StateLock, parse_partition_key
 from twotower import checkpoint
 from twotower.config import Config, KafkaConfig
 from twotower.events import CLICK, CatalogItem, Interaction, Profile, SchemaError, decode
@@ -162,6 +164,17 @@ def _by_partition(keyed: dict[str, T]) -> dict[tuple[str, int], T]:
     return {parse_partition_key(key): value for key, value in keyed.items()}
 
 
+MAX_COUNTED_RANGES = 1_000
+
+
+def counted_ranges(ckpt: checkpoint.Checkpoint | None, day: tuple[int, int], counted: bool) -> list[list[int]]:
+    """The checkpoint's counted ranges, plus ``day`` if this run counted it (newest kept)."""
+    ranges = [list(r) for r in (ckpt.extra.get(NIGHTLY_COUNTED, []) if ckpt else [])]
+    if counted and list(day) not in ranges:
+        ranges.append(list(day))
+    return ranges[-MAX_COUNTED_RANGES:]
+
+
 def count_clicks(state: TrainerState, clicks: list[Interaction]) -> None:
     """Count clicks the state has not seen (ID counts, admission, last-seen, event-time clock) and
     add them to the users' histories, without learning from them.
@@ -277,7 +290,12 @@ def run_nightly(cfg: Config, date: dt.date, force: bool = False, progress: bool 
             state.nightly_done.append(day)
             state.seq += 1
             offsets = ckpt.offsets if ckpt else {}
-            extra = {"applied_above": ckpt.extra.get("applied_above", {})} if ckpt else {}
+            extra = {
+                "applied_above": ckpt.extra.get("applied_above", {}) if ckpt else {},
+                # the event-time range whose records this run counted: a streaming trainer that
+                # later replays the topic from ``offsets`` must not count them again
+                NIGHTLY_COUNTED: counted_ranges(ckpt, day_bounds_ms(date, cfg.trainer.schedule_timezone), first_run),
+            }
             checkpoint.save(state_dir, state.to_checkpoint(offsets, extra))
             return NightlyResult(day, "trained", len(examples), mean_loss)
         assert before is not None

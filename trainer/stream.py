@@ -6,7 +6,8 @@ start the trainer seeks to the checkpoint's offsets (not Kafka's committed ones,
 lag a crash), and skips the records it had already applied above them.
 
 A nightly retrain running beside it hands over its result through a file (see
-:mod:`trainer.handoff`); the streaming trainer merges it between micro-batches.
+:mod:`trainer.handoff`); the streaming trainer merges it between micro-batches. Interactions of
+days a nightly run counted while it owned the state (:data:`NIGHTLY_COUNTED`) are skipped.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ TABLE_BYTES = Gauge("twotower_trainer_table_bytes", "Memory held by an ID table"
 LOSS = Gauge("twotower_trainer_loss", "Loss of the last streaming step")
 STEP_SECONDS = Histogram("twotower_trainer_step_seconds", "Duration of one streaming step")
 BUFFERED = Gauge("twotower_trainer_buffered", "Records held for event-time ordering")
+
+NIGHTLY_COUNTED = "nightly_counted_ms"
+"""Checkpoint ``extra`` key: ``[start_ms, end_ms)`` event-time ranges (days) whose interactions a
+nightly run that owned the state counted beyond the checkpoint's offsets (:mod:`trainer.nightly`).
+Replaying the topic from those offsets, the streaming trainer skips interactions in them."""
 
 
 def partition_key(tp: Partition) -> str:
@@ -102,6 +108,8 @@ class StreamTrainer(Daemon):
         self.last_checkpoint = time.monotonic()
         self.last_record = time.monotonic()
         self.assigner: PartitionAssigner | None = None
+        self.nightly_counted: list[tuple[int, int]] = []
+        """Event-time ranges a nightly run that owned the state counted (see :func:`_route`)."""
 
     # --- lifecycle ---------------------------------------------------------------------
     def startup(self) -> None:
@@ -117,6 +125,7 @@ class StreamTrainer(Daemon):
             self.resume_offsets = {parse_partition_key(k): v for k, v in ckpt.offsets.items()}
             applied = ckpt.extra.get("applied_above", {})
             self.merger.skip_on_replay({parse_partition_key(k): v for k, v in applied.items()})
+            self.nightly_counted = [(int(a), int(b)) for a, b in ckpt.extra.get(NIGHTLY_COUNTED, [])]
             log.info("resumed from checkpoint seq %d (%d offsets)", ckpt.seq, len(ckpt.offsets))
         self._merge_handoff()
         self.producer = make_producer(self.cfg.kafka)
@@ -180,6 +189,11 @@ class StreamTrainer(Daemon):
             self.merger.mark_done(tp, message.offset)
             return
         if isinstance(record, Interaction):
+            if self.nightly_counted and any(a <= record.ts_ms < b for a, b in self.nightly_counted):
+                # replayed from before a nightly run that owned the state: it counted (and learned) it
+                EVENTS.labels("counted_by_nightly").inc()
+                self.merger.mark_done(tp, message.offset)
+                return
             EVENTS.labels(record.type).inc()
             self.merger.push(tp, message.offset, record.ts_ms, record)
             return
@@ -237,7 +251,10 @@ class StreamTrainer(Daemon):
         applied = self.merger.applied_above()
         offsets = {**{partition_key(tp): off for tp, off in self.resume_offsets.items()}}
         offsets.update({partition_key(tp): off for tp, off in safe.items()})
-        extra = {"applied_above": {partition_key(tp): offs for tp, offs in applied.items()}}
+        extra = {
+            "applied_above": {partition_key(tp): offs for tp, offs in applied.items()},
+            NIGHTLY_COUNTED: [list(r) for r in self.nightly_counted],
+        }
         checkpoint.save(self.state_dir, state.to_checkpoint(offsets, extra))
         self.dirty = False
         CHECKPOINTS.inc()
