@@ -11,6 +11,10 @@ Warm start: the retrain starts from the latest checkpoint (dense weights, ID row
 state), builds each click's history in event order, shuffles the examples with a seed
 derived from the configured seed and the date, and trains one epoch over towers and rows.
 
+The result becomes a full snapshot: written as the new checkpoint when no streaming trainer
+runs, or handed over to the running one (:mod:`trainer.handoff`). A date already retrained
+is skipped, so rerunning it changes nothing.
+
 Counting: the state's ID counts (popularity sampler, logQ, admission) and histories must
 include every click exactly once. Beside a running streaming trainer, it counts them. When the
 nightly owns the state (no streaming trainer), it counts the day's clicks itself, once: not
@@ -18,9 +22,6 @@ those the checkpoint's offsets say a streaming trainer applied before it stopped
 a forced rerun of a date already done. It records the day's event-time range in the checkpoint,
 so that a streaming trainer started later, which replays the topic from the checkpoint's offsets,
 skips that day's interactions instead of counting them again.
-The result becomes a full snapshot: written as the new checkpoint when no streaming trainer
-runs, or handed over to the running one (:mod:`trainer.handoff`). A date already retrained
-is skipped, so rerunning it changes nothing.
 """
 
 from __future__ import annotations
