@@ -96,15 +96,22 @@ def context_vector(values: object, dim: int) -> np.ndarray:
     return out
 
 
+def _time_row(ts_ms: int) -> list[float]:
+    day_ms = ts_ms % MS_PER_DAY  # integer arithmetic: exact for any epoch-ms time
+    day = day_ms / MS_PER_DAY
+    week = ((ts_ms // MS_PER_DAY + _EPOCH_WEEKDAY) % 7 + day) / 7.0
+    return [
+        math.sin(2.0 * math.pi * day),
+        math.cos(2.0 * math.pi * day),
+        math.sin(2.0 * math.pi * week),
+        math.cos(2.0 * math.pi * week),
+    ]
+
+
 def time_features(ts_ms: Sequence[int] | np.ndarray) -> np.ndarray:
     """``[B, 4]`` cyclical time of ``ts_ms`` (epoch ms, UTC): sin/cos of the hour of day and of
     the day of week (both continuous, so 23:59 is next to 00:00 and Sunday night to Monday)."""
-    days = np.asarray(ts_ms, dtype=np.float64).reshape(-1) / MS_PER_DAY
-    day_phase = 2.0 * math.pi * np.mod(days, 1.0)
-    week_phase = 2.0 * math.pi * np.mod(days + _EPOCH_WEEKDAY, 7.0) / 7.0
-    return np.stack([np.sin(day_phase), np.cos(day_phase), np.sin(week_phase), np.cos(week_phase)], axis=1).astype(
-        np.float32
-    )
+    return np.array([_time_row(int(t)) for t in ts_ms], dtype=np.float32).reshape(-1, TIME_FEATURES)
 
 
 def context_matrix(
@@ -118,18 +125,15 @@ def context_matrix(
         contexts: per row, the event's or request's ``context`` map (``None``: no dense context);
             its ``features`` entry is the dense context vector (:func:`context_vector`).
     """
-    parts = []
+    width = context_width(cfg)
+    out = np.zeros((len(contexts), width), dtype=np.float32)
     if cfg.context_time:
-        parts.append(time_features(ts_ms))
+        out[:, :TIME_FEATURES] = time_features(ts_ms)
     if cfg.context_dim:
-        parts.append(
-            np.stack([context_vector((c or {}).get(CONTEXT_FEATURES_KEY), cfg.context_dim) for c in contexts])
-            if len(contexts)
-            else np.zeros((0, cfg.context_dim), dtype=np.float32)
-        )
-    if not parts:
-        return torch.zeros(len(contexts), 0)
-    return torch.from_numpy(np.concatenate(parts, axis=1))
+        for row, ctx in enumerate(contexts):
+            if ctx:
+                out[row, width - cfg.context_dim :] = context_vector(ctx.get(CONTEXT_FEATURES_KEY), cfg.context_dim)
+    return torch.from_numpy(out)
 
 
 def _context_layer(cfg: ModelConfig) -> nn.Linear | None:
@@ -146,7 +150,9 @@ def _mlp_with_context(
     if layer is not None and context is not None:
         c = layer(context.to(h.dtype))
         h = h + (c.unsqueeze(1) if h.dim() == 3 else c)
-    return mlp[2](mlp[1](h))
+    for module in list(mlp)[1:]:  # the rest of the MLP (no new Sequential per call)
+        h = module(h)
+    return h
 
 
 class ItemTower(nn.Module):
