@@ -129,6 +129,18 @@ def replay_command(
     ),
     threads: int = typer.Option(1, "--threads", min=1, help="Torch threads (1 keeps runs reproducible and frugal)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    live: bool = typer.Option(
+        False, "--live", help="Replay through Kafka and the running daemons (trainer, publisher, retriever) instead."
+    ),
+    speed: float = typer.Option(
+        86_400.0, "--speed", min=1e-6, help="--live: event-time seconds per wall second (as fast as it keeps up)."
+    ),
+    compare: bool = typer.Option(
+        True, "--compare/--no-compare", help="--live: also run the offline two_tower_streaming, same publish delay."
+    ),
+    state_root: Path = typer.Option(
+        Path("var/live"), "--state-root", help="--live: trainer state, daemon logs (and local Kafka/Redis) here."
+    ),
 ) -> None:
     """Replay a log prequentially and score every policy side by side.
 
@@ -136,6 +148,12 @@ def replay_command(
     against what each policy has published (top-K, seen items excluded), then learned from.
     UTC day boundaries trigger the nightly retrains; streaming updates become visible after
     --publish-every seconds of event time.
+
+    With --live the log goes through the real stack instead (Kafka, train stream, publish,
+    serve; KAFKA_BOOTSTRAP/REDIS_URL or a local Kafka and Redis): the warm-up is produced and
+    bootstrapped as offline, then each event is scored by the retriever's answer before it is
+    produced; day boundaries run the nightly retrain, handed over to the streaming trainer.
+    --policies and --publish-every do not apply (the stack's own delays do).
     """
     import torch
 
@@ -164,10 +182,77 @@ def replay_command(
         raise typer.BadParameter(f"{data}: {len(events)} events; need at least 2")
     typer.echo(f"{len(events)} events from {data}; warm-up on the first {protocol.warmup_fraction:.0%}", err=True)
 
+    title = f"{data.name}: HR@{k} over time"
+    if live:
+        report, seconds = _live(events, protocol, speed, compare, state_root, bootstrap_epochs, progress)
+        report["data"] = {"path": str(data), "format": fmt.value, "limit": limit}
+        _write_report(report, json_out, plot_out, title + " (live)", seconds)
+        return
     result = _run_with_progress(events, chosen, protocol, progress)
     report = result.to_json()
     report["data"] = {"path": str(data), "format": fmt.value, "limit": limit}
-    _write_report(report, json_out, plot_out, f"{data.name}: HR@{k} over time", result.seconds)
+    _write_report(report, json_out, plot_out, title, result.seconds)
+
+
+def _live(
+    events: list[Event],
+    protocol: Protocol,
+    speed: float,
+    compare: bool,
+    state_root: Path,
+    bootstrap_epochs: int | None,
+    progress: bool,
+) -> tuple[dict, float]:
+    """The ``--live`` replay (and the offline comparison); returns the report and wall seconds."""
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from evaluation.live import LIVE_POLICY, LiveSettings, publish_delay_s, run_live
+    from evaluation.replay import make_policies
+    from evaluation.two_tower import DEFAULT_BOOTSTRAP_EPOCHS
+    from twotower.config import load_config
+
+    cfg = load_config()
+    epochs = DEFAULT_BOOTSTRAP_EPOCHS if bootstrap_epochs is None else bootstrap_epochs
+    settings = LiveSettings(speed=speed, state_root=state_root, bootstrap_epochs=epochs)
+    delay_s = publish_delay_s(cfg)
+    bar = tqdm(total=None, desc="live replay", unit="ev", disable=not progress, file=sys.stderr, mininterval=1.0)
+
+    def on_event(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.reset(total=total)
+        bar.update(done - bar.n)
+
+    try:
+        live_run = run_live(events, protocol, settings, cfg, on_event)
+    finally:
+        bar.close()
+    n_items = len({e.item for e in events})
+    report = {
+        "protocol": protocol.as_dict(),
+        "log": {
+            "events": len(events),
+            "warmup_events": live_run.warmup_events,
+            "evaluated_events": len(events) - live_run.warmup_events,
+            "items": n_items,
+            "users": len({e.user for e in events}),
+        },
+        "results": {LIVE_POLICY: live_run.metrics.summary(n_items)},
+        "live": live_run.describe(settings, delay_s),
+    }
+    series = live_run.series
+    seconds = live_run.seconds
+    if compare:
+        offline_protocol = replace(protocol, publish_every_s=delay_s * speed)
+        chosen = make_policies(["two_tower_streaming"], offline_protocol, bootstrap_epochs=epochs)
+        offline = _run_with_progress(events, chosen, offline_protocol, progress)
+        report["results"].update(offline.to_json()["results"])
+        report["offline_protocol"] = offline_protocol.as_dict()
+        series.hits.update(offline.series.hits)
+        seconds += offline.seconds
+    report["hr_over_time"] = series.binned(20)
+    return report, seconds
 
 
 def _run_with_progress(
