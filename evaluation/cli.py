@@ -18,6 +18,7 @@ from pathlib import Path
 import typer
 
 from evaluation.protocol import Event, Protocol
+from evaluation.variants import split_policies
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,8 @@ def replay_command(
     policies: str = typer.Option(
         "popularity_7d,als_nightly,itemknn_stream,two_tower_nightly,two_tower_streaming",
         "--policies",
-        help="Comma-separated policies to run side by side.",
+        help="Comma-separated policies to run side by side; a two-tower policy takes settings: "
+        "two_tower_streaming[loss=bce,temperature=0.1] (any model/trainer field).",
     ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N events (by time)."),
     bootstrap_epochs: int | None = typer.Option(
@@ -162,7 +164,7 @@ def replay_command(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(threads)
-    names = [n.strip() for n in policies.split(",") if n.strip()]
+    names = split_policies(policies)
     protocol = Protocol(k=k, recall_k=max(50, k), publish_every_s=publish_every, seed=seed)
     try:
         events = load_events(
@@ -344,7 +346,7 @@ def simulate_command(
     from twotower.config import SimulatorConfig
 
     torch.set_num_threads(threads)
-    names = [n.strip() for n in policies.split(",") if n.strip()]
+    names = split_policies(policies)
     try:
         spec = SimulationSpec(
             days=days,
