@@ -28,6 +28,7 @@ from typing import Any
 from evaluation.metrics import PolicyMetrics, Series, hit
 from evaluation.policies import ALSNightly, ItemKNNStream, Policy, PopularityPolicy
 from evaluation.protocol import Event, Protocol, World, check_sorted, utc_day, warmup_size
+from evaluation.variants import parse_policy, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def make_policies(
     """Build policies by name; two-tower policies of the same model share one warm start.
 
     Args:
-        names: policy names from :data:`POLICIES` or :data:`EXTRA_POLICIES`.
+        names: policy names from :data:`POLICIES` or :data:`EXTRA_POLICIES`; a two-tower policy may
+            carry settings, ``two_tower_streaming[loss=bce]`` (see :mod:`evaluation.variants`).
         protocol: the protocol (seed, publish interval).
         model_cfg: :class:`twotower.config.ModelConfig`; default: the loaded configuration's.
         trainer_cfg: :class:`twotower.config.TrainerConfig`; default: the loaded configuration's,
@@ -126,14 +128,17 @@ def make_policies(
             :data:`evaluation.two_tower.DEFAULT_BOOTSTRAP_EPOCHS`).
 
     Raises:
-        ValueError: an unknown name.
+        ValueError: an unknown name, or a bad setting.
     """
-    unknown = [n for n in names if n not in POLICIES + EXTRA_POLICIES]
+    parsed = [parse_policy(n) for n in names]
+    unknown = [n for n, _ in parsed if n not in POLICIES + EXTRA_POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES + EXTRA_POLICIES)}")
     out: list[Policy] = []
-    warm_starts: dict[str, Any] = {}
-    for name in names:
+    warm_starts: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+    for spec, (name, overrides) in zip(names, parsed, strict=True):
+        if overrides and not name.startswith("two_tower"):
+            raise ValueError(f"{spec}: settings apply to the two-tower policies only")
         if name == "popularity_7d":
             out.append(PopularityPolicy())
         elif name == "als_nightly":
@@ -149,15 +154,16 @@ def make_policies(
                 model_cfg = model_cfg or cfg.model
                 trainer_cfg = trainer_cfg or cfg.trainer.model_copy(update={"seed": protocol.seed})
             tower = "mind" if "_mind_" in name else "default"
-            if tower not in warm_starts:
-                mcfg = model_cfg
+            key = (tower, tuple(sorted(overrides.items())))
+            if key not in warm_starts:  # policies differing only in streaming share one bootstrap
+                mcfg, tcfg = with_overrides(model_cfg, trainer_cfg, overrides)
                 if tower == "mind":
-                    if "user_tower" not in type(model_cfg).model_fields:
+                    if "user_tower" not in type(mcfg).model_fields:
                         raise ValueError("this model has no MIND user tower (model.user_tower)")
-                    mcfg = model_cfg.model_copy(update={"user_tower": "mind"})
+                    mcfg = mcfg.model_copy(update={"user_tower": "mind"})
                 epochs = DEFAULT_BOOTSTRAP_EPOCHS if bootstrap_epochs is None else bootstrap_epochs
-                warm_starts[tower] = WarmStart(mcfg, trainer_cfg, epochs)
-            out.append(TwoTowerPolicy(name, name.endswith("_streaming"), warm_starts[tower], protocol.publish_every_ms))
+                warm_starts[key] = WarmStart(mcfg, tcfg, epochs)
+            out.append(TwoTowerPolicy(spec, name.endswith("_streaming"), warm_starts[key], protocol.publish_every_ms))
     return out
 
 

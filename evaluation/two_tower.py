@@ -64,7 +64,7 @@ def click(event: Event, index: int) -> Interaction:
     """The click record the producers would have written for an event."""
     return Interaction(
         event_id=f"e{index}",
-        request_id="",
+        request_id=f"e{index}",  # a replayed click is its own request (as `produce replay` writes it)
         user_id=event.user,
         item_id=event.item,
         type="click",

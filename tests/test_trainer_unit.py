@@ -88,10 +88,12 @@ def test_merger_safe_offsets_and_replay_skip() -> None:
     released = [v for *_, v in merger.pop_ready()]
     assert released == ["y", "x", "z"]
     merger2 = EventTimeMerger(allowance_ms=1_000)
+    lagging = ("events", 1)
+    merger2.push(lagging, 0, 500, "o")  # a partition far behind: the allowance bounds the wait
     merger2.push(tp, 10, 5_000, "x")
     merger2.push(tp, 11, 1_000, "y")
-    assert [v for *_, v in merger2.pop_ready()] == ["y"]
-    assert merger2.safe_offsets() == {tp: 10}
+    assert [v for *_, v in merger2.pop_ready()] == ["o", "y"]  # watermark 4000
+    assert merger2.safe_offsets() == {tp: 10, lagging: 1}
     assert merger2.applied_above() == {tp: [11]}
     # after a restart from offset 10, record 11 must not be applied again
     restarted = EventTimeMerger(allowance_ms=1_000)
@@ -99,6 +101,23 @@ def test_merger_safe_offsets_and_replay_skip() -> None:
     assert restarted.push(tp, 10, 5_000, "x") is True
     assert restarted.push(tp, 11, 1_000, "y") is False
     assert restarted.safe_offsets() == {tp: 10}
+
+
+def test_merger_releases_at_once_when_every_partition_has_moved_past_a_record() -> None:
+    merger = EventTimeMerger(allowance_ms=10_000)
+    a, b = ("events", 0), ("events", 1)
+    merger.expect([a, b])
+    merger.push(a, 0, 1_000, "a0")
+    assert merger.pop_ready() == []  # b, assigned, has shown nothing yet: it may still bring older ones
+    merger.push(b, 0, 1_001, "b0")
+    merger.push(a, 1, 1_002, "a1")
+    assert [v for *_, v in merger.pop_ready()] == ["a0", "b0"]  # both partitions are past 1001
+    merger.push(a, 2, 5_000, "a2")  # b goes quiet: a's records wait for b, at most the allowance
+    assert [v for *_, v in merger.pop_ready()] == []
+    merger.push(a, 3, 12_000, "a3")
+    assert [v for *_, v in merger.pop_ready()] == ["a1"]  # watermark 12000 - 10000 = 2000
+    merger.push(b, 1, 990, "b-late")  # b out of its own order, older than a released record: counted late
+    assert [v for *_, v in merger.pop_ready()] == ["b-late"] and merger.late == 1
 
 
 # --- losses -------------------------------------------------------------------------------

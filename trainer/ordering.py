@@ -1,8 +1,18 @@
 """Event-time merge of several partitions, and the offsets that are safe to commit.
 
-Records are held until the watermark (largest event time seen minus the out-of-orderness
-allowance) passes them, then released in event-time order. A record older than one already
-released is *late*: it is still released (never dropped) and counted.
+Records are held until the watermark passes them, then released in event-time order. The
+watermark is the later of
+
+* the oldest of the partitions' newest event times: every partition has shown a record at
+  or after it, and a partition delivers in order, so nothing older can still come — in a busy
+  stream this releases a record within milliseconds instead of after the allowance. The
+  partitions counted are those seen and those announced with :meth:`expect` (the assigned
+  ones): one that has delivered nothing yet leaves only the second rule;
+* the newest event time seen minus the out-of-orderness allowance: the bound on how long a
+  slow or idle partition can hold the others back.
+
+A record older than one already released (a partition out of its own order, or later than
+the allowance) is *late*: it is still released (never dropped) and counted.
 
 Offsets: a partition's safe offset is its oldest record still held (or one past the last
 record seen). Records of that partition released although they sit above the safe offset
@@ -15,6 +25,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 Partition = tuple[str, int]
@@ -34,6 +45,8 @@ class EventTimeMerger:
         self._tiebreak = itertools.count()
         self._held: dict[Partition, set[int]] = defaultdict(set)
         self._next: dict[Partition, int] = {}
+        self._newest: dict[Partition, int | None] = {}
+        """Per partition, the newest event time it delivered (None: nothing yet)."""
         self._released_above: dict[Partition, set[int]] = defaultdict(set)
         self._skip: dict[Partition, set[int]] = {}
         self.max_ts_ms = 0
@@ -50,6 +63,8 @@ class EventTimeMerger:
     def push(self, tp: Partition, offset: int, ts_ms: int, value: Any) -> bool:
         """Hold a record; False if it was applied before the restart and is skipped."""
         self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+        newest = self._newest.get(tp)
+        self._newest[tp] = ts_ms if newest is None else max(newest, ts_ms)
         skip = self._skip.get(tp)
         if skip and offset in skip:
             skip.discard(offset)
@@ -65,7 +80,7 @@ class EventTimeMerger:
 
     def pop_ready(self, force: bool = False) -> list[tuple[Partition, int, Any]]:
         """Release, in event-time order, every record at or below the watermark (all if ``force``)."""
-        watermark = self.max_ts_ms - self.allowance_ms
+        watermark = self.watermark()
         out = []
         while self._heap and (force or self._heap[0][0] <= watermark):
             ts, _, tp, offset, value = heapq.heappop(self._heap)
@@ -77,6 +92,19 @@ class EventTimeMerger:
             self._released_above[tp].add(offset)
             out.append((tp, offset, value))
         return out
+
+    def expect(self, partitions: Iterable[Partition]) -> None:
+        """Partitions that will deliver records: until each has, none is known to be past any time."""
+        for tp in partitions:
+            self._newest.setdefault(tp, None)
+
+    def watermark(self) -> int:
+        """Event time up to which records are released (see the module docstring)."""
+        bound = self.max_ts_ms - self.allowance_ms
+        newest = self._newest.values()
+        if not newest or None in newest:
+            return bound
+        return max(bound, min(t for t in newest if t is not None))
 
     def safe_offsets(self) -> dict[Partition, int]:
         """Per partition, the offset a restart must resume from."""

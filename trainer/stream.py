@@ -30,7 +30,7 @@ from twotower import checkpoint
 from twotower.config import Config
 from twotower.daemon import Daemon
 from twotower.events import CatalogItem, Interaction, Profile
-from twotower.kafka_io import PartitionAssigner, RecordDecoder, ensure_topics, make_consumer, make_producer
+from twotower.kafka_io import PartitionAssigner, RecordDecoder, Topics, ensure_topics, make_consumer, make_producer
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,13 @@ class StreamTrainer(Daemon):
         self.assigner = PartitionAssigner(
             self.consumer, [topics.events, topics.catalog, topics.profiles], start=self._start_offset
         )
-        self.assigner.refresh(force=True)
+        self._assign(force=True)
+
+    def _assign(self, force: bool = False) -> None:
+        assert self.assigner is not None
+        new = self.assigner.refresh(force=force)
+        events = Topics(self.cfg.kafka.topic_prefix).events
+        self.merger.expect((tp.topic, tp.partition) for tp in new if tp.topic == events)
 
     def _start_offset(self, tp: TopicPartition) -> int:
         return self.resume_offsets.get((tp.topic, tp.partition), 0)
@@ -144,7 +150,7 @@ class StreamTrainer(Daemon):
     def main_loop(self) -> None:
         assert self.assigner is not None
         while not self.shutdown_flag.is_set():
-            self.assigner.refresh()
+            self._assign()
             polled = self.consumer.poll(timeout_ms=100, max_records=5_000)
             now = time.monotonic()
             if polled:

@@ -126,7 +126,8 @@ class Daemon:
     """Base of a long-running process: subclasses fill in the three phases.
 
     ``health()`` is what ``/health`` answers; it should say ``status: ok`` only when the
-    daemon is doing its job.
+    daemon is doing its job: the base answers ``starting`` until :meth:`startup` returned
+    (the endpoint is up before, so a supervisor sees a slow start) and ``stopping`` after.
     """
 
     name = "daemon"
@@ -134,6 +135,8 @@ class Daemon:
     def __init__(self) -> None:
         self.shutdown_flag = ShutdownFlag()
         self.started_at = time.time()
+        self.phase = "starting"
+        """``starting``, ``running`` or ``stopping`` (set by :func:`run_daemon`)."""
 
     def startup(self) -> None:
         """Connect and load state; raise to refuse to start."""
@@ -146,7 +149,8 @@ class Daemon:
         """Flush, checkpoint and close; called once, also after a failed main loop."""
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "daemon": self.name, "uptime_s": round(time.time() - self.started_at, 1)}
+        status = "ok" if self.phase == "running" else self.phase
+        return {"status": status, "daemon": self.name, "uptime_s": round(time.time() - self.started_at, 1)}
 
 
 def run_daemon(daemon: Daemon, obs: ObservabilityConfig) -> int:
@@ -157,12 +161,14 @@ def run_daemon(daemon: Daemon, obs: ObservabilityConfig) -> int:
     code = 0
     try:
         daemon.startup()
+        daemon.phase = "running"
         log.info("%s started", daemon.name)
         daemon.main_loop()
     except Exception:
         log.exception("%s failed", daemon.name)
         code = 1
     finally:
+        daemon.phase = "stopping"
         try:
             daemon.shutdown()
         finally:

@@ -32,7 +32,7 @@ from rich.table import Table
 from twotower import infra
 from twotower.config import KafkaConfig, load_config
 from twotower.kafka_io import Topics, ensure_topics, make_consumer
-from twotower.processes import DaemonProcess
+from twotower.processes import DaemonProcess, wait_healthy
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +237,9 @@ def run_demo(duration_s: float, rate: float | None, state_root: Path, console: C
                 proc_env["TWOTOWER_OBSERVABILITY__METRICS_PORT"] = str(port)
             if name == "simulator":
                 # the stream starts once every other daemon answers, so --duration is all traffic
-                _wait_healthy([d for n, d in daemons.items() if n != "simulator"], STARTUP_TIMEOUT_S)
+                wait_healthy([(d, d.health_url) for n, d in daemons.items() if n != "simulator"], STARTUP_TIMEOUT_S)
             daemons[name].start(proc_env)
-        _wait_healthy([daemons["simulator"]], STARTUP_TIMEOUT_S)
+        wait_healthy([(daemons["simulator"], daemons["simulator"].health_url)], STARTUP_TIMEOUT_S)
         console.print(f"all daemons up; logs in {run_dir / 'logs'}")
         summary = _watch(daemons, duration_s, console)
         summary["events_produced"] = count_records(topics_cfg.kafka, Topics(topics_cfg.kafka.topic_prefix).events)
@@ -263,22 +263,6 @@ def run_demo(duration_s: float, rate: float | None, state_root: Path, console: C
             daemon.stop(timeout_s=10)  # already stopped after a normal run; this covers failures
         if started_infra:
             infra.down(infra_dir)
-
-
-def _wait_healthy(daemons: list[Daemon], timeout_s: float) -> None:
-    """Wait until each daemon's /health answers (any status: the process serves), or fail."""
-    deadline = time.monotonic() + timeout_s
-    for daemon in daemons:
-        while True:
-            if not daemon.alive():
-                raise RuntimeError(f"{daemon.name} exited during startup; see {daemon.log_path}")
-            try:
-                httpx.get(daemon.health_url, timeout=1.0)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{daemon.name} did not answer within {timeout_s:.0f} s") from None
-                time.sleep(0.5)
 
 
 def _watch(daemons: dict[str, Daemon], duration_s: float, console: Console) -> dict:

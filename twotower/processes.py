@@ -8,9 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,30 @@ class DaemonProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         return proc.returncode
+
+
+def wait_healthy(daemons: Sequence[tuple[DaemonProcess, str]], timeout_s: float, ready: bool = False) -> None:
+    """Wait until each daemon's health URL answers (any status: the process serves), or fail.
+
+    With ``ready``, wait for a 200 (the daemon has started and is doing its job).
+
+    Raises:
+        RuntimeError: a daemon exited, or did not answer within ``timeout_s`` (all together).
+    """
+    deadline = time.monotonic() + timeout_s
+    for daemon, url in daemons:
+        while True:
+            if not daemon.alive():
+                raise RuntimeError(f"{daemon.name} exited during startup; see {daemon.log_path}")
+            try:
+                response = httpx.get(url, timeout=1.0)
+                if not ready or response.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{daemon.name} was not {'ready' if ready else 'up'} within {timeout_s:.0f} s")
+            time.sleep(0.5)
 
 
 def tail(path: Path, lines: int = 30) -> str:
