@@ -52,7 +52,7 @@ def test_context_vector_fits_and_ignores_malformed_values() -> None:
     for bad in (None, "1,2", [1, "x"], [float("nan")], [True], {"a": 1}):
         np.testing.assert_array_equal(context_vector(bad, 2), [0.0, 0.0])
     assert context_vector([1.0], 0).shape == (0,)
-    cfg = ModelConfig(context_dim=2)
+    cfg = ModelConfig(context_time=True, context_dim=2)
     got = context_matrix(cfg, [0, 0], [{"features": [5.0]}, None])
     assert got.shape == (2, context_width(cfg)) == (2, 6)
     assert got[:, 4:].tolist() == [[5.0, 0.0], [0.0, 0.0]]
@@ -62,7 +62,7 @@ def test_context_vector_fits_and_ignores_malformed_values() -> None:
 
 @pytest.mark.parametrize("tower", ["mean", "mind"])
 def test_context_changes_the_user_vector(tower: str) -> None:
-    cfg = ModelConfig(**SMALL, user_tower=tower, context_dim=2)
+    cfg = ModelConfig(**SMALL, user_tower=tower, context_time=True, context_dim=2)
     torch.manual_seed(0)
     model = TwoTower(cfg)
     rows, prof = torch.randn(1, 4), torch.randn(1, 2)
@@ -89,7 +89,7 @@ def test_context_changes_the_user_vector(tower: str) -> None:
 
 def _toy(model: dict[str, Any] | None = None) -> tuple[TrainerState, Any]:
     """Users who click items of one category in the morning and of another in the evening."""
-    cfg = ModelConfig(**{**SMALL, "context_dim": 2, **(model or {})})
+    cfg = ModelConfig(**{**SMALL, "context_time": True, "context_dim": 2, **(model or {})})
     state = TrainerState(cfg, TrainerConfig(stream_lr=0.05, nightly_lr=0.01))
     for i in range(24):
         state.apply_catalog(CatalogItem(f"i{i}", f"c{i % 4}", list(np.eye(4)[i % 4]), 0))
@@ -171,7 +171,7 @@ def test_weights_from_before_context_load_with_zero_context_and_old_outputs(tmp_
     assert loaded is not None and CONTEXT_WEIGHT not in loaded.dense
 
     new = TrainerState.from_checkpoint(loaded, old.tcfg)
-    assert new.model_cfg.context_time and new.model_cfg.context_dim == 4  # the defaults
+    assert not new.model_cfg.context_time and new.model_cfg.context_dim == 4  # the defaults
     assert torch.count_nonzero(new.model.user.context.weight) == 0
     rows, prof = torch.randn(3, 4), torch.randn(3, 2)
     pooled = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
