@@ -257,8 +257,9 @@ def test_content_only_vectors_land_nearer_their_category() -> None:
     trained = item_vectors(model, ckpt)
     books, music = trained[:20].mean(axis=0), trained[20:].mean(axis=0)
     rng = np.random.default_rng(0)
-    new = [CatalogItem(f"b{i}", "books", rng.random(3).tolist(), 1) for i in range(10)]
-    new += [CatalogItem(f"m{i}", "music", rng.random(3).tolist(), 1) for i in range(10)]
+    # content on the trained items' scale (make_checkpoint: uniform * 0.1), so the category decides
+    new = [CatalogItem(f"b{i}", "books", (rng.random(3) * 0.1).tolist(), 1) for i in range(10)]
+    new += [CatalogItem(f"m{i}", "music", (rng.random(3) * 0.1).tolist(), 1) for i in range(10)]
     rows = content_only_vectors(model, ckpt.categories, new)
     assert rows.ids == [it.item_id for it in new]
     np.testing.assert_allclose(np.linalg.norm(rows.matrix, axis=1), 1.0, atol=1e-5)
