@@ -163,6 +163,8 @@ def replay_command(
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # kafka-python warns of every slow IO-loop task; under a loaded replay that is noise, not news
+    logging.getLogger("kafka").setLevel(logging.ERROR)
     torch.set_num_threads(threads)
     names = split_policies(policies)
     protocol = Protocol(k=k, recall_k=max(50, k), publish_every_s=publish_every, seed=seed)
