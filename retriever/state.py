@@ -139,6 +139,9 @@ class ServingState:
         touched: positions deltas changed, added or removed since the full version.
         removed: positions that are dead (removed, or superseded by a re-added item).
         overlay: exact index over the live touched positions (``None`` when there are none).
+        changed_items: item ids (changed, new or removed) of the deltas that turned the state
+            this one was derived from into this one; ``None`` for a state built from a full
+            version (anything may have changed). Caches of item details key off it.
     """
 
     version: int
@@ -158,6 +161,7 @@ class ServingState:
     overlay: faiss.Index | None
     base_filter: _BaseFilter | None
     search_params: Callable[[faiss.IDSelector], faiss.SearchParameters]
+    changed_items: frozenset[str] | None = None
 
     # --- building ---------------------------------------------------------------------------
     @classmethod
@@ -238,8 +242,16 @@ class ServingState:
                 )
         user_rows, user_matrix = self._merged_users(deltas)
         created_ms = self.created_ms if created_ms is None else created_ms
-        if not any(d.items.ids or d.removed_items for d in deltas):
-            return replace(self, version=version, created_ms=created_ms, user_rows=user_rows, user_matrix=user_matrix)
+        changed = frozenset(item_id for d in deltas for item_id in (*d.items.ids, *d.removed_items))
+        if not changed:
+            return replace(
+                self,
+                version=version,
+                created_ms=created_ms,
+                user_rows=user_rows,
+                user_matrix=user_matrix,
+                changed_items=changed,
+            )
         item_ids, item_pos, item_vectors, touched, removed = self._merged_items(deltas)
         return replace(
             self,
@@ -254,6 +266,7 @@ class ServingState:
             removed=removed,
             overlay=_exact_index(item_vectors, np.array(sorted(touched - removed), dtype=np.int64)),
             base_filter=_BaseFilter.build(self.n_base, touched),
+            changed_items=changed,
         )
 
     def _merged_users(self, deltas: Sequence[DeltaSnapshot]) -> tuple[dict[str, int], np.ndarray]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 from prometheus_client import Counter, Gauge, Histogram
@@ -57,6 +58,10 @@ SNAPSHOT_ERRORS = Counter(
     "Failed attempts to check or load a snapshot version (the previous state kept serving).",
 )
 
+SwapHook = Callable[[ServingState | None, ServingState], None]
+"""Called with (the state the new one was derived from by deltas, or ``None`` when it was
+loaded whole; the new state) before a swap."""
+
 _EXPECTED_ERRORS = (SnapshotError, BlobError, redis.RedisError, ValueError, RuntimeError)
 
 
@@ -68,10 +73,22 @@ class SnapshotWatcher:
             plus a pub/sub connection from the same pool).
         poll_interval_s: how often the pointer is polled when no notice arrives.
         retry_failed_s: how long a version that failed to load is left alone.
+        on_swap: called on the watcher thread with (old state, new state) just before the
+            new state is published, e.g. to invalidate caches of what the new version changed;
+            old is ``None`` unless the new state was derived from it by applying deltas (not
+            for a full load, a rollback or the first load). An exception it raises is logged
+            and does not stop the swap.
     """
 
-    def __init__(self, store: SnapshotStore, poll_interval_s: float = 1.0, retry_failed_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        store: SnapshotStore,
+        poll_interval_s: float = 1.0,
+        retry_failed_s: float = 10.0,
+        on_swap: SwapHook | None = None,
+    ) -> None:
         self.store = store
+        self.on_swap = on_swap
         self.poll_interval_s = poll_interval_s
         self.retry_failed_s = retry_failed_s
         self.state: ServingState | None = None
@@ -155,6 +172,11 @@ class SnapshotWatcher:
             self._note_error(f"cannot load snapshot version {target}: {exc}")
             return False
         elapsed = time.perf_counter() - started
+        if self.on_swap is not None:
+            try:
+                self.on_swap(state if kind == "delta" else None, new_state)
+            except Exception:
+                log.exception("the swap hook failed; swapping anyway")
         self.state = new_state  # the swap: requests that already hold the old state finish with it
         self._failed = None
         self._last_error = ""
