@@ -38,6 +38,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import parse_qsl
 
 import faiss
 import msgpack
@@ -442,12 +443,58 @@ def _merge_history(
     return merged
 
 
-class _RequestMetrics:
-    """Pure ASGI middleware: counts ``/recommend`` requests by status and times them
-    (validation errors included, which never reach the endpoint)."""
+_FAST_KEYS = frozenset({"user_id", "k", "exclude", "category", "diversity"})
+_FAST_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+_JSON_HEADERS = [(b"content-type", b"application/json")]
 
-    def __init__(self, app: Any) -> None:
+
+def fast_query(query_string: bytes) -> tuple[str, int | None, list[str], list[str] | None, bool] | None:
+    """The arguments of a plain ``GET /recommend`` query, or ``None`` when anything about it
+    is unusual (missing or over-long user id, a k that is not a plain integer, a diversity that
+    is not true/false/1/0, a repeated parameter, undecodable bytes): such queries take FastAPI's
+    route, which validates them and answers 422 with its usual detail."""
+    try:
+        pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    args: dict[str, str] = {}
+    for key, value in pairs:
+        if key in _FAST_KEYS:
+            if key in args:
+                return None
+            args[key] = value
+    user_id = args.get("user_id")
+    if user_id is None or not 1 <= len(user_id) <= MAX_USER_ID_LEN:
+        return None
+    k_text = args.get("k")
+    if k_text is not None and not (k_text.isascii() and k_text.lstrip("-").isdigit()):
+        return None
+    diversity = _FAST_BOOLS.get(args.get("diversity", "false"))
+    if diversity is None:
+        return None
+    return (
+        user_id,
+        None if k_text is None else int(k_text),
+        _split(args.get("exclude")),
+        _split(args.get("category")) or None,
+        diversity,
+    )
+
+
+class _RecommendFrontDoor:
+    """Pure ASGI middleware in front of the FastAPI routes.
+
+    * Answers a plain ``GET /recommend`` (see :func:`fast_query`) itself: same service call,
+      same body and statuses (``{"detail": ...}`` for 400/503), without FastAPI's routing,
+      dependency solving and response handling, which cost more CPU than the user tower and
+      the search together. Anything else goes on to FastAPI unchanged.
+    * Counts every ``/recommend`` request by status and times it (validation errors
+      included, which never reach an endpoint).
+    """
+
+    def __init__(self, app: Any, service: RetrieverService) -> None:
         self.app = app
+        self.service = service
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/recommend":
@@ -455,14 +502,36 @@ class _RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
-
-        async def send_and_note(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
         try:
+            args = fast_query(scope["query_string"]) if scope["method"] == "GET" else None
+            if args is not None:
+                try:
+                    user_id, k, exclude, categories, diversity = args
+                    body = orjson.dumps(
+                        await self.service.recommend(
+                            user_id, k, exclude=exclude, categories=categories, diversity=diversity
+                        )
+                    )
+                    status = 200
+                except HTTPException as exc:
+                    body = orjson.dumps({"detail": exc.detail})
+                    status = exc.status_code
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+
+            async def send_and_note(message: dict[str, Any]) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
             await self.app(scope, receive, send_and_note)
         finally:
             REQUESTS.labels(status=str(status)).inc()
@@ -498,7 +567,7 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(_RequestMetrics)
+    app.add_middleware(_RecommendFrontDoor, service=service)
 
     # response_model documents the body; the handlers return pre-serialised JSON, which
     # FastAPI passes through without validating or re-encoding it

@@ -50,3 +50,21 @@ def test_a_delta_swap_drops_only_its_items_and_a_full_swap_drops_everything() ->
     cache.put([("b", ("c", "B"))], cache.generation, now=0.0)
     cache.on_swap(state(1, None), state(7, None))  # a new full version
     assert len(cache) == 0
+
+
+def test_fast_query_takes_plain_queries_and_leaves_the_rest_to_fastapi() -> None:
+    from retriever.app import fast_query
+
+    assert fast_query(b"user_id=u1&k=7&exclude=a,%20b&category=c1&diversity=true&other=x") == (
+        "u1",
+        7,
+        ["a", "b"],
+        ["c1"],
+        True,
+    )
+    assert fast_query(b"user_id=%C3%A9t%C3%A9") == ("\u00e9t\u00e9", None, [], None, False)
+    assert fast_query(b"user_id=u1&k=-3") == ("u1", -3, [], None, False)  # the service answers 400
+    for odd in (b"", b"k=3", b"user_id=", b"user_id=u1&k=many", b"user_id=u1&k=1.5", b"user_id=u1&user_id=u2"):
+        assert fast_query(odd) is None, odd
+    assert fast_query(b"user_id=u1&diversity=perhaps") is None
+    assert fast_query(b"user_id=" + b"x" * 257) is None
