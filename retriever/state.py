@@ -3,8 +3,12 @@
 A :class:`ServingState` is built once (from a full version, or from an older state plus
 deltas) and never changed afterwards: request handlers read whichever state the watcher
 published last, and the watcher replaces it by assigning a new object. Applying a delta
-therefore copies what it changes (the ID-row dicts and matrices) into a *new* state, so a
-request that still holds the old state never sees a half-applied delta.
+therefore builds a *new* state, so a request that still holds the old state never sees a
+half-applied delta; and it does so in O(what deltas changed since the full version), never
+O(catalogue): the full version's id → position and user → row dicts, its id list and its
+vector and user matrices are shared read-only by every state derived from it, and each state
+adds only small layers on top (:class:`LayeredMap` of changed ids, :class:`LayeredIds` of
+appended ids, the vectors of touched items, the ID rows of changed users).
 
 Item positions are the rows of the ``items`` part of the base full version, extended by
 every new item a delta appends; Faiss ids are those positions. A removed item keeps its
@@ -24,8 +28,10 @@ Results of both are merged by score; with an exact base the merge is exact top-k
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any
 
 import faiss
 import numpy as np
@@ -77,16 +83,6 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def _exact_index(vectors: np.ndarray, positions: np.ndarray) -> faiss.Index | None:
-    """An exact inner-product index over ``vectors[positions]`` with the positions as ids
-    (``None`` when there are no positions)."""
-    if positions.size == 0:
-        return None
-    index = faiss.index_factory(vectors.shape[1], "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
-    index.add_with_ids(np.ascontiguousarray(vectors[positions]), positions)
-    return index
-
-
 def _params_factory(index: faiss.Index) -> Callable[[faiss.IDSelector], faiss.SearchParameters]:
     """Search parameters carrying a selector, keeping the index's own efSearch / nprobe
     (typed parameters would otherwise reset them to faiss's defaults)."""
@@ -118,6 +114,112 @@ class _BaseFilter:
         return _BaseFilter(bitmap, faiss.IDSelectorBitmap(n_base, faiss.swig_ptr(bitmap)))
 
 
+class LayeredMap(Mapping[str, int]):
+    """A read-only ``str → int`` map: a base dict shared by every state of one full version,
+    plus the changes deltas made since (``None``: removed). Applying a delta copies only the
+    changes (O(ids changed since the full version)), never the base."""
+
+    __slots__ = ("_base", "_changes", "_len")
+
+    def __init__(self, base: dict[str, int], changes: dict[str, int | None] | None = None, length: int | None = None):
+        self._base = base
+        self._changes: dict[str, int | None] = changes if changes is not None else {}
+        self._len = len(base) if length is None else length
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        changes = self._changes
+        if changes and key in changes:
+            value = changes[key]
+            return default if value is None else value
+        return self._base.get(key, default)
+
+    def __getitem__(self, key: str) -> int:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[str]:
+        changes = self._changes
+        for key in self._base:
+            if key not in changes:
+                yield key
+        for key, value in changes.items():
+            if value is not None:
+                yield key
+
+    @property
+    def n_changes(self) -> int:
+        """Ids changed since the base (what a delta copies)."""
+        return len(self._changes)
+
+    def edited(self) -> _MapEdit:
+        """A private copy of the changes to apply a delta to (see :class:`_MapEdit`)."""
+        return _MapEdit(self._base, dict(self._changes), self._len)
+
+
+class _MapEdit:
+    """The changes of a :class:`LayeredMap` being edited by one delta (not shared yet)."""
+
+    def __init__(self, base: dict[str, int], changes: dict[str, int | None], length: int) -> None:
+        self.view = LayeredMap(base, changes, length)
+
+    def get(self, key: str) -> int | None:
+        return self.view.get(key)
+
+    def set(self, key: str, value: int) -> None:
+        view = self.view
+        if key not in view:
+            view._len += 1
+        view._changes[key] = value
+
+    def pop(self, key: str) -> int | None:
+        view = self.view
+        value = view.get(key)
+        if value is not None:
+            view._len -= 1
+            view._changes[key] = None
+        return value
+
+    def done(self) -> LayeredMap:
+        return self.view
+
+
+class LayeredIds(Sequence[str]):
+    """Position → item id: the full version's ids (shared) followed by the ids deltas appended."""
+
+    __slots__ = ("_base", "_extra")
+
+    def __init__(self, base: list[str], extra: tuple[str, ...] = ()) -> None:
+        self._base = base
+        self._extra = extra
+
+    def __len__(self) -> int:
+        return len(self._base) + len(self._extra)
+
+    def __getitem__(self, pos: int) -> str:  # type: ignore[override]
+        if not isinstance(pos, int):
+            raise TypeError("positions are integers")
+        n = len(self._base)
+        if 0 <= pos < n:
+            return self._base[pos]
+        if pos < 0:
+            pos += len(self)
+            if pos < 0:
+                raise IndexError(pos)
+            return self[pos]
+        return self._extra[pos - n]
+
+    def appended(self, ids: Sequence[str]) -> LayeredIds:
+        return LayeredIds(self._base, self._extra + tuple(ids)) if ids else self
+
+
 @dataclass(frozen=True, eq=False)
 class ServingState:
     """One snapshot version, ready to answer requests; never mutated once built.
@@ -129,11 +231,14 @@ class ServingState:
         model_config: the model configuration of the snapshot's weights.
         model: the towers in eval mode (only ``model.user`` runs here; with MIND it gives one
             vector per interest and a request queries the index once per interest).
-        user_rows: user id → row of ``user_matrix``.
-        user_matrix: ``[U, id_dim]`` user ID-embedding rows (read-only).
+        user_rows: user id → row (a row of ``user_matrix`` for the full version's users; users a
+            delta changed or added have their row in ``user_overrides`` instead).
+        user_matrix: ``[U, id_dim]`` the full version's user ID-embedding rows (read-only, shared).
+        user_overrides: user id → ID row, for the users deltas changed or added.
         item_ids: position → item id (dead positions keep their old id).
         item_pos: live item id → position.
-        item_vectors: ``[N, dim]`` unit item vectors by position (read-only).
+        base_vectors: ``[n_base, dim]`` the full version's unit item vectors (read-only, shared).
+        touched_vectors: position → vector of every item deltas changed or added (read-only rows).
         index: the base Faiss index of the full version (ids = positions; shared, never edited).
         n_base: items in the full version (the base index's positions are ``0..n_base-1``).
         touched: positions deltas changed, added or removed since the full version.
@@ -149,11 +254,13 @@ class ServingState:
     created_ms: int
     model_config: ModelConfig
     model: TwoTower
-    user_rows: dict[str, int]
+    user_rows: LayeredMap
     user_matrix: np.ndarray
-    item_ids: list[str]
-    item_pos: dict[str, int]
-    item_vectors: np.ndarray
+    user_overrides: dict[str, np.ndarray]
+    item_ids: LayeredIds
+    item_pos: LayeredMap
+    base_vectors: np.ndarray
+    touched_vectors: dict[int, np.ndarray]
     index: faiss.Index
     n_base: int
     touched: frozenset[int]
@@ -203,11 +310,13 @@ class ServingState:
             created_ms=meta.created_ms,
             model_config=cfg,
             model=model,
-            user_rows=user_rows,
+            user_rows=LayeredMap(user_rows),
             user_matrix=_frozen(snap.users.matrix),
-            item_ids=list(snap.items.ids),
-            item_pos=item_pos,
-            item_vectors=_frozen(snap.items.matrix),
+            user_overrides={},
+            item_ids=LayeredIds(list(snap.items.ids)),
+            item_pos=LayeredMap(item_pos),
+            base_vectors=_frozen(snap.items.matrix),
+            touched_vectors={},
             index=index,
             n_base=len(snap.items.ids),
             touched=frozenset(),
@@ -240,7 +349,7 @@ class ServingState:
                     f"version {version}: delta rows have widths {delta.users.matrix.shape[1]}/"
                     f"{delta.items.matrix.shape[1]}, expected {cfg.id_dim}/{cfg.dim}"
                 )
-        user_rows, user_matrix = self._merged_users(deltas)
+        user_rows, user_overrides = self._merged_users(deltas)
         created_ms = self.created_ms if created_ms is None else created_ms
         changed = frozenset(item_id for d in deltas for item_id in (*d.items.ids, *d.removed_items))
         if not changed:
@@ -249,67 +358,78 @@ class ServingState:
                 version=version,
                 created_ms=created_ms,
                 user_rows=user_rows,
-                user_matrix=user_matrix,
+                user_overrides=user_overrides,
                 changed_items=changed,
             )
-        item_ids, item_pos, item_vectors, touched, removed = self._merged_items(deltas)
+        item_ids, item_pos, touched_vectors, touched, removed = self._merged_items(deltas)
+        live = sorted(touched - removed)
+        overlay = None
+        if live:
+            overlay = faiss.index_factory(self.model_config.dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+            overlay.add_with_ids(np.stack([touched_vectors[p] for p in live]), np.array(live, dtype=np.int64))
         return replace(
             self,
             version=version,
             created_ms=created_ms,
             user_rows=user_rows,
-            user_matrix=user_matrix,
+            user_overrides=user_overrides,
             item_ids=item_ids,
             item_pos=item_pos,
-            item_vectors=item_vectors,
+            touched_vectors=touched_vectors,
             touched=touched,
             removed=removed,
-            overlay=_exact_index(item_vectors, np.array(sorted(touched - removed), dtype=np.int64)),
+            overlay=overlay,
             base_filter=_BaseFilter.build(self.n_base, touched),
             changed_items=changed,
         )
 
-    def _merged_users(self, deltas: Sequence[DeltaSnapshot]) -> tuple[dict[str, int], np.ndarray]:
+    def _merged_users(self, deltas: Sequence[DeltaSnapshot]) -> tuple[LayeredMap, dict[str, np.ndarray]]:
+        """O(users changed since the full version): the base rows are never copied."""
         if not any(d.users.ids for d in deltas):
-            return self.user_rows, self.user_matrix
-        rows = dict(self.user_rows)
-        updates: dict[int, np.ndarray] = {}
+            return self.user_rows, self.user_overrides
+        rows = self.user_rows.edited()
+        overrides = dict(self.user_overrides)
+        n_base_users = self.user_matrix.shape[0]
         for delta in deltas:
+            matrix = _frozen(delta.users.matrix)
             for i, user_id in enumerate(delta.users.ids):
-                row = rows.setdefault(user_id, len(rows))
-                updates[row] = delta.users.matrix[i]
-        matrix = np.zeros((len(rows), self.model_config.id_dim), dtype=np.float32)
-        matrix[: self.user_matrix.shape[0]] = self.user_matrix
-        matrix[np.fromiter(updates, dtype=np.int64)] = np.stack(list(updates.values()))
-        return rows, _frozen(matrix)
+                if rows.get(user_id) is None:
+                    rows.set(user_id, n_base_users + len(overrides))
+                overrides[user_id] = matrix[i]
+        return rows.done(), overrides
 
     def _merged_items(
         self, deltas: Sequence[DeltaSnapshot]
-    ) -> tuple[list[str], dict[str, int], np.ndarray, frozenset[int], frozenset[int]]:
-        item_ids = list(self.item_ids)
-        item_pos = dict(self.item_pos)
+    ) -> tuple[LayeredIds, LayeredMap, dict[int, np.ndarray], frozenset[int], frozenset[int]]:
+        """O(items changed since the full version): the base ids, map and vectors are shared."""
+        n_ids = len(self.item_ids)
+        appended: list[str] = []
+        item_pos = self.item_pos.edited()
         touched = set(self.touched)
         removed = set(self.removed)
-        updates: dict[int, np.ndarray] = {}
+        vectors = dict(self.touched_vectors)
         for delta in deltas:
             for item_id in delta.removed_items:
-                pos = item_pos.pop(item_id, None)
+                pos = item_pos.pop(item_id)
                 if pos is not None:
                     removed.add(pos)
                     touched.add(pos)
+            matrix = _frozen(delta.items.matrix)
             for i, item_id in enumerate(delta.items.ids):
                 pos = item_pos.get(item_id)
                 if pos is None:
-                    pos = len(item_ids)
-                    item_ids.append(item_id)
-                    item_pos[item_id] = pos
-                updates[pos] = delta.items.matrix[i]
+                    pos = n_ids + len(appended)
+                    appended.append(item_id)
+                    item_pos.set(item_id, pos)
+                vectors[pos] = matrix[i]
                 touched.add(pos)
-        vectors = np.zeros((len(item_ids), self.model_config.dim), dtype=np.float32)
-        vectors[: self.item_vectors.shape[0]] = self.item_vectors
-        if updates:
-            vectors[np.fromiter(updates, dtype=np.int64)] = np.stack(list(updates.values()))
-        return item_ids, item_pos, _frozen(vectors), frozenset(touched), frozenset(removed)
+        return (
+            self.item_ids.appended(appended),
+            item_pos.done(),
+            vectors,
+            frozenset(touched),
+            frozenset(removed),
+        )
 
     @classmethod
     def load(cls, store: SnapshotStore, version: int) -> ServingState:
@@ -352,6 +472,37 @@ class ServingState:
         """Live items."""
         return len(self.item_pos)
 
+    @cached_property
+    def item_vectors(self) -> np.ndarray:
+        """``[N, dim]`` unit item vectors by position (read-only). Materialised on first use
+        (O(catalogue)) when deltas touched items; the request path uses :meth:`item_rows`."""
+        if not self.touched_vectors:
+            return self.base_vectors
+        vectors = np.zeros((len(self.item_ids), self.model_config.dim), dtype=np.float32)
+        vectors[: self.n_base] = self.base_vectors
+        positions = np.fromiter(self.touched_vectors, dtype=np.int64)
+        vectors[positions] = np.stack(list(self.touched_vectors.values()))
+        return _frozen(vectors)
+
+    def item_rows(self, positions: Sequence[int]) -> np.ndarray:
+        """``[len(positions), dim]`` the vectors at ``positions`` (a new array)."""
+        touched = self.touched_vectors
+        if not touched:
+            return self.base_vectors[list(positions)]
+        out = np.empty((len(positions), self.model_config.dim), dtype=np.float32)
+        for i, pos in enumerate(positions):
+            vector = touched.get(pos)
+            out[i] = vector if vector is not None else self.base_vectors[pos]
+        return out
+
+    def user_id_row(self, user_id: str) -> np.ndarray | None:
+        """The user's ID-embedding row, ``None`` when the user has none."""
+        vector = self.user_overrides.get(user_id) if self.user_overrides else None
+        if vector is not None:
+            return vector
+        row = self.user_rows.get(user_id)
+        return self.user_matrix[row] if row is not None and row < self.user_matrix.shape[0] else None
+
     def user_vector(
         self,
         user_id: str,
@@ -380,16 +531,17 @@ class ServingState:
             if pos is not None:
                 positions.append(pos)
                 stamps.append(ts_ms)
-        row = self.user_rows.get(user_id)
-        id_row = self.user_matrix[row] if row is not None else np.zeros(cfg.id_dim, dtype=np.float32)
+        id_row = self.user_id_row(user_id)
+        if id_row is None:
+            id_row = np.zeros(cfg.id_dim, dtype=np.float32)
         features = torch.from_numpy(fit_features(profile, cfg.profile_dim)).unsqueeze(0)
         if self.model.multi_interest:
-            seq, mask = history_tensor(self.item_vectors, [positions], cfg.history_len)
+            seq, mask = history_tensor(self.item_rows(positions), [range(len(positions))], cfg.history_len)
             with torch.inference_mode():
                 interests, active = self.model.user(torch.tensor(id_row).unsqueeze(0), features, seq, mask)
             return interests[0][active[0]].numpy()
         pooled = pool_history(
-            self.item_vectors[positions], np.asarray(stamps, dtype=np.int64), now_ms, cfg.history_half_life_s
+            self.item_rows(positions), np.asarray(stamps, dtype=np.int64), now_ms, cfg.history_half_life_s
         )
         with torch.inference_mode():
             out = self.model.user(
