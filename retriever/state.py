@@ -34,10 +34,11 @@ from functools import cached_property
 from typing import Any
 
 import faiss
+import msgpack
 import numpy as np
 import torch
 
-from twotower.blobs import BlobError
+from twotower.blobs import BlobError, Rows, _array_from_map, pack_rows
 from twotower.config import ModelConfig
 from twotower.model import TwoTower, fit_features, history_tensor, load_dense_arrays, pool_history
 from twotower.snapshot_parts import (
@@ -686,15 +687,75 @@ def _select(
     return picked, spilled
 
 
+_EMPTY_ROWS = pack_rows(Rows.empty(1))
+_UNPACK_READ_SIZE = 1 << 20
+
+
+def unpack_rows_gently(payload: bytes) -> Rows:
+    """:func:`twotower.blobs.unpack_rows`, without holding the GIL for long.
+
+    ``msgpack.unpackb`` over a million ids is one C call that holds the GIL for more than a
+    second (measured 1.3 s at 1M items on a busy 2-core machine), stalling the request thread
+    of the process for as long. Here a streaming unpacker is fed the payload in 1 MiB pieces
+    and the ids are read one per call, so the interpreter can hand the GIL to the request
+    thread between pieces and ids. The matrix still becomes one bytes object (one copy).
+
+    Raises:
+        BlobError: the payload is not a rows map.
+    """
+    size = max(len(payload), _UNPACK_READ_SIZE)
+    # read_size is the initial buffer: the whole payload, so the buffer never regrows (copies)
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=size, read_size=size)
+    view = memoryview(payload)
+    fed = 0
+
+    def read(reader: Callable[[], Any]) -> Any:
+        nonlocal fed
+        while True:
+            try:
+                return reader()
+            except msgpack.OutOfData:
+                if fed >= len(view):
+                    raise BlobError("truncated rows payload") from None
+                unpacker.feed(view[fed : fed + _UNPACK_READ_SIZE])
+                fed += _UNPACK_READ_SIZE
+
+    ids: list[str] | None = None
+    matrix: object = None
+    try:
+        n_keys = read(unpacker.read_map_header)
+        if n_keys != 2:
+            raise BlobError("not a rows map")
+        for _ in range(n_keys):
+            key = read(unpacker.unpack)
+            if key == "ids" and ids is None:
+                ids = [read(unpacker.unpack) for _ in range(read(unpacker.read_array_header))]
+            elif key == "matrix" and matrix is None:
+                matrix = read(unpacker.unpack)
+            else:
+                raise BlobError("not a rows map")
+        if fed < len(view) or unpacker.tell() != len(payload):
+            raise BlobError("trailing bytes after the rows map")
+    except BlobError:
+        raise
+    except Exception as exc:
+        raise BlobError(f"not msgpack rows: {exc}") from None
+    if not all(isinstance(i, str) for i in ids):
+        raise BlobError("row ids must be strings")
+    return Rows(ids, _array_from_map(matrix))  # the same checks as unpack_rows; Rows checks the shapes
+
+
 def read_full(store: SnapshotStore, meta: VersionMeta) -> FullSnapshot:
-    """Read and decode a full version's parts (checksums verified).
+    """Read and decode a full version's parts (checksums verified); the big rows parts are
+    decoded with :func:`unpack_rows_gently`.
 
     Raises:
         SnapshotError: a part is missing or corrupt.
     """
     parts = {name: store.read_part(meta, name) for name in (MODEL_CONFIG, WEIGHTS, USERS, ITEMS, INDEX)}
     try:
-        return decode_full(parts)
+        small = decode_full({**parts, USERS: _EMPTY_ROWS, ITEMS: _EMPTY_ROWS})
+        return replace(small, users=unpack_rows_gently(parts[USERS]), items=unpack_rows_gently(parts[ITEMS]))
     except BlobError as exc:
         raise SnapshotError(f"version {meta.version}: {exc}") from None
 
