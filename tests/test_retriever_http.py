@@ -393,6 +393,26 @@ def test_watcher_keeps_serving_through_bad_versions(cfg: Config, store: Snapshot
         watcher.stop()
 
 
+def test_whole_reloads_take_turns_between_the_workers_of_a_host(cfg: Config, store: SnapshotStore) -> None:
+    v1 = publish_full(store, full_snapshot())
+    watcher = SnapshotWatcher(store, poll_interval_s=0.1)
+    store.redis.set(watcher._turn_key, "another worker", px=60_000)
+    assert watcher.refresh() is True and watcher.state.version == v1  # the first load never waits
+    v2 = publish_full(store, full_snapshot(seed=2))
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (watcher.refresh(), done.set()))
+    thread.start()
+    time.sleep(0.5)
+    assert not done.is_set() and watcher.state.version == v1  # waits for its turn, serving v1
+    store.redis.delete(watcher._turn_key)  # the other worker is done
+    thread.join(15)
+    assert done.is_set() and watcher.state.version == v2
+    assert store.redis.get(watcher._turn_key) is None  # released after the reload
+    v3 = publish_delta(store, empty_delta(items=Rows(["n9"], unit(np.ones((1, MODEL.dim))))), parent=v2)
+    store.redis.set(watcher._turn_key, "another worker", px=60_000)
+    assert watcher.refresh() is True and watcher.state.version == v3  # deltas never wait
+
+
 def test_metrics_endpoint(cfg: Config, store: SnapshotStore) -> None:
     version = publish_full(store, full_snapshot())
     with serve(cfg) as (client, _app):
