@@ -361,3 +361,21 @@ def test_gentle_rows_decoding_equals_unpack_rows_and_rejects_what_it_rejects() -
             unpack_rows_gently(bad)
         with pytest.raises(BlobError):
             unpack_rows(bad)
+
+
+def test_an_ivfpq_base_index_serves_and_takes_new_items_through_the_overlay() -> None:
+    from dataclasses import replace
+
+    from publisher import index as ix
+
+    snap = make_full(n_items=300)
+    built = ix.build_index(snap.items.matrix, np.arange(300), ix.IVFPQ, nlist=4, nprobe=4, pq_bits=6)
+    state = ServingState.from_full(meta(), replace(snap, index=ix.serialize(built)))
+    vec = state.user_vector("u0", [], None, NOW_MS)
+    top = state.search(vec, 10, {"i1"})
+    assert len(top) == 10 and "i1" not in {i for i, _ in top}
+    exact = [i for i, _ in brute_force(state, vec, 30)]
+    assert len({i for i, _ in top} & set(exact)) >= 5  # approximate, but near the exact top
+    new = state.apply_delta(delta(items=Rows(["fresh"], vec[None].copy())), version=2)
+    assert new.search(vec, 1)[0][0] == "fresh"  # a new item is live without rebuilding the index
+    assert new.index is state.index
