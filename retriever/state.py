@@ -155,6 +155,10 @@ class LayeredMap(Mapping[str, int]):
             if value is not None:
                 yield key
 
+    def getter(self) -> Callable[[str], int | None]:
+        """A fast ``get``: the base dict's own when nothing changed since the full version."""
+        return self.get if self._changes else self._base.get
+
     @property
     def n_changes(self) -> int:
         """Ids changed since the base (what a delta copies)."""
@@ -527,8 +531,9 @@ class ServingState:
         cfg = self.model_config
         positions: list[int] = []
         stamps: list[int] = []
+        item_pos = self.item_pos.getter()
         for item_id, ts_ms in history[: cfg.history_len]:
-            pos = self.item_pos.get(item_id)
+            pos = item_pos(item_id)
             if pos is not None:
                 positions.append(pos)
                 stamps.append(ts_ms)
@@ -619,7 +624,8 @@ class ServingState:
         if k <= 0 or ntotal == 0:
             return []
         exclude = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
-        n_excluded = sum(1 for item_id in exclude if item_id in self.item_pos)
+        item_pos = self.item_pos.getter()
+        n_excluded = sum(1 for item_id in exclude if item_pos(item_id) is not None)
         query = np.ascontiguousarray(vec, dtype=np.float32).reshape(-1, dim)
         if not needs_categories:
             # an exact index can lose at most n_excluded slots to exclusions
