@@ -16,7 +16,7 @@ Per request (an ``async`` handler on the event loop, no thread-pool hop): one Re
 snapshot knows (plus any fresh history in a POST body); everything in that history and in
 ``exclude`` is left out of the results. Item details (category, title) come from a per-process
 :class:`ItemDetailsCache`, invalidated by the snapshot watcher for the items a delta touches and
-wholly on a full version (plus a TTL as a backstop); only cache misses cost a second pipeline.
+wholly on a full version (plus a 60 s TTL as a backstop); only cache misses cost a second pipeline.
 A category filter or the diversity cap reads categories through the same cache (that rarer
 path runs on a worker thread, since it may need several lookups). The response is serialised
 once with orjson (no pydantic response validation on the hot path).
@@ -69,7 +69,7 @@ from twotower.snapshots import SnapshotLayout, SnapshotStore
 log = logging.getLogger(__name__)
 
 NO_SNAPSHOT = "no snapshot published yet"
-DETAILS_TTL_S = 300.0
+DETAILS_TTL_S = 60.0
 """Backstop: how long a process trusts item details it read from Redis even without a new
 version (the watcher invalidates them on every swap that may have changed them)."""
 DETAILS_CACHE_MAX = 500_000

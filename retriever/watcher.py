@@ -186,8 +186,7 @@ class SnapshotWatcher:
         if self._failed is not None and self._failed[0] == target and time.monotonic() < self._failed[1]:
             return False
         started = time.perf_counter()
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(BUILD_SWITCH_INTERVAL_S)
+        _building(True)
         try:
             new_state, kind = self._build(target, state)
         except _EXPECTED_ERRORS as exc:
@@ -195,7 +194,7 @@ class SnapshotWatcher:
             self._note_error(f"cannot load snapshot version {target}: {exc}")
             return False
         finally:
-            sys.setswitchinterval(switch_interval)
+            _building(False)
         elapsed = time.perf_counter() - started
         if self.on_swap is not None:
             try:
@@ -271,6 +270,27 @@ class SnapshotWatcher:
             self._last_error = message
         else:
             log.debug("%s (again)", message)
+
+
+_builds_lock = threading.Lock()
+_builds = 0
+_saved_switch_interval = 0.0
+
+
+def _building(starting: bool) -> None:
+    """Lower the switch interval while any watcher of the process builds a state (counted, so
+    that overlapping builds restore the interpreter's own setting once the last one ends)."""
+    global _builds, _saved_switch_interval
+    with _builds_lock:
+        if starting:
+            if _builds == 0:
+                _saved_switch_interval = sys.getswitchinterval()
+                sys.setswitchinterval(BUILD_SWITCH_INTERVAL_S)
+            _builds += 1
+        else:
+            _builds -= 1
+            if _builds == 0:
+                sys.setswitchinterval(_saved_switch_interval)
 
 
 def _close(pubsub: redis.client.PubSub | None) -> None:

@@ -68,3 +68,18 @@ def test_fast_query_takes_plain_queries_and_leaves_the_rest_to_fastapi() -> None
         assert fast_query(odd) is None, odd
     assert fast_query(b"user_id=u1&diversity=perhaps") is None
     assert fast_query(b"user_id=" + b"x" * 257) is None
+
+
+def test_overlapping_builds_restore_the_switch_interval_once_the_last_ends() -> None:
+    import sys
+
+    from retriever import watcher
+
+    before = sys.getswitchinterval()
+    watcher._building(True)
+    watcher._building(True)
+    assert sys.getswitchinterval() == watcher.BUILD_SWITCH_INTERVAL_S
+    watcher._building(False)
+    assert sys.getswitchinterval() == watcher.BUILD_SWITCH_INTERVAL_S
+    watcher._building(False)
+    assert sys.getswitchinterval() == before
