@@ -63,7 +63,7 @@ def retriever_command(
     swaps: int = typer.Option(10, "--swaps", min=0, help="Versions published during the load (delta, full, ...)."),
     users: int = typer.Option(10_000, "--users", min=1, help="Users in the snapshot (each with a history)."),
     k: int = typer.Option(10, "--k", min=1, help="Items per request."),
-    index: str = typer.Option("auto", "--index", help="Index kind for build_index: auto, flat, hnsw or ivf."),
+    index: str = typer.Option("auto", "--index", help="Index kind for build_index: auto, flat, hnsw, ivf or ivfpq."),
     load_tool: str = typer.Option("auto", "--load-tool", help="wrk, python, or auto (wrk when installed)."),
     wrk_threads: int = typer.Option(1, "--wrk-threads", min=1, help="wrk threads (each takes a core's share)."),
     warmup_s: float = typer.Option(2.0, "--warmup-s", min=0, help="Unmeasured load before the run."),

@@ -176,8 +176,8 @@ class PublisherDaemon(Daemon):
             cfg: the configuration.
             index_kind: Faiss index kind of full snapshots (see :func:`publisher.index.build_index`);
                 default ``publisher.index_kind``.
-            index_options: further ``build_index`` keyword arguments; ``exact_below`` defaults to
-                ``publisher.exact_below``.
+            index_options: further ``build_index`` keyword arguments; ``exact_below`` and
+                ``ivfpq_above`` default to ``publisher.exact_below`` / ``publisher.ivfpq_above``.
             catalog_replay_timeout_s: longest the startup replay of the catalogue topic may take.
         """
         super().__init__()
@@ -186,7 +186,11 @@ class PublisherDaemon(Daemon):
         self.topics = Topics(cfg.kafka.topic_prefix)
         self.state_dir = Path(cfg.trainer.state_dir)
         self.index_kind = index_kind or cfg.publisher.index_kind
-        self.index_options = {"exact_below": cfg.publisher.exact_below, **(index_options or {})}
+        self.index_options = {
+            "exact_below": cfg.publisher.exact_below,
+            "ivfpq_above": cfg.publisher.ivfpq_above,
+            **(index_options or {}),
+        }
         self.catalog_replay_timeout_s = catalog_replay_timeout_s
         # --- guarded by _lock: everything about what is served and the chain's tip --------
         self._lock = threading.Lock()

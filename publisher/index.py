@@ -4,7 +4,13 @@ Which index, by size (``kind="auto"``):
 
 * below ``exact_below`` (100k) vectors: exact ``IndexIDMap2(IndexFlatIP)``;
 * from there on: ``large_kind``, by default HNSW (``IndexIDMap2(IndexHNSWFlat)``, M=32,
-  efSearch=64), or IVF (``IndexIVFFlat`` with nlist ≈ 4·√n, nprobe=16).
+  efSearch=64), or IVF (``IndexIVFFlat`` with nlist ≈ 4·√n, nprobe=16);
+* from ``ivfpq_above`` (default: never; the publisher's ``publisher.ivfpq_above``, 10M) vectors
+  on: IVF-PQ (``IndexIVFPQ``, nlist ≈ 4·√n, nprobe=16, product-quantised codes of ``pq_m``
+  bytes per vector, default d/4: 16 bytes instead of 256 for d=64), for catalogues of tens of
+  millions of items whose float vectors (and HNSW graph) would not fit a retriever's memory.
+  Its scores are approximate inner products (from the codes) and its recall is lower than
+  IVF-Flat's at the same nprobe: the build-time recall check reports it.
 
 Every kind takes new items with ``add_with_ids`` (a retriever applying a delta adds the new
 rows without rebuilding). Removal differs:
@@ -14,6 +20,7 @@ kind      ``add_with_ids``    ``remove_ids``
 ========  ==================  ==========================================================
 flat      yes                 yes
 ivf       yes                 yes (IVF keeps ids natively; no id map needed)
+ivfpq     yes                 yes (as ivf)
 hnsw      yes                 **no** — HNSW graphs cannot drop nodes; filter removed ids
                               out of search results until the next full snapshot
 ========  ==================  ==========================================================
@@ -47,14 +54,20 @@ INDEX_RECALL = Gauge(
 FLAT = "flat"
 HNSW = "hnsw"
 IVF = "ivf"
+IVFPQ = "ivfpq"
 AUTO = "auto"
-KINDS = (AUTO, FLAT, HNSW, IVF)
+KINDS = (AUTO, FLAT, HNSW, IVF, IVFPQ)
 
 EXACT_BELOW = 100_000
 """Below this many vectors ``auto`` builds an exact index."""
 _ADD_BATCH = 50_000
 _IVF_TRAIN_PER_LIST = 256
 """At most this many training points per IVF list (k-means gains nothing from more)."""
+
+
+_PQ_TRAIN_PER_CODE = 64
+"""IVF-PQ trains its codebooks (2**bits centroids per sub-quantizer) on at least this many
+points per centroid (when there are that many)."""
 
 
 class IndexBuildError(ValueError):
@@ -82,6 +95,13 @@ def default_nlist(n: int) -> int:
     return max(1, min(n, round(4 * math.sqrt(n))))
 
 
+def default_pq_m(d: int) -> int:
+    """PQ sub-quantizers for dimension ``d``: the largest divisor of ``d`` not above ``d / 4``
+    (4 dimensions per one-byte code; 16 for d=64)."""
+    target = max(1, d // 4)
+    return max(m for m in range(1, target + 1) if d % m == 0)
+
+
 def _add(index: faiss.Index, x: np.ndarray, ids: np.ndarray, progress: bool, label: str) -> None:
     starts = range(0, x.shape[0], _ADD_BATCH)
     for start in tqdm(starts, desc=f"indexing ({label})", unit="batch", disable=not progress or len(starts) < 2):
@@ -95,11 +115,14 @@ def build_index(
     *,
     exact_below: int = EXACT_BELOW,
     large_kind: str = HNSW,
+    ivfpq_above: int | None = None,
     hnsw_m: int = 32,
     ef_search: int = 64,
     ef_construction: int = 80,
     nlist: int | None = None,
     nprobe: int = 16,
+    pq_m: int | None = None,
+    pq_bits: int = 8,
     recall_queries: int = 256,
     recall_k: int = 10,
     seed: int = 0,
@@ -110,14 +133,18 @@ def build_index(
     Args:
         vectors: ``[n, d]`` unit vectors (float32 or convertible).
         ids: ``[n]`` integer ids, one per vector (the publisher uses row positions).
-        kind: ``auto``, ``flat``, ``hnsw`` or ``ivf``.
+        kind: ``auto``, ``flat``, ``hnsw``, ``ivf`` or ``ivfpq``.
         exact_below: ``auto`` builds ``flat`` below this many vectors, ``large_kind`` otherwise.
         large_kind: ``hnsw`` or ``ivf``, what ``auto`` builds for large inputs.
+        ivfpq_above: ``auto`` builds ``ivfpq`` from this many vectors on (``None``: never).
         hnsw_m: HNSW graph degree.
         ef_search: HNSW search beam width (stored in the index).
         ef_construction: HNSW build beam width.
         nlist: IVF list count; ``None`` means :func:`default_nlist`.
         nprobe: IVF lists searched per query (stored in the index, capped at nlist).
+        pq_m: IVF-PQ sub-quantizers (bytes per vector with 8-bit codes); must divide the
+            dimension; ``None`` means :func:`default_pq_m`.
+        pq_bits: bits per IVF-PQ code (training needs at least ``2**pq_bits`` vectors).
         recall_queries: sample size of the build-time recall check of an approximate index;
             0 skips it.
         recall_k: k of that check.
@@ -128,7 +155,8 @@ def build_index(
         The index, with ``ntotal == n``.
 
     Raises:
-        IndexBuildError: bad shapes, non-finite values, an unknown kind, or IVF over no vectors.
+        IndexBuildError: bad shapes, non-finite values, an unknown kind, IVF over no vectors, or
+            IVF-PQ with a bad ``pq_m`` / too few vectors to train its codebooks.
     """
     x, ids = _check_inputs(vectors, ids)
     n, d = x.shape
@@ -136,7 +164,9 @@ def build_index(
         raise IndexBuildError(f"unknown index kind {kind!r}; choose from {KINDS}")
     if large_kind not in (HNSW, IVF):
         raise IndexBuildError(f"large_kind must be {HNSW!r} or {IVF!r}, got {large_kind!r}")
-    if kind == AUTO:
+    if kind == AUTO and ivfpq_above is not None and n >= ivfpq_above:
+        kind = IVFPQ
+    elif kind == AUTO:
         kind = FLAT if n < exact_below else large_kind
     started = time.perf_counter()
     if kind == FLAT:
@@ -151,12 +181,23 @@ def build_index(
             raise IndexBuildError("an IVF index cannot be trained on zero vectors")
         lists = min(nlist or default_nlist(n), n)
         quantizer = faiss.IndexFlatIP(d)
-        ivf = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
+        train_size = lists * _IVF_TRAIN_PER_LIST
+        if kind == IVFPQ:
+            m = pq_m or default_pq_m(d)
+            if d % m != 0:
+                raise IndexBuildError(f"pq_m={m} does not divide the dimension {d}")
+            if not 1 <= pq_bits <= 16 or n < 2**pq_bits:
+                raise IndexBuildError(f"IVF-PQ with {pq_bits}-bit codes needs at least {2**pq_bits} vectors, got {n}")
+            ivf = faiss.IndexIVFPQ(quantizer, d, lists, m, pq_bits, faiss.METRIC_INNER_PRODUCT)
+            ivf.pq.cp.seed = seed
+            train_size = max(train_size, _PQ_TRAIN_PER_CODE * 2**pq_bits)
+        else:
+            ivf = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
         ivf.cp.seed = seed
         train = x
-        if n > lists * _IVF_TRAIN_PER_LIST:
+        if n > train_size:
             rng = np.random.default_rng(seed)
-            train = x[np.sort(rng.choice(n, lists * _IVF_TRAIN_PER_LIST, replace=False))]
+            train = x[np.sort(rng.choice(n, train_size, replace=False))]
         ivf.train(train)
         ivf.nprobe = min(nprobe, lists)
         index = ivf  # faiss's wrapper keeps a reference to the quantizer
@@ -186,10 +227,12 @@ def build_index(
 
 
 def index_kind(index: faiss.Index) -> str:
-    """``flat``, ``hnsw`` or ``ivf`` for an index built here (also after deserializing)."""
+    """``flat``, ``hnsw``, ``ivf`` or ``ivfpq`` for an index built here (also after deserializing)."""
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     if isinstance(inner, faiss.IndexHNSW):
         return HNSW
+    if isinstance(inner, faiss.IndexIVFPQ):
+        return IVFPQ
     if isinstance(inner, faiss.IndexIVF):
         return IVF
     if isinstance(inner, faiss.IndexFlat):
@@ -198,7 +241,7 @@ def index_kind(index: faiss.Index) -> str:
 
 
 def supports_remove(index: faiss.Index) -> bool:
-    """Whether ``index.remove_ids`` works (flat and IVF: yes; HNSW: no)."""
+    """Whether ``index.remove_ids`` works (flat, IVF and IVF-PQ: yes; HNSW: no)."""
     return index_kind(index) != HNSW
 
 

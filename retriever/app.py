@@ -10,12 +10,16 @@ Endpoints:
 * ``GET /ready``: 200 once a snapshot is loaded, else 503.
 * ``GET /metrics``: Prometheus (multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set).
 
-Per request: one Redis pipeline reads the user's recent history (``LRANGE 0..history_len-1``)
-and profile; the user vector is pooled from the history items the snapshot knows (plus any
-fresh history in a POST body); everything in that history and in ``exclude`` is left out of
-the results; a category filter or the diversity cap looks item categories up in Redis (cached
-per process for :data:`CATEGORY_TTL_S`); one more pipeline fetches the details of the returned
-items only.
+Per request (an ``async`` handler on the event loop, no thread-pool hop): one Redis pipeline
+(``redis.asyncio``, hiredis parser when installed) reads the user's recent history
+(``LRANGE 0..history_len-1``) and profile; the user vector is pooled from the history items the
+snapshot knows (plus any fresh history in a POST body); everything in that history and in
+``exclude`` is left out of the results. Item details (category, title) come from a per-process
+:class:`ItemDetailsCache`, invalidated by the snapshot watcher for the items a delta touches and
+wholly on a full version (plus a 60 s TTL as a backstop); only cache misses cost a second pipeline.
+A category filter or the diversity cap reads categories through the same cache (that rarer
+path runs on a worker thread, since it may need several lookups). The response is serialised
+once with orjson (no pydantic response validation on the hot path).
 
 Diversity (``diversity=true``) is a per-category cap: at most ``ceil(k / 3)`` items of one
 category, walking the ranked list; items of unknown category are not capped, and when the
@@ -24,18 +28,24 @@ examined candidates cannot fill ``k`` under the cap the best capped-out items fi
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import parse_qsl
 
 import faiss
 import msgpack
+import numpy as np
+import orjson
 import redis
+import redis.asyncio as aioredis
 import torch
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse, Response
@@ -50,6 +60,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
+from retriever.state import ServingState
 from retriever.watcher import SnapshotWatcher
 from twotower.config import Config, load_config
 from twotower.daemon import setup_logging
@@ -58,10 +69,12 @@ from twotower.snapshots import SnapshotLayout, SnapshotStore
 log = logging.getLogger(__name__)
 
 NO_SNAPSHOT = "no snapshot published yet"
-CATEGORY_TTL_S = 60.0
-"""How long a process trusts an item category it read from Redis (for filtering and diversity)."""
-CATEGORY_CACHE_MAX = 200_000
-"""Entries of the category cache before it is cleared."""
+DETAILS_TTL_S = 60.0
+"""Backstop: how long a process trusts item details it read from Redis even without a new
+version (the watcher invalidates them on every swap that may have changed them)."""
+DETAILS_CACHE_MAX = 500_000
+"""Entries of the item-details cache; the oldest are evicted beyond this."""
+DETAIL_FIELDS = ("category", "title")
 REQUEST_SOCKET_TIMEOUT_S = 2.0
 """Redis socket timeout on the request path (fail fast rather than hang a request)."""
 MAX_LIST_LEN = 10_000
@@ -168,40 +181,82 @@ def _split(csv: str | None) -> list[str]:
     return [part.strip() for part in (csv or "").split(",") if part.strip()]
 
 
-class CategoryCache:
-    """Item categories read from the item hashes, trusted for ``ttl_s`` (thread-safe enough:
-    a race only costs a duplicate read)."""
+class ItemDetailsCache:
+    """Item details (category, title) read from the item hashes, kept per process.
 
-    def __init__(self, client: redis.Redis, layout: SnapshotLayout, ttl_s: float = CATEGORY_TTL_S) -> None:
-        self.client = client
-        self.layout = layout
+    Details change only with catalogue events, and the publisher writes an item's hash before
+    it publishes the version carrying the item, so the snapshot watcher invalidates the items
+    a delta touches (and everything on a full version) when it swaps; ``ttl_s`` is a backstop
+    for edits that reach Redis without a new version. An item without a hash is cached as
+    ``(None, None)`` too (until invalidated or expired).
+
+    Thread-safety: lookups run on the event loop (and on a worker thread for filtered
+    requests), invalidation on the watcher thread. A fill carries the :attr:`generation` it
+    started under and is dropped if an invalidation happened meanwhile, so a read that raced a
+    swap never re-inserts stale details.
+    """
+
+    def __init__(self, ttl_s: float = DETAILS_TTL_S, max_entries: int = DETAILS_CACHE_MAX) -> None:
         self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[str | None, float]] = {}
+        self.max_entries = max_entries
+        self.generation = 0
+        self._entries: dict[str, tuple[str | None, str | None, float]] = {}
+        self._lock = threading.Lock()
 
-    def lookup(self, item_ids: Sequence[str]) -> list[str | None]:
-        """Categories of ``item_ids`` in order (``None``: no item hash or no category)."""
-        now = time.monotonic()
-        out: list[str | None] = [None] * len(item_ids)
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, item_ids: Sequence[str], now: float) -> tuple[list[tuple[str | None, str | None] | None], list[int]]:
+        """Cached details of ``item_ids`` in order (``None`` where missing or expired), and the
+        indexes of those missing."""
+        entries = self._entries
+        out: list[tuple[str | None, str | None] | None] = []
         missing: list[int] = []
         for i, item_id in enumerate(item_ids):
-            entry = self._cache.get(item_id)
-            if entry is not None and entry[1] > now:
-                out[i] = entry[0]
+            entry = entries.get(item_id)
+            if entry is not None and entry[2] > now:
+                out.append((entry[0], entry[1]))
             else:
+                out.append(None)
                 missing.append(i)
-        if missing:
-            pipe = self.client.pipeline(transaction=False)
-            for i in missing:
-                pipe.hget(self.layout.item(item_ids[i]), "category")
-            values = pipe.execute()
-            if len(self._cache) + len(missing) > CATEGORY_CACHE_MAX:
-                self._cache = {}
-            expires = now + self.ttl_s
-            for i, value in zip(missing, values, strict=True):
-                category = _text(value) or None
-                out[i] = category
-                self._cache[item_ids[i]] = (category, expires)
-        return out
+        return out, missing
+
+    def put(self, pairs: Sequence[tuple[str, tuple[str | None, str | None]]], generation: int, now: float) -> None:
+        """Remember details read from Redis under ``generation`` (dropped if it is stale)."""
+        expires = now + self.ttl_s
+        with self._lock:
+            if generation != self.generation:
+                return
+            entries = self._entries
+            overflow = len(entries) + len(pairs) - self.max_entries
+            if overflow > 0:  # oldest first (dicts keep insertion order)
+                for key in list(itertools.islice(entries, overflow)):
+                    entries.pop(key, None)
+            for item_id, (category, title) in pairs:
+                entries[item_id] = (category, title, expires)
+
+    def invalidate(self, item_ids: Iterable[str] | None = None) -> None:
+        """Forget ``item_ids`` (``None``: everything)."""
+        with self._lock:
+            self.generation += 1
+            if item_ids is None:
+                self._entries = {}
+            else:
+                for item_id in item_ids:
+                    self._entries.pop(item_id, None)
+
+    def on_swap(self, old: ServingState | None, new: ServingState) -> None:
+        """Watcher hook: drop what the new version may have changed (everything, unless the new
+        state was derived from ``old`` by deltas)."""
+        if old is None or new.base != old.base or new.changed_items is None:
+            self.invalidate()
+        elif new.changed_items:
+            self.invalidate(new.changed_items)
+
+
+def _decode_details(values: Sequence[bytes | None]) -> tuple[str | None, str | None]:
+    category, title = values
+    return (_text(category) or None, _text(title))
 
 
 _THREAD = threading.local()
@@ -211,14 +266,18 @@ def _single_threaded_here() -> None:
     """Limit OpenMP (faiss) and torch to one thread *in the calling thread*.
 
     OpenMP's thread count is a per-thread setting: calling ``faiss.omp_set_num_threads`` at
-    startup only affects the main thread, while requests run on the server's thread pool, where
-    each thread would otherwise start its own team of spinning OpenMP threads (measured: ~15 ms
-    instead of ~1 ms per request on 2 cores).
+    startup only affects the main thread, while requests run on the event loop's thread (and
+    filtered ones on worker threads), where each thread would otherwise start its own team of
+    spinning OpenMP threads (measured: ~15 ms instead of ~1 ms per request on 2 cores).
     """
     if not getattr(_THREAD, "configured", False):
         faiss.omp_set_num_threads(1)
         torch.set_num_threads(1)
         _THREAD.configured = True
+
+
+def _json(body: Any, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
 
 
 class RetrieverService:
@@ -227,24 +286,86 @@ class RetrieverService:
     def __init__(self, cfg: Config, watcher_poll_interval_s: float = 1.0) -> None:
         self.cfg = cfg
         self.layout = SnapshotLayout(cfg.redis.key_prefix)
-        self.redis = redis.Redis.from_url(
+        # request path: asyncio client, used on the event loop only
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            cfg.redis.url, socket_timeout=REQUEST_SOCKET_TIMEOUT_S, socket_connect_timeout=REQUEST_SOCKET_TIMEOUT_S
+        )
+        # category lookups of filtered requests run on a worker thread: a blocking client
+        self.sync_redis = redis.Redis.from_url(
             cfg.redis.url, socket_timeout=REQUEST_SOCKET_TIMEOUT_S, socket_connect_timeout=REQUEST_SOCKET_TIMEOUT_S
         )
         # the watcher reads big parts and holds a pub/sub connection: its own client
         self._watcher_redis = redis.Redis.from_url(cfg.redis.url, socket_timeout=30.0, socket_connect_timeout=5.0)
-        self.watcher = SnapshotWatcher(SnapshotStore(self._watcher_redis, self.layout), watcher_poll_interval_s)
-        self.categories = CategoryCache(self.redis, self.layout)
+        self.details = ItemDetailsCache()
+        self.watcher = SnapshotWatcher(
+            SnapshotStore(self._watcher_redis, self.layout), watcher_poll_interval_s, on_swap=self.details.on_swap
+        )
         self._quiet_until = 0.0
 
     def start(self) -> None:
         self.watcher.start()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         self.watcher.stop()
-        self.redis.close()
+        await self.redis.aclose()
+        self.sync_redis.close()
         self._watcher_redis.close()
 
-    def recommend(
+    def _redis_failed(self, exc: Exception) -> HTTPException:
+        if time.monotonic() >= self._quiet_until:  # an outage fails every request: log every 10 s
+            log.warning("redis failed during a request: %s", exc)
+            self._quiet_until = time.monotonic() + 10.0
+        return HTTPException(503, f"redis unavailable: {exc}")
+
+    def categories_sync(self, item_ids: Sequence[str]) -> list[str | None]:
+        """Categories of ``item_ids`` in order, through the cache (blocking; worker threads only)."""
+        now = time.monotonic()
+        generation = self.details.generation
+        cached, missing = self.details.get(item_ids, now)
+        if missing:
+            pipe = self.sync_redis.pipeline(transaction=False)
+            for i in missing:
+                pipe.hmget(self.layout.item(item_ids[i]), DETAIL_FIELDS)
+            fetched = [_decode_details(values) for values in pipe.execute()]
+            for i, details in zip(missing, fetched, strict=True):
+                cached[i] = details
+            self.details.put([(item_ids[i], d) for i, d in zip(missing, fetched, strict=True)], generation, now)
+        return [d[0] if d is not None else None for d in cached]
+
+    async def _details(self, item_ids: Sequence[str]) -> list[tuple[str | None, str | None]]:
+        now = time.monotonic()
+        generation = self.details.generation
+        cached, missing = self.details.get(item_ids, now)
+        if missing:
+            pipe = self.redis.pipeline(transaction=False)
+            for i in missing:
+                pipe.hmget(self.layout.item(item_ids[i]), DETAIL_FIELDS)
+            fetched = [_decode_details(values) for values in await pipe.execute()]
+            for i, details in zip(missing, fetched, strict=True):
+                cached[i] = details
+            self.details.put([(item_ids[i], d) for i, d in zip(missing, fetched, strict=True)], generation, now)
+        return cached  # type: ignore[return-value]  (every slot is filled now)
+
+    def _search_filtered(
+        self,
+        state: ServingState,
+        vec: np.ndarray,
+        k: int,
+        excluded: set[str],
+        categories: Sequence[str] | None,
+        diversity: bool,
+    ) -> list[tuple[str, float]]:
+        _single_threaded_here()
+        return state.search(
+            vec,
+            k,
+            excluded,
+            category_filter=set(categories) if categories else None,
+            item_category=self.categories_sync,
+            max_per_category=math.ceil(k / 3) if diversity else None,
+        )
+
+    async def recommend(
         self,
         user_id: str,
         k: int | None,
@@ -276,40 +397,28 @@ class RetrieverService:
             pipe = self.redis.pipeline(transaction=False)
             pipe.lrange(self.layout.history(user_id), 0, state.model_config.history_len - 1)
             pipe.get(self.layout.profile(user_id))
-            raw_history, raw_profile = pipe.execute()
-            history = _merge_history(fresh_history, decode_history(raw_history), now_ms)
-            if profile is None:
-                profile = decode_profile(raw_profile)
-            # decay towards the newest event if event time runs ahead of the wall clock
-            now_ms = max(now_ms, max(ts for _, ts in history)) if history else now_ms
-            vec = state.user_vector(user_id, history, profile, now_ms, context)
-            excluded = {item_id for item_id, _ in history}
-            excluded.update(exclude)
-            hits = state.search(
-                vec,
-                k,
-                excluded,
-                category_filter=set(categories) if categories else None,
-                item_category=self.categories.lookup,
-                max_per_category=math.ceil(k / 3) if diversity else None,
-            )
-            pipe = self.redis.pipeline(transaction=False)
-            for item_id, _ in hits:
-                pipe.hgetall(self.layout.item(item_id))
-            details = pipe.execute() if hits else []
-        except redis.RedisError as exc:
-            if time.monotonic() >= self._quiet_until:  # an outage fails every request: log every 10 s
-                log.warning("redis failed during a request: %s", exc)
-                self._quiet_until = time.monotonic() + 10.0
-            raise HTTPException(503, f"redis unavailable: {exc}") from None
+            raw_history, raw_profile = await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            raise self._redis_failed(exc) from None
+        history = _merge_history(fresh_history, decode_history(raw_history), now_ms)
+        if profile is None:
+            profile = decode_profile(raw_profile)
+        # decay towards the newest event if event time runs ahead of the wall clock
+        now_ms = max(now_ms, max(ts for _, ts in history)) if history else now_ms
+        vec = state.user_vector(user_id, history, profile, now_ms, context)
+        excluded = {item_id for item_id, _ in history}
+        excluded.update(exclude)
+        try:
+            if categories or diversity:
+                hits = await asyncio.to_thread(self._search_filtered, state, vec, k, excluded, categories, diversity)
+            else:
+                hits = state.search(vec, k, excluded)
+            details = await self._details([item_id for item_id, _ in hits]) if hits else []
+        except (redis.RedisError, OSError) as exc:
+            raise self._redis_failed(exc) from None
         items = [
-            {
-                "item_id": item_id,
-                "score": score,
-                "category": _text(detail.get(b"category")) or None,
-                "title": _text(detail.get(b"title")),
-            }
-            for (item_id, score), detail in zip(hits, details, strict=True)
+            {"item_id": item_id, "score": score, "category": category, "title": title}
+            for (item_id, score), (category, title) in zip(hits, details, strict=True)
         ]
         return {
             "user_id": user_id,
@@ -337,12 +446,58 @@ def _merge_history(
     return merged
 
 
-class _RequestMetrics:
-    """Pure ASGI middleware: counts ``/recommend`` requests by status and times them
-    (validation errors included, which never reach the endpoint)."""
+_FAST_KEYS = frozenset({"user_id", "k", "exclude", "category", "diversity"})
+_FAST_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+_JSON_HEADERS = [(b"content-type", b"application/json")]
 
-    def __init__(self, app: Any) -> None:
+
+def fast_query(query_string: bytes) -> tuple[str, int | None, list[str], list[str] | None, bool] | None:
+    """The arguments of a plain ``GET /recommend`` query, or ``None`` when anything about it
+    is unusual (missing or over-long user id, a k that is not a plain integer, a diversity that
+    is not true/false/1/0, a repeated parameter, undecodable bytes): such queries take FastAPI's
+    route, which validates them and answers 422 with its usual detail."""
+    try:
+        pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    args: dict[str, str] = {}
+    for key, value in pairs:
+        if key in _FAST_KEYS:
+            if key in args:
+                return None
+            args[key] = value
+    user_id = args.get("user_id")
+    if user_id is None or not 1 <= len(user_id) <= MAX_USER_ID_LEN:
+        return None
+    k_text = args.get("k")
+    if k_text is not None and not (k_text.isascii() and k_text.lstrip("-").isdigit()):
+        return None
+    diversity = _FAST_BOOLS.get(args.get("diversity", "false"))
+    if diversity is None:
+        return None
+    return (
+        user_id,
+        None if k_text is None else int(k_text),
+        _split(args.get("exclude")),
+        _split(args.get("category")) or None,
+        diversity,
+    )
+
+
+class _RecommendFrontDoor:
+    """Pure ASGI middleware in front of the FastAPI routes.
+
+    * Answers a plain ``GET /recommend`` (see :func:`fast_query`) itself: same service call,
+      same body and statuses (``{"detail": ...}`` for 400/503), without FastAPI's routing,
+      dependency solving and response handling, which cost more CPU than the user tower and
+      the search together. Anything else goes on to FastAPI unchanged.
+    * Counts every ``/recommend`` request by status and times it (validation errors
+      included, which never reach an endpoint).
+    """
+
+    def __init__(self, app: Any, service: RetrieverService) -> None:
         self.app = app
+        self.service = service
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/recommend":
@@ -350,14 +505,36 @@ class _RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
-
-        async def send_and_note(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
         try:
+            args = fast_query(scope["query_string"]) if scope["method"] == "GET" else None
+            if args is not None:
+                try:
+                    user_id, k, exclude, categories, diversity = args
+                    body = orjson.dumps(
+                        await self.service.recommend(
+                            user_id, k, exclude=exclude, categories=categories, diversity=diversity
+                        )
+                    )
+                    status = 200
+                except HTTPException as exc:
+                    body = orjson.dumps({"detail": exc.detail})
+                    status = exc.status_code
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+
+            async def send_and_note(message: dict[str, Any]) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
             await self.app(scope, receive, send_and_note)
         finally:
             REQUESTS.labels(status=str(status)).inc()
@@ -383,7 +560,7 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> FastAPI:
         try:
             yield
         finally:
-            service.stop()
+            await service.stop()
             if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
                 multiprocess.mark_process_dead(os.getpid())
 
@@ -393,24 +570,37 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(_RequestMetrics)
+    app.add_middleware(_RecommendFrontDoor, service=service)
 
+    # response_model documents the body; the handlers return pre-serialised JSON, which
+    # FastAPI passes through without validating or re-encoding it
     @app.get("/recommend", response_model=RecommendResponse)
-    def recommend_get(
+    async def recommend_get(
         user_id: str = Query(min_length=1, max_length=MAX_USER_ID_LEN, description="The user."),
         k: int | None = Query(None, description="Items to return."),
         exclude: str = Query("", description="Comma-separated item ids to leave out."),
         category: str = Query("", description="Comma-separated categories to keep (default: all)."),
         diversity: bool = Query(False, description="Cap each category at ceil(k/3) items."),
-    ) -> dict[str, Any]:
+    ) -> Response:
         """Top-k items for a user (history and profile from Redis)."""
-        return service.recommend(user_id, k, (), None, _split(exclude), _split(category) or None, diversity)
+        return _json(
+            await service.recommend(user_id, k, (), None, _split(exclude), _split(category) or None, diversity)
+        )
 
     @app.post("/recommend", response_model=RecommendResponse)
-    def recommend_post(body: RecommendRequest) -> dict[str, Any]:
+    async def recommend_post(body: RecommendRequest) -> Response:
         """Top-k items for a user, with optional fresh history and profile in the body."""
-        return service.recommend(
-            body.user_id, body.k, body.history, body.profile, body.exclude, body.category, body.diversity, body.context
+        return _json(
+            await service.recommend(
+                body.user_id,
+                body.k,
+                body.history,
+                body.profile,
+                body.exclude,
+                body.category,
+                body.diversity,
+                body.context,
+            )
         )
 
     @app.get("/health")

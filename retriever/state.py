@@ -3,8 +3,12 @@
 A :class:`ServingState` is built once (from a full version, or from an older state plus
 deltas) and never changed afterwards: request handlers read whichever state the watcher
 published last, and the watcher replaces it by assigning a new object. Applying a delta
-therefore copies what it changes (the ID-row dicts and matrices) into a *new* state, so a
-request that still holds the old state never sees a half-applied delta.
+therefore builds a *new* state, so a request that still holds the old state never sees a
+half-applied delta; and it does so in O(what deltas changed since the full version), never
+O(catalogue): the full version's id → position and user → row dicts, its id list and its
+vector and user matrices are shared read-only by every state derived from it, and each state
+adds only small layers on top (:class:`LayeredMap` of changed ids, :class:`LayeredIds` of
+appended ids, the vectors of touched items, the ID rows of changed users).
 
 Item positions are the rows of the ``items`` part of the base full version, extended by
 every new item a delta appends; Faiss ids are those positions. A removed item keeps its
@@ -24,14 +28,17 @@ Results of both are merged by score; with an exact base the merge is exact top-k
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any
 
 import faiss
+import msgpack
 import numpy as np
 import torch
 
-from twotower.blobs import BlobError
+from twotower.blobs import BlobError, Rows, _array_from_map, pack_rows
 from twotower.config import ModelConfig
 from twotower.model import (
     CONTEXT_FEATURES_KEY,
@@ -85,16 +92,6 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def _exact_index(vectors: np.ndarray, positions: np.ndarray) -> faiss.Index | None:
-    """An exact inner-product index over ``vectors[positions]`` with the positions as ids
-    (``None`` when there are no positions)."""
-    if positions.size == 0:
-        return None
-    index = faiss.index_factory(vectors.shape[1], "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
-    index.add_with_ids(np.ascontiguousarray(vectors[positions]), positions)
-    return index
-
-
 def _params_factory(index: faiss.Index) -> Callable[[faiss.IDSelector], faiss.SearchParameters]:
     """Search parameters carrying a selector, keeping the index's own efSearch / nprobe
     (typed parameters would otherwise reset them to faiss's defaults)."""
@@ -126,6 +123,116 @@ class _BaseFilter:
         return _BaseFilter(bitmap, faiss.IDSelectorBitmap(n_base, faiss.swig_ptr(bitmap)))
 
 
+class LayeredMap(Mapping[str, int]):
+    """A read-only ``str → int`` map: a base dict shared by every state of one full version,
+    plus the changes deltas made since (``None``: removed). Applying a delta copies only the
+    changes (O(ids changed since the full version)), never the base."""
+
+    __slots__ = ("_base", "_changes", "_len")
+
+    def __init__(self, base: dict[str, int], changes: dict[str, int | None] | None = None, length: int | None = None):
+        self._base = base
+        self._changes: dict[str, int | None] = changes if changes is not None else {}
+        self._len = len(base) if length is None else length
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        changes = self._changes
+        if changes and key in changes:
+            value = changes[key]
+            return default if value is None else value
+        return self._base.get(key, default)
+
+    def __getitem__(self, key: str) -> int:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[str]:
+        changes = self._changes
+        for key in self._base:
+            if key not in changes:
+                yield key
+        for key, value in changes.items():
+            if value is not None:
+                yield key
+
+    def getter(self) -> Callable[[str], int | None]:
+        """A fast ``get``: the base dict's own when nothing changed since the full version."""
+        return self.get if self._changes else self._base.get
+
+    @property
+    def n_changes(self) -> int:
+        """Ids changed since the base (what a delta copies)."""
+        return len(self._changes)
+
+    def edited(self) -> _MapEdit:
+        """A private copy of the changes to apply a delta to (see :class:`_MapEdit`)."""
+        return _MapEdit(self._base, dict(self._changes), self._len)
+
+
+class _MapEdit:
+    """The changes of a :class:`LayeredMap` being edited by one delta (not shared yet)."""
+
+    def __init__(self, base: dict[str, int], changes: dict[str, int | None], length: int) -> None:
+        self.view = LayeredMap(base, changes, length)
+
+    def get(self, key: str) -> int | None:
+        return self.view.get(key)
+
+    def set(self, key: str, value: int) -> None:
+        view = self.view
+        if key not in view:
+            view._len += 1
+        view._changes[key] = value
+
+    def pop(self, key: str) -> int | None:
+        view = self.view
+        value = view.get(key)
+        if value is not None:
+            view._len -= 1
+            view._changes[key] = None
+        return value
+
+    def done(self) -> LayeredMap:
+        return self.view
+
+
+class LayeredIds(Sequence[str]):
+    """Position → item id: the full version's ids (shared) followed by the ids deltas appended."""
+
+    __slots__ = ("_base", "_extra")
+
+    def __init__(self, base: list[str], extra: tuple[str, ...] = ()) -> None:
+        self._base = base
+        self._extra = extra
+
+    def __len__(self) -> int:
+        return len(self._base) + len(self._extra)
+
+    def __getitem__(self, pos: int) -> str:  # type: ignore[override]
+        if not isinstance(pos, int):
+            raise TypeError("positions are integers")
+        n = len(self._base)
+        if 0 <= pos < n:
+            return self._base[pos]
+        if pos < 0:
+            pos += len(self)
+            if pos < 0:
+                raise IndexError(pos)
+            return self[pos]
+        return self._extra[pos - n]
+
+    def appended(self, ids: Sequence[str]) -> LayeredIds:
+        return LayeredIds(self._base, self._extra + tuple(ids)) if ids else self
+
+
 @dataclass(frozen=True, eq=False)
 class ServingState:
     """One snapshot version, ready to answer requests; never mutated once built.
@@ -137,16 +244,22 @@ class ServingState:
         model_config: the model configuration of the snapshot's weights.
         model: the towers in eval mode (only ``model.user`` runs here; with MIND it gives one
             vector per interest and a request queries the index once per interest).
-        user_rows: user id → row of ``user_matrix``.
-        user_matrix: ``[U, id_dim]`` user ID-embedding rows (read-only).
+        user_rows: user id → row (a row of ``user_matrix`` for the full version's users; users a
+            delta changed or added have their row in ``user_overrides`` instead).
+        user_matrix: ``[U, id_dim]`` the full version's user ID-embedding rows (read-only, shared).
+        user_overrides: user id → ID row, for the users deltas changed or added.
         item_ids: position → item id (dead positions keep their old id).
         item_pos: live item id → position.
-        item_vectors: ``[N, dim]`` unit item vectors by position (read-only).
+        base_vectors: ``[n_base, dim]`` the full version's unit item vectors (read-only, shared).
+        touched_vectors: position → vector of every item deltas changed or added (read-only rows).
         index: the base Faiss index of the full version (ids = positions; shared, never edited).
         n_base: items in the full version (the base index's positions are ``0..n_base-1``).
         touched: positions deltas changed, added or removed since the full version.
         removed: positions that are dead (removed, or superseded by a re-added item).
         overlay: exact index over the live touched positions (``None`` when there are none).
+        changed_items: item ids (changed, new or removed) of the deltas that turned the state
+            this one was derived from into this one; ``None`` for a state built from a full
+            version (anything may have changed). Caches of item details key off it.
     """
 
     version: int
@@ -154,11 +267,13 @@ class ServingState:
     created_ms: int
     model_config: ModelConfig
     model: TwoTower
-    user_rows: dict[str, int]
+    user_rows: LayeredMap
     user_matrix: np.ndarray
-    item_ids: list[str]
-    item_pos: dict[str, int]
-    item_vectors: np.ndarray
+    user_overrides: dict[str, np.ndarray]
+    item_ids: LayeredIds
+    item_pos: LayeredMap
+    base_vectors: np.ndarray
+    touched_vectors: dict[int, np.ndarray]
     index: faiss.Index
     n_base: int
     touched: frozenset[int]
@@ -166,6 +281,7 @@ class ServingState:
     overlay: faiss.Index | None
     base_filter: _BaseFilter | None
     search_params: Callable[[faiss.IDSelector], faiss.SearchParameters]
+    changed_items: frozenset[str] | None = None
 
     # --- building ---------------------------------------------------------------------------
     @classmethod
@@ -207,11 +323,13 @@ class ServingState:
             created_ms=meta.created_ms,
             model_config=cfg,
             model=model,
-            user_rows=user_rows,
+            user_rows=LayeredMap(user_rows),
             user_matrix=_frozen(snap.users.matrix),
-            item_ids=list(snap.items.ids),
-            item_pos=item_pos,
-            item_vectors=_frozen(snap.items.matrix),
+            user_overrides={},
+            item_ids=LayeredIds(list(snap.items.ids)),
+            item_pos=LayeredMap(item_pos),
+            base_vectors=_frozen(snap.items.matrix),
+            touched_vectors={},
             index=index,
             n_base=len(snap.items.ids),
             touched=frozenset(),
@@ -244,67 +362,87 @@ class ServingState:
                     f"version {version}: delta rows have widths {delta.users.matrix.shape[1]}/"
                     f"{delta.items.matrix.shape[1]}, expected {cfg.id_dim}/{cfg.dim}"
                 )
-        user_rows, user_matrix = self._merged_users(deltas)
+        user_rows, user_overrides = self._merged_users(deltas)
         created_ms = self.created_ms if created_ms is None else created_ms
-        if not any(d.items.ids or d.removed_items for d in deltas):
-            return replace(self, version=version, created_ms=created_ms, user_rows=user_rows, user_matrix=user_matrix)
-        item_ids, item_pos, item_vectors, touched, removed = self._merged_items(deltas)
+        changed = frozenset(item_id for d in deltas for item_id in (*d.items.ids, *d.removed_items))
+        if not changed:
+            return replace(
+                self,
+                version=version,
+                created_ms=created_ms,
+                user_rows=user_rows,
+                user_overrides=user_overrides,
+                changed_items=changed,
+            )
+        item_ids, item_pos, touched_vectors, touched, removed = self._merged_items(deltas)
+        live = sorted(touched - removed)
+        overlay = None
+        if live:
+            overlay = faiss.index_factory(self.model_config.dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+            overlay.add_with_ids(np.stack([touched_vectors[p] for p in live]), np.array(live, dtype=np.int64))
         return replace(
             self,
             version=version,
             created_ms=created_ms,
             user_rows=user_rows,
-            user_matrix=user_matrix,
+            user_overrides=user_overrides,
             item_ids=item_ids,
             item_pos=item_pos,
-            item_vectors=item_vectors,
+            touched_vectors=touched_vectors,
             touched=touched,
             removed=removed,
-            overlay=_exact_index(item_vectors, np.array(sorted(touched - removed), dtype=np.int64)),
+            overlay=overlay,
             base_filter=_BaseFilter.build(self.n_base, touched),
+            changed_items=changed,
         )
 
-    def _merged_users(self, deltas: Sequence[DeltaSnapshot]) -> tuple[dict[str, int], np.ndarray]:
+    def _merged_users(self, deltas: Sequence[DeltaSnapshot]) -> tuple[LayeredMap, dict[str, np.ndarray]]:
+        """O(users changed since the full version): the base rows are never copied."""
         if not any(d.users.ids for d in deltas):
-            return self.user_rows, self.user_matrix
-        rows = dict(self.user_rows)
-        updates: dict[int, np.ndarray] = {}
+            return self.user_rows, self.user_overrides
+        rows = self.user_rows.edited()
+        overrides = dict(self.user_overrides)
+        n_base_users = self.user_matrix.shape[0]
         for delta in deltas:
+            matrix = _frozen(delta.users.matrix)
             for i, user_id in enumerate(delta.users.ids):
-                row = rows.setdefault(user_id, len(rows))
-                updates[row] = delta.users.matrix[i]
-        matrix = np.zeros((len(rows), self.model_config.id_dim), dtype=np.float32)
-        matrix[: self.user_matrix.shape[0]] = self.user_matrix
-        matrix[np.fromiter(updates, dtype=np.int64)] = np.stack(list(updates.values()))
-        return rows, _frozen(matrix)
+                if rows.get(user_id) is None:
+                    rows.set(user_id, n_base_users + len(overrides))
+                overrides[user_id] = matrix[i]
+        return rows.done(), overrides
 
     def _merged_items(
         self, deltas: Sequence[DeltaSnapshot]
-    ) -> tuple[list[str], dict[str, int], np.ndarray, frozenset[int], frozenset[int]]:
-        item_ids = list(self.item_ids)
-        item_pos = dict(self.item_pos)
+    ) -> tuple[LayeredIds, LayeredMap, dict[int, np.ndarray], frozenset[int], frozenset[int]]:
+        """O(items changed since the full version): the base ids, map and vectors are shared."""
+        n_ids = len(self.item_ids)
+        appended: list[str] = []
+        item_pos = self.item_pos.edited()
         touched = set(self.touched)
         removed = set(self.removed)
-        updates: dict[int, np.ndarray] = {}
+        vectors = dict(self.touched_vectors)
         for delta in deltas:
             for item_id in delta.removed_items:
-                pos = item_pos.pop(item_id, None)
+                pos = item_pos.pop(item_id)
                 if pos is not None:
                     removed.add(pos)
                     touched.add(pos)
+            matrix = _frozen(delta.items.matrix)
             for i, item_id in enumerate(delta.items.ids):
                 pos = item_pos.get(item_id)
                 if pos is None:
-                    pos = len(item_ids)
-                    item_ids.append(item_id)
-                    item_pos[item_id] = pos
-                updates[pos] = delta.items.matrix[i]
+                    pos = n_ids + len(appended)
+                    appended.append(item_id)
+                    item_pos.set(item_id, pos)
+                vectors[pos] = matrix[i]
                 touched.add(pos)
-        vectors = np.zeros((len(item_ids), self.model_config.dim), dtype=np.float32)
-        vectors[: self.item_vectors.shape[0]] = self.item_vectors
-        if updates:
-            vectors[np.fromiter(updates, dtype=np.int64)] = np.stack(list(updates.values()))
-        return item_ids, item_pos, _frozen(vectors), frozenset(touched), frozenset(removed)
+        return (
+            self.item_ids.appended(appended),
+            item_pos.done(),
+            vectors,
+            frozenset(touched),
+            frozenset(removed),
+        )
 
     @classmethod
     def load(cls, store: SnapshotStore, version: int) -> ServingState:
@@ -347,6 +485,37 @@ class ServingState:
         """Live items."""
         return len(self.item_pos)
 
+    @cached_property
+    def item_vectors(self) -> np.ndarray:
+        """``[N, dim]`` unit item vectors by position (read-only). Materialised on first use
+        (O(catalogue)) when deltas touched items; the request path uses :meth:`item_rows`."""
+        if not self.touched_vectors:
+            return self.base_vectors
+        vectors = np.zeros((len(self.item_ids), self.model_config.dim), dtype=np.float32)
+        vectors[: self.n_base] = self.base_vectors
+        positions = np.fromiter(self.touched_vectors, dtype=np.int64)
+        vectors[positions] = np.stack(list(self.touched_vectors.values()))
+        return _frozen(vectors)
+
+    def item_rows(self, positions: Sequence[int]) -> np.ndarray:
+        """``[len(positions), dim]`` the vectors at ``positions`` (a new array)."""
+        touched = self.touched_vectors
+        if not touched:
+            return self.base_vectors[list(positions)]
+        out = np.empty((len(positions), self.model_config.dim), dtype=np.float32)
+        for i, pos in enumerate(positions):
+            vector = touched.get(pos)
+            out[i] = vector if vector is not None else self.base_vectors[pos]
+        return out
+
+    def user_id_row(self, user_id: str) -> np.ndarray | None:
+        """The user's ID-embedding row, ``None`` when the user has none."""
+        vector = self.user_overrides.get(user_id) if self.user_overrides else None
+        if vector is not None:
+            return vector
+        row = self.user_rows.get(user_id)
+        return self.user_matrix[row] if row is not None and row < self.user_matrix.shape[0] else None
+
     def user_vector(
         self,
         user_id: str,
@@ -374,22 +543,24 @@ class ServingState:
         cfg = self.model_config
         positions: list[int] = []
         stamps: list[int] = []
+        item_pos = self.item_pos.getter()
         for item_id, ts_ms in history[: cfg.history_len]:
-            pos = self.item_pos.get(item_id)
+            pos = item_pos(item_id)
             if pos is not None:
                 positions.append(pos)
                 stamps.append(ts_ms)
-        row = self.user_rows.get(user_id)
-        id_row = self.user_matrix[row] if row is not None else np.zeros(cfg.id_dim, dtype=np.float32)
+        id_row = self.user_id_row(user_id)
+        if id_row is None:
+            id_row = np.zeros(cfg.id_dim, dtype=np.float32)
         features = torch.from_numpy(fit_features(profile, cfg.profile_dim)).unsqueeze(0)
         ctx = context_matrix(cfg, [now_ms], [{CONTEXT_FEATURES_KEY: list(context)} if context is not None else None])
         if self.model.multi_interest:
-            seq, mask = history_tensor(self.item_vectors, [positions], cfg.history_len)
+            seq, mask = history_tensor(self.item_rows(positions), [range(len(positions))], cfg.history_len)
             with torch.inference_mode():
                 interests, active = self.model.user(torch.tensor(id_row).unsqueeze(0), features, seq, mask, None, ctx)
             return interests[0][active[0]].numpy()
         pooled = pool_history(
-            self.item_vectors[positions], np.asarray(stamps, dtype=np.int64), now_ms, cfg.history_half_life_s
+            self.item_rows(positions), np.asarray(stamps, dtype=np.int64), now_ms, cfg.history_half_life_s
         )
         with torch.inference_mode():
             out = self.model.user(
@@ -468,7 +639,8 @@ class ServingState:
         if k <= 0 or ntotal == 0:
             return []
         exclude = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
-        n_excluded = sum(1 for item_id in exclude if item_id in self.item_pos)
+        item_pos = self.item_pos.getter()
+        n_excluded = sum(1 for item_id in exclude if item_pos(item_id) is not None)
         query = np.ascontiguousarray(vec, dtype=np.float32).reshape(-1, dim)
         if not needs_categories:
             # an exact index can lose at most n_excluded slots to exclusions
@@ -536,15 +708,75 @@ def _select(
     return picked, spilled
 
 
+_EMPTY_ROWS = pack_rows(Rows.empty(1))
+_UNPACK_READ_SIZE = 1 << 20
+
+
+def unpack_rows_gently(payload: bytes) -> Rows:
+    """:func:`twotower.blobs.unpack_rows`, without holding the GIL for long.
+
+    ``msgpack.unpackb`` over a million ids is one C call that holds the GIL for more than a
+    second (measured 1.3 s at 1M items on a busy 2-core machine), stalling the request thread
+    of the process for as long. Here a streaming unpacker is fed the payload in 1 MiB pieces
+    and the ids are read one per call, so the interpreter can hand the GIL to the request
+    thread between pieces and ids. The matrix still becomes one bytes object (one copy).
+
+    Raises:
+        BlobError: the payload is not a rows map.
+    """
+    size = max(len(payload), _UNPACK_READ_SIZE)
+    # read_size is the initial buffer: the whole payload, so the buffer never regrows (copies)
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=size, read_size=size)
+    view = memoryview(payload)
+    fed = 0
+
+    def read(reader: Callable[[], Any]) -> Any:
+        nonlocal fed
+        while True:
+            try:
+                return reader()
+            except msgpack.OutOfData:
+                if fed >= len(view):
+                    raise BlobError("truncated rows payload") from None
+                unpacker.feed(view[fed : fed + _UNPACK_READ_SIZE])
+                fed += _UNPACK_READ_SIZE
+
+    ids: list[str] | None = None
+    matrix: object = None
+    try:
+        n_keys = read(unpacker.read_map_header)
+        if n_keys != 2:
+            raise BlobError("not a rows map")
+        for _ in range(n_keys):
+            key = read(unpacker.unpack)
+            if key == "ids" and ids is None:
+                ids = [read(unpacker.unpack) for _ in range(read(unpacker.read_array_header))]
+            elif key == "matrix" and matrix is None:
+                matrix = read(unpacker.unpack)
+            else:
+                raise BlobError("not a rows map")
+        if fed < len(view) or unpacker.tell() != len(payload):
+            raise BlobError("trailing bytes after the rows map")
+    except BlobError:
+        raise
+    except Exception as exc:
+        raise BlobError(f"not msgpack rows: {exc}") from None
+    if not all(isinstance(i, str) for i in ids):
+        raise BlobError("row ids must be strings")
+    return Rows(ids, _array_from_map(matrix))  # the same checks as unpack_rows; Rows checks the shapes
+
+
 def read_full(store: SnapshotStore, meta: VersionMeta) -> FullSnapshot:
-    """Read and decode a full version's parts (checksums verified).
+    """Read and decode a full version's parts (checksums verified); the big rows parts are
+    decoded with :func:`unpack_rows_gently`.
 
     Raises:
         SnapshotError: a part is missing or corrupt.
     """
     parts = {name: store.read_part(meta, name) for name in (MODEL_CONFIG, WEIGHTS, USERS, ITEMS, INDEX)}
     try:
-        return decode_full(parts)
+        small = decode_full({**parts, USERS: _EMPTY_ROWS, ITEMS: _EMPTY_ROWS})
+        return replace(small, users=unpack_rows_gently(parts[USERS]), items=unpack_rows_gently(parts[ITEMS]))
     except BlobError as exc:
         raise SnapshotError(f"version {meta.version}: {exc}") from None
 

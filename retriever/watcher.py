@@ -12,6 +12,12 @@ When the pointer names another version, the watcher builds the new state off to 
   a few deltas when notices were missed), it applies only the deltas after it;
 * otherwise (a new full version, a rollback, the first load) it loads the whole chain.
 
+While it builds, the interpreter's switch interval is lowered (:data:`BUILD_SWITCH_INTERVAL_S`)
+so that the request thread waits less for the GIL. A whole load (not the first one) also waits
+for this host's *reload turn*, a short-lived Redis lock, so that the worker processes of one
+host reload a new full version one after another rather than all at once (each reload takes a
+core for seconds at 1M items; the others keep serving the old version meanwhile).
+
 Then it publishes the new state with one attribute assignment. A failure (missing version,
 corrupt part, Redis down) is logged and counted, and the old state keeps serving; a version
 that failed is retried after ``retry_failed_s``.
@@ -20,8 +26,12 @@ that failed is retried after ``retry_failed_s``.
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 import threading
 import time
+import uuid
+from collections.abc import Callable
 
 import redis
 from prometheus_client import Counter, Gauge, Histogram
@@ -57,6 +67,18 @@ SNAPSHOT_ERRORS = Counter(
     "Failed attempts to check or load a snapshot version (the previous state kept serving).",
 )
 
+SwapHook = Callable[[ServingState | None, ServingState], None]
+"""Called with (the state the new one was derived from by deltas, or ``None`` when it was
+loaded whole; the new state) before a swap."""
+
+BUILD_SWITCH_INTERVAL_S = 0.0005
+"""sys.setswitchinterval while a state is built (Python's default is 5 ms)."""
+RELOAD_TURN_TTL_S = 120.0
+"""A reload turn not released within this long (a crashed worker) lapses."""
+RELOAD_TURN_MAX_WAIT_S = 90.0
+"""Longest wait for the reload turn; then the worker reloads anyway."""
+_RELEASE_TURN = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
 _EXPECTED_ERRORS = (SnapshotError, BlobError, redis.RedisError, ValueError, RuntimeError)
 
 
@@ -68,10 +90,26 @@ class SnapshotWatcher:
             plus a pub/sub connection from the same pool).
         poll_interval_s: how often the pointer is polled when no notice arrives.
         retry_failed_s: how long a version that failed to load is left alone.
+        on_swap: called on the watcher thread with (old state, new state) just before the
+            new state is published, e.g. to invalidate caches of what the new version changed;
+            old is ``None`` unless the new state was derived from it by applying deltas (not
+            for a full load, a rollback or the first load). An exception it raises is logged
+            and does not stop the swap.
+        stagger_reloads: take this host's reload turn before a whole (non-first) load.
     """
 
-    def __init__(self, store: SnapshotStore, poll_interval_s: float = 1.0, retry_failed_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        store: SnapshotStore,
+        poll_interval_s: float = 1.0,
+        retry_failed_s: float = 10.0,
+        on_swap: SwapHook | None = None,
+        stagger_reloads: bool = True,
+    ) -> None:
         self.store = store
+        self.on_swap = on_swap
+        self.stagger_reloads = stagger_reloads
+        self._turn_key = f"{store.layout.prefix}:retriever:reload-turn:{socket.gethostname()}"
         self.poll_interval_s = poll_interval_s
         self.retry_failed_s = retry_failed_s
         self.state: ServingState | None = None
@@ -148,13 +186,21 @@ class SnapshotWatcher:
         if self._failed is not None and self._failed[0] == target and time.monotonic() < self._failed[1]:
             return False
         started = time.perf_counter()
+        _building(True)
         try:
             new_state, kind = self._build(target, state)
         except _EXPECTED_ERRORS as exc:
             self._failed = (target, time.monotonic() + self.retry_failed_s)
             self._note_error(f"cannot load snapshot version {target}: {exc}")
             return False
+        finally:
+            _building(False)
         elapsed = time.perf_counter() - started
+        if self.on_swap is not None:
+            try:
+                self.on_swap(state if kind == "delta" else None, new_state)
+            except Exception:
+                log.exception("the swap hook failed; swapping anyway")
         self.state = new_state  # the swap: requests that already hold the old state finish with it
         self._failed = None
         self._last_error = ""
@@ -179,7 +225,42 @@ class SnapshotWatcher:
             versions = [meta.version for meta in chain]
             if state.version in versions:
                 return state.extend(self.store, chain[versions.index(state.version) + 1 :]), "delta"
-        return ServingState.from_chain(self.store, chain), "full"
+        if state is None or not self.stagger_reloads:
+            return ServingState.from_chain(self.store, chain), "full"
+        token = self._take_turn()
+        try:
+            return ServingState.from_chain(self.store, chain), "full"
+        finally:
+            if token is not None:
+                self._release_turn(token)
+
+    def _take_turn(self) -> str | None:
+        """Wait for this host's reload turn; its token, or ``None`` when the wait timed out
+        (or Redis failed: reloading then is better than serving an old version longer)."""
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + RELOAD_TURN_MAX_WAIT_S
+        waited = False
+        while not self._stop.is_set():
+            try:
+                if self.store.redis.set(self._turn_key, token, nx=True, px=int(RELOAD_TURN_TTL_S * 1000)):
+                    if waited:
+                        log.info("got the reload turn after waiting for another worker")
+                    return token
+            except redis.RedisError as exc:
+                log.warning("cannot take the reload turn (%s); reloading without it", exc)
+                return None
+            if time.monotonic() >= deadline:
+                log.warning("waited %.0f s for the reload turn; reloading without it", RELOAD_TURN_MAX_WAIT_S)
+                return None
+            waited = True
+            self._stop.wait(0.05)
+        return None
+
+    def _release_turn(self, token: str) -> None:
+        try:
+            self.store.redis.eval(_RELEASE_TURN, 1, self._turn_key, token)
+        except redis.RedisError as exc:  # it lapses after RELOAD_TURN_TTL_S
+            log.warning("cannot release the reload turn: %s", exc)
 
     def _note_error(self, message: str) -> None:
         self.errors += 1
@@ -189,6 +270,27 @@ class SnapshotWatcher:
             self._last_error = message
         else:
             log.debug("%s (again)", message)
+
+
+_builds_lock = threading.Lock()
+_builds = 0
+_saved_switch_interval = 0.0
+
+
+def _building(starting: bool) -> None:
+    """Lower the switch interval while any watcher of the process builds a state (counted, so
+    that overlapping builds restore the interpreter's own setting once the last one ends)."""
+    global _builds, _saved_switch_interval
+    with _builds_lock:
+        if starting:
+            if _builds == 0:
+                _saved_switch_interval = sys.getswitchinterval()
+                sys.setswitchinterval(BUILD_SWITCH_INTERVAL_S)
+            _builds += 1
+        else:
+            _builds -= 1
+            if _builds == 0:
+                sys.setswitchinterval(_saved_switch_interval)
 
 
 def _close(pubsub: redis.client.PubSub | None) -> None:

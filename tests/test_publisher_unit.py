@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -128,7 +130,7 @@ def test_auto_picks_exact_below_threshold_and_large_kind_above() -> None:
     assert ix.default_nlist(10_000) == 400 and ix.default_nlist(1) == 1
 
 
-@pytest.mark.parametrize("kind", [ix.FLAT, ix.HNSW, ix.IVF])
+@pytest.mark.parametrize("kind", [ix.FLAT, ix.HNSW, ix.IVF, ix.IVFPQ])
 def test_serialize_round_trip_keeps_results_and_search_parameters(kind: str) -> None:
     x = clustered(2000, 16)
     index = ix.build_index(x, np.arange(2000), kind, nprobe=9, ef_search=48, recall_queries=0)
@@ -138,7 +140,7 @@ def test_serialize_round_trip_keeps_results_and_search_parameters(kind: str) -> 
     assert ix.index_kind(back) == kind and back.ntotal == 2000
     q = ix.sample_queries(x, 50, seed=3)
     np.testing.assert_array_equal(index.search(q, 10)[1], back.search(q, 10)[1])
-    if kind == ix.IVF:
+    if kind in (ix.IVF, ix.IVFPQ):
         assert back.nprobe == 9
     if kind == ix.HNSW:
         import faiss
@@ -163,6 +165,46 @@ def test_new_items_added_with_ids_are_found_and_removal_where_supported(kind: st
         assert kind == ix.HNSW
         with pytest.raises(RuntimeError):
             index.remove_ids(new_ids[:10])
+
+
+def test_ivfpq_builds_reports_recall_and_round_trips(caplog: pytest.LogCaptureFixture) -> None:
+    """IVF-PQ over 4000 clustered unit vectors (d=32: 8 one-byte codes per vector, 40 lists,
+    nprobe 16): built, its recall@10 against exact search measured and reported (log and
+    gauge) at build time, and the serialized bytes give the same results and parameters."""
+    x = clustered(4000, 32)
+    with caplog.at_level(logging.INFO, logger="publisher.index"):
+        index = ix.build_index(x, np.arange(4000) + 7, ix.IVFPQ, nlist=40, nprobe=16, recall_queries=200)
+    assert ix.index_kind(index) == ix.IVFPQ and index.ntotal == 4000
+    assert index.pq.M == ix.default_pq_m(32) == 8 and index.pq.nbits == 8
+    assert index.code_size == 8  # bytes per vector, against 128 for float32
+    built = [r for r in caplog.records if getattr(r, "index_kind", None) == ix.IVFPQ]
+    assert built and 0.5 <= built[-1].recall <= 1.0
+    assert REGISTRY.get_sample_value("twotower_publisher_index_recall") == pytest.approx(built[-1].recall)
+    recall = ix.recall_at_k(index, x, ix.sample_queries(x, 300, seed=7), 10, ids=np.arange(4000) + 7)
+    assert recall >= 0.5, f"ivfpq recall@10 {recall:.3f}"
+    back = ix.deserialize(ix.serialize(index))
+    assert ix.index_kind(back) == ix.IVFPQ and back.ntotal == 4000 and back.nprobe == 16
+    q = ix.sample_queries(x, 50, seed=3)
+    np.testing.assert_array_equal(index.search(q, 10)[1], back.search(q, 10)[1])
+    assert ix.supports_remove(back)
+    back.add_with_ids(x[:5], np.arange(90_000, 90_005))  # new items go in without a rebuild
+    assert back.ntotal == 4005 and back.remove_ids(np.arange(90_000, 90_005)) == 5
+
+
+def test_auto_picks_ivfpq_above_its_threshold_and_checks_pq_parameters() -> None:
+    x = clustered(600, 16)
+    assert ix.index_kind(ix.build_index(x, np.arange(600), exact_below=10, ivfpq_above=600, recall_queries=0)) == (
+        ix.IVFPQ
+    )
+    assert ix.index_kind(ix.build_index(x, np.arange(600), exact_below=10, ivfpq_above=601, recall_queries=0)) == (
+        ix.HNSW
+    )
+    assert ix.default_pq_m(64) == 16 and ix.default_pq_m(30) == 6 and ix.default_pq_m(3) == 1
+    with pytest.raises(ix.IndexBuildError, match="divide"):
+        ix.build_index(x, np.arange(600), ix.IVFPQ, pq_m=5)
+    with pytest.raises(ix.IndexBuildError, match="at least 256 vectors"):
+        ix.build_index(x[:100], np.arange(100), ix.IVFPQ)
+    assert ix.build_index(x[:100], np.arange(100), ix.IVFPQ, pq_bits=6, recall_queries=0).ntotal == 100
 
 
 def test_recall_at_k_maps_ids_and_handles_edges() -> None:

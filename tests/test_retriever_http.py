@@ -20,6 +20,7 @@ import msgpack
 import numpy as np
 import pytest
 import redis
+import redis.asyncio
 import torch
 import uvicorn
 from fastapi import FastAPI
@@ -274,6 +275,37 @@ def test_a_published_delta_becomes_visible(cfg: Config, store: SnapshotStore) ->
         assert "fresh" not in got and "i0" not in got and len(got) == 50
 
 
+def test_cached_item_details_follow_deltas_and_full_versions(cfg: Config, store: SnapshotStore) -> None:
+    snap = full_snapshot()
+    v1 = publish_full(store, snap)
+    local = ServingState.load(store, v1)
+    top = local.search(local.user_vector("u3", [], None, 0), 2)
+    first, second = (item_id for item_id, _ in top)
+
+    def titles() -> dict[str, str]:
+        body = client.get("/recommend", params={"user_id": "u3", "k": 2}).json()
+        return {item["item_id"]: item["title"] for item in body["items"]}
+
+    with serve(cfg) as (client, _app):
+        wait_version(client, v1)
+        assert titles() == {first: f"Title {first}", second: f"Title {second}"}
+        # details are cached: an edit in Redis alone is not seen ...
+        store.redis.hset(store.layout.item(first), "title", "renamed")
+        store.redis.hset(store.layout.item(second), "title", "renamed too")
+        assert titles()[first] == f"Title {first}"
+        # ... a delta that carries the item drops it from the cache, other items stay cached
+        vectors = dict(zip(snap.items.ids, snap.items.matrix, strict=True))
+        v2 = store.write(
+            DELTA, encode_delta(empty_delta(items=Rows([first], vectors[first][None].copy()))), parent=v1, trainer_seq=0
+        )
+        wait_version(client, v2)
+        assert titles() == {first: "renamed", second: f"Title {second}"}
+        # a full version drops everything
+        v3 = store.write(FULL, encode_full(snap), parent=None, trainer_seq=0)
+        wait_version(client, v3)
+        assert titles() == {first: "renamed", second: "renamed too"}
+
+
 def test_swaps_under_concurrent_requests_drop_nothing(cfg: Config, store: SnapshotStore) -> None:
     v = publish_full(store, full_snapshot())
     stop = threading.Event()
@@ -364,6 +396,26 @@ def test_watcher_keeps_serving_through_bad_versions(cfg: Config, store: Snapshot
         watcher.stop()
 
 
+def test_whole_reloads_take_turns_between_the_workers_of_a_host(cfg: Config, store: SnapshotStore) -> None:
+    v1 = publish_full(store, full_snapshot())
+    watcher = SnapshotWatcher(store, poll_interval_s=0.1)
+    store.redis.set(watcher._turn_key, "another worker", px=60_000)
+    assert watcher.refresh() is True and watcher.state.version == v1  # the first load never waits
+    v2 = publish_full(store, full_snapshot(seed=2))
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (watcher.refresh(), done.set()))
+    thread.start()
+    time.sleep(0.5)
+    assert not done.is_set() and watcher.state.version == v1  # waits for its turn, serving v1
+    store.redis.delete(watcher._turn_key)  # the other worker is done
+    thread.join(15)
+    assert done.is_set() and watcher.state.version == v2
+    assert store.redis.get(watcher._turn_key) is None  # released after the reload
+    v3 = publish_delta(store, empty_delta(items=Rows(["n9"], unit(np.ones((1, MODEL.dim))))), parent=v2)
+    store.redis.set(watcher._turn_key, "another worker", px=60_000)
+    assert watcher.refresh() is True and watcher.state.version == v3  # deltas never wait
+
+
 def test_metrics_endpoint(cfg: Config, store: SnapshotStore) -> None:
     version = publish_full(store, full_snapshot())
     with serve(cfg) as (client, _app):
@@ -431,11 +483,11 @@ def test_redis_failure_on_the_request_path_is_a_503(cfg: Config, store: Snapshot
         wait_version(client, version)
         service = app.state.service
         working = service.redis
-        service.redis = redis.Redis(port=_free_port(), socket_connect_timeout=0.5)  # nobody listens there
+        # nobody listens there (the request path's client is an asyncio one; it never connects)
+        service.redis = redis.asyncio.Redis(port=_free_port(), socket_connect_timeout=0.5)
         try:
             response = client.get("/recommend", params={"user_id": "u0"})
             assert response.status_code == 503 and "redis unavailable" in response.json()["detail"]
         finally:
-            service.redis.close()
             service.redis = working
         assert client.get("/recommend", params={"user_id": "u0"}).status_code == 200

@@ -192,11 +192,15 @@ class PublisherConfig(_Section):
     """Length cap of the per-user recent-history list in Redis."""
     group_id: str = "twotower-publisher"
     """Kafka consumer group of the serving-state writer (history, item details, new items)."""
-    index_kind: str = Field(default="auto", pattern="^(auto|flat|hnsw|ivf)$")
-    """Faiss index of full snapshots: ``auto`` is exact (flat) below ``exact_below`` items and
-    HNSW above; ``ivf`` builds faster but needs clustered data for good recall."""
+    index_kind: str = Field(default="auto", pattern="^(auto|flat|hnsw|ivf|ivfpq)$")
+    """Faiss index of full snapshots: ``auto`` is exact (flat) below ``exact_below`` items, HNSW
+    above and IVF-PQ from ``ivfpq_above`` on; ``ivf`` builds faster but needs clustered data for
+    good recall; ``ivfpq`` stores 16-byte codes instead of float vectors (d=64), for tens of
+    millions of items, at some recall (reported at build time)."""
     exact_below: int = Field(default=100_000, ge=1)
     """With ``index_kind=auto``: catalogues smaller than this are searched exactly."""
+    ivfpq_above: int = Field(default=10_000_000, ge=1)
+    """With ``index_kind=auto``: catalogues of at least this many items get an IVF-PQ index."""
 
 
 class RetrieverConfig(_Section):
