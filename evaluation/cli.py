@@ -248,7 +248,9 @@ def _live(
     series = live_run.series
     seconds = live_run.seconds
     if compare:
-        offline_protocol = replace(protocol, publish_every_s=delay_s * speed)
+        # the delay in event time is the wall delay at the pace the stack really kept
+        pace = min(speed, live_run.effective_speed) if live_run.effective_speed > 0 else speed
+        offline_protocol = replace(protocol, publish_every_s=delay_s * pace)
         chosen = make_policies(["two_tower_streaming"], offline_protocol, bootstrap_epochs=epochs)
         offline = _run_with_progress(events, chosen, offline_protocol, progress)
         report["results"].update(offline.to_json()["results"])

@@ -84,12 +84,22 @@ class LiveRun:
     served_version: int | None
     request_errors: int
     logs: str
+    event_span_s: float = 0.0
+    """Event time covered by the scored events."""
+    scoring_wall_s: float = 0.0
+    """Wall time the scoring loop took (nightly runs included)."""
+
+    @property
+    def effective_speed(self) -> float:
+        """Event-time seconds per wall second actually achieved (below ``speed`` when the stack lags)."""
+        return self.event_span_s / self.scoring_wall_s if self.scoring_wall_s > 0 else 0.0
 
     def describe(self, settings: LiveSettings, publish_delay_s: float) -> dict[str, Any]:
         return {
             "speed": settings.speed,
+            "effective_speed": round(self.effective_speed, 1),
             "publish_delay_wall_s": publish_delay_s,
-            "publish_delay_event_s": publish_delay_s * settings.speed,
+            "publish_delay_event_s": publish_delay_s * min(settings.speed, self.effective_speed or settings.speed),
             "bootstrap_epochs": settings.bootstrap_epochs,
             "nightly_runs": self.nightly,
             "served_version_at_end": self.served_version,
@@ -287,4 +297,7 @@ def _score_and_feed(
         if on_event is not None:
             on_event(done + 1, total)
     producer.flush(timeout=60)
-    return LiveRun(metrics, series, n_warm, 0.0, nightly, version, errors, "")
+    run = LiveRun(metrics, series, n_warm, 0.0, nightly, version, errors, "")
+    run.event_span_s = (events[-1].ts_ms - ts0) / 1000.0
+    run.scoring_wall_s = time.monotonic() - wall0
+    return run
