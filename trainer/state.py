@@ -37,6 +37,7 @@ from trainer.losses import (
     popularity_distribution,
     retrieval_loss,
 )
+from trainer.pooling import history_columns, pooling_matrix
 from twotower.checkpoint import Checkpoint
 from twotower.config import ModelConfig, TrainerConfig
 from twotower.events import IMPRESSION, CatalogItem, Interaction, Profile
@@ -288,7 +289,11 @@ class TrainerState:
             now_ms = max(self.event_time_ms, max(c.ts_ms for c in clicks))
             age = example_age_days([c.ts_ms for c in clicks], now_ms)
         cand_ids, positive_cols, log_q = self._candidates(clicks)
-        cand_rows = self.items.rows(cand_ids)
+        histories = [h for _, h in examples]
+        # trainer.history_gradient: history items join the item columns, so the pooled mean is differentiable
+        grad_history = tcfg.history_gradient and not self.model.multi_interest
+        item_ids = history_columns(cand_ids, histories) if grad_history else cand_ids
+        cand_rows = self.items.rows(item_ids)
 
         # Leaf tensors for the rows: gradients land here and nowhere else unless dense=True.
         u_leaf = self.users.gather(user_rows).requires_grad_(True)
@@ -296,14 +301,19 @@ class TrainerState:
         self.model.requires_grad_(dense)
         self.model.train(dense)
         try:
-            cats, content = self.item_side(cand_ids)
-            item_vecs = self.model.item(i_leaf, cats, content)
+            cats, content = self.item_side(item_ids)
+            all_vecs = self.model.item(i_leaf, cats, content)
+            item_vecs = all_vecs[: len(cand_ids)]
             if self.model.multi_interest:
-                history, mask = self.history_batch([h for _, h in examples])
+                history, mask = self.history_batch(histories)
                 interests, active = self.model.user(u_leaf, profiles, history, mask, age)
                 logits = self.model.score_interests(interests, active, item_vecs, positive_cols)
             else:
-                pooled = self.pooled_history([h for _, h in examples], [c.ts_ms for c in clicks])
+                now = [c.ts_ms for c in clicks]
+                if grad_history:
+                    pooled = pooling_matrix(item_ids, histories, now, mcfg.history_half_life_s) @ all_vecs
+                else:
+                    pooled = self.pooled_history(histories, now)
                 logits = self.model.score(self.model.user(u_leaf, profiles, pooled, age), item_vecs)
             loss = retrieval_loss(
                 tcfg.loss, logits, positive_cols, log_q, margin=tcfg.pairwise_margin / mcfg.temperature
@@ -495,9 +505,7 @@ class TrainerState:
         ids = extra.get("catalog_ids", [])
         cats, content = extra.get("catalog_category"), extra.get("catalog_content")
         state.catalog = {item: (int(cats[i]), content[i].numpy()) for i, item in enumerate(ids)}
-        state.histories = {
-            u: deque(h, maxlen=state.model_cfg.history_len) for u, h in ckpt.histories.items()
-        }
+        state.histories = {u: deque(h, maxlen=state.model_cfg.history_len) for u, h in ckpt.histories.items()}
         state.removed_items = list(ckpt.removed_items)
         state.nightly_done = list(extra.get("nightly_done", []))
         state.seq = ckpt.seq

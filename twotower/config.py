@@ -155,6 +155,10 @@ class TrainerConfig(_Section):
     hard_negative_requests: int = Field(default=10_000, ge=0)
     """How many recent requests' retrieved-but-not-shown items are remembered (LRU), to serve as hard
     negatives for clicks of the same request; 0 disables hard negatives."""
+    history_gradient: bool = False
+    """Back-propagate through the pooled history of the ``mean`` user tower (into the item tower
+    and the history items' ID rows), so each click also teaches the items that preceded it
+    (:mod:`trainer.pooling`). Off: history vectors are constants of the step."""
     ssl_weight: float = Field(default=0.0, ge=0)
     """Weight of the self-supervised contrastive loss on the item tower (Yao et al. 2021), added in
     dense (nightly) steps only. Default 0 (off): measured on MovieLens-100K (temporal split,
@@ -292,9 +296,7 @@ def _validate(data: Mapping[str, Any], source: str) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid configuration ({source}): {problems}") from None
 
 
