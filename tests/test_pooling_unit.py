@@ -56,7 +56,7 @@ def test_history_gradient_moves_rows_of_items_only_in_histories() -> None:
         # one click whose history holds items the batch never clicks (and a single negative draw)
         examples = [(clicks[-1], [("i0", 1), ("i1", 2), ("i2", 3), ("i3", 4), ("i4", 5)])]
         before = state.items.emb.clone()
-        state.learn(examples, dense=False)
+        state.learn(examples, dense=True)
         changed = (state.items.emb != before).any(dim=1)
         moved[flag] = {state.items.ids[r] for r in changed.nonzero().flatten().tolist()}
     history_only = {"i0", "i1", "i2", "i3", "i4"} - moved[False]
@@ -70,3 +70,16 @@ def test_history_gradient_keeps_streaming_dense_weights_bit_identical() -> None:
     state.learn(state.observe_clicks(_clicks()), dense=False)
     for name, value in state.model.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def test_min_extra_negatives_widens_a_small_batchs_candidates() -> None:
+    cfg = ModelConfig(dim=8, id_dim=4, hidden=16, content_dim=2, history_len=5)
+    widths = {}
+    for least in (0, 64):
+        state = TrainerState(cfg, TrainerConfig(seed=0, min_extra_negatives=least))
+        clicks = [Interaction(f"e{k}", "", f"u{k % 5}", f"i{k}", "click", 0, k) for k in range(200)]
+        state.observe_clicks(clicks)
+        cand_ids, positive_cols, _ = state._candidates(clicks[:2])
+        assert positive_cols.tolist() == [0, 1]
+        widths[least] = len(cand_ids)
+    assert widths[0] <= 4 and widths[64] > 30

@@ -272,11 +272,13 @@ class TrainerState:
             examples: clicks with the history each user had just before it (see :meth:`observe_clicks`).
             dense: also step the towers (nightly); otherwise only ID rows move (streaming) and the
                 dense weights stay bit-identical.
-            row_lr: Adagrad step size of the rows; default ``trainer.stream_lr``.
+            row_lr: Adagrad step size of the rows; default ``trainer.nightly_row_lr`` for dense steps,
+                ``trainer.stream_lr`` for streaming ones.
         """
         if not examples:
             return StepResult(0.0, 0, 0, 0)
-        row_lr = self.tcfg.stream_lr if row_lr is None else row_lr
+        if row_lr is None:
+            row_lr = self.tcfg.nightly_row_lr if dense else self.tcfg.stream_lr
         mcfg, tcfg = self.model_cfg, self.tcfg
         seq = self.next_seq
         clicks = [c for c, _ in examples]
@@ -291,7 +293,7 @@ class TrainerState:
         cand_ids, positive_cols, log_q = self._candidates(clicks)
         histories = [h for _, h in examples]
         # trainer.history_gradient: history items join the item columns, so the pooled mean is differentiable
-        grad_history = tcfg.history_gradient and not self.model.multi_interest
+        grad_history = tcfg.history_gradient and dense and not self.model.multi_interest
         item_ids = history_columns(cand_ids, histories) if grad_history else cand_ids
         cand_rows = self.items.rows(item_ids)
 
@@ -340,10 +342,10 @@ class TrainerState:
 
         Columns: the clicked items (deduplicated, so a row never meets its own item as a
         negative: accidental hits are removed by construction), then ``n_hard`` hard negatives
-        and ``n_pop`` popularity samples, ``n_hard + n_pop = len(clicks)``. ``n_hard`` is
-        ``round((1 - negatives_popularity_ratio) · len(clicks))`` capped by the hard negatives
-        the batch's requests have (drawn uniformly without replacement when there are more);
-        popularity samples (∝ count^0.75, with replacement) fill the rest.
+        and ``n_pop`` popularity samples, ``n_hard + n_pop = n_extra = max(len(clicks),
+        trainer.min_extra_negatives)``. ``n_hard`` is ``round((1 - negatives_popularity_ratio) · n_extra)``
+        capped by the hard negatives the batch's requests have (drawn uniformly without replacement
+        when there are more); popularity samples (∝ count^0.75, with replacement) fill the rest.
 
         log Q of a candidate (``trainer.logq_correction``): ``inclusion`` (default), the log of the
         probability that it is in the batch's deduplicated candidate set,
@@ -358,7 +360,7 @@ class TrainerState:
         counts = self.items.count
         sample_p = popularity_distribution(counts)
         has_pop = bool(sample_p.sum() > 0)
-        n_extra = b
+        n_extra = max(b, self.tcfg.min_extra_negatives)
         pool: dict[str, None] = {}
         for click in clicks:
             for item_id in self.hard_negatives(click.request_id):

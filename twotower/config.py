@@ -112,6 +112,9 @@ class TrainerConfig(_Section):
     """Row-wise Adagrad step size of the streaming ID-row updates."""
     nightly_lr: float = Field(default=0.003, gt=0)
     """Adam step size of the nightly dense retrain."""
+    nightly_row_lr: float = Field(default=0.02, gt=0)
+    """Row-wise Adagrad step size of the ID rows in dense (nightly and bootstrap) steps; streaming
+    steps use ``stream_lr``, so the streaming step can be small without slowing the nightly."""
     checkpoint_interval_s: float = Field(default=5.0, gt=0)
     """How often the streaming trainer checkpoints (and so how often a delta can be published)."""
     out_of_order_ms: int = Field(default=2_000, ge=0)
@@ -147,18 +150,22 @@ class TrainerConfig(_Section):
     controlled simulation it over-corrects, score-vs-log-popularity slope 1.29 where the truth is 1,
     inclusion 1.04, none 0.41); ``none``: no correction (only to measure its effect)."""
     negatives_popularity_ratio: float = Field(default=0.5, ge=0, le=1)
-    """Share of the extra negatives (one per click in a batch) drawn from count^0.75; the rest are
-    hard negatives (retrieved for the click's request but not shown) while the batch has enough,
-    popularity samples otherwise. Default 0.5, mixed negative sampling (Yang et al. 2020): hard
-    negatives sharpen the ranking among retrieved items, popularity samples keep the whole
+    """Share of the extra negatives (one per click in a batch, at least ``min_extra_negatives``) drawn
+    from count^0.75; the rest are hard negatives (retrieved for the click's request but not shown)
+    while the batch has enough, popularity samples otherwise. Default 0.5, mixed negative sampling
+    (Yang et al. 2020): hard negatives sharpen the ranking among retrieved items, popularity samples keep the whole
     catalogue in view and make logQ well defined. Impressions without a click are never negatives."""
+    min_extra_negatives: int = Field(default=0, ge=0)
+    """Least number of extra negatives of a step (otherwise one per click): a streaming micro-batch
+    of a few clicks still gets a softmax over enough of the catalogue."""
     hard_negative_requests: int = Field(default=10_000, ge=0)
     """How many recent requests' retrieved-but-not-shown items are remembered (LRU), to serve as hard
     negatives for clicks of the same request; 0 disables hard negatives."""
     history_gradient: bool = False
     """Back-propagate through the pooled history of the ``mean`` user tower (into the item tower
-    and the history items' ID rows), so each click also teaches the items that preceded it
-    (:mod:`trainer.pooling`). Off: history vectors are constants of the step."""
+    and the history items' ID rows) in dense (nightly) steps, so each click also teaches the items
+    that preceded it (:mod:`trainer.pooling`). Streaming steps keep history vectors constant (one
+    user's click should not move twenty item rows). Off: history vectors are constants of the step."""
     ssl_weight: float = Field(default=0.0, ge=0)
     """Weight of the self-supervised contrastive loss on the item tower (Yao et al. 2021), added in
     dense (nightly) steps only. Default 0 (off): measured on MovieLens-100K (temporal split,
