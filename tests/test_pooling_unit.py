@@ -83,3 +83,17 @@ def test_min_extra_negatives_widens_a_small_batchs_candidates() -> None:
         assert positive_cols.tolist() == [0, 1]
         widths[least] = len(cand_ids)
     assert widths[0] <= 4 and widths[64] > 30
+
+
+def test_streaming_without_item_rows_moves_only_user_rows() -> None:
+    state = TrainerState(
+        ModelConfig(dim=8, id_dim=4, hidden=16, content_dim=2, history_len=5),
+        TrainerConfig(seed=0, stream_item_rows=False),
+    )
+    examples = state.observe_clicks(_clicks())
+    items, users = state.items.emb.clone(), state.users.emb.clone()
+    result = state.learn(examples, dense=False)
+    assert torch.equal(state.items.emb, items) and result.item_rows_updated == 0
+    assert not torch.equal(state.users.emb, users)
+    state.learn(examples, dense=True)
+    assert not torch.equal(state.items.emb, items)

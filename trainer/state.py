@@ -333,7 +333,9 @@ class TrainerState:
             self.model.eval()
 
         n_users = self._update_rows(self.users, user_rows, u_leaf.grad, row_lr, seq)
-        n_items = self._update_rows(self.items, cand_rows, i_leaf.grad, row_lr, seq)
+        n_items = 0
+        if dense or tcfg.stream_item_rows:
+            n_items = self._update_rows(self.items, cand_rows, i_leaf.grad, row_lr, seq)
         return StepResult(float(loss.detach()), len(clicks), n_users, n_items)
 
     def _candidates(self, clicks: Sequence[Interaction]) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:

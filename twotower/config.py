@@ -112,6 +112,10 @@ class TrainerConfig(_Section):
     """Row-wise Adagrad step size of the streaming ID-row updates."""
     nightly_lr: float = Field(default=0.003, gt=0)
     """Adam step size of the nightly dense retrain."""
+    stream_item_rows: bool = True
+    """Streaming steps move item rows as well as user rows. Off: streaming tracks users (their rows)
+    and item rows change only in the nightly retrain (a new item's vector comes from its content
+    until then)."""
     nightly_row_lr: float = Field(default=0.02, gt=0)
     """Row-wise Adagrad step size of the ID rows in dense (nightly and bootstrap) steps; streaming
     steps use ``stream_lr``, so the streaming step can be small without slowing the nightly."""
