@@ -57,8 +57,10 @@ from twotower.snapshots import FULL, VersionMeta
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BOOTSTRAP_EPOCHS = 3
-"""Shuffled epochs over the warm-up (towers and rows) before the replay starts."""
+DEFAULT_BOOTSTRAP_EPOCHS = 10
+"""Shuffled epochs over the warm-up (towers and rows) before the replay starts. Measured on
+MovieLens-100K (two_tower_nightly HR@10): 3 epochs 0.150, 10 epochs 0.166, 20 epochs 0.170; 10
+keeps the warm-up a small share of a run."""
 
 
 def click(event: Event, index: int) -> Interaction:
