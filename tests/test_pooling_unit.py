@@ -35,7 +35,7 @@ def test_pooling_matrix_matches_pool_history() -> None:
 
 def _state(history_gradient: bool) -> TrainerState:
     cfg = ModelConfig(dim=8, id_dim=4, hidden=16, content_dim=2, history_len=5)
-    return TrainerState(cfg, TrainerConfig(seed=0, history_gradient=history_gradient))
+    return TrainerState(cfg, TrainerConfig(seed=0, history_gradient=history_gradient, min_extra_negatives=0))
 
 
 def _clicks() -> list[Interaction]:
