@@ -79,6 +79,39 @@ def load_events(
     return [Event(r.user_id, r.item_id, r.ts_ms) for r in rows]
 
 
+def load_item_side(
+    path: Path,
+    fmt: str,
+    item_col: str | None = None,
+    category_col: str | None = None,
+    has_header: bool = True,
+    columns: list[str] | None = None,
+) -> dict:
+    """The catalogue side information of a log (:mod:`evaluation.catalog`); empty when it has none.
+
+    Raises:
+        ValueError: ``category_col`` for a format other than csv, or a missing column.
+    """
+    from evaluation.catalog import csv_category_side, movielens_100k_side
+
+    if category_col is not None:
+        if fmt != "csv":
+            raise ValueError(f"--category-col only applies to csv (format {fmt} brings its own item file)")
+        from producers.replay_formats import guess_columns
+
+        if item_col is None:
+            if columns is None and has_header:
+                with Path(path).open(encoding="utf-8-sig") as handle:
+                    columns = [c.strip() for c in handle.readline().split(",")]
+            if columns is None:
+                raise ValueError("--category-col needs --item-col when the file has no header")
+            item_col = guess_columns(columns)[1]
+        return csv_category_side(path, item_col, category_col, has_header, columns)
+    if fmt == "movielens-100k":
+        return movielens_100k_side(path)
+    return {}
+
+
 @app.callback()
 def _group() -> None:
     """Evaluate policies by replaying a log (prequential: score each event, then learn from it)."""
@@ -112,6 +145,15 @@ def replay_command(
     time_col: str | None = typer.Option(None, "--time-col", help="csv: time column (name or 0-based number)."),
     no_header: bool = typer.Option(False, "--no-header", help="csv: the file has no header line."),
     columns: str | None = typer.Option(None, "--columns", help="csv: comma-separated column names (a,b,c)."),
+    category_col: str | None = typer.Option(
+        None, "--category-col", help="csv: item category column, fed to the two-tower item tower as catalogue."
+    ),
+    item_side: bool = typer.Option(
+        True,
+        "--item-side/--no-item-side",
+        help="Give the two-tower policies the log's item side information (movielens-100k: u.item; csv: "
+        "--category-col).",
+    ),
     k: int = typer.Option(10, "--k", min=1, help="List length of HR@K, NDCG@K and coverage."),
     seed: int = typer.Option(0, "--seed", help="Seed of every policy (results are deterministic for a seed)."),
     json_out: Path = typer.Option(..., "--json", dir_okay=False, help="Write the results here (JSON)."),
@@ -168,6 +210,7 @@ def replay_command(
     torch.set_num_threads(threads)
     names = split_policies(policies)
     protocol = Protocol(k=k, recall_k=max(50, k), publish_every_s=publish_every, seed=seed)
+    column_names = [c.strip() for c in columns.split(",")] if columns else None
     try:
         events = load_events(
             data,
@@ -176,10 +219,11 @@ def replay_command(
             item_col,
             time_col,
             has_header=not no_header,
-            columns=[c.strip() for c in columns.split(",")] if columns else None,
+            columns=column_names,
             limit=limit,
         )
-        chosen = make_policies(names, protocol, bootstrap_epochs=bootstrap_epochs)
+        side = load_item_side(data, fmt.value, item_col, category_col, not no_header, column_names) if item_side else {}
+        chosen = make_policies(names, protocol, bootstrap_epochs=bootstrap_epochs, item_side=side)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if len(events) < 2:
@@ -194,7 +238,13 @@ def replay_command(
         return
     result = _run_with_progress(events, chosen, protocol, progress)
     report = result.to_json()
-    report["data"] = {"path": str(data), "format": fmt.value, "limit": limit}
+    report["data"] = {
+        "path": str(data),
+        "format": fmt.value,
+        "limit": limit,
+        "category_col": category_col,
+        "catalogue_items": len(side),
+    }
     _write_report(report, json_out, plot_out, title, result.seconds)
 
 

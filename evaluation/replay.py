@@ -114,6 +114,7 @@ def make_policies(
     model_cfg: Any = None,
     trainer_cfg: Any = None,
     bootstrap_epochs: int | None = None,
+    item_side: Any = None,
 ) -> list[Policy]:
     """Build policies by name; two-tower policies of the same model share one warm start.
 
@@ -126,6 +127,8 @@ def make_policies(
             with ``seed`` replaced by the protocol's.
         bootstrap_epochs: warm-up epochs of the two-tower (default
             :data:`evaluation.two_tower.DEFAULT_BOOTSTRAP_EPOCHS`).
+        item_side: item id → :class:`evaluation.catalog.ItemSide`, the catalogue the two-tower
+            policies read (each item's record at its first event); default none.
 
     Raises:
         ValueError: an unknown name, or a bad setting.
@@ -162,7 +165,7 @@ def make_policies(
                         raise ValueError("this model has no MIND user tower (model.user_tower)")
                     mcfg = mcfg.model_copy(update={"user_tower": "mind"})
                 epochs = DEFAULT_BOOTSTRAP_EPOCHS if bootstrap_epochs is None else bootstrap_epochs
-                warm_starts[key] = WarmStart(mcfg, tcfg, epochs)
+                warm_starts[key] = WarmStart(mcfg, tcfg, epochs, item_side)
             out.append(TwoTowerPolicy(spec, name.endswith("_streaming"), warm_starts[key], protocol.publish_every_ms))
     return out
 

@@ -38,10 +38,11 @@ import datetime as dt
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from evaluation.catalog import ItemSide
 from evaluation.policies import Policy
 from evaluation.protocol import Event, World, day_start_ms
 from publisher.build import delta_snapshot, full_snapshot, is_empty, model_from_checkpoint
@@ -56,8 +57,10 @@ from twotower.snapshots import FULL, VersionMeta
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BOOTSTRAP_EPOCHS = 3
-"""Shuffled epochs over the warm-up (towers and rows) before the replay starts."""
+DEFAULT_BOOTSTRAP_EPOCHS = 10
+"""Shuffled epochs over the warm-up (towers and rows) before the replay starts. Measured on
+MovieLens-100K (two_tower_nightly HR@10): 3 epochs 0.150, 10 epochs 0.166, 20 epochs 0.170; 10
+keeps the warm-up a small share of a run."""
 
 
 def click(event: Event, index: int) -> Interaction:
@@ -71,6 +74,21 @@ def click(event: Event, index: int) -> Interaction:
         position=0,
         ts_ms=event.ts_ms,
     )
+
+
+def apply_item_side(state: TrainerState, side: Mapping[str, ItemSide], events: Iterable[Event]) -> int:
+    """Give the state the catalogue record of each item of ``events`` it does not know yet (at the
+    item's first event), as the trainers read the catalogue topic; returns how many were new."""
+    n = 0
+    if not side:
+        return n
+    for event in events:
+        if event.item not in state.catalog:
+            found = side.get(event.item)
+            if found is not None:
+                state.apply_catalog(found.record(event.item, event.ts_ms))
+                n += 1
+    return n
 
 
 def utc_date(day: int) -> dt.date:
@@ -90,12 +108,21 @@ class WarmStart:
         model_cfg: tower shapes.
         trainer_cfg: learning rates, batch size, seed.
         epochs: shuffled epochs over the warm-up examples.
+        item_side: catalogue records by item id (:mod:`evaluation.catalog`); an item's record is
+            applied at its first event.
     """
 
-    def __init__(self, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, epochs: int) -> None:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        trainer_cfg: TrainerConfig,
+        epochs: int,
+        item_side: Mapping[str, ItemSide] | None = None,
+    ) -> None:
         self.model_cfg = model_cfg
         self.trainer_cfg = trainer_cfg
         self.epochs = epochs
+        self.item_side: Mapping[str, ItemSide] = item_side or {}
         self._state: TrainerState | None = None
         self.seconds = 0.0
         self.losses: list[float] = []
@@ -105,6 +132,7 @@ class WarmStart:
         if self._state is None:
             started = time.perf_counter()
             state = TrainerState(self.model_cfg, self.trainer_cfg)
+            apply_item_side(state, self.item_side, warmup)
             examples = state.observe_clicks(click(e, i) for i, e in enumerate(warmup))
             for epoch in range(self.epochs):
                 seed = self.trainer_cfg.seed * 1_000_003 + epoch
@@ -198,6 +226,7 @@ class TwoTowerPolicy(Policy):
             self._nightly_handoff(date.isoformat(), clicks, day, seed)
         else:
             state = self.state
+            apply_item_side(state, self.warm_start.item_side, events)
             state.observe_clicks(clicks)
             examples = build_examples(state, clicks, day_start_ms(day))
             self.nightly_losses.append(retrain(state, examples, seed, self.tcfg.batch_size, progress=False))
@@ -214,6 +243,7 @@ class TwoTowerPolicy(Policy):
         if self._handoff_dir is None:
             self._handoff_dir = tempfile.TemporaryDirectory(prefix="twotower-eval-handoff-")
         state_dir = Path(self._handoff_dir.name)
+        # the streaming trainer applied each item's catalogue record at its first click already
         before = copy.deepcopy(self.state)
         after = copy.deepcopy(self.state)
         examples = build_examples(after, clicks, day_start_ms(day))
@@ -248,6 +278,11 @@ class TwoTowerPolicy(Policy):
     def _learn_batch(self, batch: list[Interaction]) -> None:
         assert self.state is not None
         started = time.perf_counter()
+        side = self.warm_start.item_side
+        if side:
+            for record in batch:
+                if record.item_id not in self.state.catalog and record.item_id in side:
+                    self.state.apply_catalog(side[record.item_id].record(record.item_id, record.ts_ms))
         examples = self.state.observe_clicks(batch)
         self.state.learn(examples, dense=False)
         self.streamed += len(batch)
@@ -287,6 +322,7 @@ class TwoTowerPolicy(Policy):
             "streamed_clicks": self.streamed,
             "stream_steps": self.stream_steps,
             "bootstrap_epochs": self.warm_start.epochs,
+            "catalogue_items": len(self.warm_start.item_side),
             "bootstrap_losses": [round(x, 4) for x in self.warm_start.losses],
             "bootstrap_seconds": round(self.warm_start.seconds, 2),
             "mean_nightly_loss": round(sum(self.nightly_losses) / len(self.nightly_losses), 4)

@@ -371,3 +371,52 @@ def test_load_events_handles_headerless_csv_with_named_columns(tmp_path: Path) -
     assert events == [Event("3", "800", 99_000), Event("7", "900", 100_000)]
     with pytest.raises(ValueError, match="fixed columns"):
         load_events(log, "movielens-100k", user_col="user")
+
+
+# --- item side information --------------------------------------------------------------------
+
+
+def test_csv_category_side_reads_the_first_category_of_each_item(tmp_path: Path) -> None:
+    from evaluation.cli import load_item_side
+
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id,category_id,timestamp\n1,7,3,100\n2,7,4,200\n2,8,,300\n")
+    side = load_item_side(path, "csv", None, "category_id")
+    assert {k: v.category for k, v in side.items()} == {"7": "3", "8": "unknown"}
+    with pytest.raises(ValueError):
+        load_item_side(path, "movielens-100k", None, "category_id")
+
+
+def test_movielens_side_comes_from_u_item_beside_u_data(tmp_path: Path) -> None:
+    from evaluation.cli import load_item_side
+
+    data = tmp_path / "u.data"
+    data.write_text("1\t5\t3\t881250949\n")
+    assert load_item_side(data, "movielens-100k") == {}
+    flags = ["0"] * 19
+    flags[1] = flags[4] = "1"
+    (tmp_path / "u.item").write_text("5|Film (1995)|01-Jan-1995||http://x|" + "|".join(flags) + "\n")
+    side = load_item_side(data, "movielens-100k")
+    assert side["5"].category == "Action" and sum(side["5"].features) == 2
+
+
+def test_two_tower_policies_learn_an_items_catalogue_record_at_its_first_event(tmp_path: Path) -> None:
+    from evaluation.catalog import ItemSide
+
+    events = synthetic_log(days=3, per_day=20)
+    side = {f"i{i}": ItemSide(f"c{i % 3}", (1.0, 0.0)) for i in range(30)}
+    protocol = Protocol(warmup_fraction=0.5)
+    policies = make_policies(
+        ["two_tower_nightly", "two_tower_streaming"], protocol, TINY_MODEL, tiny_trainer(tmp_path), 1, item_side=side
+    )
+    warm = {e.item for e in events[: len(events) // 2]}
+    for step in prequential(events, policies, protocol):
+        for policy in policies:
+            assert isinstance(policy, TwoTowerPolicy) and policy.state is not None
+            known = set(policy.state.catalog)
+            if isinstance(step, Warmed):
+                assert known == warm
+            else:  # never an item before its first event
+                assert known <= {e.item for e in events[: step.index]}
+    for policy in policies:
+        assert set(policy.state.catalog) > warm  # later items arrived too

@@ -114,7 +114,9 @@ def _popularity_fit(logq: str, n_items: int = 150, steps: int = 120, batch: int 
     p = 1.0 / np.arange(1, n_items + 1)
     p /= p.sum()
     cfg = ModelConfig(dim=8, id_dim=8, hidden=16, content_dim=0, profile_dim=0, n_categories=1)
-    state = TrainerState(cfg, TrainerConfig(logq_correction=logq, stream_lr=0.1))
+    state = TrainerState(
+        cfg, TrainerConfig(logq_correction=logq, stream_lr=0.1, stream_item_rows=True, min_extra_negatives=0)
+    )
     for i in range(n_items):
         state.apply_catalog(CatalogItem(f"i{i}", "c", [], 0))
     t = 0
@@ -156,7 +158,8 @@ def test_logq_correction_removes_popularity_bias_of_the_sampler() -> None:
 
 def _state(**trainer: Any) -> TrainerState:
     state = TrainerState(
-        ModelConfig(dim=8, id_dim=4, hidden=16, content_dim=2, history_len=5), TrainerConfig(**trainer)
+        ModelConfig(dim=8, id_dim=4, hidden=16, content_dim=2, history_len=5),
+        TrainerConfig(**{"stream_item_rows": True, "min_extra_negatives": 0, **trainer}),
     )
     for i in range(30):
         state.apply_catalog(CatalogItem(f"i{i}", f"c{i % 3}", [float(i % 3), 1.0], 0))

@@ -208,7 +208,7 @@ def _toy(
     mcfg = ModelConfig(
         **{"dim": 16, "id_dim": 8, "hidden": 32, "content_dim": 4, "n_categories": 8, "history_len": 8, **(model or {})}
     )
-    state = TrainerState(mcfg, TrainerConfig(**{"stream_lr": 0.05, **(trainer or {})}))
+    state = TrainerState(mcfg, TrainerConfig(**{"stream_lr": 0.05, "stream_item_rows": True, **(trainer or {})}))
     for i in range(n_items):
         state.apply_catalog(CatalogItem(f"i{i}", f"c{cats[i]}", list(np.eye(4)[cats[i]]), 0))
 

@@ -167,7 +167,9 @@ def _toy(seed: int = 0, n_users: int = 60, n_items: int = 80, n_cats: int = 4):
     rng = np.random.default_rng(seed)
     cats = rng.integers(0, n_cats, n_items)
     fav = rng.integers(0, n_cats, n_users)
-    state = TrainerState(ModelConfig(dim=16, id_dim=8, hidden=32, content_dim=4), TrainerConfig(stream_lr=0.05))
+    state = TrainerState(
+        ModelConfig(dim=16, id_dim=8, hidden=32, content_dim=4), TrainerConfig(stream_lr=0.05, stream_item_rows=True)
+    )
     for i in range(n_items):
         state.apply_catalog(CatalogItem(f"i{i}", f"c{cats[i]}", list(np.eye(4)[cats[i]]), 0))
 

@@ -37,6 +37,7 @@ from trainer.losses import (
     popularity_distribution,
     retrieval_loss,
 )
+from trainer.pooling import history_columns, pooling_matrix
 from twotower.checkpoint import Checkpoint
 from twotower.config import ModelConfig, TrainerConfig
 from twotower.events import IMPRESSION, CatalogItem, Interaction, Profile
@@ -279,11 +280,13 @@ class TrainerState:
             examples: clicks with the history each user had just before it (see :meth:`observe_clicks`).
             dense: also step the towers (nightly); otherwise only ID rows move (streaming) and the
                 dense weights stay bit-identical.
-            row_lr: Adagrad step size of the rows; default ``trainer.stream_lr``.
+            row_lr: Adagrad step size of the rows; default ``trainer.nightly_row_lr`` for dense steps,
+                ``trainer.stream_lr`` for streaming ones.
         """
         if not examples:
             return StepResult(0.0, 0, 0, 0)
-        row_lr = self.tcfg.stream_lr if row_lr is None else row_lr
+        if row_lr is None:
+            row_lr = self.tcfg.nightly_row_lr if dense else self.tcfg.stream_lr
         mcfg, tcfg = self.model_cfg, self.tcfg
         seq = self.next_seq
         clicks = [c for c, _ in examples]
@@ -298,7 +301,11 @@ class TrainerState:
         # each click's context: the time of its event, and its own context["features"]
         context = context_matrix(mcfg, [c.ts_ms for c in clicks], [c.context for c in clicks])
         cand_ids, positive_cols, log_q = self._candidates(clicks)
-        cand_rows = self.items.rows(cand_ids)
+        histories = [h for _, h in examples]
+        # trainer.history_gradient: history items join the item columns, so the pooled mean is differentiable
+        grad_history = tcfg.history_gradient and dense and not self.model.multi_interest
+        item_ids = history_columns(cand_ids, histories) if grad_history else cand_ids
+        cand_rows = self.items.rows(item_ids)
 
         # Leaf tensors for the rows: gradients land here and nowhere else unless dense=True.
         u_leaf = self.users.gather(user_rows).requires_grad_(True)
@@ -306,14 +313,19 @@ class TrainerState:
         self.model.requires_grad_(dense)
         self.model.train(dense)
         try:
-            cats, content = self.item_side(cand_ids)
-            item_vecs = self.model.item(i_leaf, cats, content)
+            cats, content = self.item_side(item_ids)
+            all_vecs = self.model.item(i_leaf, cats, content)
+            item_vecs = all_vecs[: len(cand_ids)]
             if self.model.multi_interest:
-                history, mask = self.history_batch([h for _, h in examples])
+                history, mask = self.history_batch(histories)
                 interests, active = self.model.user(u_leaf, profiles, history, mask, age, context)
                 logits = self.model.score_interests(interests, active, item_vecs, positive_cols)
             else:
-                pooled = self.pooled_history([h for _, h in examples], [c.ts_ms for c in clicks])
+                now = [c.ts_ms for c in clicks]
+                if grad_history:
+                    pooled = pooling_matrix(item_ids, histories, now, mcfg.history_half_life_s) @ all_vecs
+                else:
+                    pooled = self.pooled_history(histories, now)
                 user_vecs = self.model.user(u_leaf, profiles, pooled, age, context)
                 logits = self.model.score(user_vecs, item_vecs)
             loss = retrieval_loss(
@@ -332,7 +344,9 @@ class TrainerState:
             self.model.eval()
 
         n_users = self._update_rows(self.users, user_rows, u_leaf.grad, row_lr, seq)
-        n_items = self._update_rows(self.items, cand_rows, i_leaf.grad, row_lr, seq)
+        n_items = 0
+        if dense or tcfg.stream_item_rows:
+            n_items = self._update_rows(self.items, cand_rows, i_leaf.grad, row_lr, seq)
         return StepResult(float(loss.detach()), len(clicks), n_users, n_items)
 
     def _candidates(self, clicks: Sequence[Interaction]) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
@@ -341,10 +355,10 @@ class TrainerState:
 
         Columns: the clicked items (deduplicated, so a row never meets its own item as a
         negative: accidental hits are removed by construction), then ``n_hard`` hard negatives
-        and ``n_pop`` popularity samples, ``n_hard + n_pop = len(clicks)``. ``n_hard`` is
-        ``round((1 - negatives_popularity_ratio) · len(clicks))`` capped by the hard negatives
-        the batch's requests have (drawn uniformly without replacement when there are more);
-        popularity samples (∝ count^0.75, with replacement) fill the rest.
+        and ``n_pop`` popularity samples, ``n_hard + n_pop = n_extra = max(len(clicks),
+        trainer.min_extra_negatives)``. ``n_hard`` is ``round((1 - negatives_popularity_ratio) · n_extra)``
+        capped by the hard negatives the batch's requests have (drawn uniformly without replacement
+        when there are more); popularity samples (∝ count^0.75, with replacement) fill the rest.
 
         log Q of a candidate (``trainer.logq_correction``): ``inclusion`` (default), the log of the
         probability that it is in the batch's deduplicated candidate set,
@@ -359,7 +373,7 @@ class TrainerState:
         counts = self.items.count
         sample_p = popularity_distribution(counts)
         has_pop = bool(sample_p.sum() > 0)
-        n_extra = b
+        n_extra = max(b, self.tcfg.min_extra_negatives)
         pool: dict[str, None] = {}
         for click in clicks:
             for item_id in self.hard_negatives(click.request_id):
