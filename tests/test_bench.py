@@ -102,8 +102,9 @@ def test_freshness_and_cold_item_smoke(kafka_bootstrap: str, redis_url: str) -> 
         warm_clicks=3,
         background_rate=5.0,
         background_users=10,
-        # the harness is under test here, not the default latencies: checkpoint often
-        env_overrides={"TWOTOWER_TRAINER__CHECKPOINT_INTERVAL_S": "1"},
+        # the harness is under test here, not the default latencies: checkpoint often, and let
+        # streaming move item rows too (off by default) so the item-row probe has something to see
+        env_overrides={"TWOTOWER_TRAINER__CHECKPOINT_INTERVAL_S": "1", "TWOTOWER_TRAINER__STREAM_ITEM_ROWS": "true"},
         ready_timeout_s=120.0,
     )
     with live_system(opts, env={"KAFKA_BOOTSTRAP": kafka_bootstrap, "REDIS_URL": redis_url}) as system:
@@ -122,5 +123,8 @@ def test_freshness_and_cold_item_smoke(kafka_bootstrap: str, redis_url: str) -> 
         assert probe["history_s"] > 0 and probe["params_s"] > 0
     assert cold["items"] == 2 and cold["retrievable"]["timeouts"] == 0
     assert all(p["retrievable_s"] > 0 for p in cold["probes"])
-    assert described["settings"] == {"TWOTOWER_TRAINER__CHECKPOINT_INTERVAL_S": "1"}
+    assert described["settings"] == {
+        "TWOTOWER_TRAINER__CHECKPOINT_INTERVAL_S": "1",
+        "TWOTOWER_TRAINER__STREAM_ITEM_ROWS": "true",
+    }
     json.loads(write_report({"freshness": fresh, "cold_item": cold}, None))
