@@ -323,13 +323,8 @@ class RetrieverService:
         generation = self.details.generation
         cached, missing = self.details.get(item_ids, now)
         if missing:
-            pipe = self.sync_redis.pipeline(transaction=False)
-            for i in missing:
-                pipe.hmget(self.layout.item(item_ids[i]), DETAIL_FIELDS)
-            fetched = [_decode_details(values) for values in pipe.execute()]
-            for i, details in zip(missing, fetched, strict=True):
-                cached[i] = details
-            self.details.put([(item_ids[i], d) for i, d in zip(missing, fetched, strict=True)], generation, now)
+            pipe = self._details_pipeline(self.sync_redis, item_ids, missing)
+            self._fill_details(cached, item_ids, missing, pipe.execute(), generation, now)
         return [d[0] if d is not None else None for d in cached]
 
     async def _details(self, item_ids: Sequence[str]) -> list[tuple[str | None, str | None]]:
@@ -337,14 +332,31 @@ class RetrieverService:
         generation = self.details.generation
         cached, missing = self.details.get(item_ids, now)
         if missing:
-            pipe = self.redis.pipeline(transaction=False)
-            for i in missing:
-                pipe.hmget(self.layout.item(item_ids[i]), DETAIL_FIELDS)
-            fetched = [_decode_details(values) for values in await pipe.execute()]
-            for i, details in zip(missing, fetched, strict=True):
-                cached[i] = details
-            self.details.put([(item_ids[i], d) for i, d in zip(missing, fetched, strict=True)], generation, now)
+            pipe = self._details_pipeline(self.redis, item_ids, missing)
+            self._fill_details(cached, item_ids, missing, await pipe.execute(), generation, now)
         return cached  # type: ignore[return-value]  (every slot is filled now)
+
+    def _details_pipeline(self, client: Any, item_ids: Sequence[str], missing: Sequence[int]) -> Any:
+        """One pipeline (sync or asyncio client alike) reading the details of the missing items."""
+        pipe = client.pipeline(transaction=False)
+        for i in missing:
+            pipe.hmget(self.layout.item(item_ids[i]), DETAIL_FIELDS)
+        return pipe
+
+    def _fill_details(
+        self,
+        cached: list[Any],
+        item_ids: Sequence[str],
+        missing: Sequence[int],
+        replies: Sequence[Any],
+        generation: int,
+        now: float,
+    ) -> None:
+        """Put the fetched details into their slots of ``cached`` and into the cache."""
+        fetched = [_decode_details(values) for values in replies]
+        for i, details in zip(missing, fetched, strict=True):
+            cached[i] = details
+        self.details.put([(item_ids[i], d) for i, d in zip(missing, fetched, strict=True)], generation, now)
 
     def _search_filtered(
         self,
