@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import httpx
 import redis
 
-from bench.common import LiveSystem, SystemOptions, http_json, live_system, machine_info, summarize_s
+from bench.common import LiveSystem, SystemOptions, http_json, run_on_live_system, summarize_s
 from twotower.snapshots import SnapshotLayout
 
 log = logging.getLogger(__name__)
@@ -91,18 +90,7 @@ def measure(system: LiveSystem, items: int, timeout_s: float) -> dict[str, Any]:
 
 def run(opts: SystemOptions, items: int = 20, timeout_s: float = 30.0, keep_logs: Path | None = None) -> dict[str, Any]:
     """Start the system, publish the items, stop everything; the JSON report."""
-    machine = machine_info()
-    started = time.monotonic()
-    with live_system(opts, keep_logs=keep_logs) as system:
-        figures = measure(system, items, timeout_s)
-        described = system.describe()
-    return {
-        "benchmark": "cold-item",
-        **figures,
-        "system": described,
-        "wall_s": round(time.monotonic() - started, 1),
-        "machine": {**machine, "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
-    }
+    return run_on_live_system("cold-item", opts, lambda system: measure(system, items, timeout_s), keep_logs)
 
 
 __all__ = ["measure", "run"]

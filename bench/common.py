@@ -469,3 +469,21 @@ def live_system(
                 delete_prefix(endpoints.redis_url, system.tag)
             if keep_logs is not None:
                 shutil.copytree(Path(tmp) / "logs", keep_logs, dirs_exist_ok=True)
+
+
+def run_on_live_system(
+    name: str, opts: SystemOptions, measure: Callable[[LiveSystem], dict[str, Any]], keep_logs: Path | None = None
+) -> dict[str, Any]:
+    """Start the system, ``measure`` it, stop everything; the benchmark's JSON report."""
+    machine = machine_info()
+    started = time.monotonic()
+    with live_system(opts, keep_logs=keep_logs) as system:
+        figures = measure(system)
+        described = system.describe()
+    return {
+        "benchmark": name,
+        **figures,
+        "system": described,
+        "wall_s": round(time.monotonic() - started, 1),
+        "machine": {**machine, "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+    }

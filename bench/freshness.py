@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Iterable
@@ -41,7 +40,7 @@ from typing import Any
 import httpx
 import redis
 
-from bench.common import LiveSystem, SystemOptions, http_json, live_system, machine_info, scrape, summarize_s
+from bench.common import LiveSystem, SystemOptions, http_json, run_on_live_system, scrape, summarize_s
 from publisher.serving_state import decode_history_entry
 from twotower.blobs import unpack_rows, unpack_strings
 from twotower.snapshot_parts import ITEMS, REMOVED_ITEMS, USERS
@@ -290,18 +289,7 @@ def run(
     opts: SystemOptions, clicks: int = 50, timeout_s: float = 30.0, keep_logs: Path | None = None
 ) -> dict[str, Any]:
     """Start the system, run the probes, stop everything; the JSON report."""
-    machine = machine_info()
-    started = time.monotonic()
-    with live_system(opts, keep_logs=keep_logs) as system:
-        figures = measure(system, clicks, timeout_s)
-        described = system.describe()
-    return {
-        "benchmark": "freshness",
-        **figures,
-        "system": described,
-        "wall_s": round(time.monotonic() - started, 1),
-        "machine": {**machine, "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
-    }
+    return run_on_live_system("freshness", opts, lambda system: measure(system, clicks, timeout_s), keep_logs)
 
 
 __all__ = ["Probe", "VersionTracker", "measure", "probe_once", "run"]

@@ -45,7 +45,7 @@ from trainer.stream import partition_key
 from twotower import checkpoint, infra
 from twotower.config import Config
 from twotower.demo import free_port
-from twotower.kafka_io import ensure_topics, make_consumer, make_producer, send_record
+from twotower.kafka_io import Topics, ensure_topics, make_consumer, make_producer, send_record
 from twotower.processes import DaemonProcess, wait_healthy
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ def _score_and_feed(
     daemons: Sequence[DaemonProcess],
     on_event: Callable[[int, int], None] | None,
 ) -> LiveRun:
-    topics_events = f"{cfg.kafka.topic_prefix}events"
+    topics_events = Topics(cfg.kafka.topic_prefix).events
     world = World(protocol)
     for event in events[:n_warm]:
         world.observe(event)

@@ -88,6 +88,16 @@ def _expected_histories(clicks: list[Interaction], length: int) -> dict[str, lis
     return {u: h[-length:] for u, h in out.items()}
 
 
+def _stream_until_idle(cfg: Config) -> None:
+    """Run a streaming trainer in this thread until it has seen nothing for 2 s."""
+    trainer = StreamTrainer(cfg, max_idle_s=2.0)
+    trainer.startup()
+    try:
+        trainer.main_loop()
+    finally:
+        trainer.shutdown()
+
+
 def _counts(ckpt: checkpoint.Checkpoint) -> tuple[int, int]:
     return int(ckpt.users.count.sum()), int(ckpt.items.count.sum())
 
@@ -151,12 +161,7 @@ def test_nightly_does_not_recount_what_a_stopped_streaming_trainer_applied(confi
     start, _ = day_bounds_ms(DAY, "UTC")
     clicks = _clicks("a", 40, start + 1_000)
     _produce(cfg, _catalog() + clicks[:25])
-    trainer = StreamTrainer(cfg, max_idle_s=2.0)
-    trainer.startup()
-    try:
-        trainer.main_loop()
-    finally:
-        trainer.shutdown()
+    _stream_until_idle(cfg)
     partial = checkpoint.load(cfg.trainer.state_dir)
     assert partial is not None and _counts(partial) == (25, 25)
     _produce(cfg, clicks[25:])  # arrives after the streaming trainer stopped
@@ -181,12 +186,7 @@ def test_streaming_trainer_started_after_nightly_only_days_does_not_count_them_a
 
     # a streaming trainer starts on this state: it replays the topic from the checkpoint's offsets
     # (the beginning), skips yesterday's interactions (the nightly counted them) and counts today's
-    trainer = StreamTrainer(cfg, max_idle_s=2.0)
-    trainer.startup()
-    try:
-        trainer.main_loop()
-    finally:
-        trainer.shutdown()
+    _stream_until_idle(cfg)
     final = checkpoint.load(cfg.trainer.state_dir)
     assert _counts(final) == (70, 70)
     assert final.histories == _expected_histories(day1 + day2, 5)

@@ -141,6 +141,8 @@ class StreamTrainer(Daemon):
     def _assign(self, force: bool = False) -> None:
         assert self.assigner is not None
         new = self.assigner.refresh(force=force)
+        if not new:
+            return
         events = Topics(self.cfg.kafka.topic_prefix).events
         self.merger.expect((tp.topic, tp.partition) for tp in new if tp.topic == events)
 
