@@ -13,11 +13,12 @@ Only the clock and the transport differ from the live system:
 
 Policies:
 
-* ``two_tower_nightly``: no streaming trainer. At each UTC day boundary the day's clicks are
-  counted into the state (``observe_clicks``: ID frequencies for the negative sampler and
-  logQ, and the trainer's histories), then ``build_examples`` + ``retrain`` (one shuffled,
-  warm-started epoch over towers and rows) run on the state itself, as ``train nightly``
-  does when it owns the state directory, and the result is published as a full version.
+* ``two_tower_nightly``: no streaming trainer. At each UTC day boundary ``build_examples``
+  pairs each of the day's clicks with its user's history before it, the day's clicks are
+  counted into the state (``count_clicks``: ID frequencies for the negative sampler and logQ,
+  and the trainer's histories), and ``retrain`` (one shuffled, warm-started epoch over towers
+  and rows) runs on the state itself, as ``train nightly`` does when it owns the state
+  directory; the result is published as a full version.
 * ``two_tower_streaming`` (as deployed): a streaming trainer learns every click (ID rows
   only, towers frozen) in micro-batches formed as the live trainer forms them (a batch
   closes ``max_batch_wait_ms`` of event time after its first click, or at ``batch_size``
@@ -48,7 +49,7 @@ from evaluation.protocol import Event, World, day_start_ms
 from publisher.build import delta_snapshot, full_snapshot, is_empty, model_from_checkpoint
 from retriever.state import ServingState
 from trainer import handoff
-from trainer.nightly import build_examples, retrain
+from trainer.nightly import build_examples, count_clicks, retrain
 from trainer.state import TrainerState
 from twotower.config import ModelConfig, TrainerConfig
 from twotower.events import Interaction
@@ -227,8 +228,10 @@ class TwoTowerPolicy(Policy):
         else:
             state = self.state
             apply_item_side(state, self.warm_start.item_side, events)
-            state.observe_clicks(clicks)
+            # as ``train nightly`` owning the state: examples from the histories before the day,
+            # then the day's clicks counted once, before the retrain
             examples = build_examples(state, clicks, day_start_ms(day))
+            count_clicks(state, clicks)
             self.nightly_losses.append(retrain(state, examples, seed, self.tcfg.batch_size, progress=False))
             state.dense_version += 1
             state.nightly_done.append(date.isoformat())

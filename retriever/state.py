@@ -559,8 +559,8 @@ class ServingState:
             with torch.inference_mode():
                 interests, active = self.model.user(torch.tensor(id_row).unsqueeze(0), features, seq, mask, None, ctx)
             return interests[0][active[0]].numpy()
-        pooled = pool_history(
-            self.item_rows(positions), np.asarray(stamps, dtype=np.int64), now_ms, cfg.history_half_life_s
+        pooled = pool_history(  # oldest first, as the trainer keeps histories
+            self.item_rows(positions[::-1]), np.asarray(stamps[::-1], dtype=np.int64), now_ms, cfg
         )
         with torch.inference_mode():
             out = self.model.user(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from trainer.pooling import history_columns, pooling_matrix
+from trainer.pooling import history_columns, pool_views, pooling_matrix
 from trainer.state import TrainerState
 from twotower.config import ModelConfig, TrainerConfig
 from twotower.events import Interaction
-from twotower.model import pool_history
+from twotower.model import pool_history, pooling_weights
 
 
 def test_history_columns_append_non_candidates_in_first_seen_order() -> None:
@@ -17,20 +18,32 @@ def test_history_columns_append_non_candidates_in_first_seen_order() -> None:
     assert history_columns(["a", "b"], hists) == ["a", "b", "c", "d", "e"]
 
 
-def test_pooling_matrix_matches_pool_history() -> None:
+@pytest.mark.parametrize("recent_len", [0, 2])
+def test_pooling_matrix_matches_pool_history(recent_len: int) -> None:
+    cfg = ModelConfig(dim=4, history_half_life_s=3600.0, recent_len=recent_len)
     rng = np.random.default_rng(0)
     cols = ["a", "b", "c", "d"]
-    vecs = rng.normal(size=(4, 3)).astype(np.float32)
+    vecs = rng.normal(size=(4, 4)).astype(np.float32)
     hists = [[("a", 0), ("c", 3_600_000), ("a", 7_200_000)], [], [("d", 5)]]
     now = [10_000_000, 10_000_000, 6]
-    w = pooling_matrix(cols, hists, now, 3600.0)
-    assert w.shape == (3, 4)
-    np.testing.assert_allclose(w.sum(dim=1).numpy(), [1.0, 0.0, 1.0], rtol=1e-6)
+    w = pooling_matrix(cols, hists, now, cfg)
+    views = 1 + (recent_len > 0)
+    assert w.shape == (views, 3, 4)
+    np.testing.assert_allclose(w.sum(dim=2).numpy(), [[1.0, 0.0, 1.0]] * views, rtol=1e-6)
+    got = pool_views(w, torch.from_numpy(vecs)).numpy()
+    assert got.shape == (3, views * 4)
     for b, hist in enumerate(hists):
         idx = [cols.index(i) for i, _ in hist]
         ts = np.array([t for _, t in hist], dtype=np.int64)
-        want = pool_history(vecs[idx] if idx else np.zeros((0, 3), np.float32), ts, now[b], 3600.0)
-        np.testing.assert_allclose((w[b] @ torch.from_numpy(vecs)).numpy(), want, rtol=1e-5, atol=1e-6)
+        want = pool_history(vecs[idx] if idx else np.zeros((0, 4), np.float32), ts, now[b], cfg)
+        np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-6)
+
+
+def test_recent_view_is_the_plain_mean_of_the_newest_entries() -> None:
+    cfg = ModelConfig(history_half_life_s=1.0, recent_len=2)
+    w = pooling_weights(np.array([0, 10, 20_000_000], dtype=np.int64), 20_000_000, cfg)
+    np.testing.assert_allclose(w[1], [0.0, 0.5, 0.5])  # by order: the oldest entry is out, whatever its time
+    assert w[0, 2] > 0.99  # the time decay (1 s half-life) weighs only the newest
 
 
 def _state(history_gradient: bool) -> TrainerState:
@@ -97,3 +110,21 @@ def test_streaming_without_item_rows_moves_only_user_rows() -> None:
     assert not torch.equal(state.users.emb, users)
     state.learn(examples, dense=True)
     assert not torch.equal(state.items.emb, items)
+
+
+def test_user_row_dropout_hides_some_rows_in_dense_steps_only() -> None:
+    cfg = ModelConfig(dim=8, id_dim=4, hidden=16, content_dim=2, history_len=5)
+    moved = {}
+    for dropout in (0.0, 0.5):
+        state = TrainerState(cfg, TrainerConfig(seed=0, user_row_dropout=dropout))
+        clicks = [Interaction(f"e{k}", "", f"u{k}", f"i{k % 7}", "click", 0, 1_000 * k) for k in range(64)]
+        examples = state.observe_clicks(clicks)
+        state.users.emb[: len(state.users.ids)] = 0.1
+        before = state.users.emb.clone()
+        state.learn(examples, dense=True)
+        moved[dropout] = int((state.users.emb != before).any(dim=1).sum())
+        before = state.users.emb.clone()
+        state.learn(examples, dense=False)  # streaming steps never drop rows
+        assert int((state.users.emb != before).any(dim=1).sum()) == 64
+    assert moved[0.0] == 64
+    assert 10 < moved[0.5] < 54  # a dropped row gets no gradient: about half of them stay put

@@ -106,9 +106,7 @@ def test_user_vector_matches_the_tower_on_pooled_known_history(state: ServingSta
     profile = [0.5, -1.0]
     got = state.user_vector("u2", history, profile, NOW_MS)
 
-    pooled = pool_history(
-        snap.items.matrix[[3, 7]], np.array([NOW_MS - 1_000, NOW_MS - 90_000]), NOW_MS, CFG.history_half_life_s
-    )
+    pooled = pool_history(snap.items.matrix[[7, 3]], np.array([NOW_MS - 90_000, NOW_MS - 1_000]), NOW_MS, CFG)
     with torch.no_grad():
         want = state.model.user(
             torch.from_numpy(snap.users.matrix[2:3].copy()),

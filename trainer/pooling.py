@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from twotower.model import decay_weights
+from twotower.config import ModelConfig
+from twotower.model import history_pools, pooling_weights
 
 
 def history_columns(cand_ids: Sequence[str], histories: Sequence[Sequence[tuple[str, int]]]) -> list[str]:
@@ -37,19 +38,27 @@ def pooling_matrix(
     columns: Sequence[str],
     histories: Sequence[Sequence[tuple[str, int]]],
     now_ms: Sequence[int],
-    half_life_s: float,
+    cfg: ModelConfig,
 ) -> torch.Tensor:
-    """``[B, len(columns)]`` time-decay weights: row ``b`` @ item vectors = user ``b``'s pooled history.
+    """``[history_pools, B, len(columns)]`` weights: ``out[s, b]`` @ item vectors = view ``s`` of user
+    ``b``'s pooled history (histories oldest first).
 
     Each row sums to 1 (0 for an empty history), as :func:`twotower.model.pool_history` weighs;
     an item repeated in a history gets the sum of its weights.
     """
     col = {item: i for i, item in enumerate(columns)}
-    out = np.zeros((len(histories), len(columns)), dtype=np.float32)
+    out = np.zeros((history_pools(cfg), len(histories), len(columns)), dtype=np.float32)
     for b, hist in enumerate(histories):
         if not hist:
             continue
         ts = np.fromiter((t for _, t in hist), dtype=np.int64, count=len(hist))
-        w = decay_weights(ts, now_ms[b], half_life_s)
-        np.add.at(out[b], [col[item] for item, _ in hist], w)
+        w = pooling_weights(ts, now_ms[b], cfg)
+        cols = [col[item] for item, _ in hist]
+        for s in range(w.shape[0]):
+            np.add.at(out[s, b], cols, w[s])
     return torch.from_numpy(out)
+
+
+def pool_views(weights: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``[B, history_pools · dim]``: the views of :func:`pooling_matrix` applied to ``vectors``, concatenated."""
+    return torch.cat([w @ vectors for w in weights], dim=-1)

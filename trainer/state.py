@@ -37,18 +37,19 @@ from trainer.losses import (
     popularity_distribution,
     retrieval_loss,
 )
-from trainer.pooling import history_columns, pooling_matrix
+from trainer.pooling import history_columns, pool_views, pooling_matrix
 from twotower.checkpoint import Checkpoint
 from twotower.config import ModelConfig, TrainerConfig
 from twotower.events import IMPRESSION, CatalogItem, Interaction, Profile
 from twotower.model import (
     TwoTower,
     context_matrix,
-    decay_weights,
     example_age_days,
     fit_features,
+    history_pools,
     history_tensor,
     load_dense_state,
+    pool_history,
 )
 
 MS_PER_DAY = 86_400_000
@@ -210,9 +211,8 @@ class TrainerState:
         return self.model.item(rows, cats, content)
 
     def pooled_history(self, histories: Sequence[Sequence[tuple[str, int]]], now_ms: Sequence[int]) -> torch.Tensor:
-        """``[B, dim]`` time-decayed mean of each history's item vectors (no gradient)."""
-        dim = self.model_cfg.dim
-        out = torch.zeros(len(histories), dim)
+        """``[B, history_pools · dim]`` pooled input of each history (oldest first; no gradient)."""
+        out = torch.zeros(len(histories), history_pools(self.model_cfg) * self.model_cfg.dim)
         unique = sorted({item for hist in histories for item, _ in hist})
         if not unique:
             return out
@@ -224,8 +224,7 @@ class TrainerState:
                 continue
             idx = [pos[item] for item, _ in hist]
             ts = np.fromiter((t for _, t in hist), dtype=np.int64, count=len(hist))
-            w = decay_weights(ts, now_ms[b], self.model_cfg.history_half_life_s)
-            out[b] = torch.from_numpy(w @ vecs[idx])
+            out[b] = torch.from_numpy(pool_history(vecs[idx], ts, now_ms[b], self.model_cfg))
         return out
 
     def history_batch(self, histories: Sequence[Sequence[tuple[str, int]]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,6 +309,11 @@ class TrainerState:
         # Leaf tensors for the rows: gradients land here and nowhere else unless dense=True.
         u_leaf = self.users.gather(user_rows).requires_grad_(True)
         i_leaf = self.items.gather(cand_rows).requires_grad_(True)
+        u_in = u_leaf
+        if dense and tcfg.user_row_dropout > 0:
+            # trainer.user_row_dropout: some clicks are learned as a user without a row would be served
+            keep = torch.rand(len(clicks), generator=self.generator) >= tcfg.user_row_dropout
+            u_in = u_leaf * keep.to(u_leaf.dtype).unsqueeze(1)
         self.model.requires_grad_(dense)
         self.model.train(dense)
         try:
@@ -318,15 +322,15 @@ class TrainerState:
             item_vecs = all_vecs[: len(cand_ids)]
             if self.model.multi_interest:
                 history, mask = self.history_batch(histories)
-                interests, active = self.model.user(u_leaf, profiles, history, mask, age, context)
+                interests, active = self.model.user(u_in, profiles, history, mask, age, context)
                 logits = self.model.score_interests(interests, active, item_vecs, positive_cols)
             else:
                 now = [c.ts_ms for c in clicks]
                 if grad_history:
-                    pooled = pooling_matrix(item_ids, histories, now, mcfg.history_half_life_s) @ all_vecs
+                    pooled = pool_views(pooling_matrix(item_ids, histories, now, mcfg), all_vecs)
                 else:
                     pooled = self.pooled_history(histories, now)
-                user_vecs = self.model.user(u_leaf, profiles, pooled, age, context)
+                user_vecs = self.model.user(u_in, profiles, pooled, age, context)
                 logits = self.model.score(user_vecs, item_vecs)
             loss = retrieval_loss(
                 tcfg.loss, logits, positive_cols, log_q, margin=tcfg.pairwise_margin / mcfg.temperature
@@ -452,7 +456,10 @@ class TrainerState:
         return int(unique.shape[0])
 
     def expire(self, now_ms: int) -> list[str]:
-        """Expire stale user and item rows; returns expired item IDs (recorded for deltas)."""
+        """Expire stale user and item rows (``trainer.row_ttl_days``; none when unset); returns
+        expired item IDs (recorded for deltas)."""
+        if self.tcfg.row_ttl_days is None:
+            return []
         ttl_ms = int(self.tcfg.row_ttl_days * MS_PER_DAY)
         seq = self.next_seq
         for user in self.users.expire(now_ms, ttl_ms, seq):

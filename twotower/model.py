@@ -178,7 +178,9 @@ class UserTower(nn.Module):
         super().__init__()
         self.profile_dim = cfg.profile_dim
         self.example_age = cfg.example_age
-        self.mlp = _mlp(cfg.id_dim + cfg.profile_dim + cfg.dim + int(cfg.example_age), cfg.hidden, cfg.dim)
+        self.dim = cfg.dim
+        pooled = history_pools(cfg) * cfg.dim
+        self.mlp = _mlp(cfg.id_dim + cfg.profile_dim + pooled + int(cfg.example_age), cfg.hidden, cfg.dim)
         self.skip = _identity_linear(cfg.dim)
         self.context = _context_layer(cfg)
 
@@ -190,7 +192,8 @@ class UserTower(nn.Module):
         age: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Args: id_rows ``[B, id_dim]``, profile ``[B, profile_dim]``, pooled history ``[B, dim]``,
+        """Args: id_rows ``[B, id_dim]``, profile ``[B, profile_dim]``, pooled history
+        ``[B, history_pools · dim]`` (:func:`pool_history`; the skip takes the time-decayed view),
         age ``[B]`` example-age input of :func:`example_age_days` (used only with ``example_age``;
         ``None`` = 0, as at serving), context ``[B, context_width]`` of :func:`context_matrix`
         (``None`` = 0)."""
@@ -199,7 +202,7 @@ class UserTower(nn.Module):
             parts.append(_age_column(age, id_rows.shape[0], id_rows))
         x = torch.cat(parts, dim=-1)
         return nn.functional.normalize(
-            _mlp_with_context(self.mlp, x, self.context, context) + self.skip(pooled), dim=-1
+            _mlp_with_context(self.mlp, x, self.context, context) + self.skip(pooled[:, : self.dim]), dim=-1
         )
 
 
@@ -411,11 +414,32 @@ def decay_weights(ts_ms: np.ndarray, now_ms: int, half_life_s: float) -> np.ndar
     return (w / total).astype(np.float32)
 
 
-def pool_history(vectors: np.ndarray, ts_ms: np.ndarray, now_ms: int, half_life_s: float) -> np.ndarray:
-    """Time-decayed weighted mean of ``vectors`` ``[H, dim]``; zeros for no history."""
+def history_pools(cfg: ModelConfig) -> int:
+    """How many pooled views of the history the ``mean`` user tower takes (1, +1 with ``recent_len``)."""
+    return 1 + int(cfg.recent_len > 0)
+
+
+def pooling_weights(ts_ms: np.ndarray, now_ms: int, cfg: ModelConfig) -> np.ndarray:
+    """``[history_pools(cfg), H]`` weights of a history given **oldest first**, each row summing to 1
+    (0 for an empty history): row 0 the time decay of :func:`decay_weights`; with ``recent_len``,
+    row 1 the plain mean of the newest ``recent_len`` entries (their order, not their times)."""
+    h = ts_ms.size
+    out = np.zeros((history_pools(cfg), h), dtype=np.float32)
+    if h == 0:
+        return out
+    out[0] = decay_weights(ts_ms, now_ms, cfg.history_half_life_s)
+    if cfg.recent_len > 0:
+        n = min(cfg.recent_len, h)
+        out[1, h - n :] = 1.0 / n
+    return out
+
+
+def pool_history(vectors: np.ndarray, ts_ms: np.ndarray, now_ms: int, cfg: ModelConfig) -> np.ndarray:
+    """The ``mean`` tower's pooled input, ``[history_pools(cfg) * dim]``, of ``vectors`` ``[H, dim]``
+    given oldest first (zeros for no history): the views of :func:`pooling_weights`, concatenated."""
     if vectors.shape[0] == 0:
-        return np.zeros(vectors.shape[1], dtype=np.float32)
-    return decay_weights(ts_ms, now_ms, half_life_s) @ vectors.astype(np.float32, copy=False)
+        return np.zeros(history_pools(cfg) * vectors.shape[1], dtype=np.float32)
+    return (pooling_weights(ts_ms, now_ms, cfg) @ vectors.astype(np.float32, copy=False)).reshape(-1)
 
 
 def history_tensor(
