@@ -23,7 +23,9 @@ Policies:
   only, towers frozen) in micro-batches formed as the live trainer forms them (a batch
   closes ``max_batch_wait_ms`` of event time after its first click, or at ``batch_size``
   clicks); a micro-batch is learned and published as a delta once its last click is
-  ``publish_every_s`` old. At each day boundary the nightly retrain trains a *copy* and
+  ``publish_every_s`` old. At each day boundary the micro-batches still waiting are learned
+  (the live trainer learns a click at once and only its publishing waits, so by the 02:00
+  retrain it has learned the whole day), then the nightly retrain trains a *copy* and
   hands its result over through :mod:`trainer.handoff` (files in a private temporary
   directory), the streaming state merges it, and a full version is published.
 
@@ -224,6 +226,10 @@ class TwoTowerPolicy(Policy):
         date = utc_date(day)
         seed = nightly_seed(self.tcfg.seed, day)
         if self.streaming:
+            # the live trainer learned the day's last clicks long before the 02:00 retrain; here they
+            # may still wait for their publish delay (a log with day-level timestamps: the whole day)
+            while self.batches:
+                self._learn_batch(self.batches.pop(0))
             self._nightly_handoff(date.isoformat(), clicks, day, seed)
         else:
             state = self.state

@@ -129,7 +129,9 @@ def _popularity_fit(logq: str, n_items: int = 150, steps: int = 120, batch: int 
     ids, users = [f"i{i}" for i in range(n_items)], [f"u{u}" for u in range(10)]
     with torch.no_grad():
         uv = state.model.user(
-            state.users.gather(state.users.rows(users)), state.profile_matrix(users), torch.zeros(10, 8)
+            state.users.gather(state.users.rows(users)),
+            state.profile_matrix(users),
+            state.pooled_history([[]] * 10, [0] * 10),
         )
         scores = (uv @ state.item_vectors(ids).T).mean(0).numpy() / cfg.temperature
     seen = state.items.count[state.items.rows(ids)].numpy() >= 5

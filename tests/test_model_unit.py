@@ -24,6 +24,7 @@ from twotower.model import (
     dense_arrays,
     example_age_days,
     farthest_point_seeds,
+    history_pools,
     history_tensor,
     squash,
 )
@@ -149,14 +150,15 @@ def test_example_age_is_an_input_that_is_zero_at_serving() -> None:
     cfg = ModelConfig(dim=8, id_dim=4, hidden=16, content_dim=2, profile_dim=2, example_age=True)
     torch.manual_seed(0)
     tower = UserTower(cfg)
-    assert tower.mlp[0].in_features == cfg.id_dim + cfg.profile_dim + cfg.dim + 1
-    rows, prof, pooled = torch.randn(2, 4), torch.randn(2, 2), unit(torch.randn(2, 8))
+    assert tower.mlp[0].in_features == cfg.id_dim + cfg.profile_dim + history_pools(cfg) * cfg.dim + 1
+    rows, prof, pooled = torch.randn(2, 4), torch.randn(2, 2), unit(torch.randn(2, 8 * history_pools(cfg)))
     serve = tower(rows, prof, pooled)
     torch.testing.assert_close(serve, tower(rows, prof, pooled, torch.zeros(2)))
     assert not torch.allclose(serve, tower(rows, prof, pooled, torch.tensor([3.0, 3.0])))
     ages = example_age_days([0, 86_400_000, 3 * 86_400_000], 2 * 86_400_000)
     torch.testing.assert_close(ages, torch.log1p(torch.tensor([2.0, 1.0, 0.0])))  # future events clip at 0
-    assert UserTower(ModelConfig(dim=8, id_dim=4, hidden=16)).mlp[0].in_features == 4 + 8 + 8
+    assert UserTower(ModelConfig(dim=8, id_dim=4, hidden=16, recent_len=0)).mlp[0].in_features == 4 + 8 + 8
+    assert UserTower(ModelConfig(dim=8, id_dim=4, hidden=16, recent_len=3)).mlp[0].in_features == 4 + 8 + 2 * 8
 
 
 def test_trainer_feeds_the_example_age_of_each_click(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,10 +70,12 @@ class ModelConfig(_Section):
     """How many recent interactions the user tower pools."""
     history_half_life_s: float = Field(default=86_400.0, gt=0)
     """Time-decay half-life of the history pooling, in seconds of event time."""
-    recent_len: int = Field(default=0, ge=0)
+    recent_len: int = Field(default=3, ge=0)
     """``mean`` tower: also pool the plain mean of the newest ``recent_len`` history items, by order
     rather than time, as a second input beside the time-decayed mean (what the user did just now,
-    whatever the log's clock). 0: the time-decayed mean only."""
+    whatever the log's clock). 0: the time-decayed mean only. Measured on MovieLens-100K (first
+    40,000 events, prequential HR@10, streaming two-tower with ``user_row_dropout`` 0.5): 1 → 0.198,
+    2 → 0.198, 3 → 0.202; without the view 0.188."""
     temperature: float = Field(default=0.05, gt=0)
     """Softmax temperature: score = cosine / temperature."""
     user_tower: Literal["mean", "mind"] = "mean"
@@ -194,10 +196,13 @@ class TrainerConfig(_Section):
     and the history items' ID rows) in dense (nightly) steps, so each click also teaches the items
     that preceded it (:mod:`trainer.pooling`). Streaming steps keep history vectors constant (one
     user's click should not move twenty item rows). Off: history vectors are constants of the step."""
-    user_row_dropout: float = Field(default=0.0, ge=0, lt=1)
+    user_row_dropout: float = Field(default=0.5, ge=0, lt=1)
     """Share of the clicks of a dense (nightly) step whose user ID row is zeroed, as a user without
     a row yet (new to the model, or not yet trained) is served: the tower then learns to place such
-    users from their history and profile, not only from a row that memorised the day's clicks."""
+    users from their history and profile, not only from a row that memorised the day's clicks.
+    Measured on MovieLens-100K (first 40,000 events, where most evaluated clicks come from users
+    who arrived after the warm-up), prequential HR@10: nightly 0.177 → 0.184, streaming 0.181 →
+    0.188 with 0.5."""
     ssl_weight: float = Field(default=0.0, ge=0)
     """Weight of the self-supervised contrastive loss on the item tower (Yao et al. 2021), added in
     dense (nightly) steps only. Default 0 (off): measured on MovieLens-100K (temporal split,
