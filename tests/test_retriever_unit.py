@@ -134,6 +134,28 @@ def test_user_vector_skips_unknown_items_and_pools_only_history_len(state: Servi
     assert not np.allclose(base, state.user_vector("u0", [], None, NOW_MS))
 
 
+def test_recent_view_takes_the_newest_history_items(state: ServingState, snap: FullSnapshot) -> None:
+    """Serving reads histories newest first, the trainer oldest first: the recent view must take the
+    same (newest) items either way."""
+    assert CFG.recent_len == 3 and CFG.history_len == 4
+    history = [(f"i{k}", NOW_MS - 1_000 * k) for k in (1, 2, 3, 4, 5)]  # newest first
+    got = state.user_vector("u1", history, None, NOW_MS)
+    oldest_first = [4, 3, 2, 1]  # the newest history_len, reversed
+    pooled = pool_history(
+        snap.items.matrix[oldest_first], np.array([NOW_MS - 1_000 * k for k in oldest_first]), NOW_MS, CFG
+    )
+    np.testing.assert_allclose(pooled[CFG.dim :], snap.items.matrix[[3, 2, 1]].mean(axis=0), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        want = state.model.user(
+            torch.from_numpy(snap.users.matrix[1:2].copy()),
+            torch.zeros(1, CFG.profile_dim),
+            torch.from_numpy(pooled)[None],
+            None,
+            context_matrix(CFG, [NOW_MS], [None]),
+        )[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_user_gets_a_zero_id_row(state: ServingState) -> None:
     history = [("i5", NOW_MS)]
     got = state.user_vector("stranger", history, None, NOW_MS)
