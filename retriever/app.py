@@ -33,6 +33,7 @@ import itertools
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -570,6 +571,7 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> RecommendFr
     """
     torch.set_num_threads(1)  # one request = one thread; parallelism comes from workers
     faiss.omp_set_num_threads(1)
+    sys.setswitchinterval(cfg.retriever.gil_switch_interval_ms / 1000.0)
     service = RetrieverService(cfg, watcher_poll_interval_s)
 
     @asynccontextmanager

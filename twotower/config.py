@@ -242,6 +242,12 @@ class RetrieverConfig(_Section):
     """Items returned when the request does not say."""
     max_k: int = Field(default=1000, ge=1)
     """Largest k a request may ask for."""
+    gil_switch_interval_ms: float = Field(default=0.5, gt=0)
+    """Python's thread switch interval in each worker process (``sys.setswitchinterval``). While
+    the snapshot watcher's thread rebuilds a state (seconds at 1M items) it competes with the
+    request thread for the GIL, and a request waits up to this long at each of its hand-overs;
+    Python's default is 5 ms. Measured while reloading a 1M-item snapshot: 190 → 50 waits of the
+    request thread longer than 5 ms. Costs nothing while the watcher is idle."""
 
 
 class SimulatorConfig(_Section):
