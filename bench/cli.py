@@ -72,6 +72,11 @@ def retriever_command(
     index_cache: Path | None = typer.Option(
         None, "--index-cache", help="Keep built indexes in this directory and reuse them (same items, kind, seed)."
     ),
+    open_rates: list[float] = typer.Option(
+        [],
+        "--open-rate",
+        help="After the closed-loop run: an open-loop run at this many requests/s (no swaps); repeatable.",
+    ),
     json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -102,6 +107,7 @@ def retriever_command(
         wrk_threads=wrk_threads,
         swap_kinds=swap_kinds,
         index_cache=index_cache,
+        open_rates=tuple(open_rates),
     )
     typer.echo(write_report(run(opts), json_out))
 

@@ -33,6 +33,7 @@ import itertools
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -496,8 +497,12 @@ def fast_query(query_string: bytes) -> tuple[str, int | None, list[str], list[st
     )
 
 
-class _RecommendFrontDoor:
-    """Pure ASGI middleware in front of the FastAPI routes.
+class RecommendFrontDoor:
+    """The retriever's ASGI application: a thin front door around the FastAPI app.
+
+    It is the outermost layer (uvicorn calls it directly), not a FastAPI middleware: inside
+    FastAPI a request would first pass FastAPI's and Starlette's own middleware stack (error
+    handling, body limits, telemetry), which a plain ``GET /recommend`` does not need.
 
     * Answers a plain ``GET /recommend`` (see :func:`fast_query`) itself: same service call,
       same body and statuses (``{"detail": ...}`` for 400/503), without FastAPI's routing,
@@ -507,9 +512,11 @@ class _RecommendFrontDoor:
       included, which never reach an endpoint).
     """
 
-    def __init__(self, app: Any, service: RetrieverService) -> None:
+    def __init__(self, app: FastAPI, service: RetrieverService) -> None:
         self.app = app
         self.service = service
+        self.state = app.state
+        """The FastAPI app's state (``state.service`` is the :class:`RetrieverService`)."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/recommend":
@@ -554,8 +561,9 @@ class _RecommendFrontDoor:
 
 
 # --- the app ------------------------------------------------------------------------------------
-def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> FastAPI:
-    """The retriever's FastAPI app; the snapshot watcher runs while the app's lifespan does.
+def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> RecommendFrontDoor:
+    """The retriever's ASGI app (the FastAPI routes behind :class:`RecommendFrontDoor`); the
+    snapshot watcher runs while the app's lifespan does.
 
     Args:
         cfg: the configuration (redis and retriever sections are used).
@@ -563,6 +571,7 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> FastAPI:
     """
     torch.set_num_threads(1)  # one request = one thread; parallelism comes from workers
     faiss.omp_set_num_threads(1)
+    sys.setswitchinterval(cfg.retriever.gil_switch_interval_ms / 1000.0)
     service = RetrieverService(cfg, watcher_poll_interval_s)
 
     @asynccontextmanager
@@ -582,7 +591,6 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(_RecommendFrontDoor, service=service)
 
     # response_model documents the body; the handlers return pre-serialised JSON, which
     # FastAPI passes through without validating or re-encoding it
@@ -639,10 +647,10 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> FastAPI:
             registry = REGISTRY
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return RecommendFrontDoor(app, service)
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> RecommendFrontDoor:
     """Zero-argument factory for ``uvicorn --factory``: configuration from file/environment,
     JSON logs set up in this (worker) process."""
     cfg = load_config()

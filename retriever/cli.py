@@ -51,6 +51,11 @@ def serve_command(
             log_level="warning",
             log_config=None,  # keep the JSON logging set up above (and in each worker)
             access_log=False,
+            # no per-response Date/Server headers, no X-Forwarded-* rewriting: the retriever
+            # sits behind nothing that needs them, and each costs every request some CPU
+            server_header=False,
+            date_header=False,
+            proxy_headers=False,
         )
     finally:
         if own_dir is not None:

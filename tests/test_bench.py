@@ -69,6 +69,7 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
         swaps=2,
         floor_requests=100,
         load_tool=tool,
+        open_rates=(50.0,),
     )
     report = run(opts, env={"REDIS_URL": redis_url})
     out = tmp_path / "retriever.json"
@@ -88,7 +89,11 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     assert report["swaps"]["published"] == 2 and report["swaps"]["publish_error"] is None
     assert report["swaps_done"] >= 1
     assert report["machine"]["nproc"] >= 1 and report["machine"]["cpu_model"]
-    assert set(report["targets"]) >= {"p99_le_3ms", "qps_ge_1500", "p99_le_2x_floor", "zero_errors"}
+    assert set(report["targets"]) >= {"p99_le_3ms", "qps_ge_1500", "p99_le_2x_floor", "zero_errors", "open_loop"}
+    (open_run,) = report["open_loop"]  # every scheduled request is answered or counted as an error
+    assert open_run["offered_qps"] == 50.0 and open_run["scheduled"] == open_run["requests"] + open_run["errors"]
+    assert open_run["requests"] > 0 and open_run["non_200"] == 0
+    assert 0 < open_run["p50_ms"] <= open_run["p99_ms"] and open_run["cpu"]["retriever_ms_per_request"] > 0
 
 
 @pytest.mark.integration

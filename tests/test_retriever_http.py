@@ -23,9 +23,8 @@ import redis
 import redis.asyncio
 import torch
 import uvicorn
-from fastapi import FastAPI
 
-from retriever.app import NO_SNAPSHOT, create_app
+from retriever.app import NO_SNAPSHOT, RecommendFrontDoor, create_app
 from retriever.state import ServingState
 from retriever.watcher import SnapshotWatcher
 from twotower.blobs import Rows
@@ -108,7 +107,7 @@ def publish_delta(store: SnapshotStore, delta: DeltaSnapshot, parent: int) -> in
 
 
 @contextmanager
-def serve(cfg: Config) -> Iterator[tuple[httpx.Client, FastAPI]]:
+def serve(cfg: Config) -> Iterator[tuple[httpx.Client, RecommendFrontDoor]]:
     """The app on a real uvicorn server (own thread, free port) and a client for it."""
     app = create_app(cfg, watcher_poll_interval_s=0.2)
     server = uvicorn.Server(

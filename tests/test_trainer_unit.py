@@ -10,6 +10,7 @@ from trainer.id_table import IdTable
 from trainer.losses import candidate_log_q, popularity_distribution, sampled_softmax_loss
 from trainer.ordering import EventTimeMerger
 from trainer.state import TrainerState
+from trainer.stream import checkpoint_wait_s
 from twotower import checkpoint
 from twotower.config import ModelConfig, TrainerConfig
 from twotower.events import CatalogItem, Interaction
@@ -64,6 +65,12 @@ def test_id_table_state_round_trip() -> None:
 
 
 # --- event-time merge ---------------------------------------------------------------------
+
+
+def test_checkpoint_interval_stretches_when_checkpoints_are_slow() -> None:
+    assert checkpoint_wait_s(0.04, 1.0, 0.25) == 1.0  # a small state: the configured interval
+    assert checkpoint_wait_s(2.0, 1.0, 0.25) == pytest.approx(8.0)  # 2 s of every 8 s at most
+    assert checkpoint_wait_s(2.0, 10.0, 0.25) == 10.0
 
 
 def test_merger_releases_in_event_time_order_and_counts_late() -> None:

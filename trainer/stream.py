@@ -44,12 +44,24 @@ ROWS = Gauge("twotower_trainer_rows", "Live rows of an ID table", ["table"])
 TABLE_BYTES = Gauge("twotower_trainer_table_bytes", "Memory held by an ID table", ["table"])
 LOSS = Gauge("twotower_trainer_loss", "Loss of the last streaming step")
 STEP_SECONDS = Histogram("twotower_trainer_step_seconds", "Duration of one streaming step")
+CHECKPOINT_SECONDS = Histogram(
+    "twotower_trainer_checkpoint_seconds",
+    "Duration of one checkpoint (state copy, write, fsync, rename, offset commit)",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
 BUFFERED = Gauge("twotower_trainer_buffered", "Records held for event-time ordering")
 
 NIGHTLY_COUNTED = "nightly_counted_ms"
 """Checkpoint ``extra`` key: ``[start_ms, end_ms)`` event-time ranges (days) whose interactions a
 nightly run that owned the state counted beyond the checkpoint's offsets (:mod:`trainer.nightly`).
 Replaying the topic from those offsets, the streaming trainer skips interactions in them."""
+
+
+def checkpoint_wait_s(took_s: float, interval_s: float, max_share: float) -> float:
+    """Time from the start of one checkpoint to the start of the next: ``interval_s``, stretched
+    so that checkpoints taking ``took_s`` each use at most ``max_share`` of the trainer's time (a
+    big state is then checkpointed less often instead of leaving no time to train)."""
+    return max(interval_s, took_s / max_share)
 
 
 def partition_key(tp: Partition) -> str:
@@ -106,6 +118,8 @@ class StreamTrainer(Daemon):
         self.pending: list[Interaction] = []
         self.dirty = False
         self.last_checkpoint = time.monotonic()
+        self.checkpoint_wait_s = cfg.trainer.checkpoint_interval_s
+        """Wait from the last checkpoint to the next (see :func:`checkpoint_wait_s`)."""
         self.last_record = time.monotonic()
         self.assigner: PartitionAssigner | None = None
         self.nightly_counted: list[tuple[int, int]] = []
@@ -163,7 +177,7 @@ class StreamTrainer(Daemon):
             idle = now - self.last_record
             self._train_ready(force=idle * 1000 >= self.tcfg.max_batch_wait_ms)
             self._merge_handoff()
-            if now - self.last_checkpoint >= self.tcfg.checkpoint_interval_s:
+            if now - self.last_checkpoint >= self.checkpoint_wait_s:
                 self.checkpoint()
                 self._report_lag()
             if self.max_idle_s is not None and self.assigner.assigned and idle >= self.max_idle_s:
@@ -247,7 +261,7 @@ class StreamTrainer(Daemon):
     # --- checkpoints -------------------------------------------------------------------
     def checkpoint(self, force: bool = False, commit: bool = True) -> None:
         """Write the state with the offsets it includes, then (``commit``) commit those offsets to Kafka."""
-        self.last_checkpoint = time.monotonic()
+        started = self.last_checkpoint = time.monotonic()
         if self.state is None or not (self.dirty or force):
             return
         if self.pending:  # released records count as applied in the offsets below: train them first
@@ -276,7 +290,12 @@ class StreamTrainer(Daemon):
                 self.consumer.commit(commits)
             except KafkaError as exc:  # the state on disk is authoritative; the next commit catches up
                 log.warning("offset commit failed (state is safe on disk): %s", exc)
-        log.debug("checkpoint seq %d", state.seq)
+        took_s = time.monotonic() - started
+        CHECKPOINT_SECONDS.observe(took_s)
+        self.checkpoint_wait_s = checkpoint_wait_s(
+            took_s, self.tcfg.checkpoint_interval_s, self.tcfg.checkpoint_max_share
+        )
+        log.debug("checkpoint seq %d in %.3f s; next in %.2f s", state.seq, took_s, self.checkpoint_wait_s)
 
     def _report_lag(self) -> None:
         total = 0

@@ -32,18 +32,21 @@ def _array_map(array: np.ndarray) -> dict[str, object]:
     return {"dtype": array.dtype.name, "shape": list(array.shape), "data": array.tobytes()}
 
 
-def _array_from_map(raw: object) -> np.ndarray:
+def _array_from_map(raw: object, copy: bool = True) -> np.ndarray:
+    """The array of an array map; ``copy=False`` gives a read-only view of ``data`` (bytes or a
+    memoryview of them) instead of a copy."""
     if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data"}:
         raise BlobError("not an array map")
     dtype, shape, data = raw["dtype"], raw["shape"], raw["data"]
-    if dtype not in _ALLOWED_DTYPES or not isinstance(data, bytes):
+    if dtype not in _ALLOWED_DTYPES or not isinstance(data, (bytes, memoryview)):
         raise BlobError(f"bad array dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
         raise BlobError("bad array shape")
     expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if len(data) != expected:
         raise BlobError(f"array data has {len(data)} bytes, shape {shape} {dtype} needs {expected}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return array.copy() if copy else array
 
 
 def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:

@@ -1,0 +1,195 @@
+"""An open-loop (fixed-rate) HTTP load generator for ``bench retriever --open-rate``.
+
+The closed-loop generators (wrk, the Python fallback) keep ``concurrency`` requests in flight
+and send the next one as soon as one returns: they measure the most the server can answer,
+and their latencies are mostly queueing behind those ``concurrency`` requests. This one sends
+requests on a fixed schedule (``rate`` per second, evenly spaced) whatever the answers do, as
+independent users would, so its latencies say what a request costs at that offered load.
+
+Each request's latency runs from its **scheduled** send time, not from when a connection was
+free to send it: a server that falls behind shows up as growing latencies (no coordinated
+omission); the same percentiles from the actual send time are given beside them (the
+generator's own timer granularity, about 1 ms, and waits for a free connection are the
+difference). Requests go out over up to ``max_connections`` keep-alive connections, opened as
+needed; a request for which no connection is free waits (and that wait counts). ``late``
+counts requests sent more than 1 ms after their scheduled time.
+
+It runs in its own (spawned) process with an asyncio loop (uvloop when installed), so its
+CPU is counted with the load generator's, beside wrk's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import queue
+import random
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+LATE_S = 0.001
+"""A request sent later than this after its scheduled time counts as late."""
+DRAIN_S = 30.0
+"""After the schedule ends, how long the requests still queued or in flight may take."""
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 response with a Content-Length body; its status."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    if length:
+        await reader.readexactly(length)
+    return status
+
+
+async def _drive(
+    host: str, port: int, rate: float, duration_s: float, users: int, k: int, seed: int, max_connections: int
+) -> dict[str, Any]:
+    rnd = random.Random(seed)
+    due: asyncio.Queue[float | None] = asyncio.Queue()
+    latencies: list[float] = []
+    service: list[float] = []
+    errors = {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0}
+    late = 0
+    idle = 0  # connections waiting for work
+    workers: list[asyncio.Task[None]] = []
+
+    async def connection() -> None:
+        nonlocal idle, late
+        reader: asyncio.StreamReader | None = None
+        writer: asyncio.StreamWriter | None = None
+        while True:
+            idle += 1
+            scheduled = await due.get()
+            idle -= 1
+            if scheduled is None:
+                break
+            if reader is None or writer is None:
+                try:
+                    reader, writer = await asyncio.open_connection(host, port)
+                except OSError:
+                    errors["connect"] += 1
+                    continue
+            sent = time.perf_counter()
+            if sent - scheduled > LATE_S:
+                late += 1
+            path = f"/recommend?user_id=u{rnd.randrange(users)}&k={k}"
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                status = await asyncio.wait_for(_read_response(reader), timeout=2.0)
+            except TimeoutError:
+                errors["timeout"] += 1
+                writer.close()
+                reader = writer = None
+                continue
+            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+                errors["read"] += 1
+                writer.close()
+                reader = writer = None
+                continue
+            done = time.perf_counter()
+            latencies.append((done - scheduled) * 1e6)
+            service.append((done - sent) * 1e6)
+            if status != 200:
+                errors["status"] += 1
+        if writer is not None:
+            writer.close()
+
+    interval = 1.0 / rate
+    started = time.perf_counter()
+    n = 0
+    while True:
+        now = time.perf_counter()
+        next_at = started + n * interval
+        if next_at >= started + duration_s:
+            break
+        if next_at > now:
+            await asyncio.sleep(next_at - now)
+            continue
+        while n * interval + started <= now and n * interval < duration_s:
+            if idle == 0 and len(workers) < max_connections:
+                workers.append(asyncio.create_task(connection()))
+            due.put_nowait(started + n * interval)
+            n += 1
+    for _ in workers:
+        due.put_nowait(None)
+    try:
+        await asyncio.wait_for(asyncio.gather(*workers), timeout=DRAIN_S)
+    except TimeoutError:  # a server far behind its schedule: what is still unanswered timed out
+        unanswered = n - len(latencies) - sum(v for key, v in errors.items() if key != "status")
+        errors["timeout"] += unanswered  # (answers with another status are in latencies too)
+    elapsed = time.perf_counter() - started
+    ordered = sorted(latencies)
+    from_send = sorted(service)
+
+    def pct(q: float, values: list[float] = ordered) -> float:
+        return values[min(len(values) - 1, int(len(values) * q / 100))] if values else 0.0
+
+    return {
+        "requests": len(ordered),
+        "scheduled": n,
+        "offered_rate": rate,
+        "late": late,
+        "connections": len(workers),
+        "duration_us": int(elapsed * 1e6),
+        "bytes": 0,
+        **errors,
+        "p50_us": pct(50),
+        "p90_us": pct(90),
+        "p99_us": pct(99),
+        "p999_us": pct(99.9),
+        "max_us": ordered[-1] if ordered else 0.0,
+        "mean_us": sum(ordered) / len(ordered) if ordered else 0.0,
+        "from_send_p50_us": pct(50, from_send),
+        "from_send_p99_us": pct(99, from_send),
+    }
+
+
+def _worker(
+    base_url: str, rate: float, duration_s: float, users: int, k: int, seed: int, max_connections: int, out: Any
+) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # plain asyncio: more CPU per request, same schedule
+        pass
+    parsed = urlparse(base_url)
+    assert parsed.hostname is not None and parsed.port is not None
+    out.put(asyncio.run(_drive(parsed.hostname, parsed.port, rate, duration_s, users, k, seed, max_connections)))
+
+
+def run_open_loop(
+    base_url: str, rate: float, duration_s: float, users: int, k: int, seed: int, max_connections: int = 64
+) -> dict[str, Any]:
+    """``rate`` GET /recommend per second for ``duration_s`` from a spawned process; wrk-like
+    figures (latencies in microseconds from each request's scheduled time) plus ``scheduled``,
+    ``offered_rate``, ``late`` and ``connections``."""
+    if rate <= 0:
+        raise ValueError("the open-loop rate must be positive")
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(
+        target=_worker, args=(base_url, rate, duration_s, users, k, seed, max_connections, out), daemon=True
+    )
+    proc.start()
+    try:
+        result = out.get(timeout=duration_s + 90)
+    except queue.Empty:
+        raise RuntimeError("the open-loop load generator returned nothing") from None
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return result
+
+
+__all__ = ["run_open_loop"]
