@@ -12,8 +12,10 @@ import contextlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
+import queue
 import random
 import shutil
 import socket
@@ -61,6 +63,24 @@ def machine_info() -> dict[str, Any]:
         "mem_gib": mem_gib,
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
+    }
+
+
+def wrk_latencies(latencies_us: Sequence[float]) -> dict[str, float]:
+    """wrk's latency figures (``p50_us`` … ``max_us``, ``mean_us``) of a Python load generator's
+    samples, by wrk's nearest-rank rule (no interpolation); zeros for no samples."""
+    ordered = sorted(latencies_us)
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))] if ordered else 0.0
+
+    return {
+        "p50_us": rank(50),
+        "p90_us": rank(90),
+        "p99_us": rank(99),
+        "p999_us": rank(99.9),
+        "max_us": ordered[-1] if ordered else 0.0,
+        "mean_us": sum(ordered) / len(ordered) if ordered else 0.0,
     }
 
 
@@ -487,3 +507,25 @@ def run_on_live_system(
         "wall_s": round(time.monotonic() - started, 1),
         "machine": {**machine, "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
     }
+
+
+def spawned_result(target: Callable[..., None], args: tuple[Any, ...], timeout_s: float, what: str) -> Any:
+    """Run ``target(*args, out)`` in a spawned process (its own interpreter and GIL, as a load
+    generator needs) and return the one result it puts on the queue ``out``.
+
+    Raises:
+        RuntimeError: nothing arrived within ``timeout_s`` (the process is killed).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, out), daemon=True)
+    proc.start()
+    try:
+        return out.get(timeout=timeout_s)
+    except queue.Empty:
+        raise RuntimeError(f"{what} returned nothing") from None
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()

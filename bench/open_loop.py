@@ -21,12 +21,12 @@ CPU is counted with the load generator's, beside wrk's.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import queue
 import random
 import time
 from typing import Any
 from urllib.parse import urlparse
+
+from bench.common import spawned_result, wrk_latencies
 
 LATE_S = 0.001
 """A request sent later than this after its scheduled time counts as late."""
@@ -126,14 +126,9 @@ async def _drive(
         unanswered = n - len(latencies) - sum(v for key, v in errors.items() if key != "status")
         errors["timeout"] += unanswered  # (answers with another status are in latencies too)
     elapsed = time.perf_counter() - started
-    ordered = sorted(latencies)
-    from_send = sorted(service)
-
-    def pct(q: float, values: list[float] = ordered) -> float:
-        return values[min(len(values) - 1, int(len(values) * q / 100))] if values else 0.0
-
+    from_send = wrk_latencies(service)
     return {
-        "requests": len(ordered),
+        "requests": len(latencies),
         "scheduled": n,
         "offered_rate": rate,
         "late": late,
@@ -141,14 +136,9 @@ async def _drive(
         "duration_us": int(elapsed * 1e6),
         "bytes": 0,
         **errors,
-        "p50_us": pct(50),
-        "p90_us": pct(90),
-        "p99_us": pct(99),
-        "p999_us": pct(99.9),
-        "max_us": ordered[-1] if ordered else 0.0,
-        "mean_us": sum(ordered) / len(ordered) if ordered else 0.0,
-        "from_send_p50_us": pct(50, from_send),
-        "from_send_p99_us": pct(99, from_send),
+        **wrk_latencies(latencies),
+        "from_send_p50_us": from_send["p50_us"],
+        "from_send_p99_us": from_send["p99_us"],
     }
 
 
@@ -174,22 +164,12 @@ def run_open_loop(
     ``offered_rate``, ``late`` and ``connections``."""
     if rate <= 0:
         raise ValueError("the open-loop rate must be positive")
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(
-        target=_worker, args=(base_url, rate, duration_s, users, k, seed, max_connections, out), daemon=True
+    return spawned_result(
+        _worker,
+        (base_url, rate, duration_s, users, k, seed, max_connections),
+        duration_s + 90,
+        "the open-loop load generator",
     )
-    proc.start()
-    try:
-        result = out.get(timeout=duration_s + 90)
-    except queue.Empty:
-        raise RuntimeError("the open-loop load generator returned nothing") from None
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    return result
 
 
 __all__ = ["run_open_loop"]

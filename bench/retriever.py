@@ -35,9 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import multiprocessing
 import os
-import queue
 import resource
 import shutil
 import subprocess
@@ -70,7 +68,9 @@ from bench.common import (
     scrape,
     services,
     session_cpu_s,
+    spawned_result,
     wait_until,
+    wrk_latencies,
 )
 from bench.open_loop import run_open_loop
 from publisher.index import build_index, deserialize, index_kind, recall_at_k, sample_queries, serialize
@@ -338,14 +338,9 @@ def _python_load_worker(
     for thread in pool:
         thread.join(duration_s + 10)
     elapsed = time.monotonic() - started
-    ordered = sorted(latencies)
-
-    def pct(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))] if ordered else 0.0
-
     out.put(
         {
-            "requests": len(ordered),
+            "requests": len(latencies),
             "duration_us": int(elapsed * 1e6),
             "bytes": 0,
             "connect": errors["connect"],
@@ -353,34 +348,19 @@ def _python_load_worker(
             "write": 0,
             "status": errors["status"],
             "timeout": errors["timeout"],
-            "p50_us": pct(50),
-            "p90_us": pct(90),
-            "p99_us": pct(99),
-            "p999_us": pct(99.9),
-            "max_us": ordered[-1] if ordered else 0.0,
-            "mean_us": sum(ordered) / len(ordered) if ordered else 0.0,
+            **wrk_latencies(latencies),
         }
     )
 
 
 def run_python_load(base_url: str, duration_s: float, concurrency: int, users: int, k: int, seed: int) -> dict:
     """The fallback load generator: a separate (spawned) process, bounded by ``duration_s``."""
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(
-        target=_python_load_worker, args=(base_url, duration_s, concurrency, users, k, seed, out), daemon=True
+    return spawned_result(
+        _python_load_worker,
+        (base_url, duration_s, concurrency, users, k, seed),
+        duration_s + 60,
+        "the python load generator",
     )
-    proc.start()
-    try:
-        result = out.get(timeout=duration_s + 60)
-    except queue.Empty:
-        raise RuntimeError("the python load generator returned nothing") from None
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    return result
 
 
 def _load(tool: str, opts: RetrieverBenchOptions, base_url: str, duration_s: float, workdir: Path) -> dict:
