@@ -11,12 +11,13 @@ Endpoints:
 * ``GET /metrics``: Prometheus (multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set).
 
 Per request (an ``async`` handler on the event loop, no thread-pool hop): one Redis pipeline
-(``redis.asyncio``, hiredis parser when installed) reads the user's recent history
-(``LRANGE 0..history_len-1``) and profile; the user vector is pooled from the history items the
-snapshot knows (plus any fresh history in a POST body); everything in that history and in
-``exclude`` is left out of the results. Item details (category, title) come from a per-process
-:class:`ItemDetailsCache`, invalidated by the snapshot watcher for the items a delta touches and
-wholly on a full version (plus a 60 s TTL as a backstop); only cache misses cost a second pipeline.
+(``redis.asyncio``, hiredis parser when installed) reads the user's stored history (all of it:
+``LRANGE 0..publisher.history_max_len-1``) and profile; the user vector is pooled from the
+newest ``model.history_len`` of those items the snapshot knows (plus any fresh history in a POST
+body); everything in the stored history and in ``exclude`` is left out of the results. Item
+details (category, title) come from a per-process :class:`ItemDetailsCache`, invalidated by the
+snapshot watcher for the items a delta touches and wholly on a full version (plus a 60 s TTL as a
+backstop); only cache misses cost a second pipeline.
 A category filter or the diversity cap reads categories through the same cache (that rarer
 path runs on a worker thread, since it may need several lookups). The response is serialised
 once with orjson (no pydantic response validation on the hot path).
@@ -408,7 +409,8 @@ class RetrieverService:
         now_ms = int(time.time() * 1000)
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.lrange(self.layout.history(user_id), 0, state.model_config.history_len - 1)
+            # the whole stored history: the newest history_len are pooled, all of it is excluded
+            pipe.lrange(self.layout.history(user_id), 0, self.cfg.publisher.history_max_len - 1)
             pipe.get(self.layout.profile(user_id))
             raw_history, raw_profile = await pipe.execute()
         except (redis.RedisError, OSError) as exc:

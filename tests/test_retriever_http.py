@@ -218,6 +218,25 @@ def test_history_and_profile_in_redis_shape_the_result(cfg: Config, store: Snaps
         assert len(got) == 6 and max(counts.values()) <= 2
 
 
+def test_the_whole_stored_history_is_excluded_the_newest_pooled(cfg: Config, store: SnapshotStore) -> None:
+    version = publish_full(store, full_snapshot())
+    local = ServingState.load(store, version)
+    history_len = local.model_config.history_len  # the snapshot's model
+    with serve(cfg) as (client, _app):
+        wait_version(client, version)
+        ranked = ids(client.get("/recommend", params={"user_id": "u2", "k": 3 * history_len}))
+        ts = int(time.time() * 1000) - 5_000
+        seen = ranked[: 2 * history_len]  # more than the tower pools, fewer than the list keeps
+        assert cfg.publisher.history_max_len >= len(seen)
+        # LPUSH oldest first: the list reads newest first, so the retriever's top items are the oldest
+        store.redis.lpush(store.layout.history("u2"), *[msgpack.packb([item_id, ts]) for item_id in seen])
+        got = ids(client.get("/recommend", params={"user_id": "u2", "k": 8}))
+        assert not set(seen) & set(got)  # beyond history_len too
+        newest = [(item_id, ts) for item_id in reversed(seen)]
+        want = local.search(local.user_vector("u2", newest[:history_len], None, ts), 8, set(seen))
+        assert got == [i for i, _ in want]
+
+
 @pytest.mark.parametrize(
     ("method", "params", "status", "detail"),
     [
