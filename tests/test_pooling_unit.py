@@ -10,7 +10,7 @@ from trainer.pooling import history_columns, pool_views, pooling_matrix
 from trainer.state import TrainerState
 from twotower.config import ModelConfig, TrainerConfig
 from twotower.events import Interaction
-from twotower.model import pool_history, pooling_weights
+from twotower.model import decay_weights, pool_history, pooling_weights
 
 
 def test_history_columns_append_non_candidates_in_first_seen_order() -> None:
@@ -128,3 +128,11 @@ def test_user_row_dropout_hides_some_rows_in_dense_steps_only() -> None:
         assert int((state.users.emb != before).any(dim=1).sum()) == 64
     assert moved[0.0] == 64
     assert 10 < moved[0.5] < 54  # a dropped row gets no gradient: about half of them stay put
+
+
+def test_decay_depends_on_relative_ages_and_survives_an_old_history() -> None:
+    ts = np.array([0, 3_600_000, 7_200_000], dtype=np.int64)  # one hour apart, half-life one hour
+    near = decay_weights(ts, 7_200_000, 3600.0)
+    np.testing.assert_allclose(near, np.array([1, 2, 4]) / 7, rtol=1e-6)
+    thirty_years = 30 * 365 * 86_400_000  # a replayed log served at today's clock: no underflow
+    np.testing.assert_allclose(decay_weights(ts, 7_200_000 + thirty_years, 3600.0), near, rtol=1e-6)

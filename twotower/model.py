@@ -401,17 +401,18 @@ def example_age_days(event_ms: Sequence[int] | np.ndarray, now_ms: int) -> torch
 def decay_weights(ts_ms: np.ndarray, now_ms: int, half_life_s: float) -> np.ndarray:
     """Normalised time-decay weights of history events (newer weigh more; future clipped to now).
 
+    Normalising cancels the common factor of the ages, so the weights depend only on the events'
+    ages relative to the youngest of them: they are computed that way, which never underflows (a
+    history years older than ``now`` — a replayed log served at today's clock — keeps its decay
+    instead of collapsing to zeros).
+
     Returns an all-zero vector for an empty history.
     """
     if ts_ms.size == 0:
         return np.zeros(0, dtype=np.float32)
     age_s = np.maximum(now_ms - ts_ms.astype(np.float64), 0.0) / 1000.0
-    w = np.power(0.5, age_s / half_life_s)
-    total = w.sum()
-    if total <= 0:  # every event is astronomically old: fall back to a plain mean
-        w = np.ones_like(w)
-        total = w.sum()
-    return (w / total).astype(np.float32)
+    w = np.power(0.5, (age_s - age_s.min()) / half_life_s)  # the youngest weighs 1 before normalising
+    return (w / w.sum()).astype(np.float32)
 
 
 def history_pools(cfg: ModelConfig) -> int:
