@@ -147,9 +147,7 @@ def _format_1(state: TrainerState, offsets: dict[str, int]) -> dict[str, Any]:
             "catalog_ids": list(state.catalog),
             "catalog_category": torch.tensor([c for c, _ in state.catalog.values()], dtype=torch.int64),
             "catalog_content": torch.from_numpy(np.stack([f for _, f in state.catalog.values()])),
-            "hard_negative_requests": {
-                rid: [sorted(e.shown), list(e.not_shown)] for rid, e in state.requests.items()
-            },
+            "hard_negative_requests": {rid: [sorted(e.shown), list(e.not_shown)] for rid, e in state.requests.items()},
             "hard_negative_counts": dict(state.hard_counts),
             "applied_above": {"events:0": [3]},
         },
@@ -179,7 +177,7 @@ def test_unknown_formats_and_inconsistent_columns_are_refused(tmp_path: Path) ->
     data = checkpoint.encode(_state().to_checkpoint({}))
     data["users"]["emb"] = data["users"]["emb"][:-1]  # one row short of the ids
     torch.save(data, checkpoint.path_in(tmp_path))
-    with pytest.raises(ValueError, match="users.emb"):
+    with pytest.raises(ValueError, match=r"users\.emb"):
         checkpoint.load(tmp_path)
 
 
