@@ -87,7 +87,7 @@ class PackedStrings:
         if not isinstance(count, int) or count < 0:
             raise ValueError(f"{what}: bad count {count!r}")
         if ends is None:
-            if int((utf8 == 0).sum()) != max(count - 1, 0) or (count == 0 and utf8.numel()):
+            if utf8.numpy().tobytes().count(b"\0") != max(count - 1, 0) or (count == 0 and utf8.numel()):
                 raise ValueError(f"{what}: {count} strings announced, the text holds another number")
         elif not (isinstance(ends, torch.Tensor) and ends.dtype == torch.int64 and ends.shape == (count,)):
             raise ValueError(f"{what}: ends are not {count} int64 offsets")
