@@ -15,7 +15,7 @@ import typer
 
 app = typer.Typer(
     no_args_is_help=True,
-    help="Benchmarks: retriever latency/QPS under swaps, click freshness, cold-item latency.",
+    help="Benchmarks: retriever latency/QPS under swaps, click freshness, cold-item latency, checkpoint cost.",
     pretty_exceptions_enable=False,
     add_completion=False,
 )
@@ -159,3 +159,23 @@ def cold_item_command(
 
     opts = SystemOptions(catalog=catalog, background_rate=background_rate, env_overrides=_parse_sets(settings))
     typer.echo(write_report(run(opts, items=items, timeout_s=timeout_s, keep_logs=logs), json_out))
+
+
+@app.command("checkpoint")
+def checkpoint_command(
+    users: int = typer.Option(100_000, "--users", min=1, help="User rows, each with a profile and a full history."),
+    items: int = typer.Option(50_000, "--items", min=1, help="Item rows, each with a catalogue entry."),
+    repeat: int = typer.Option(3, "--repeat", min=1, help="Timed runs of each phase (the median is reported)."),
+    state_dir: Path | None = typer.Option(None, "--dir", help="Write the checkpoints under this directory."),
+    profile: str | None = typer.Option(
+        None, "--profile", help="Print the cProfile of one phase to stderr: to_checkpoint_s, save_s, load_s, ..."
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Trainer checkpoint cost at a state size: to_checkpoint, save, load, the publisher's delta,
+    a trainer resume; the file size. No Kafka, Redis or training."""
+    _setup_logging(False)
+    from bench.checkpoint import run
+    from bench.common import write_report
+
+    typer.echo(write_report(run(users, items, repeat, state_dir, profile), json_out))

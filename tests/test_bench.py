@@ -53,6 +53,17 @@ def test_cli_lists_the_three_benchmarks() -> None:
         assert name in result.output
 
 
+def test_checkpoint_bench_smoke(tmp_path: Path) -> None:
+    from bench.checkpoint import run
+
+    report = run(users=30, items=10, repeat=1, state_dir=tmp_path)
+    assert report["history_entries"] == 30 * report["history_len"] and report["delta_users"] == 1
+    assert report["file_bytes"] > 0 and set(report["median"]) == set(report["runs"])
+    assert all(len(runs) == 1 and runs[0] >= 0 for runs in report["runs"].values())
+    json.loads(write_report(report, None))
+    assert list(tmp_path.iterdir()) == []  # the checkpoints went with their temporary directory
+
+
 # --- live smoke runs -----------------------------------------------------------------------------
 @pytest.mark.integration
 @pytest.mark.parametrize("tool", TOOLS)

@@ -130,14 +130,14 @@ def test_nightly_owning_the_state_counts_each_day_once(config: Config, monkeypat
     ckpt = checkpoint.load(cfg.trainer.state_dir)
     assert ckpt is not None
     assert _counts(ckpt) == (40, 40)  # counted once, by the nightly itself
-    assert ckpt.histories == _expected_histories(day1, 5)  # tomorrow starts from today's histories
+    assert ckpt.histories.as_dict() == _expected_histories(day1, 5)  # tomorrow starts from today's histories
     assert ckpt.event_time_ms == day1[-1].ts_ms
     assert sum(learned) == 40  # learned once (the retrain), not again when counting
 
     # a forced rerun retrains the date but does not count it again
     assert run_nightly(cfg, DAY, force=True, progress=False).status == "trained"
     again = checkpoint.load(cfg.trainer.state_dir)
-    assert _counts(again) == (40, 40) and again.histories == ckpt.histories
+    assert _counts(again) == (40, 40) and again.histories.as_dict() == ckpt.histories.as_dict()
 
     # the next day's examples start from the histories of the day before
     seen: list[list[tuple[str, int]]] = []
@@ -153,7 +153,7 @@ def test_nightly_owning_the_state_counts_each_day_once(config: Config, monkeypat
     assert seen[0] == _expected_histories(day1, 5)[day2[0].user_id]
     later = checkpoint.load(cfg.trainer.state_dir)
     assert _counts(later) == (70, 70)
-    assert later.histories == _expected_histories(day1 + day2, 5)
+    assert later.histories.as_dict() == _expected_histories(day1 + day2, 5)
 
 
 def test_nightly_does_not_recount_what_a_stopped_streaming_trainer_applied(config: Config) -> None:
@@ -169,7 +169,7 @@ def test_nightly_does_not_recount_what_a_stopped_streaming_trainer_applied(confi
     assert run_nightly(cfg, DAY, progress=False).examples == 40
     ckpt = checkpoint.load(cfg.trainer.state_dir)
     assert _counts(ckpt) == (40, 40)
-    assert ckpt.histories == _expected_histories(clicks, 5)
+    assert ckpt.histories.as_dict() == _expected_histories(clicks, 5)
 
 
 def test_streaming_trainer_started_after_nightly_only_days_does_not_count_them_again(config: Config) -> None:
@@ -182,15 +182,15 @@ def test_streaming_trainer_started_after_nightly_only_days_does_not_count_them_a
     ckpt = checkpoint.load(cfg.trainer.state_dir)
     assert ckpt is not None and ckpt.extra[NIGHTLY_COUNTED] == [list(day_bounds_ms(DAY, "UTC"))]
     assert _counts(ckpt) == (40, 40)
-    hard = dict(ckpt.extra["hard_negative_counts"])
+    hard = dict(ckpt.hard_negatives.counts)
 
     # a streaming trainer starts on this state: it replays the topic from the checkpoint's offsets
     # (the beginning), skips yesterday's interactions (the nightly counted them) and counts today's
     _stream_until_idle(cfg)
     final = checkpoint.load(cfg.trainer.state_dir)
     assert _counts(final) == (70, 70)
-    assert final.histories == _expected_histories(day1 + day2, 5)
-    assert final.extra["hard_negative_counts"] == hard  # yesterday's impressions not observed twice
+    assert final.histories.as_dict() == _expected_histories(day1 + day2, 5)
+    assert final.hard_negatives.counts == hard  # yesterday's impressions not observed twice
     assert final.extra[NIGHTLY_COUNTED] == ckpt.extra[NIGHTLY_COUNTED]  # kept for a later restart
     assert sum(final.offsets.values()) >= 40 + 40 + 30  # every record of the topic is behind it
 
@@ -207,13 +207,13 @@ def _assert_same(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint) -> None:
         assert ta.ids == tb.ids
         for part in ("emb", "accum", "count", "last_seen_ms", "updated_seq"):
             assert torch.equal(getattr(ta, part), getattr(tb, part)), f"{table}.{part}"
-    assert a.histories == b.histories and a.seq == b.seq and a.dense_version == b.dense_version
+    assert a.histories.as_dict() == b.histories.as_dict() and a.seq == b.seq and a.dense_version == b.dense_version
     sa, sb = a.extra["dense_optimizer"]["state"], b.extra["dense_optimizer"]["state"]
     assert sa.keys() == sb.keys()
     for key in sa:
         assert all(torch.equal(sa[key][k], sb[key][k]) for k in ("exp_avg", "exp_avg_sq")), key
     assert torch.equal(a.extra["generator"], b.extra["generator"])
-    assert a.extra["hard_negative_counts"] == b.extra["hard_negative_counts"]
+    assert a.hard_negatives.counts == b.hard_negatives.counts
 
 
 def test_nightly_is_deterministic_for_a_seed(config: Config, tmp_path: Path) -> None:
@@ -236,7 +236,7 @@ def test_nightly_is_deterministic_for_a_seed(config: Config, tmp_path: Path) -> 
     differ = [k for k, v in runs["first"].dense.items() if not torch.equal(v, runs["other_seed"].dense[k])]
     assert differ  # another seed: another shuffle and other negatives
     assert not torch.equal(runs["first"].users.emb, runs["other_seed"].users.emb)
-    assert runs["first"].histories == runs["other_seed"].histories  # the same clicks, counted alike
+    assert runs["first"].histories.as_dict() == runs["other_seed"].histories.as_dict()  # the same clicks, counted alike
 
 
 # --- handoff into a running streaming trainer ------------------------------------------------------------

@@ -171,14 +171,19 @@ class IdTable:
 
     def to_state(self) -> tuple[TableState, torch.Tensor]:
         """The compacted live rows, and the row numbers they came from (to align side tables)."""
-        keys, rows = self.live_rows()
+        compact = bool(self.free)  # a freed slot: gather the live rows (advanced indexing copies)
+        keys, rows = self.live_rows() if compact else (list(self.ids), torch.arange(len(self.ids)))
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[rows] if compact else t[: len(keys)].clone()
+
         state = TableState(
             ids=keys,
-            emb=self.emb[rows].clone(),
-            accum=self.accum[rows].clone(),
-            count=self.count[rows].clone(),
-            last_seen_ms=self.last_seen_ms[rows].clone(),
-            updated_seq=self.updated_seq[rows].clone(),
+            emb=take(self.emb),
+            accum=take(self.accum),
+            count=take(self.count),
+            last_seen_ms=take(self.last_seen_ms),
+            updated_seq=take(self.updated_seq),
             pending=dict(self.pending),
         )
         return state, rows

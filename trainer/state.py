@@ -38,7 +38,8 @@ from trainer.losses import (
     retrieval_loss,
 )
 from trainer.pooling import history_columns, pool_views, pooling_matrix
-from twotower.checkpoint import Checkpoint
+from twotower.checkpoint import Catalog, Checkpoint, HardNegatives, Histories, Profiles
+from twotower.columns import Ragged
 from twotower.config import ModelConfig, TrainerConfig
 from twotower.events import IMPRESSION, CatalogItem, Interaction, Profile
 from twotower.model import (
@@ -473,10 +474,23 @@ class TrainerState:
 
     # --- checkpoints -------------------------------------------------------------------
     def to_checkpoint(self, offsets: dict[str, int], extra: dict | None = None) -> Checkpoint:
-        """Everything needed to resume (and for the publisher to build snapshots)."""
+        """Everything needed to resume (and for the publisher to build snapshots).
+
+        The bulky collections leave as columns (see :mod:`twotower.checkpoint`): one pass over
+        each, no per-entry tensors.
+        """
         users, _ = self.users.to_state()
         items, _ = self.items.to_state()
-        cats, content = self.item_side(items.ids)
+        catalog = self._catalog_columns()
+        position = {item: i for i, item in enumerate(catalog.ids)}
+        rows = torch.tensor([position.get(item, -1) for item in items.ids], dtype=torch.int64)
+        known = rows >= 0
+        cats = torch.zeros(len(items.ids), dtype=torch.int64)
+        content = torch.zeros(len(items.ids), self.model_cfg.content_dim)
+        cats[known] = catalog.category[rows[known]]
+        content[known] = catalog.content[rows[known]]
+        requests = self.requests
+        keys = list(requests)
         return Checkpoint(
             seq=self.seq,
             dense_version=self.dense_version,
@@ -490,26 +504,29 @@ class TrainerState:
             removed_items=list(self.removed_items),
             offsets=dict(offsets),
             event_time_ms=self.event_time_ms,
-            histories={u: list(h) for u, h in self.histories.items()},
+            histories=Histories.from_dict(self.histories),
+            profiles=Profiles(list(self.profiles), _stack(self.profiles.values(), self.model_cfg.profile_dim)),
+            catalog=catalog,
+            hard_negatives=HardNegatives(
+                Ragged.from_lists(keys, [sorted(entry.shown) for entry in requests.values()]),
+                Ragged.from_lists(keys, [list(entry.not_shown) for entry in requests.values()]),
+                dict(self.hard_counts),
+            ),
             extra={
                 "dense_optimizer": self.dense_optimizer.state_dict(),
                 "category_index": dict(self.categories),
                 "nightly_done": list(self.nightly_done),
                 "generator": self.generator.get_state(),
-                "profiles": {u: torch.from_numpy(p) for u, p in self.profiles.items()},
-                "catalog_ids": list(self.catalog),
-                "catalog_category": torch.tensor([c for c, _ in self.catalog.values()], dtype=torch.int64),
-                "catalog_content": torch.from_numpy(
-                    np.stack([f for _, f in self.catalog.values()])
-                    if self.catalog
-                    else np.zeros((0, self.model_cfg.content_dim), dtype=np.float32)
-                ),
-                "hard_negative_requests": {
-                    rid: [sorted(entry.shown), list(entry.not_shown)] for rid, entry in self.requests.items()
-                },
-                "hard_negative_counts": dict(self.hard_counts),
                 **(extra or {}),
             },
+        )
+
+    def _catalog_columns(self) -> Catalog:
+        values = self.catalog.values()
+        return Catalog(
+            list(self.catalog),
+            torch.from_numpy(np.fromiter((c for c, _ in values), dtype=np.int64, count=len(self.catalog))),
+            _stack((f for _, f in values), self.model_cfg.content_dim),
         )
 
     @classmethod
@@ -523,19 +540,22 @@ class TrainerState:
         state.items = IdTable.from_state(ckpt.items, trainer_cfg.admission_min_count)
         extra = ckpt.extra
         state.categories = dict(extra.get("category_index", {}))
-        state.profiles = {u: p.numpy() for u, p in extra.get("profiles", {}).items()}
-        ids = extra.get("catalog_ids", [])
-        cats, content = extra.get("catalog_category"), extra.get("catalog_content")
-        state.catalog = {item: (int(cats[i]), content[i].numpy()) for i, item in enumerate(ids)}
-        state.histories = {u: deque(h, maxlen=state.model_cfg.history_len) for u, h in ckpt.histories.items()}
+        # rows of one matrix each (views; apply_profile / apply_catalog replace, never write into them)
+        state.profiles = dict(zip(ckpt.profiles.ids, ckpt.profiles.features.numpy(), strict=True))
+        catalog = ckpt.catalog
+        side = zip(catalog.category.tolist(), catalog.content.numpy(), strict=True)
+        state.catalog = dict(zip(catalog.ids, side, strict=True))
+        length = state.model_cfg.history_len
+        state.histories = {u: deque(h, maxlen=length) for u, h in ckpt.histories.pairs()}
         state.removed_items = list(ckpt.removed_items)
         state.nightly_done = list(extra.get("nightly_done", []))
         state.seq = ckpt.seq
         state.dense_version = ckpt.dense_version
         state.event_time_ms = ckpt.event_time_ms
-        for rid, (shown, not_shown) in extra.get("hard_negative_requests", {}).items():
+        hard = ckpt.hard_negatives
+        for rid, shown, not_shown in zip(hard.shown.keys, hard.shown.lists(), hard.not_shown.lists(), strict=True):
             state.requests[rid] = RequestNegatives(set(shown), dict.fromkeys(not_shown))
-        state.hard_counts = dict(extra.get("hard_negative_counts", {}))
+        state.hard_counts = dict(hard.counts)
         state.hard_total = sum(state.hard_counts.values())
         if "generator" in extra:
             state.generator.set_state(extra["generator"])
@@ -544,6 +564,14 @@ class TrainerState:
                 _optimizer_state_without(state.model, extra["dense_optimizer"], filled)
             )
         return state
+
+
+def _stack(rows: Iterable[np.ndarray], dim: int) -> torch.Tensor:
+    """``[n, dim]`` float32 of equal-length rows (``[0, dim]`` when there are none)."""
+    arrays = list(rows)
+    if not arrays:
+        return torch.zeros(0, dim)
+    return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
 
 
 def _optimizer_state_without(model: torch.nn.Module, saved: dict, missing: Sequence[str]) -> dict:

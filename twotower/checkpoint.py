@@ -2,29 +2,41 @@
 
 One file, ``<state_dir>/checkpoint.pt``, holds the dense weights, both ID tables (with per-row
 counts, last-seen event time and the checkpoint sequence number of the last update), the
-item content features, the category vocabulary, optimizer state, the user histories the
-trainer pools, and the Kafka offsets all of that includes. It is written to a temporary file
-and renamed into place, so a reader sees either the old or the new state, never half of
-one; the trainer commits its Kafka offsets only after that rename.
+item content features, the category vocabulary, optimizer state, the catalogue, the user
+profiles, the user histories the trainer pools, the hard-negative memory, and the Kafka
+offsets all of that includes. It is written to a temporary file, fsynced and renamed into
+place, so a reader sees either the old or the new state, never half of one; the trainer
+commits its Kafka offsets only after that rename.
 
 It is loaded with ``torch.load(weights_only=True)``: only tensors, numbers, strings, lists
-and dicts, nothing that could execute code.
+and dicts, nothing that could execute code. Since format 2 everything bulky is a handful of
+tensors (see :mod:`twotower.columns`): string lists as UTF-8 bytes, histories and requests as
+ragged index vectors, profiles and the catalogue as matrices. Format 1 pickled them as
+Python objects (a dict of a million tuples, a tensor per user), which made a checkpoint of
+100k users take tens of seconds each way; format-1 files still load.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from itertools import chain, pairwise
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-FORMAT = 1
+from twotower.columns import Ragged, pack_strings, unpack_strings
+
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 FILENAME = "checkpoint.pt"
 
 
-@dataclass
+@dataclass(eq=False)
 class TableState:
     """The live rows of an ID table, in row order."""
 
@@ -43,7 +55,87 @@ class TableState:
     """IDs seen but not admitted yet, with their counts."""
 
 
-@dataclass
+@dataclass(eq=False)
+class Histories:
+    """Every user's pooled history, oldest first, flat: ``items.keys`` are the users."""
+
+    items: Ragged
+    """User → item ids of the history."""
+    ts_ms: torch.Tensor
+    """int64 event time of each entry of ``items.values``."""
+
+    @classmethod
+    def empty(cls) -> Histories:
+        return cls(Ragged.empty(), torch.zeros(0, dtype=torch.int64))
+
+    @classmethod
+    def from_dict(cls, histories: Mapping[str, Iterable[tuple[str, int]]]) -> Histories:
+        """From user → (item id, ts_ms) pairs (a list or deque per user)."""
+        users = list(histories)
+        lists = list(histories.values())
+        flat = list(chain.from_iterable(lists))
+        ts_ms = np.fromiter(map(itemgetter(1), flat), dtype=np.int64, count=len(flat))
+        items = list(map(itemgetter(0), flat))
+        return cls(Ragged.from_flat(users, map(len, lists), items), torch.from_numpy(ts_ms))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def pairs(self) -> Iterable[tuple[str, list[tuple[str, int]]]]:
+        """(user, its (item id, ts_ms) pairs), in user order."""
+        pairs = list(zip(self.items.flat(), self.ts_ms.tolist(), strict=True))
+        bounds = self.items.bounds()
+        return zip(self.items.keys, (pairs[a:b] for a, b in pairwise(bounds)), strict=True)
+
+    def as_dict(self) -> dict[str, list[tuple[str, int]]]:
+        return dict(self.pairs())
+
+
+@dataclass(eq=False)
+class Profiles:
+    """User profile features: ``features[i]`` belongs to ``ids[i]``."""
+
+    ids: list[str]
+    features: torch.Tensor
+    """``[n, profile_dim]`` float32."""
+
+    @classmethod
+    def empty(cls, dim: int = 0) -> Profiles:
+        return cls([], torch.zeros(0, dim))
+
+
+@dataclass(eq=False)
+class Catalog:
+    """Every catalogue item the trainer knows (also those without an ID row)."""
+
+    ids: list[str]
+    category: torch.Tensor
+    """``[n]`` int64 category index."""
+    content: torch.Tensor
+    """``[n, content_dim]`` float32 content features."""
+
+    @classmethod
+    def empty(cls, dim: int = 0) -> Catalog:
+        return cls([], torch.zeros(0, dtype=torch.int64), torch.zeros(0, dim))
+
+
+@dataclass(eq=False)
+class HardNegatives:
+    """The recent requests (oldest first) with their shown and retrieved-but-not-shown items,
+    and how often each item was recorded as retrieved-but-not-shown."""
+
+    shown: Ragged
+    """Request id → shown items (sorted)."""
+    not_shown: Ragged
+    """Request id (same keys as ``shown``) → retrieved-but-not-shown items, in insertion order."""
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls) -> HardNegatives:
+        return cls(Ragged.empty(), Ragged.empty(), {})
+
+
+@dataclass(eq=False)
 class Checkpoint:
     seq: int
     """Increments at every write."""
@@ -65,11 +157,19 @@ class Checkpoint:
     """``"topic:partition"`` → next offset to read, covering everything in this state."""
     event_time_ms: int
     """Event-time watermark of the state."""
-    histories: dict[str, list[tuple[str, int]]]
-    """user id → recent (item id, ts_ms) interactions the trainer pools, oldest first."""
+    histories: Histories = field(default_factory=Histories.empty)
+    """Recent (item id, ts_ms) interactions the trainer pools per user, oldest first (a mapping
+    user → pairs is converted)."""
+    profiles: Profiles = field(default_factory=Profiles.empty)
+    catalog: Catalog = field(default_factory=Catalog.empty)
+    hard_negatives: HardNegatives = field(default_factory=HardNegatives.empty)
     extra: dict[str, Any] = field(default_factory=dict)
-    """Optimizer state, item frequency estimates and other trainer internals."""
+    """Optimizer state, category index, nightly bookkeeping and other trainer internals."""
     format: int = FORMAT
+
+    def __post_init__(self) -> None:
+        if isinstance(self.histories, Mapping):
+            self.histories = Histories.from_dict(self.histories)
 
 
 def path_in(state_dir: str | Path) -> Path:
@@ -77,16 +177,25 @@ def path_in(state_dir: str | Path) -> Path:
 
 
 def save(state_dir: str | Path, ckpt: Checkpoint) -> Path:
-    """Write atomically (temp file + fsync + rename)."""
+    """Write atomically (temp file + fsync + rename, then fsync of the directory)."""
     target = path_in(state_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".tmp.{os.getpid()}")
-    data = asdict(ckpt)
-    with open(tmp, "wb") as fh:
-        torch.save(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    data = encode(ckpt)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(data, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return target
 
 
@@ -94,19 +203,187 @@ def load(state_dir: str | Path) -> Checkpoint | None:
     """The checkpoint in ``state_dir``, or ``None`` if there is none yet.
 
     Raises:
-        ValueError: the file exists but is of another format.
+        ValueError: the file exists but is of an unknown format or inconsistent.
     """
     target = path_in(state_dir)
     if not target.exists():
         return None
     data = torch.load(target, map_location="cpu", weights_only=True)
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{target}: checkpoint format {data.get('format')!r}, expected {FORMAT}")
-    data["users"] = TableState(**data["users"])
-    data["items"] = TableState(**data["items"])
-    data["removed_items"] = [tuple(x) for x in data["removed_items"]]
-    data["histories"] = {u: [tuple(x) for x in h] for u, h in data["histories"].items()}
-    return Checkpoint(**data)
+    fmt = data.get("format") if isinstance(data, dict) else None
+    try:
+        if fmt == FORMAT:
+            return decode(data)
+        if fmt == 1:
+            return _from_format_1(data)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{target}: malformed checkpoint of format {fmt}: {exc!r}") from None
+    raise ValueError(f"{target}: checkpoint format {fmt!r}, expected one of {READABLE_FORMATS}")
+
+
+# --- format 2 ---------------------------------------------------------------------------------
+def _encode_counts(counts: Mapping[str, int]) -> dict[str, Any]:
+    return {
+        "ids": pack_strings(list(counts)),
+        "counts": torch.from_numpy(np.fromiter(counts.values(), dtype=np.int64, count=len(counts))),
+    }
+
+
+def _decode_counts(data: Any, what: str) -> dict[str, int]:
+    ids = unpack_strings(data["ids"], f"{what}.ids")
+    counts = _tensor(data["counts"], what, rows=len(ids))
+    return dict(zip(ids, counts.tolist(), strict=True))
+
+
+def _tensor(value: Any, what: str, rows: int | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{what}: not a tensor")
+    if rows is not None and (value.ndim == 0 or value.shape[0] != rows):
+        raise ValueError(f"{what}: {tuple(value.shape)} does not have {rows} rows")
+    return value
+
+
+def encode(ckpt: Checkpoint) -> dict[str, Any]:
+    """The dict written to disk: tensors, numbers, short strings and small containers only."""
+
+    def table(t: TableState) -> dict[str, Any]:
+        return {
+            "ids": pack_strings(t.ids),
+            "emb": t.emb,
+            "accum": t.accum,
+            "count": t.count,
+            "last_seen_ms": t.last_seen_ms,
+            "updated_seq": t.updated_seq,
+            "pending": _encode_counts(t.pending),
+        }
+
+    removed_seq = np.fromiter((s for s, _ in ckpt.removed_items), dtype=np.int64, count=len(ckpt.removed_items))
+    hard = ckpt.hard_negatives
+    return {
+        "format": FORMAT,
+        "seq": ckpt.seq,
+        "dense_version": ckpt.dense_version,
+        "model_config": ckpt.model_config,
+        "dense": ckpt.dense,
+        "users": table(ckpt.users),
+        "items": table(ckpt.items),
+        "item_category": ckpt.item_category,
+        "item_content": ckpt.item_content,
+        "categories": pack_strings(ckpt.categories),
+        "removed_items": {
+            "seq": torch.from_numpy(removed_seq),
+            "ids": pack_strings([item for _, item in ckpt.removed_items]),
+        },
+        "offsets": ckpt.offsets,
+        "event_time_ms": ckpt.event_time_ms,
+        "histories": {"items": ckpt.histories.items.encode(), "ts_ms": ckpt.histories.ts_ms},
+        "profiles": {"ids": pack_strings(ckpt.profiles.ids), "features": ckpt.profiles.features},
+        "catalog": {
+            "ids": pack_strings(ckpt.catalog.ids),
+            "category": ckpt.catalog.category,
+            "content": ckpt.catalog.content,
+        },
+        "hard_negatives": {
+            "shown": hard.shown.encode(),
+            "not_shown": hard.not_shown.encode(),
+            "counts": _encode_counts(hard.counts),
+        },
+        "extra": ckpt.extra,
+    }
+
+
+def decode(data: dict[str, Any]) -> Checkpoint:
+    """A :class:`Checkpoint` from what :func:`encode` wrote, its columns checked for consistency.
+
+    Raises:
+        ValueError: a column is missing, of the wrong kind or does not fit its ids.
+    """
+
+    def table(d: Any, what: str) -> TableState:
+        ids = unpack_strings(d["ids"], f"{what}.ids")
+        n = len(ids)
+        cols = {name: _tensor(d[name], f"{what}.{name}", n) for name in TABLE_COLUMNS}
+        return TableState(ids=ids, **cols, pending=_decode_counts(d["pending"], f"{what}.pending"))
+
+    users, items = table(data["users"], "users"), table(data["items"], "items")
+    removed = data["removed_items"]
+    removed_ids = unpack_strings(removed["ids"], "removed_items.ids")
+    removed_seq = _tensor(removed["seq"], "removed_items.seq", len(removed_ids)).tolist()
+    hist = data["histories"]
+    history_items = Ragged.decode(hist["items"], "histories.items")
+    profile_ids = unpack_strings(data["profiles"]["ids"], "profiles.ids")
+    catalog_ids = unpack_strings(data["catalog"]["ids"], "catalog.ids")
+    hard = data["hard_negatives"]
+    shown, not_shown = Ragged.decode(hard["shown"], "shown"), Ragged.decode(hard["not_shown"], "not_shown")
+    if shown.keys != not_shown.keys:
+        raise ValueError("hard_negatives: shown and not_shown name different requests")
+    return Checkpoint(
+        seq=int(data["seq"]),
+        dense_version=int(data["dense_version"]),
+        model_config=dict(data["model_config"]),
+        dense=dict(data["dense"]),
+        users=users,
+        items=items,
+        item_category=_tensor(data["item_category"], "item_category"),
+        item_content=_tensor(data["item_content"], "item_content"),
+        categories=unpack_strings(data["categories"], "categories"),
+        removed_items=list(zip(removed_seq, removed_ids, strict=True)),
+        offsets=dict(data["offsets"]),
+        event_time_ms=int(data["event_time_ms"]),
+        histories=Histories(history_items, _tensor(hist["ts_ms"], "histories.ts_ms", len(history_items.values))),
+        profiles=Profiles(profile_ids, _tensor(data["profiles"]["features"], "profiles.features", len(profile_ids))),
+        catalog=Catalog(
+            catalog_ids,
+            _tensor(data["catalog"]["category"], "catalog.category", len(catalog_ids)),
+            _tensor(data["catalog"]["content"], "catalog.content", len(catalog_ids)),
+        ),
+        hard_negatives=HardNegatives(shown, not_shown, _decode_counts(hard["counts"], "hard_negatives.counts")),
+        extra=dict(data["extra"]),
+    )
+
+
+TABLE_COLUMNS = ("emb", "accum", "count", "last_seen_ms", "updated_seq")
+
+
+# --- format 1 ---------------------------------------------------------------------------------
+def _from_format_1(data: dict[str, Any]) -> Checkpoint:
+    """A format-1 checkpoint (everything pickled as Python objects, profiles, catalogue and hard
+    negatives inside ``extra``) in today's form."""
+    extra = dict(data["extra"])
+    profiles = extra.pop("profiles", {})
+    profile_dim = int(data["model_config"].get("profile_dim", 0))
+    content_dim = int(data["model_config"].get("content_dim", 0))
+    catalog_ids = list(extra.pop("catalog_ids", []))
+    catalog_category = extra.pop("catalog_category", torch.zeros(0, dtype=torch.int64))
+    catalog_content = extra.pop("catalog_content", torch.zeros(0, content_dim))
+    requests = extra.pop("hard_negative_requests", {})
+    keys = list(requests)
+    hard = HardNegatives(
+        Ragged.from_lists(keys, [list(v[0]) for v in requests.values()]),
+        Ragged.from_lists(keys, [list(v[1]) for v in requests.values()]),
+        dict(extra.pop("hard_negative_counts", {})),
+    )
+    return Checkpoint(
+        seq=data["seq"],
+        dense_version=data["dense_version"],
+        model_config=data["model_config"],
+        dense=data["dense"],
+        users=TableState(**data["users"]),
+        items=TableState(**data["items"]),
+        item_category=data["item_category"],
+        item_content=data["item_content"],
+        categories=list(data["categories"]),
+        removed_items=[(int(s), i) for s, i in data["removed_items"]],
+        offsets=data["offsets"],
+        event_time_ms=data["event_time_ms"],
+        histories=Histories.from_dict({u: [(i, int(t)) for i, t in h] for u, h in data["histories"].items()}),
+        profiles=Profiles(
+            list(profiles),
+            torch.stack([p.float() for p in profiles.values()]) if profiles else torch.zeros(0, profile_dim),
+        ),
+        catalog=Catalog(catalog_ids, catalog_category, catalog_content),
+        hard_negatives=hard,
+        extra=extra,
+    )
 
 
 def stat_seq(state_dir: str | Path) -> float | None:

@@ -1,0 +1,192 @@
+"""``bench checkpoint``: the cost of one trainer checkpoint at a given state size.
+
+Builds a :class:`~trainer.state.TrainerState` directly (no Kafka, no training): ``users``
+user rows, each with a profile and a full history of ``model.history_len`` clicks,
+``items`` item rows with their catalogue entries, the hard-negative memory filled to
+``trainer.hard_negative_requests`` requests. Then, in the order the system does it:
+
+* ``to_checkpoint_s``: the trainer's conversion of its state to a :class:`Checkpoint`;
+* ``save_s``: :func:`twotower.checkpoint.save` (write, fsync, rename);
+* ``load_s``: :func:`twotower.checkpoint.load` (what the publisher and a restart read);
+* ``publish_delta_s``: what the publisher does with it on a delta (the towers from the
+  checkpoint, the delta of the rows changed since the previous sequence number);
+* ``resume_s``: :meth:`TrainerState.from_checkpoint` (a trainer restart).
+
+Each phase is timed ``repeat`` times; the report gives every run and the median.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from twotower.config import ModelConfig, TrainerConfig
+
+UPDATED_SHARE = 0.01
+"""Share of user rows changed since the previous checkpoint (the delta the publisher builds)."""
+SHOWN_PER_REQUEST = 10
+RETRIEVED_PER_REQUEST = 30
+
+
+def build_state(users: int, items: int, seed: int = 0) -> Any:
+    """A trainer state of the given size (random rows, full histories, profiles, catalogue)."""
+    from trainer.id_table import IdTable
+    from trainer.state import RequestNegatives, TrainerState
+    from twotower.checkpoint import TableState
+
+    mcfg, tcfg = ModelConfig(), TrainerConfig()
+    state = TrainerState(mcfg, tcfg)
+    rng = np.random.default_rng(seed)
+    now_ms = 1_700_000_000_000
+    user_ids = [f"u{i:07d}" for i in range(users)]
+    item_ids = [f"i{i:07d}" for i in range(items)]
+    seq = 100
+
+    def table(ids: list[str]) -> IdTable:
+        n = len(ids)
+        return IdTable.from_state(
+            TableState(
+                ids=ids,
+                emb=torch.from_numpy(rng.standard_normal((n, mcfg.id_dim), dtype=np.float32) * 0.01),
+                accum=torch.from_numpy(rng.random(n, dtype=np.float32)),
+                count=torch.from_numpy(rng.integers(1, 100, n)),
+                last_seen_ms=torch.from_numpy(now_ms - rng.integers(0, 86_400_000, n)),
+                updated_seq=torch.from_numpy(rng.integers(1, seq, n)),
+            ),
+            tcfg.admission_min_count,
+        )
+
+    state.users, state.items = table(user_ids), table(item_ids)
+    state.users.updated_seq[: max(1, int(users * UPDATED_SHARE))] = seq  # changed since seq - 1
+    state.seq = seq
+    for c in range(min(mcfg.n_categories, 50)):
+        state.category_index(f"cat{c}")
+    cats = rng.integers(1, len(state.categories) + 1, items)
+    content = rng.random((items, mcfg.content_dim), dtype=np.float32)
+    state.catalog = {item: (int(cats[i]), content[i].copy()) for i, item in enumerate(item_ids)}
+    profiles = rng.random((users, mcfg.profile_dim), dtype=np.float32)
+    state.profiles = {user: profiles[i].copy() for i, user in enumerate(user_ids)}
+    length = mcfg.history_len
+    clicked = rng.integers(0, items, (users, length))
+    times = np.sort(now_ms - rng.integers(0, 30 * 86_400_000, (users, length)), axis=1)
+    state.histories = {
+        user: deque(
+            ((item_ids[j], int(t)) for j, t in zip(clicked[i].tolist(), times[i].tolist(), strict=True)),
+            maxlen=length,
+        )
+        for i, user in enumerate(user_ids)
+    }
+    state.requests = OrderedDict()
+    for r in range(tcfg.hard_negative_requests):
+        picked = rng.integers(0, items, SHOWN_PER_REQUEST + RETRIEVED_PER_REQUEST).tolist()
+        shown = {item_ids[j] for j in picked[:SHOWN_PER_REQUEST]}
+        not_shown = dict.fromkeys(item_ids[j] for j in picked[SHOWN_PER_REQUEST:] if item_ids[j] not in shown)
+        state.requests[f"req{r:08d}"] = RequestNegatives(shown, not_shown)
+        for item in not_shown:
+            state.hard_counts[item] = state.hard_counts.get(item, 0) + 1
+            state.hard_total += 1
+    state.event_time_ms = now_ms
+    return state
+
+
+def _timed(fn: Callable[[], Any], profile: cProfile.Profile | None) -> tuple[float, Any]:
+    started = time.perf_counter()
+    if profile is not None:
+        profile.enable()
+    try:
+        out = fn()
+    finally:
+        if profile is not None:
+            profile.disable()
+    return time.perf_counter() - started, out
+
+
+def _load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run(
+    users: int,
+    items: int,
+    repeat: int = 3,
+    state_dir: Path | None = None,
+    profile_phase: str | None = None,
+    profile_lines: int = 25,
+) -> dict[str, Any]:
+    """Build the state, then time each phase ``repeat`` times; the report.
+
+    Args:
+        profile_phase: one of the phase names: print its cProfile (cumulative, first run) to stderr.
+    """
+    from publisher.build import delta_snapshot, model_from_checkpoint
+    from trainer.state import TrainerState
+    from twotower import checkpoint
+
+    load_before = _load_average()
+    started = time.perf_counter()
+    state = build_state(users, items)
+    build_s = time.perf_counter() - started
+    runs: dict[str, list[float]] = {
+        name: [] for name in ("to_checkpoint_s", "save_s", "load_s", "publish_delta_s", "resume_s")
+    }
+    size = 0
+    delta_users = 0
+    with tempfile.TemporaryDirectory(dir=state_dir) as tmp:
+        for attempt in range(repeat):
+
+            def prof(name: str, attempt: int = attempt) -> cProfile.Profile | None:
+                return cProfile.Profile() if name == profile_phase and attempt == 0 else None
+
+            profiles = {name: prof(name) for name in runs}
+            took, ckpt = _timed(lambda: state.to_checkpoint({"events:0": 1}), profiles["to_checkpoint_s"])
+            runs["to_checkpoint_s"].append(took)
+            took, _ = _timed(lambda ckpt=ckpt: checkpoint.save(tmp, ckpt), profiles["save_s"])
+            runs["save_s"].append(took)
+            del ckpt
+            size = checkpoint.path_in(tmp).stat().st_size
+            took, loaded = _timed(lambda: checkpoint.load(tmp), profiles["load_s"])
+            runs["load_s"].append(took)
+
+            def publish(loaded: Any = loaded) -> Any:
+                return delta_snapshot(loaded, loaded.seq - 1, model=model_from_checkpoint(loaded))
+
+            took, delta = _timed(publish, profiles["publish_delta_s"])
+            runs["publish_delta_s"].append(took)
+            delta_users = len(delta.users.ids)
+            took, _ = _timed(
+                lambda loaded=loaded: TrainerState.from_checkpoint(loaded, state.tcfg), profiles["resume_s"]
+            )
+            runs["resume_s"].append(took)
+            del loaded
+            for name, profile in profiles.items():
+                if profile is not None:
+                    print(f"--- cProfile of {name} (first run) ---", file=sys.stderr)
+                    pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(profile_lines)
+    return {
+        "users": users,
+        "items": items,
+        "history_len": state.model_cfg.history_len,
+        "history_entries": sum(len(h) for h in state.histories.values()),
+        "hard_negative_requests": len(state.requests),
+        "delta_users": delta_users,
+        "file_bytes": size,
+        "file_mb": round(size / 1e6, 1),
+        "build_state_s": round(build_s, 2),
+        "median": {name: round(statistics.median(values), 3) for name, values in runs.items()},
+        "runs": {name: [round(v, 3) for v in values] for name, values in runs.items()},
+        "checkpoint_cycle_s": round(statistics.median(runs["to_checkpoint_s"]) + statistics.median(runs["save_s"]), 3),
+        "load_average_before": load_before,
+        "load_average_after": _load_average(),
+    }

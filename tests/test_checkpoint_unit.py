@@ -1,0 +1,209 @@
+"""The checkpoint file: format-2 round trip of every part of the trainer's state, format-1 files
+still loading, and the columnar encodings refusing what does not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.state import TrainerState
+from twotower import checkpoint
+from twotower.columns import PackedStrings, Ragged, pack_strings, unpack_strings
+from twotower.config import ModelConfig, TrainerConfig
+from twotower.events import CLICK, IMPRESSION, CatalogItem, Interaction, Profile
+
+DAY_MS = 86_400_000
+ODD_ITEM = "ï\0tem"  # a NUL inside an id: the packed string lists take their slower form
+
+
+def _state() -> TrainerState:
+    """A small state with every part filled: rows, pending IDs, catalogue (also items without a
+    row), profiles, histories, hard negatives, removed items, a nightly step's optimizer state."""
+    state = TrainerState(
+        ModelConfig(dim=8, id_dim=4, hidden=16, content_dim=3, profile_dim=2, history_len=4),
+        TrainerConfig(admission_min_count=2, row_ttl_days=5.0, hard_negative_requests=3, min_extra_negatives=0),
+    )
+    items = [f"i{i}" for i in range(12)] + [ODD_ITEM, "日本"]
+    for n, item in enumerate(items):
+        state.apply_catalog(CatalogItem(item, f"c{n % 3}", [float(n), 1.0, -1.0], 0))
+    for n in range(6):
+        state.apply_profile(Profile(f"u{n}", [float(n), 0.5], 0))
+    rng = np.random.default_rng(1)
+    clicks = []
+    for n in range(60):
+        user, item = f"u{rng.integers(0, 8)}", items[rng.integers(0, len(items))]
+        clicks.append(Interaction(f"e{n}", f"r{n % 5}", user, item, CLICK, 0, DAY_MS + 1_000 * n))
+    state.learn(state.observe_clicks(clicks[:30]), dense=True)
+    clicks.append(Interaction("once", "r9", "u-once", "i1", CLICK, 0, DAY_MS))  # stays pending (admission 2)
+    state.learn(state.observe_clicks(clicks[30:]), dense=False)
+    for r in range(5):  # an LRU of 3: the first two are dropped
+        context = {"retrieved": [items[r], items[r + 1], ODD_ITEM, items[r + 3]]}
+        state.observe_impression(Interaction(f"imp{r}", f"r{r}", "u1", items[r], IMPRESSION, 0, DAY_MS, context))
+    state.items.add("stale", 0, state.next_seq)
+    state.expire(DAY_MS * 11 // 2)  # "stale" and the never-clicked catalogue items go
+    state.nightly_done.append("2026-01-01")
+    state.seq += 1
+    assert state.removed_items and state.users.pending and len(state.requests) == 3
+    return state
+
+
+def _assert_same_state(a: TrainerState, b: TrainerState) -> None:
+    assert (a.seq, a.dense_version, a.event_time_ms) == (b.seq, b.dense_version, b.event_time_ms)
+    for name in ("users", "items"):
+        ta, tb = getattr(a, name), getattr(b, name)
+        ka, ra = ta.live_rows()
+        kb, rb = tb.live_rows()
+        assert ka == kb and ta.pending == tb.pending
+        for col in ("emb", "accum", "count", "last_seen_ms", "updated_seq"):
+            assert torch.equal(getattr(ta, col)[ra], getattr(tb, col)[rb]), (name, col)
+    assert a.catalog.keys() == b.catalog.keys()
+    for item, (cat, content) in a.catalog.items():
+        assert b.catalog[item][0] == cat and np.array_equal(b.catalog[item][1], content)
+    assert a.profiles.keys() == b.profiles.keys()
+    assert all(np.array_equal(a.profiles[u], b.profiles[u]) for u in a.profiles)
+    assert {u: list(h) for u, h in a.histories.items()} == {u: list(h) for u, h in b.histories.items()}
+    assert all(h.maxlen == a.model_cfg.history_len for h in b.histories.values())
+    assert list(a.requests) == list(b.requests)
+    for rid, entry in a.requests.items():
+        assert b.requests[rid].shown == entry.shown and list(b.requests[rid].not_shown) == list(entry.not_shown)
+    assert a.hard_counts == b.hard_counts and a.hard_total == b.hard_total
+    assert a.removed_items == b.removed_items and a.nightly_done == b.nightly_done
+    assert a.categories == b.categories
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    for key, value in a.model.state_dict().items():
+        assert torch.equal(value, b.model.state_dict()[key]), key
+    sa, sb = a.dense_optimizer.state_dict()["state"], b.dense_optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+
+
+def test_round_trip_restores_every_part_of_the_state(tmp_path: Path) -> None:
+    state = _state()
+    offsets = {"events:0": 60, "catalog:0": 14}
+    extra = {"applied_above": {"events:1": [7, 9]}}
+    checkpoint.save(tmp_path, state.to_checkpoint(offsets, extra))
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]  # no temporary file left
+    loaded = checkpoint.load(tmp_path)
+    assert loaded is not None and loaded.format == checkpoint.FORMAT == 2
+    assert loaded.offsets == offsets and loaded.extra["applied_above"] == {"events:1": [7, 9]}
+    assert loaded.histories.as_dict() == {u: list(h) for u, h in state.histories.items()}
+    assert loaded.hard_negatives.counts == state.hard_counts
+    # the publisher's view: item side aligned to the item rows
+    for row, item in enumerate(loaded.items.ids):
+        assert int(loaded.item_category[row]) == state.catalog[item][0]
+        assert np.array_equal(loaded.item_content[row].numpy(), state.catalog[item][1])
+    _assert_same_state(state, TrainerState.from_checkpoint(loaded, state.tcfg))
+
+
+def test_an_empty_state_round_trips(tmp_path: Path) -> None:
+    state = TrainerState(ModelConfig(dim=8, id_dim=4, hidden=16), TrainerConfig())
+    checkpoint.save(tmp_path, state.to_checkpoint({}))
+    loaded = checkpoint.load(tmp_path)
+    assert loaded is not None and len(loaded.histories) == 0 and loaded.profiles.ids == []
+    _assert_same_state(state, TrainerState.from_checkpoint(loaded, state.tcfg))
+
+
+def _format_1(state: TrainerState, offsets: dict[str, int]) -> dict[str, Any]:
+    """What the format-1 code wrote for ``state``: ``asdict`` of the old checkpoint, with the
+    histories as a dict of (item, ts) tuples and profiles, catalogue and hard negatives in extra."""
+    users, _ = state.users.to_state()
+    items, _ = state.items.to_state()
+    cats, content = state.item_side(items.ids)
+
+    def table(t: checkpoint.TableState) -> dict[str, Any]:
+        return {
+            "ids": t.ids,
+            "emb": t.emb,
+            "accum": t.accum,
+            "count": t.count,
+            "last_seen_ms": t.last_seen_ms,
+            "updated_seq": t.updated_seq,
+            "pending": t.pending,
+        }
+
+    return {
+        "seq": state.seq,
+        "dense_version": state.dense_version,
+        "model_config": state.model_cfg.model_dump(),
+        "dense": {k: v.clone() for k, v in state.model.state_dict().items()},
+        "users": table(users),
+        "items": table(items),
+        "item_category": cats,
+        "item_content": content,
+        "categories": sorted(state.categories, key=state.categories.__getitem__),
+        "removed_items": list(state.removed_items),
+        "offsets": offsets,
+        "event_time_ms": state.event_time_ms,
+        "histories": {u: list(h) for u, h in state.histories.items()},
+        "extra": {
+            "dense_optimizer": state.dense_optimizer.state_dict(),
+            "category_index": dict(state.categories),
+            "nightly_done": list(state.nightly_done),
+            "generator": state.generator.get_state(),
+            "profiles": {u: torch.from_numpy(p) for u, p in state.profiles.items()},
+            "catalog_ids": list(state.catalog),
+            "catalog_category": torch.tensor([c for c, _ in state.catalog.values()], dtype=torch.int64),
+            "catalog_content": torch.from_numpy(np.stack([f for _, f in state.catalog.values()])),
+            "hard_negative_requests": {rid: [sorted(e.shown), list(e.not_shown)] for rid, e in state.requests.items()},
+            "hard_negative_counts": dict(state.hard_counts),
+            "applied_above": {"events:0": [3]},
+        },
+        "format": 1,
+    }
+
+
+def test_a_format_1_checkpoint_still_loads_and_resumes(tmp_path: Path) -> None:
+    state = _state()
+    torch.save(_format_1(state, {"events:0": 60}), checkpoint.path_in(tmp_path))
+    loaded = checkpoint.load(tmp_path)
+    assert loaded is not None and loaded.offsets == {"events:0": 60}
+    assert loaded.extra["applied_above"] == {"events:0": [3]}
+    assert not {"profiles", "catalog_ids", "hard_negative_requests"} & loaded.extra.keys()
+    _assert_same_state(state, TrainerState.from_checkpoint(loaded, state.tcfg))
+    # and it is written back as format 2
+    checkpoint.save(tmp_path, loaded)
+    again = checkpoint.load(tmp_path)
+    assert again is not None and again.format == 2
+    _assert_same_state(state, TrainerState.from_checkpoint(again, state.tcfg))
+
+
+def test_unknown_formats_and_inconsistent_columns_are_refused(tmp_path: Path) -> None:
+    torch.save({"format": 99}, checkpoint.path_in(tmp_path))
+    with pytest.raises(ValueError, match="format 99"):
+        checkpoint.load(tmp_path)
+    data = checkpoint.encode(_state().to_checkpoint({}))
+    data["users"]["emb"] = data["users"]["emb"][:-1]  # one row short of the ids
+    torch.save(data, checkpoint.path_in(tmp_path))
+    with pytest.raises(ValueError, match=r"users\.emb"):
+        checkpoint.load(tmp_path)
+
+
+@pytest.mark.parametrize("strings", [[], [""], ["a", "", "bc"], ["日本", "x\0y", ""], ["\0"]])
+def test_packed_strings_round_trip(strings: list[str]) -> None:
+    packed = pack_strings(strings)
+    assert ("ends" in packed) == any("\0" in s for s in strings)
+    assert unpack_strings(packed) == strings
+
+
+def test_packed_strings_refuse_a_wrong_count() -> None:
+    packed = pack_strings(["a", "b", "c"])
+    with pytest.raises(ValueError):
+        unpack_strings({**packed, "count": 2})
+    with pytest.raises(ValueError):
+        unpack_strings({**packed, "utf8": torch.zeros(3)})  # not bytes
+    odd = pack_strings(["x\0", "y"])
+    with pytest.raises(ValueError):
+        PackedStrings.decode({**odd, "ends": torch.tensor([2, 9])}, "odd").unpack()
+
+
+def test_ragged_lists_round_trip_and_check_offsets() -> None:
+    ragged = Ragged.from_lists(["k1", "k2", "k3"], [["a", "b"], [], ["a"]])
+    assert ragged.lists() == [["a", "b"], [], ["a"]]
+    decoded = Ragged.decode(ragged.encode(), "r")
+    assert decoded.keys == ["k1", "k2", "k3"] and decoded.lists() == ragged.lists()
+    bad = {**ragged.encode(), "offsets": torch.tensor([0, 2, 1, 3])}
+    with pytest.raises(ValueError, match="ascending"):
+        Ragged.decode(bad, "r")
