@@ -24,7 +24,7 @@ import torch
 from publisher.index import build_index, serialize
 from twotower.blobs import Rows
 from twotower.checkpoint import Checkpoint
-from twotower.config import ModelConfig
+from twotower.config import stored_model_config
 from twotower.events import CatalogItem
 from twotower.model import UNKNOWN_CATEGORY, TwoTower, dense_arrays, fit_features, load_dense_state
 from twotower.snapshot_parts import DeltaSnapshot, FullSnapshot
@@ -39,7 +39,7 @@ def model_from_checkpoint(ckpt: Checkpoint) -> TwoTower:
         ValueError: the config or the weights do not fit the model.
     """
     try:
-        cfg = ModelConfig(**ckpt.model_config)
+        cfg = stored_model_config(ckpt.model_config)
     except Exception as exc:
         raise ValueError(f"checkpoint {ckpt.seq}: bad model_config: {exc}") from None
     model = TwoTower(cfg)

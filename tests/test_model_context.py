@@ -14,7 +14,7 @@ from publisher.build import full_snapshot, model_from_checkpoint
 from retriever.state import ServingState
 from trainer.state import TrainerState
 from twotower import checkpoint
-from twotower.config import ModelConfig, TrainerConfig
+from twotower.config import ModelConfig, TrainerConfig, stored_model_config
 from twotower.events import CLICK, CatalogItem, Interaction
 from twotower.model import (
     CONTEXT_WEIGHT,
@@ -23,6 +23,7 @@ from twotower.model import (
     context_vector,
     context_width,
     dense_arrays,
+    history_pools,
     load_dense_arrays,
     time_features,
 )
@@ -67,7 +68,7 @@ def test_context_changes_the_user_vector(tower: str) -> None:
     model = TwoTower(cfg)
     rows, prof = torch.randn(1, 4), torch.randn(1, 2)
     if tower == "mean":
-        pooled = torch.nn.functional.normalize(torch.randn(1, 8), dim=-1)
+        pooled = torch.nn.functional.normalize(torch.randn(1, 8 * history_pools(cfg)), dim=-1)
 
         def run(ts: int, ctx: dict | None) -> torch.Tensor:
             return model.user(rows, prof, pooled, None, context_matrix(cfg, [ts], [ctx]))
@@ -155,15 +156,17 @@ def test_trained_context_separates_morning_and_evening_at_serving() -> None:
 
 
 def _legacy(ckpt: checkpoint.Checkpoint) -> checkpoint.Checkpoint:
-    """A checkpoint as written before context features existed (no context config, no weight)."""
-    ckpt.model_config = {k: v for k, v in ckpt.model_config.items() if k not in ("context_time", "context_dim")}
+    """A checkpoint as written before context features and the recent view existed (no such config,
+    no context weight)."""
+    dropped = ("context_time", "context_dim", "recent_len")
+    ckpt.model_config = {k: v for k, v in ckpt.model_config.items() if k not in dropped}
     ckpt.dense = {k: v for k, v in ckpt.dense.items() if k != CONTEXT_WEIGHT}
     return ckpt
 
 
 def test_weights_from_before_context_load_with_zero_context_and_old_outputs(tmp_path) -> None:
     # a model without context has exactly the parameters of a model from before context existed
-    old, clicks = _toy({"context_time": False, "context_dim": 0})
+    old, clicks = _toy({"context_time": False, "context_dim": 0, "recent_len": 0})
     old.learn(old.observe_clicks(clicks(32, 0)), dense=True)
     old.seq += 1
     checkpoint.save(tmp_path, _legacy(old.to_checkpoint({})))
@@ -172,6 +175,7 @@ def test_weights_from_before_context_load_with_zero_context_and_old_outputs(tmp_
 
     new = TrainerState.from_checkpoint(loaded, old.tcfg)
     assert not new.model_cfg.context_time and new.model_cfg.context_dim == 4  # the defaults
+    assert new.model_cfg.recent_len == 0  # not the default: the weights were shaped without it
     assert torch.count_nonzero(new.model.user.context.weight) == 0
     rows, prof = torch.randn(3, 4), torch.randn(3, 2)
     pooled = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
@@ -192,12 +196,12 @@ def test_weights_from_before_context_load_with_zero_context_and_old_outputs(tmp_
     # the publisher and the retriever load such weights the same way
     model = model_from_checkpoint(_legacy(old.to_checkpoint({})))
     assert torch.count_nonzero(model.user.context.weight) == 0
-    served = TwoTower(ModelConfig(**SMALL))
+    served = TwoTower(stored_model_config(_legacy(old.to_checkpoint({})).model_config))  # as the snapshot says
     arrays = {k: v for k, v in dense_arrays(old.model).items() if k != CONTEXT_WEIGHT}
     assert load_dense_arrays(served, arrays) == [CONTEXT_WEIGHT]
     broken = {k: v for k, v in arrays.items() if k != "user.skip.weight"}
     with pytest.raises(RuntimeError, match=r"user\.skip\.weight"):
-        load_dense_arrays(TwoTower(ModelConfig(**SMALL)), broken)
+        load_dense_arrays(TwoTower(ModelConfig(**SMALL, recent_len=0)), broken)
 
 
 def test_serving_takes_the_request_context() -> None:

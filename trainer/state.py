@@ -40,7 +40,7 @@ from trainer.losses import (
 from trainer.pooling import history_columns, pool_views, pooling_matrix
 from twotower.checkpoint import Catalog, Checkpoint, HardNegatives, Histories, Profiles
 from twotower.columns import Ragged
-from twotower.config import ModelConfig, TrainerConfig
+from twotower.config import ModelConfig, TrainerConfig, stored_model_config
 from twotower.events import IMPRESSION, CatalogItem, Interaction, Profile
 from twotower.model import (
     TwoTower,
@@ -532,7 +532,7 @@ class TrainerState:
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, trainer_cfg: TrainerConfig) -> TrainerState:
         """Resume from a checkpoint (the model shape comes from the checkpoint)."""
-        state = cls(ModelConfig.model_validate(ckpt.model_config), trainer_cfg)
+        state = cls(stored_model_config(ckpt.model_config), trainer_cfg)
         filled = load_dense_state(state.model, ckpt.dense)
         state.model.requires_grad_(False)
         state.model.eval()

@@ -118,6 +118,16 @@ class ModelConfig(_Section):
     the context weights at zero (the old outputs exactly; the config then has these defaults)."""
 
 
+def stored_model_config(data: Mapping[str, Any]) -> ModelConfig:
+    """The :class:`ModelConfig` saved with a checkpoint or snapshot.
+
+    A field added since keeps its *old* behaviour where the saved config lacks it (the weights
+    were shaped without it): ``recent_len`` 0. Fields whose default already is the old behaviour
+    (the context inputs, whose weights load as zeros) need no entry here.
+    """
+    return ModelConfig.model_validate({"recent_len": 0, **data})
+
+
 class TrainerConfig(_Section):
     state_dir: Path = Path("var/trainer")
     """Where checkpoints (weights + ID tables + Kafka offsets, written together) live."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from twotower.blobs import BlobError, Rows, pack_arrays, pack_rows, pack_strings, unpack_arrays, unpack_rows
 from twotower.blobs import unpack_strings as _unpack_strings
-from twotower.config import ModelConfig
+from twotower.config import ModelConfig, stored_model_config
 
 MODEL_CONFIG = "model_config"
 WEIGHTS = "weights"
@@ -63,7 +63,7 @@ def decode_full(parts: dict[str, bytes]) -> FullSnapshot:
     if missing:
         raise BlobError(f"full snapshot lacks parts {sorted(missing)}")
     try:
-        cfg = ModelConfig.model_validate(msgpack.unpackb(parts[MODEL_CONFIG], raw=False))
+        cfg = stored_model_config(msgpack.unpackb(parts[MODEL_CONFIG], raw=False))
     except Exception as exc:
         raise BlobError(f"bad model_config part: {exc}") from None
     return FullSnapshot(
