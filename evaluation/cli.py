@@ -161,6 +161,13 @@ def replay_command(
     publish_every: float = typer.Option(
         5.0, "--publish-every", min=0.0, help="Seconds of event time before a streaming update is visible."
     ),
+    history_delay: float = typer.Option(
+        0.0,
+        "--history-delay",
+        min=0.0,
+        help="Diagnostic: seconds of event time before an interaction enters the pooled history (0: at once, "
+        "the protocol).",
+    ),
     policies: str = typer.Option(
         "popularity_7d,als_nightly,itemknn_stream,two_tower_nightly,two_tower_streaming",
         "--policies",
@@ -209,7 +216,9 @@ def replay_command(
     logging.getLogger("kafka").setLevel(logging.ERROR)
     torch.set_num_threads(threads)
     names = split_policies(policies)
-    protocol = Protocol(k=k, recall_k=max(50, k), publish_every_s=publish_every, seed=seed)
+    protocol = Protocol(
+        k=k, recall_k=max(50, k), publish_every_s=publish_every, history_delay_s=history_delay, seed=seed
+    )
     column_names = [c.strip() for c in columns.split(",")] if columns else None
     try:
         events = load_events(

@@ -60,6 +60,10 @@ class Protocol:
     """An item (user) is cold (new) while it was first seen less than this many days ago."""
     history_max_len: int = 100
     """Interactions per user kept in the shared history (the publisher's Redis list cap)."""
+    history_delay_s: float = 0.0
+    """Event-time delay before an interaction enters the history the policies pool (exclusion of
+    seen items is unaffected). 0, the protocol: at once. A diagnostic: a live replay at thousands
+    of times real time delays the retriever's history by minutes of event time."""
     seed: int = 0
     """Seed of every random choice of every policy."""
 
@@ -72,6 +76,8 @@ class Protocol:
             raise ValueError("publish_every_s must be >= 0 and the day windows > 0")
         if self.history_max_len < 1:
             raise ValueError("history_max_len must be >= 1")
+        if self.history_delay_s < 0:
+            raise ValueError("history_delay_s must be >= 0")
 
     @property
     def publish_every_ms(self) -> int:
@@ -213,11 +219,16 @@ class World:
         return self.seen.get(user, self._empty)
 
     def history(self, user: str) -> Sequence[tuple[str, int]]:
-        """``(item, ts_ms)`` of ``user``'s most recent interactions, oldest first (do not modify)."""
-        return self.histories.get(user, ())
+        """``(item, ts_ms)`` of ``user``'s most recent interactions, oldest first (do not modify);
+        with ``history_delay_s``, only those at least that old."""
+        hist = self.histories.get(user, ())
+        if self.protocol.history_delay_s <= 0 or not hist:
+            return hist
+        visible = self.now_ms - round(self.protocol.history_delay_s * 1000)
+        return [entry for entry in hist if entry[1] <= visible]
 
     def history_newest_first(self, user: str) -> list[tuple[str, int]]:
-        return list(reversed(self.histories.get(user, ())))
+        return list(reversed(self.history(user)))
 
     def is_cold_item(self, item: str, now_ms: int) -> bool:
         """First seen less than ``cold_days`` before ``now_ms`` (or never seen)."""

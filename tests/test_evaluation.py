@@ -146,6 +146,18 @@ def test_seen_items_are_excluded_and_short_lists_filled_from_popularity() -> Non
     assert top_unseen(np.array([0.1, 0.9, 0.5, 0.9]), ["a", "b", "c", "d"], {"b"}, 2) == ["d", "c"]
 
 
+def test_history_delay_hides_recent_interactions_from_pooling_not_from_exclusion() -> None:
+    world = World(Protocol(history_delay_s=60))
+    world.observe(Event("me", "old", DAY0))
+    world.observe(Event("me", "new", DAY0 + 50_000))
+    world.advance(DAY0 + 70_000)
+    assert world.history_newest_first("me") == [("old", DAY0)]  # "new" is 20 s old: not yet visible
+    assert world.seen_by("me") == {"old", "new"}
+    world.advance(DAY0 + 110_000)
+    assert world.history_newest_first("me") == [("new", DAY0 + 50_000), ("old", DAY0)]
+    assert World(Protocol()).history("nobody") == ()
+
+
 def test_replayed_lists_never_contain_seen_items(tmp_path: Path) -> None:
     events = synthetic_log(days=3)
     protocol = Protocol(warmup_fraction=0.5, publish_every_s=60)
