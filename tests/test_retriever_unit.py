@@ -364,8 +364,7 @@ def test_merge_history_puts_fresh_events_first_and_dedups() -> None:
 
 
 def test_gentle_rows_decoding_equals_unpack_rows_and_rejects_what_it_rejects() -> None:
-    from retriever.state import unpack_rows_gently
-    from twotower.blobs import pack_rows, unpack_rows
+    from twotower.blobs import pack_rows, unpack_rows, unpack_rows_gently
 
     rows = Rows([f"i{j}" for j in range(300)], np.random.default_rng(0).standard_normal((300, 5)).astype(np.float32))
     payload = pack_rows(rows)
