@@ -12,11 +12,11 @@ When the pointer names another version, the watcher builds the new state off to 
   a few deltas when notices were missed), it applies only the deltas after it;
 * otherwise (a new full version, a rollback, the first load) it loads the whole chain.
 
-While it builds, the interpreter's switch interval is lowered (:data:`BUILD_SWITCH_INTERVAL_S`)
-so that the request thread waits less for the GIL. A whole load (not the first one) also waits
-for this host's *reload turn*, a short-lived Redis lock, so that the worker processes of one
-host reload a new full version one after another rather than all at once (each reload takes a
-core for seconds at 1M items; the others keep serving the old version meanwhile).
+A whole load (not the first one) waits for this host's *reload turn*, a short-lived Redis lock,
+so that the worker processes of one host reload a new full version one after another rather
+than all at once (each reload takes a core for seconds at 1M items; the others keep serving the
+old version meanwhile). The request thread's share of the GIL during a build comes from the
+worker's switch interval (``retriever.gil_switch_interval_ms``, set by the app).
 
 Then it publishes the new state with one attribute assignment. A failure (missing version,
 corrupt part, Redis down) is logged and counted, and the old state keeps serving; a version
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -71,8 +70,6 @@ SwapHook = Callable[[ServingState | None, ServingState], None]
 """Called with (the state the new one was derived from by deltas, or ``None`` when it was
 loaded whole; the new state) before a swap."""
 
-BUILD_SWITCH_INTERVAL_S = 0.0005
-"""sys.setswitchinterval while a state is built (Python's default is 5 ms)."""
 RELOAD_TURN_TTL_S = 120.0
 """A reload turn not released within this long (a crashed worker) lapses."""
 RELOAD_TURN_MAX_WAIT_S = 90.0
@@ -186,15 +183,12 @@ class SnapshotWatcher:
         if self._failed is not None and self._failed[0] == target and time.monotonic() < self._failed[1]:
             return False
         started = time.perf_counter()
-        _building(True)
         try:
             new_state, kind = self._build(target, state)
         except _EXPECTED_ERRORS as exc:
             self._failed = (target, time.monotonic() + self.retry_failed_s)
             self._note_error(f"cannot load snapshot version {target}: {exc}")
             return False
-        finally:
-            _building(False)
         elapsed = time.perf_counter() - started
         if self.on_swap is not None:
             try:
@@ -270,27 +264,6 @@ class SnapshotWatcher:
             self._last_error = message
         else:
             log.debug("%s (again)", message)
-
-
-_builds_lock = threading.Lock()
-_builds = 0
-_saved_switch_interval = 0.0
-
-
-def _building(starting: bool) -> None:
-    """Lower the switch interval while any watcher of the process builds a state (counted, so
-    that overlapping builds restore the interpreter's own setting once the last one ends)."""
-    global _builds, _saved_switch_interval
-    with _builds_lock:
-        if starting:
-            if _builds == 0:
-                _saved_switch_interval = sys.getswitchinterval()
-                sys.setswitchinterval(BUILD_SWITCH_INTERVAL_S)
-            _builds += 1
-        else:
-            _builds -= 1
-            if _builds == 0:
-                sys.setswitchinterval(_saved_switch_interval)
 
 
 def _close(pubsub: redis.client.PubSub | None) -> None:

@@ -70,16 +70,15 @@ def test_fast_query_takes_plain_queries_and_leaves_the_rest_to_fastapi() -> None
     assert fast_query(b"user_id=" + b"x" * 257) is None
 
 
-def test_overlapping_builds_restore_the_switch_interval_once_the_last_ends() -> None:
+def test_the_app_sets_the_configured_switch_interval_for_the_watchers_rebuilds() -> None:
     import sys
 
-    from retriever import watcher
+    from retriever.app import create_app
+    from twotower.config import Config
 
     before = sys.getswitchinterval()
-    watcher._building(True)
-    watcher._building(True)
-    assert sys.getswitchinterval() == watcher.BUILD_SWITCH_INTERVAL_S
-    watcher._building(False)
-    assert sys.getswitchinterval() == watcher.BUILD_SWITCH_INTERVAL_S
-    watcher._building(False)
-    assert sys.getswitchinterval() == before
+    try:
+        create_app(Config().with_overrides({"retriever": {"gil_switch_interval_ms": 0.7}}))
+        assert abs(sys.getswitchinterval() - 0.0007) < 1e-9
+    finally:
+        sys.setswitchinterval(before)
