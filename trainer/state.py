@@ -50,7 +50,6 @@ from twotower.model import (
     history_pools,
     history_tensor,
     load_dense_state,
-    pool_history,
 )
 
 MS_PER_DAY = 86_400_000
@@ -195,14 +194,15 @@ class TrainerState:
 
     def item_side(self, item_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Category indices ``[n]`` and content ``[n, content_dim]`` of items (zeros if unknown)."""
-        cats = torch.zeros(len(item_ids), dtype=torch.int64)
+        cats = np.zeros(len(item_ids), dtype=np.int64)
         content = np.zeros((len(item_ids), self.model_cfg.content_dim), dtype=np.float32)
+        get = self.catalog.get
         for i, item_id in enumerate(item_ids):
-            side = self.catalog.get(item_id)
+            side = get(item_id)
             if side is not None:
                 cats[i] = side[0]
                 content[i] = side[1]
-        return cats, torch.from_numpy(content)
+        return torch.from_numpy(cats), torch.from_numpy(content)
 
     def item_vectors(self, item_ids: Sequence[str], rows: torch.Tensor | None = None) -> torch.Tensor:
         """Item-tower outputs for ``item_ids`` (from ``rows`` if given, else the table's rows)."""
@@ -212,21 +212,13 @@ class TrainerState:
         return self.model.item(rows, cats, content)
 
     def pooled_history(self, histories: Sequence[Sequence[tuple[str, int]]], now_ms: Sequence[int]) -> torch.Tensor:
-        """``[B, history_pools · dim]`` pooled input of each history (oldest first; no gradient)."""
-        out = torch.zeros(len(histories), history_pools(self.model_cfg) * self.model_cfg.dim)
+        """``[B, history_pools · dim]`` pooled input of each history (oldest first; no gradient):
+        the same weights as the differentiable path (:func:`trainer.pooling.pooling_matrix`)."""
         unique = sorted({item for hist in histories for item, _ in hist})
         if not unique:
-            return out
+            return torch.zeros(len(histories), history_pools(self.model_cfg) * self.model_cfg.dim)
         with torch.no_grad():
-            vecs = self.item_vectors(unique).numpy()
-        pos = {item: i for i, item in enumerate(unique)}
-        for b, hist in enumerate(histories):
-            if not hist:
-                continue
-            idx = [pos[item] for item, _ in hist]
-            ts = np.fromiter((t for _, t in hist), dtype=np.int64, count=len(hist))
-            out[b] = torch.from_numpy(pool_history(vecs[idx], ts, now_ms[b], self.model_cfg))
-        return out
+            return pool_views(pooling_matrix(unique, histories, now_ms, self.model_cfg), self.item_vectors(unique))
 
     def history_batch(self, histories: Sequence[Sequence[tuple[str, int]]]) -> tuple[torch.Tensor, torch.Tensor]:
         """MIND input: ``[B, history_len, dim]`` item vectors, newest first, and the ``[B, history_len]``
