@@ -297,7 +297,15 @@ def _score_and_feed(
         if on_event is not None:
             on_event(done + 1, total)
     producer.flush(timeout=60)
-    run = LiveRun(metrics, series, n_warm, 0.0, nightly, version, errors, "")
-    run.event_span_s = (events[-1].ts_ms - ts0) / 1000.0
-    run.scoring_wall_s = time.monotonic() - wall0
-    return run
+    return LiveRun(
+        metrics,
+        series,
+        n_warm,
+        0.0,
+        nightly,
+        version,
+        errors,
+        "",
+        event_span_s=(events[-1].ts_ms - ts0) / 1000.0,
+        scoring_wall_s=time.monotonic() - wall0,
+    )

@@ -79,17 +79,18 @@ def click(event: Event, index: int) -> Interaction:
     )
 
 
-def apply_item_side(state: TrainerState, side: Mapping[str, ItemSide], events: Iterable[Event]) -> int:
-    """Give the state the catalogue record of each item of ``events`` it does not know yet (at the
-    item's first event), as the trainers read the catalogue topic; returns how many were new."""
+def apply_item_side(state: TrainerState, side: Mapping[str, ItemSide], seen: Iterable[tuple[str, int]]) -> int:
+    """Give the state the catalogue record of each item of ``seen`` (``(item id, ts_ms)`` in event
+    order) it does not know yet, at the item's first sighting, as the trainers read the catalogue
+    topic; returns how many were new."""
     n = 0
     if not side:
         return n
-    for event in events:
-        if event.item not in state.catalog:
-            found = side.get(event.item)
+    for item_id, ts_ms in seen:
+        if item_id not in state.catalog:
+            found = side.get(item_id)
             if found is not None:
-                state.apply_catalog(found.record(event.item, event.ts_ms))
+                state.apply_catalog(found.record(item_id, ts_ms))
                 n += 1
     return n
 
@@ -135,7 +136,7 @@ class WarmStart:
         if self._state is None:
             started = time.perf_counter()
             state = TrainerState(self.model_cfg, self.trainer_cfg)
-            apply_item_side(state, self.item_side, warmup)
+            apply_item_side(state, self.item_side, ((e.item, e.ts_ms) for e in warmup))
             examples = state.observe_clicks(click(e, i) for i, e in enumerate(warmup))
             for epoch in range(self.epochs):
                 seed = self.trainer_cfg.seed * 1_000_003 + epoch
@@ -233,7 +234,7 @@ class TwoTowerPolicy(Policy):
             self._nightly_handoff(date.isoformat(), clicks, day, seed)
         else:
             state = self.state
-            apply_item_side(state, self.warm_start.item_side, events)
+            apply_item_side(state, self.warm_start.item_side, ((e.item, e.ts_ms) for e in events))
             # as ``train nightly`` owning the state: examples from the histories before the day,
             # then the day's clicks counted once, before the retrain
             examples = build_examples(state, clicks, day_start_ms(day))
@@ -287,11 +288,7 @@ class TwoTowerPolicy(Policy):
     def _learn_batch(self, batch: list[Interaction]) -> None:
         assert self.state is not None
         started = time.perf_counter()
-        side = self.warm_start.item_side
-        if side:
-            for record in batch:
-                if record.item_id not in self.state.catalog and record.item_id in side:
-                    self.state.apply_catalog(side[record.item_id].record(record.item_id, record.ts_ms))
+        apply_item_side(self.state, self.warm_start.item_side, ((r.item_id, r.ts_ms) for r in batch))
         examples = self.state.observe_clicks(batch)
         self.state.learn(examples, dense=False)
         self.streamed += len(batch)
