@@ -27,7 +27,10 @@ Policies:
   (the live trainer learns a click at once and only its publishing waits, so by the 02:00
   retrain it has learned the whole day), then the nightly retrain trains a *copy* and
   hands its result over through :mod:`trainer.handoff` (files in a private temporary
-  directory), the streaming state merges it, and a full version is published.
+  directory), the streaming state merges it, and a full version is published. With
+  ``trainer.nightly_from_base`` (default) the copy's ID rows first go back to the previous
+  nightly's result (``handoff.rebase``; the bootstrap's rows before the first nightly), as
+  ``train nightly`` does with its stored base; the policy keeps that base in memory.
 
 Warm-up (bootstrap, the same for both, computed once): every warm-up click is observed in
 order, then ``bootstrap_epochs`` shuffled epochs of ``retrain`` (towers and rows, seeds
@@ -179,6 +182,8 @@ class TwoTowerPolicy(Policy):
         self.streamed = 0
         self.stream_steps = 0
         self.nightly_losses: list[float] = []
+        self.base: dict[str, Any] | None = None
+        """The rows of the last nightly (or of the bootstrap) when ``trainer.nightly_from_base``."""
         self._handoff_dir: tempfile.TemporaryDirectory[str] | None = None
 
     # --- publishing -------------------------------------------------------------------------
@@ -214,6 +219,8 @@ class TwoTowerPolicy(Policy):
     # --- protocol hooks ---------------------------------------------------------------------
     def bootstrap(self, warmup: Sequence[Event], world: World) -> None:
         self.state = self.warm_start.state(warmup)
+        if self.streaming and self.tcfg.nightly_from_base:
+            self.base = handoff.base_of(self.state, "bootstrap")
         self.state.seq += 1
         self.counter = len(warmup)
         self._publish_full(warmup[-1].ts_ms if warmup else 0)
@@ -256,8 +263,12 @@ class TwoTowerPolicy(Policy):
         # the streaming trainer applied each item's catalogue record at its first click already
         before = copy.deepcopy(self.state)
         after = copy.deepcopy(self.state)
+        if self.base is not None:
+            handoff.rebase(after, self.base)
         examples = build_examples(after, clicks, day_start_ms(day))
         self.nightly_losses.append(retrain(after, examples, seed, self.tcfg.batch_size, progress=False))
+        if self.base is not None:
+            self.base = handoff.base_of(after, date)
         handoff.write(state_dir, date, before, after)
         if not handoff.merge_pending(self.state, state_dir):
             raise RuntimeError(f"nightly handoff of {date} was written but not found")
@@ -344,6 +355,7 @@ class TwoTowerPolicy(Policy):
                     "max_batch_wait_ms",
                     "stream_lr",
                     "nightly_lr",
+                    "nightly_from_base",
                     "admission_min_count",
                     "row_ttl_days",
                     "seed",

@@ -382,3 +382,60 @@ def test_nightly_hands_over_into_a_running_streaming_trainer(config: Config, mon
         trainer.shutdown_flag.set()
         thread.join(timeout=30)
         trainer.shutdown()
+
+
+# --- the nightly base ----------------------------------------------------------------------------------
+
+
+def _rows_at_retrain(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
+    """The user rows each nightly retrain starts from."""
+    starts: list[dict[str, torch.Tensor]] = []
+    retrain = nightly.retrain
+
+    def spy(state: TrainerState, *args: Any, **kwargs: Any) -> float:
+        starts.append(_rows(state.users))
+        return retrain(state, *args, **kwargs)
+
+    monkeypatch.setattr(nightly, "retrain", spy)
+    return starts
+
+
+@pytest.mark.parametrize("from_base", [True, False])
+def test_nightly_starts_from_the_previous_nightly_rows(
+    config: Config, monkeypatch: pytest.MonkeyPatch, from_base: bool
+) -> None:
+    cfg = _small(config, nightly_from_base=from_base)
+    start, _ = day_bounds_ms(DAY, "UTC")
+    day1 = _clicks("a", 40, start + 1_000)
+    day2 = _clicks("b", 30, start + 86_400_000 + 1_000, users=12)  # four users new on day 2
+    _produce(cfg, _catalog() + day1)
+    starts = _rows_at_retrain(monkeypatch)
+    assert run_nightly(cfg, DAY, progress=False).status == "trained"
+    state_dir = Path(cfg.trainer.state_dir)
+    assert (state_dir / handoff.BASE_FILENAME).exists() == from_base
+    after_day1 = checkpoint.load(state_dir)
+    assert after_day1 is not None
+    base_rows = {u: after_day1.users.emb[i] for i, u in enumerate(after_day1.users.ids)}
+
+    # a streaming trainer learns day 2 (user rows move), then stops
+    _produce(cfg, day2)
+    _stream_until_idle(cfg)
+    streamed = checkpoint.load(state_dir)
+    assert streamed is not None and _counts(streamed) == (70, 70)
+    streamed_rows = {u: streamed.users.emb[i] for i, u in enumerate(streamed.users.ids)}
+    moved = [u for u, row in base_rows.items() if not torch.equal(row, streamed_rows[u])]
+    assert moved  # otherwise the test could not tell the two starts apart
+
+    assert run_nightly(cfg, DAY + dt.timedelta(days=1), progress=False).examples == 30
+    start_rows = starts[-1]
+    for user, row in start_rows.items():
+        if from_base:  # the day-1 nightly's rows; a user it never trained starts at zero
+            assert torch.equal(row, base_rows.get(user, torch.zeros(4))), user
+        else:  # the streaming trainer's rows
+            assert torch.equal(row, streamed_rows[user]), user
+    if from_base:
+        assert handoff.load_base(state_dir, "9999-12-31")["date"] == (DAY + dt.timedelta(days=1)).isoformat()
+        # a forced rerun of day 2 starts from day 1's base again, not from its own result
+        assert run_nightly(cfg, DAY + dt.timedelta(days=1), force=True, progress=False).status == "trained"
+        for user, row in starts[-1].items():
+            assert torch.equal(row, base_rows.get(user, torch.zeros(4))), user

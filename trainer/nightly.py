@@ -10,6 +10,9 @@ the topic's retention covers the day (set retention to a few days at least).
 Warm start: the retrain starts from the latest checkpoint (dense weights, ID rows, optimizer
 state), builds each click's history in event order, shuffles the examples with a seed
 derived from the configured seed and the date, and trains one epoch over towers and rows.
+With ``trainer.nightly_from_base`` (default) the ID rows start from those the previous nightly
+produced, not from the streaming trainer's (:mod:`trainer.handoff`, "the nightly base"), and the
+rows this retrain produces become the next base.
 
 The result becomes a full snapshot: written as the new checkpoint when no streaming trainer
 runs, or handed over to the running one (:mod:`trainer.handoff`). A date already retrained
@@ -262,6 +265,14 @@ def run_nightly(cfg: Config, date: dt.date, force: bool = False, progress: bool 
             log.info("nightly %s already done: skipping", day)
             return NightlyResult(day, "skipped")
         before = copy.deepcopy(state) if not own_state else None
+        base = handoff.load_base(state_dir, day) if cfg.trainer.nightly_from_base else None
+        if base is not None:
+            log.info(
+                "nightly %s starts from the rows of the %s retrain (%d rows reset)",
+                day,
+                base["date"],
+                handoff.rebase(state, base),
+            )
         load_side_topics(cfg, topics, state)
         records = load_day_records(cfg, topics, date)
         # Records the state has not seen: not applied by a streaming trainer before its
@@ -286,6 +297,8 @@ def run_nightly(cfg: Config, date: dt.date, force: bool = False, progress: bool 
         seed = cfg.trainer.seed * 1_000_003 + date.toordinal()
         mean_loss = retrain(state, examples, seed, cfg.trainer.batch_size, progress)
         log.info("nightly %s: %d examples, mean loss %.4f", day, len(examples), mean_loss)
+        if cfg.trainer.nightly_from_base:
+            handoff.write_base(state_dir, handoff.base_of(state, day))
         if own_state:
             state.dense_version += 1
             state.nightly_done.append(day)

@@ -146,6 +146,12 @@ class TrainerConfig(_Section):
     """Streaming steps move item rows as well as user rows. Off: streaming tracks users (their rows)
     and item rows change only in the nightly retrain (a new item's vector comes from its content
     until then)."""
+    nightly_from_base: bool = True
+    """The nightly retrain starts its ID rows from the rows the previous nightly produced (the
+    *nightly base*, ``nightly-base.pt`` in ``state_dir``), not from the streaming trainer's rows, which
+    have learned the day once already; the hand-over then adds what streaming learned after the
+    retrain's start (:mod:`trainer.handoff`). Each click is learned once by the nightly, streaming
+    corrects within the day. Off: the nightly starts from the streaming rows (rows learn the day twice)."""
     nightly_row_lr: float = Field(default=0.02, gt=0)
     """Row-wise Adagrad step size of the ID rows in dense (nightly and bootstrap) steps; streaming
     steps use ``stream_lr``, so the streaming step can be small without slowing the nightly."""

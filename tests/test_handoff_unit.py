@@ -1,0 +1,87 @@
+"""The nightly hand-over's row arithmetic and the nightly base (no services)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from trainer import handoff
+from trainer.state import TrainerState
+from twotower.config import ModelConfig, TrainerConfig
+
+SMALL_MODEL = ModelConfig(dim=8, id_dim=4, hidden=16, content_dim=4, profile_dim=2, history_len=5)
+
+
+def _state(rows: dict[str, list[float]], accum: float = 1.0) -> TrainerState:
+    state = TrainerState(SMALL_MODEL, TrainerConfig())
+    for key, values in rows.items():
+        row = state.users.add(key)
+        state.users.emb[row] = torch.tensor(values)
+        state.users.accum[row] = accum
+    return state
+
+
+def test_row_changes_hands_over_rows_and_accumulators() -> None:
+    before = _state({"a": [1, 0, 0, 0], "b": [0, 1, 0, 0]})
+    after = copy.deepcopy(before)
+    after.users.emb[after.users.row("a")] += torch.tensor([0.5, 0, 0, 0])
+    after.users.accum[after.users.row("a")] += 2.0
+    row_c = after.users.add("c")
+    after.users.emb[row_c] = torch.tensor([0, 0, 3.0, 0])
+    after.users.accum[row_c] = 4.0
+    keys, emb, accum = handoff.row_changes(before.users, after.users)
+    assert keys == ["a", "c"]  # b did not change
+    assert torch.equal(emb, torch.tensor([[0.5, 0, 0, 0], [0, 0, 3.0, 0]]))
+    assert torch.equal(accum, torch.tensor([2.0, 4.0]))
+
+
+def test_apply_adds_the_change_to_what_streaming_learned_meanwhile(tmp_path: Path) -> None:
+    before = _state({"a": [1, 0, 0, 0], "b": [0, 1, 0, 0]})
+    after = copy.deepcopy(before)
+    after.users.emb[after.users.row("a")] = torch.tensor([2.0, 0, 0, 0])
+    after.users.accum[after.users.row("a")] = 3.0
+    running = copy.deepcopy(before)  # streaming moved b meanwhile and met a new user d
+    running.users.emb[running.users.row("b")] = torch.tensor([0, 5.0, 0, 0])
+    running.users.accum[running.users.row("b")] = 1.5
+    running.users.add("d")
+    handoff.write(tmp_path, "2024-03-10", before, after)
+    assert handoff.merge_pending(running, tmp_path)
+    users = running.users
+    assert torch.equal(users.emb[users.row("a")], torch.tensor([2.0, 0, 0, 0]))  # the nightly's change
+    assert float(users.accum[users.row("a")]) == 3.0
+    assert torch.equal(users.emb[users.row("b")], torch.tensor([0, 5.0, 0, 0]))  # streaming's, kept
+    assert float(users.accum[users.row("b")]) == 1.5
+    assert users.row("d") >= 0 and running.nightly_done == ["2024-03-10"]
+
+
+def test_rebase_resets_rows_to_the_base_and_unknown_rows_to_zero() -> None:
+    nightly = _state({"a": [1, 0, 0, 0], "b": [0, 1, 0, 0]}, accum=2.0)
+    base = handoff.base_of(nightly, "2024-03-09")
+    streaming = copy.deepcopy(nightly)  # then streaming moves a and adds c
+    streaming.users.emb[streaming.users.row("a")] = torch.tensor([9.0, 9, 9, 9])
+    streaming.users.accum[streaming.users.row("a")] = 7.0
+    row_c = streaming.users.add("c")
+    streaming.users.emb[row_c] = torch.tensor([1.0, 1, 1, 1])
+    streaming.users.accum[row_c] = 1.0
+    assert handoff.rebase(streaming, base) == 2  # a and c; b is already at its base value
+    users = streaming.users
+    assert torch.equal(users.emb[users.row("a")], torch.tensor([1.0, 0, 0, 0]))
+    assert float(users.accum[users.row("a")]) == 2.0
+    assert torch.equal(users.emb[users.row("c")], torch.zeros(4)) and float(users.accum[users.row("c")]) == 0.0
+    assert handoff.rebase(streaming, base) == 0
+
+
+def test_load_base_takes_the_newest_base_of_an_earlier_date(tmp_path: Path) -> None:
+    state = _state({"a": [1, 0, 0, 0]})
+    assert handoff.load_base(tmp_path, "2024-03-10") is None
+    handoff.write_base(tmp_path, handoff.base_of(state, "2024-03-09"))
+    state.users.emb[0] = torch.tensor([2.0, 0, 0, 0])
+    handoff.write_base(tmp_path, handoff.base_of(state, "2024-03-10"))
+    later = handoff.load_base(tmp_path, "2024-03-11")
+    assert later is not None and later["date"] == "2024-03-10"
+    rerun = handoff.load_base(tmp_path, "2024-03-10")  # rerunning the 10th: the base before it
+    assert rerun is not None and rerun["date"] == "2024-03-09"
+    assert torch.equal(rerun["users"]["emb"], torch.tensor([[1.0, 0, 0, 0]]))
+    assert handoff.load_base(tmp_path, "2024-03-09") is None
