@@ -41,7 +41,9 @@ from twotower.blobs import BlobError, Rows, pack_rows, unpack_rows_gently
 from twotower.config import ModelConfig
 from twotower.model import (
     CONTEXT_FEATURES_KEY,
+    NumpyUserTower,
     TwoTower,
+    UserTower,
     context_matrix,
     fit_features,
     history_tensor,
@@ -259,6 +261,8 @@ class ServingState:
         changed_items: item ids (changed, new or removed) of the deltas that turned the state
             this one was derived from into this one; ``None`` for a state built from a full
             version (anything may have changed). Caches of item details key off it.
+        numpy_user: the ``mean`` user tower's weights for :meth:`user_vector`'s numpy path
+            (``None`` with MIND, which runs in torch).
     """
 
     version: int
@@ -281,6 +285,7 @@ class ServingState:
     base_filter: _BaseFilter | None
     search_params: Callable[[faiss.IDSelector], faiss.SearchParameters]
     changed_items: frozenset[str] | None = None
+    numpy_user: NumpyUserTower | None = None
 
     # --- building ---------------------------------------------------------------------------
     @classmethod
@@ -336,6 +341,7 @@ class ServingState:
             overlay=None,
             base_filter=None,
             search_params=_params_factory(index),
+            numpy_user=NumpyUserTower(model.user) if isinstance(model.user, UserTower) else None,
         )
 
     def apply_delta(self, delta: DeltaSnapshot, version: int, created_ms: int | None = None) -> ServingState:
@@ -547,9 +553,9 @@ class ServingState:
         id_row = self.user_id_row(user_id)
         if id_row is None:
             id_row = np.zeros(cfg.id_dim, dtype=np.float32)
-        features = torch.from_numpy(fit_features(profile, cfg.profile_dim)).unsqueeze(0)
         ctx = context_matrix(cfg, [now_ms], [{CONTEXT_FEATURES_KEY: list(context)} if context is not None else None])
         if self.model.multi_interest:
+            features = torch.from_numpy(fit_features(profile, cfg.profile_dim)).unsqueeze(0)
             seq, mask = history_tensor(self.item_rows(positions), [range(len(positions))], cfg.history_len)
             with torch.inference_mode():
                 interests, active = self.model.user(torch.tensor(id_row).unsqueeze(0), features, seq, mask, None, ctx)
@@ -557,6 +563,9 @@ class ServingState:
         pooled = pool_history(  # oldest first, as the trainer keeps histories
             self.item_rows(positions[::-1]), np.asarray(stamps[::-1], dtype=np.int64), now_ms, cfg
         )
+        if self.numpy_user is not None:  # the same forward pass without torch's per-op overhead
+            return self.numpy_user(id_row, fit_features(profile, cfg.profile_dim), pooled, ctx.numpy()[0])
+        features = torch.from_numpy(fit_features(profile, cfg.profile_dim)).unsqueeze(0)
         with torch.inference_mode():
             out = self.model.user(
                 torch.tensor(id_row).unsqueeze(0),

@@ -206,6 +206,61 @@ class UserTower(nn.Module):
         )
 
 
+class NumpyUserTower:
+    """:class:`UserTower`'s forward pass for one user in numpy, for serving.
+
+    Same weights and arithmetic as the module in eval mode (float32; outputs equal within float
+    rounding), without torch's per-operator dispatch, which for these few small matrices costs
+    far more than the arithmetic (measured on one request: ~0.4 ms in torch against ~0.03 ms
+    here). The weights are copied once, transposed, when it is built; the module is not kept.
+    """
+
+    def __init__(self, tower: UserTower) -> None:
+        def weight(layer: nn.Linear) -> np.ndarray:
+            return np.ascontiguousarray(layer.weight.detach().cpu().numpy().T, dtype=np.float32)
+
+        def bias(layer: nn.Linear) -> np.ndarray:
+            if layer.bias is None:
+                return np.zeros(layer.out_features, dtype=np.float32)
+            return layer.bias.detach().cpu().numpy().astype(np.float32)
+
+        first, relu, second = tower.mlp
+        if not (isinstance(first, nn.Linear) and isinstance(relu, nn.ReLU) and isinstance(second, nn.Linear)):
+            raise TypeError("expected the user tower's MLP to be Linear, ReLU, Linear")
+        self.dim = tower.dim
+        self.example_age = tower.example_age
+        self.w1 = weight(first)
+        """``[inputs, hidden]``: the first layer, transposed."""
+        self.b1 = bias(first)
+        self.w2 = weight(second)
+        self.b2 = bias(second)
+        self.skip = weight(tower.skip)
+        self.context = weight(tower.context) if tower.context is not None else None
+
+    def __call__(
+        self, id_row: np.ndarray, profile: np.ndarray, pooled: np.ndarray, context: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The unit user vector ``[dim]`` (float32).
+
+        Args: one user's id row ``[id_dim]``, profile ``[profile_dim]``, pooled history
+        ``[history_pools · dim]`` (:func:`pool_history`), context ``[context_width]`` of
+        :func:`context_matrix` (``None`` = 0); the example age, if the model has one, is 0 (serving).
+        """
+        parts = [id_row, profile, pooled]
+        if self.example_age:
+            parts.append(np.zeros(1, dtype=np.float32))
+        x = np.concatenate(parts).astype(np.float32, copy=False)
+        h = x @ self.w1
+        h += self.b1
+        if self.context is not None and context is not None:
+            h += context.astype(np.float32, copy=False) @ self.context
+        np.maximum(h, 0.0, out=h)
+        out = h @ self.w2
+        out += self.b2
+        out += pooled[: self.dim].astype(np.float32, copy=False) @ self.skip
+        return out / max(float(np.sqrt(np.dot(out, out))), 1e-12)
+
+
 def squash(z: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
     """Capsule squashing along the last axis: ``|z|² / (1 + |z|²) · z / |z|`` (zeros stay zero)."""
     sq = z.pow(2).sum(dim=-1, keepdim=True)
