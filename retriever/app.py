@@ -463,6 +463,8 @@ def _merge_history(
     return merged
 
 
+_REQUESTS_BY_STATUS: dict[int, Any] = {}
+"""``REQUESTS`` children by status (``labels()`` takes a lock and builds a key per call)."""
 _FAST_KEYS = frozenset({"user_id", "k", "exclude", "category", "diversity"})
 _FAST_BOOLS = {"true": True, "false": False, "1": True, "0": False}
 _JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -560,7 +562,10 @@ class RecommendFrontDoor:
 
             await self.app(scope, receive, send_and_note)
         finally:
-            REQUESTS.labels(status=str(status)).inc()
+            counter = _REQUESTS_BY_STATUS.get(status)
+            if counter is None:
+                counter = _REQUESTS_BY_STATUS[status] = REQUESTS.labels(status=str(status))
+            counter.inc()
             LATENCY.observe(time.perf_counter() - started)
 
 

@@ -44,7 +44,7 @@ from twotower.model import (
     NumpyUserTower,
     TwoTower,
     UserTower,
-    context_matrix,
+    context_array,
     fit_features,
     history_tensor,
     load_dense_arrays,
@@ -229,6 +229,11 @@ class LayeredIds(Sequence[str]):
                 raise IndexError(pos)
             return self[pos]
         return self._extra[pos - n]
+
+    @property
+    def base(self) -> list[str]:
+        """The full version's ids (positions ``0..len(base)-1``; shared, never modified)."""
+        return self._base
 
     def appended(self, ids: Sequence[str]) -> LayeredIds:
         return LayeredIds(self._base, self._extra + tuple(ids)) if ids else self
@@ -553,9 +558,10 @@ class ServingState:
         id_row = self.user_id_row(user_id)
         if id_row is None:
             id_row = np.zeros(cfg.id_dim, dtype=np.float32)
-        ctx = context_matrix(cfg, [now_ms], [{CONTEXT_FEATURES_KEY: list(context)} if context is not None else None])
+        ctx_row = context_array(cfg, [now_ms], [{CONTEXT_FEATURES_KEY: list(context)} if context is not None else None])
         if self.model.multi_interest:
             features = torch.from_numpy(fit_features(profile, cfg.profile_dim)).unsqueeze(0)
+            ctx = torch.from_numpy(ctx_row)
             seq, mask = history_tensor(self.item_rows(positions), [range(len(positions))], cfg.history_len)
             with torch.inference_mode():
                 interests, active = self.model.user(torch.tensor(id_row).unsqueeze(0), features, seq, mask, None, ctx)
@@ -564,7 +570,8 @@ class ServingState:
             self.item_rows(positions[::-1]), np.asarray(stamps[::-1], dtype=np.int64), now_ms, cfg
         )
         if self.numpy_user is not None:  # the same forward pass without torch's per-op overhead
-            return self.numpy_user(id_row, fit_features(profile, cfg.profile_dim), pooled, ctx.numpy()[0])
+            return self.numpy_user(id_row, fit_features(profile, cfg.profile_dim), pooled, ctx_row[0])
+        ctx = torch.from_numpy(ctx_row)
         features = torch.from_numpy(fit_features(profile, cfg.profile_dim)).unsqueeze(0)
         with torch.inference_mode():
             out = self.model.user(
@@ -650,8 +657,9 @@ class ServingState:
             # an exact index can lose at most n_excluded slots to exclusions
             fetch = min(ntotal, k + n_excluded)
             out = []
+            live_id = self._live_id_getter()
             for pos, score in self._raw_search(query, fetch):
-                item_id = self._live_id(pos)
+                item_id = live_id(pos)
                 if item_id is not None and item_id not in exclude:
                     out.append((item_id, score))
                     if len(out) == k:
@@ -678,6 +686,15 @@ class ServingState:
         if len(picked) < k and spilled:
             picked = sorted(picked + spilled[: k - len(picked)], key=lambda pair: -pair[1])
         return picked
+
+    def _live_id_getter(self) -> Callable[[int], str | None]:
+        """A fast :meth:`_live_id`: with no delta applied since the full version every base
+        position is live and the only one of its id, so a list index answers."""
+        if self.item_pos.n_changes:
+            return self._live_id
+        base = self.item_ids.base
+        n = len(base)
+        return lambda pos: base[pos] if 0 <= pos < n else None
 
     def _live_id(self, pos: int) -> str | None:
         if pos < 0 or pos >= len(self.item_ids):

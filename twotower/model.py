@@ -114,6 +114,21 @@ def time_features(ts_ms: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.array([_time_row(int(t)) for t in ts_ms], dtype=np.float32).reshape(-1, TIME_FEATURES)
 
 
+def context_array(
+    cfg: ModelConfig, ts_ms: Sequence[int] | np.ndarray, contexts: Sequence[Mapping[str, object] | None]
+) -> np.ndarray:
+    """:func:`context_matrix` as a float32 numpy array (the retriever's numpy tower takes it)."""
+    width = context_width(cfg)
+    out = np.zeros((len(contexts), width), dtype=np.float32)
+    if cfg.context_time:
+        out[:, :TIME_FEATURES] = time_features(ts_ms)
+    if cfg.context_dim:
+        for row, ctx in enumerate(contexts):
+            if ctx:
+                out[row, width - cfg.context_dim :] = context_vector(ctx.get(CONTEXT_FEATURES_KEY), cfg.context_dim)
+    return out
+
+
 def context_matrix(
     cfg: ModelConfig, ts_ms: Sequence[int] | np.ndarray, contexts: Sequence[Mapping[str, object] | None]
 ) -> torch.Tensor:
@@ -125,15 +140,7 @@ def context_matrix(
         contexts: per row, the event's or request's ``context`` map (``None``: no dense context);
             its ``features`` entry is the dense context vector (:func:`context_vector`).
     """
-    width = context_width(cfg)
-    out = np.zeros((len(contexts), width), dtype=np.float32)
-    if cfg.context_time:
-        out[:, :TIME_FEATURES] = time_features(ts_ms)
-    if cfg.context_dim:
-        for row, ctx in enumerate(contexts):
-            if ctx:
-                out[row, width - cfg.context_dim :] = context_vector(ctx.get(CONTEXT_FEATURES_KEY), cfg.context_dim)
-    return torch.from_numpy(out)
+    return torch.from_numpy(context_array(cfg, ts_ms, contexts))
 
 
 def _context_layer(cfg: ModelConfig) -> nn.Linear | None:
