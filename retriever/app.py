@@ -10,14 +10,15 @@ Endpoints:
 * ``GET /ready``: 200 once a snapshot is loaded, else 503.
 * ``GET /metrics``: Prometheus (multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set).
 
-Per request (an ``async`` handler on the event loop, no thread-pool hop): one Redis pipeline
-(``redis.asyncio``, hiredis parser when installed) reads the user's stored history (all of it:
-``LRANGE 0..publisher.history_max_len-1``) and profile; the user vector is pooled from the
-newest ``model.history_len`` of those items the snapshot knows (plus any fresh history in a POST
-body); everything in the stored history and in ``exclude`` is left out of the results. Item
-details (category, title) come from a per-process :class:`ItemDetailsCache`, invalidated by the
-snapshot watcher for the items a delta touches and wholly on a full version (plus a 60 s TTL as a
-backstop); only cache misses cost a second pipeline.
+Per request (an ``async`` handler on the event loop, no thread-pool hop): one batch of Redis
+commands (:mod:`retriever.resp`: a worker's requests share one connection) reads the user's
+stored history (all of it: ``LRANGE 0..publisher.history_max_len-1``) and profile; the user
+vector is pooled from the newest ``model.history_len`` of those items the snapshot knows (plus
+any fresh history in a POST body); everything in the stored history and in ``exclude`` is left
+out of the results. Item details (category, title) come from a per-process
+:class:`ItemDetailsCache`, invalidated by the snapshot watcher for the items a delta touches and
+wholly on a full version (plus a 60 s TTL as a backstop); only cache misses cost a second round
+trip.
 A category filter or the diversity cap reads categories through the same cache (that rarer
 path runs on a worker thread, since it may need several lookups). The response is serialised
 once with orjson (no pydantic response validation on the hot path).
@@ -47,7 +48,6 @@ import msgpack
 import numpy as np
 import orjson
 import redis
-import redis.asyncio as aioredis
 import torch
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse, Response
@@ -62,6 +62,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
+from retriever.resp import RequestRedis, request_client
 from retriever.state import ServingState
 from retriever.watcher import SnapshotWatcher
 from twotower.config import Config, load_config
@@ -288,10 +289,8 @@ class RetrieverService:
     def __init__(self, cfg: Config, watcher_poll_interval_s: float = 1.0) -> None:
         self.cfg = cfg
         self.layout = SnapshotLayout(cfg.redis.key_prefix)
-        # request path: asyncio client, used on the event loop only
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            cfg.redis.url, socket_timeout=REQUEST_SOCKET_TIMEOUT_S, socket_connect_timeout=REQUEST_SOCKET_TIMEOUT_S
-        )
+        # request path: one multiplexed connection per worker, used on the event loop only
+        self.redis: RequestRedis = request_client(cfg.redis.url, REQUEST_SOCKET_TIMEOUT_S)
         # category lookups of filtered requests run on a worker thread: a blocking client
         self.sync_redis = redis.Redis.from_url(
             cfg.redis.url, socket_timeout=REQUEST_SOCKET_TIMEOUT_S, socket_connect_timeout=REQUEST_SOCKET_TIMEOUT_S
@@ -334,12 +333,13 @@ class RetrieverService:
         generation = self.details.generation
         cached, missing = self.details.get(item_ids, now)
         if missing:
-            pipe = self._details_pipeline(self.redis, item_ids, missing)
-            self._fill_details(cached, item_ids, missing, await pipe.execute(), generation, now)
+            commands = [("HMGET", self.layout.item(item_ids[i]), *DETAIL_FIELDS) for i in missing]
+            replies = await self.redis.execute(commands)
+            self._fill_details(cached, item_ids, missing, replies, generation, now)
         return cached  # type: ignore[return-value]  (every slot is filled now)
 
-    def _details_pipeline(self, client: Any, item_ids: Sequence[str], missing: Sequence[int]) -> Any:
-        """One pipeline (sync or asyncio client alike) reading the details of the missing items."""
+    def _details_pipeline(self, client: redis.Redis, item_ids: Sequence[str], missing: Sequence[int]) -> Any:
+        """One pipeline reading the details of the missing items (blocking client)."""
         pipe = client.pipeline(transaction=False)
         for i in missing:
             pipe.hmget(self.layout.item(item_ids[i]), DETAIL_FIELDS)
@@ -408,11 +408,13 @@ class RetrieverService:
             raise HTTPException(503, NO_SNAPSHOT)
         now_ms = int(time.time() * 1000)
         try:
-            pipe = self.redis.pipeline(transaction=False)
             # the whole stored history: the newest history_len are pooled, all of it is excluded
-            pipe.lrange(self.layout.history(user_id), 0, self.cfg.publisher.history_max_len - 1)
-            pipe.get(self.layout.profile(user_id))
-            raw_history, raw_profile = await pipe.execute()
+            raw_history, raw_profile = await self.redis.execute(
+                (
+                    ("LRANGE", self.layout.history(user_id), 0, self.cfg.publisher.history_max_len - 1),
+                    ("GET", self.layout.profile(user_id)),
+                )
+            )
         except (redis.RedisError, OSError) as exc:
             raise self._redis_failed(exc) from None
         history = _merge_history(fresh_history, decode_history(raw_history), now_ms)
@@ -461,6 +463,8 @@ def _merge_history(
     return merged
 
 
+_REQUESTS_BY_STATUS: dict[int, Any] = {}
+"""``REQUESTS`` children by status (``labels()`` takes a lock and builds a key per call)."""
 _FAST_KEYS = frozenset({"user_id", "k", "exclude", "category", "diversity"})
 _FAST_BOOLS = {"true": True, "false": False, "1": True, "0": False}
 _JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -558,7 +562,10 @@ class RecommendFrontDoor:
 
             await self.app(scope, receive, send_and_note)
         finally:
-            REQUESTS.labels(status=str(status)).inc()
+            counter = _REQUESTS_BY_STATUS.get(status)
+            if counter is None:
+                counter = _REQUESTS_BY_STATUS[status] = REQUESTS.labels(status=str(status))
+            counter.inc()
             LATENCY.observe(time.perf_counter() - started)
 
 

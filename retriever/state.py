@@ -41,8 +41,10 @@ from twotower.blobs import BlobError, Rows, pack_rows, unpack_rows_gently
 from twotower.config import ModelConfig
 from twotower.model import (
     CONTEXT_FEATURES_KEY,
+    NumpyUserTower,
     TwoTower,
-    context_matrix,
+    UserTower,
+    context_array,
     fit_features,
     history_tensor,
     load_dense_arrays,
@@ -228,6 +230,11 @@ class LayeredIds(Sequence[str]):
             return self[pos]
         return self._extra[pos - n]
 
+    @property
+    def base(self) -> list[str]:
+        """The full version's ids (positions ``0..len(base)-1``; shared, never modified)."""
+        return self._base
+
     def appended(self, ids: Sequence[str]) -> LayeredIds:
         return LayeredIds(self._base, self._extra + tuple(ids)) if ids else self
 
@@ -259,6 +266,8 @@ class ServingState:
         changed_items: item ids (changed, new or removed) of the deltas that turned the state
             this one was derived from into this one; ``None`` for a state built from a full
             version (anything may have changed). Caches of item details key off it.
+        numpy_user: the ``mean`` user tower's weights for :meth:`user_vector`'s numpy path
+            (``None`` with MIND, which runs in torch).
     """
 
     version: int
@@ -281,6 +290,7 @@ class ServingState:
     base_filter: _BaseFilter | None
     search_params: Callable[[faiss.IDSelector], faiss.SearchParameters]
     changed_items: frozenset[str] | None = None
+    numpy_user: NumpyUserTower | None = None
 
     # --- building ---------------------------------------------------------------------------
     @classmethod
@@ -336,6 +346,7 @@ class ServingState:
             overlay=None,
             base_filter=None,
             search_params=_params_factory(index),
+            numpy_user=NumpyUserTower(model.user) if isinstance(model.user, UserTower) else None,
         )
 
     def apply_delta(self, delta: DeltaSnapshot, version: int, created_ms: int | None = None) -> ServingState:
@@ -547,9 +558,10 @@ class ServingState:
         id_row = self.user_id_row(user_id)
         if id_row is None:
             id_row = np.zeros(cfg.id_dim, dtype=np.float32)
-        features = torch.from_numpy(fit_features(profile, cfg.profile_dim)).unsqueeze(0)
-        ctx = context_matrix(cfg, [now_ms], [{CONTEXT_FEATURES_KEY: list(context)} if context is not None else None])
+        ctx_row = context_array(cfg, [now_ms], [{CONTEXT_FEATURES_KEY: list(context)} if context is not None else None])
         if self.model.multi_interest:
+            features = torch.from_numpy(fit_features(profile, cfg.profile_dim)).unsqueeze(0)
+            ctx = torch.from_numpy(ctx_row)
             seq, mask = history_tensor(self.item_rows(positions), [range(len(positions))], cfg.history_len)
             with torch.inference_mode():
                 interests, active = self.model.user(torch.tensor(id_row).unsqueeze(0), features, seq, mask, None, ctx)
@@ -557,6 +569,10 @@ class ServingState:
         pooled = pool_history(  # oldest first, as the trainer keeps histories
             self.item_rows(positions[::-1]), np.asarray(stamps[::-1], dtype=np.int64), now_ms, cfg
         )
+        if self.numpy_user is not None:  # the same forward pass without torch's per-op overhead
+            return self.numpy_user(id_row, fit_features(profile, cfg.profile_dim), pooled, ctx_row[0])
+        ctx = torch.from_numpy(ctx_row)
+        features = torch.from_numpy(fit_features(profile, cfg.profile_dim)).unsqueeze(0)
         with torch.inference_mode():
             out = self.model.user(
                 torch.tensor(id_row).unsqueeze(0),
@@ -641,8 +657,9 @@ class ServingState:
             # an exact index can lose at most n_excluded slots to exclusions
             fetch = min(ntotal, k + n_excluded)
             out = []
+            live_id = self._live_id_getter()
             for pos, score in self._raw_search(query, fetch):
-                item_id = self._live_id(pos)
+                item_id = live_id(pos)
                 if item_id is not None and item_id not in exclude:
                     out.append((item_id, score))
                     if len(out) == k:
@@ -669,6 +686,15 @@ class ServingState:
         if len(picked) < k and spilled:
             picked = sorted(picked + spilled[: k - len(picked)], key=lambda pair: -pair[1])
         return picked
+
+    def _live_id_getter(self) -> Callable[[int], str | None]:
+        """A fast :meth:`_live_id`: with no delta applied since the full version every base
+        position is live and the only one of its id, so a list index answers."""
+        if self.item_pos.n_changes:
+            return self._live_id
+        base = self.item_ids.base
+        n = len(base)
+        return lambda pos: base[pos] if 0 <= pos < n else None
 
     def _live_id(self, pos: int) -> str | None:
         if pos < 0 or pos >= len(self.item_ids):

@@ -25,6 +25,7 @@ import torch
 import uvicorn
 
 from retriever.app import NO_SNAPSHOT, RecommendFrontDoor, create_app
+from retriever.resp import RespClient
 from retriever.state import ServingState
 from retriever.watcher import SnapshotWatcher
 from twotower.blobs import Rows
@@ -501,8 +502,8 @@ def test_redis_failure_on_the_request_path_is_a_503(cfg: Config, store: Snapshot
         wait_version(client, version)
         service = app.state.service
         working = service.redis
-        # nobody listens there (the request path's client is an asyncio one; it never connects)
-        service.redis = redis.asyncio.Redis(port=_free_port(), socket_connect_timeout=0.5)
+        # nobody listens there
+        service.redis = RespClient(port=_free_port(), timeout_s=0.5)
         try:
             response = client.get("/recommend", params={"user_id": "u0"})
             assert response.status_code == 503 and "redis unavailable" in response.json()["detail"]

@@ -114,6 +114,21 @@ def time_features(ts_ms: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.array([_time_row(int(t)) for t in ts_ms], dtype=np.float32).reshape(-1, TIME_FEATURES)
 
 
+def context_array(
+    cfg: ModelConfig, ts_ms: Sequence[int] | np.ndarray, contexts: Sequence[Mapping[str, object] | None]
+) -> np.ndarray:
+    """:func:`context_matrix` as a float32 numpy array (the retriever's numpy tower takes it)."""
+    width = context_width(cfg)
+    out = np.zeros((len(contexts), width), dtype=np.float32)
+    if cfg.context_time:
+        out[:, :TIME_FEATURES] = time_features(ts_ms)
+    if cfg.context_dim:
+        for row, ctx in enumerate(contexts):
+            if ctx:
+                out[row, width - cfg.context_dim :] = context_vector(ctx.get(CONTEXT_FEATURES_KEY), cfg.context_dim)
+    return out
+
+
 def context_matrix(
     cfg: ModelConfig, ts_ms: Sequence[int] | np.ndarray, contexts: Sequence[Mapping[str, object] | None]
 ) -> torch.Tensor:
@@ -125,15 +140,7 @@ def context_matrix(
         contexts: per row, the event's or request's ``context`` map (``None``: no dense context);
             its ``features`` entry is the dense context vector (:func:`context_vector`).
     """
-    width = context_width(cfg)
-    out = np.zeros((len(contexts), width), dtype=np.float32)
-    if cfg.context_time:
-        out[:, :TIME_FEATURES] = time_features(ts_ms)
-    if cfg.context_dim:
-        for row, ctx in enumerate(contexts):
-            if ctx:
-                out[row, width - cfg.context_dim :] = context_vector(ctx.get(CONTEXT_FEATURES_KEY), cfg.context_dim)
-    return torch.from_numpy(out)
+    return torch.from_numpy(context_array(cfg, ts_ms, contexts))
 
 
 def _context_layer(cfg: ModelConfig) -> nn.Linear | None:
@@ -204,6 +211,61 @@ class UserTower(nn.Module):
         return nn.functional.normalize(
             _mlp_with_context(self.mlp, x, self.context, context) + self.skip(pooled[:, : self.dim]), dim=-1
         )
+
+
+class NumpyUserTower:
+    """:class:`UserTower`'s forward pass for one user in numpy, for serving.
+
+    Same weights and arithmetic as the module in eval mode (float32; outputs equal within float
+    rounding), without torch's per-operator dispatch, which for these few small matrices costs
+    far more than the arithmetic (measured on one request: ~0.4 ms in torch against ~0.03 ms
+    here). The weights are copied once, transposed, when it is built; the module is not kept.
+    """
+
+    def __init__(self, tower: UserTower) -> None:
+        def weight(layer: nn.Linear) -> np.ndarray:
+            return np.ascontiguousarray(layer.weight.detach().cpu().numpy().T, dtype=np.float32)
+
+        def bias(layer: nn.Linear) -> np.ndarray:
+            if layer.bias is None:
+                return np.zeros(layer.out_features, dtype=np.float32)
+            return layer.bias.detach().cpu().numpy().astype(np.float32)
+
+        first, relu, second = tower.mlp
+        if not (isinstance(first, nn.Linear) and isinstance(relu, nn.ReLU) and isinstance(second, nn.Linear)):
+            raise TypeError("expected the user tower's MLP to be Linear, ReLU, Linear")
+        self.dim = tower.dim
+        self.example_age = tower.example_age
+        self.w1 = weight(first)
+        """``[inputs, hidden]``: the first layer, transposed."""
+        self.b1 = bias(first)
+        self.w2 = weight(second)
+        self.b2 = bias(second)
+        self.skip = weight(tower.skip)
+        self.context = weight(tower.context) if tower.context is not None else None
+
+    def __call__(
+        self, id_row: np.ndarray, profile: np.ndarray, pooled: np.ndarray, context: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The unit user vector ``[dim]`` (float32).
+
+        Args: one user's id row ``[id_dim]``, profile ``[profile_dim]``, pooled history
+        ``[history_pools · dim]`` (:func:`pool_history`), context ``[context_width]`` of
+        :func:`context_matrix` (``None`` = 0); the example age, if the model has one, is 0 (serving).
+        """
+        parts = [id_row, profile, pooled]
+        if self.example_age:
+            parts.append(np.zeros(1, dtype=np.float32))
+        x = np.concatenate(parts).astype(np.float32, copy=False)
+        h = x @ self.w1
+        h += self.b1
+        if self.context is not None and context is not None:
+            h += context.astype(np.float32, copy=False) @ self.context
+        np.maximum(h, 0.0, out=h)
+        out = h @ self.w2
+        out += self.b2
+        out += pooled[: self.dim].astype(np.float32, copy=False) @ self.skip
+        return out / max(float(np.sqrt(np.dot(out, out))), 1e-12)
 
 
 def squash(z: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:

@@ -1,0 +1,145 @@
+"""The request path's multiplexed Redis client (retriever.resp) against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import Iterator
+
+import msgpack
+import pytest
+import redis
+
+from retriever.resp import RedisPyExecutor, RespClient, request_client
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def keys(redis_url: str) -> Iterator[tuple[redis.Redis, str]]:
+    client = redis.Redis.from_url(redis_url)
+    prefix = f"resp-test-{uuid.uuid4().hex[:8]}:"
+    yield client, prefix
+    client.delete(
+        *[f"{prefix}{kind}{i}" for kind in "hp" for i in range(50)], *[f"{prefix}{k}" for k in ("item", "s", "k")]
+    )
+    client.close()
+
+
+def test_replies_equal_redis_py_and_come_back_to_their_request(redis_url: str, keys) -> None:
+    sync, prefix = keys
+    for i in range(50):
+        sync.rpush(f"{prefix}h{i}", *[msgpack.packb([f"i{j}", j]) for j in range(1 + i % 7)])
+        sync.set(f"{prefix}p{i}", msgpack.packb([float(i)]))
+    sync.hset(f"{prefix}item", mapping={"category": "c1", "title": "t"})
+
+    def commands(i: int) -> list[tuple]:
+        return [("LRANGE", f"{prefix}h{i}", 0, 99), ("GET", f"{prefix}p{i}"), ("GET", f"{prefix}missing")]
+
+    async def main() -> list[list]:
+        client = RespClient.from_url(redis_url)
+        try:
+            details = await client.execute([("HMGET", f"{prefix}item", "category", "title"), ("HMGET", "none", "a")])
+            assert details == [[b"c1", b"t"], [None]]
+            # many requests in flight on the one connection at once
+            return await asyncio.gather(*(client.execute(commands(i)) for i in range(50)))
+        finally:
+            await client.aclose()
+
+    got = asyncio.run(main())
+    for i, replies in enumerate(got):
+        pipe = sync.pipeline(transaction=False)
+        for command in commands(i):
+            pipe.execute_command(*command)
+        assert replies == pipe.execute()
+
+
+def test_an_error_reply_raises_and_the_connection_stays_usable(redis_url: str, keys) -> None:
+    sync, prefix = keys
+    sync.set(f"{prefix}s", b"x")
+
+    async def main() -> None:
+        client = RespClient.from_url(redis_url)
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            await client.execute([("LRANGE", f"{prefix}s", 0, 1), ("GET", f"{prefix}s")])
+        assert await client.execute([("GET", f"{prefix}s")]) == [b"x"]
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_unreachable_redis_is_a_connection_error_and_a_lost_connection_reconnects(redis_url: str, keys) -> None:
+    sync, prefix = keys
+    sync.set(f"{prefix}k", b"v")
+
+    async def main() -> None:
+        nobody = RespClient(port=_free_port(), timeout_s=0.5)
+        with pytest.raises(redis.ConnectionError):
+            await nobody.execute([("GET", "x")])
+        client = RespClient.from_url(redis_url)
+        name = f"resp-test-{uuid.uuid4().hex[:6]}"
+        assert await client.execute([("CLIENT", "SETNAME", name)]) == [b"OK"]
+        killed = [c for c in sync.client_list() if c.get("name") == name]
+        assert len(killed) == 1
+        sync.execute_command("CLIENT", "KILL", "ID", killed[0]["id"])
+        await asyncio.sleep(0.2)  # the loss reaches the protocol
+        assert await client.execute([("GET", f"{prefix}k")]) == [b"v"]  # on a new connection
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_no_answer_is_a_timeout_for_every_waiting_request() -> None:
+    async def main() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)  # reads nothing, answers nothing
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = RespClient(port=port, timeout_s=0.3)
+        results = await asyncio.gather(
+            client.execute([("GET", "a")]), client.execute([("GET", "b")]), return_exceptions=True
+        )
+        assert any(isinstance(r, redis.TimeoutError) for r in results)
+        assert all(isinstance(r, redis.RedisError) for r in results)
+        server.close()
+        for writer in accepted:
+            writer.close()
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_url_selects_the_database(redis_url: str) -> None:
+    base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
+    sync = redis.Redis.from_url(f"{base}/3")
+    key = f"resp-test-db-{uuid.uuid4().hex[:8]}"
+    sync.set(key, b"in db 3")
+    try:
+
+        async def main() -> tuple[list, list]:
+            in3, in0 = RespClient.from_url(f"{base}/3"), RespClient.from_url(f"{base}/0")
+            try:
+                return await in3.execute([("GET", key)]), await in0.execute([("GET", key)])
+            finally:
+                await in3.aclose()
+                await in0.aclose()
+
+        assert asyncio.run(main()) == ([b"in db 3"], [None])
+    finally:
+        sync.delete(key)
+        sync.close()
+
+
+def test_urls_it_does_not_handle_go_to_redis_py() -> None:
+    assert isinstance(request_client("redis://127.0.0.1:6379/0", 2.0), RespClient)
+    assert isinstance(request_client("unix:///tmp/redis.sock?db=1", 2.0), RespClient)
+    assert isinstance(request_client("rediss://127.0.0.1:6379/0", 2.0), RedisPyExecutor)
+    assert isinstance(request_client("redis://127.0.0.1:6379/0?socket_keepalive=true", 2.0), RedisPyExecutor)
