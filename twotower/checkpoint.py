@@ -31,8 +31,8 @@ import torch
 
 from twotower.columns import Ragged, pack_strings, unpack_strings
 
-FORMAT = 2
-READABLE_FORMATS = (1, 2)
+FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 FILENAME = "checkpoint.pt"
 
 
@@ -57,38 +57,83 @@ class TableState:
 
 @dataclass(eq=False)
 class Histories:
-    """Every user's pooled history, oldest first, flat: ``items.keys`` are the users."""
+    """Every user's pooled history, oldest first, flat: user ``users[k]`` owns the entries
+    ``offsets[k]:offsets[k + 1]``; entry ``j`` is item ``vocab[codes[j]]`` at ``ts_ms[j]``.
 
-    items: Ragged
-    """User → item ids of the history."""
+    Item ids are coded against a vocabulary (each distinct item once) so that the millions of
+    entries travel as two numeric vectors: nothing per entry is a Python object on the way to
+    or from disk.
+    """
+
+    users: list[str]
+    offsets: torch.Tensor
+    """``[len(users) + 1]`` int64, from 0 to the number of entries."""
+    vocab: list[str]
+    codes: torch.Tensor
+    """int32 index into ``vocab`` of each entry."""
     ts_ms: torch.Tensor
-    """int64 event time of each entry of ``items.values``."""
+    """int64 event time of each entry."""
 
     @classmethod
     def empty(cls) -> Histories:
-        return cls(Ragged.empty(), torch.zeros(0, dtype=torch.int64))
+        return cls([], torch.zeros(1, dtype=torch.int64), [], torch.zeros(0, dtype=torch.int32), _no_ts())
 
     @classmethod
     def from_dict(cls, histories: Mapping[str, Iterable[tuple[str, int]]]) -> Histories:
         """From user → (item id, ts_ms) pairs (a list or deque per user)."""
         users = list(histories)
-        lists = list(histories.values())
+        lists = [list(h) for h in histories.values()]
         flat = list(chain.from_iterable(lists))
         ts_ms = np.fromiter(map(itemgetter(1), flat), dtype=np.int64, count=len(flat))
-        items = list(map(itemgetter(0), flat))
-        return cls(Ragged.from_flat(users, map(len, lists), items), torch.from_numpy(ts_ms))
+        return cls._coded(users, map(len, lists), list(map(itemgetter(0), flat)), torch.from_numpy(ts_ms))
+
+    @classmethod
+    def from_ragged(cls, items: Ragged, ts_ms: torch.Tensor) -> Histories:
+        """From the format-2 columns: the item ids as strings."""
+        lengths = (items.offsets[1:] - items.offsets[:-1]).tolist()
+        return cls._coded(items.keys, lengths, items.flat(), ts_ms)
+
+    @classmethod
+    def _coded(cls, users: list[str], lengths: Iterable[int], items: list[str], ts_ms: torch.Tensor) -> Histories:
+        offsets = np.zeros(len(users) + 1, dtype=np.int64)
+        offsets[1:] = np.fromiter(lengths, dtype=np.int64, count=len(users))
+        np.cumsum(offsets, out=offsets)
+        if int(offsets[-1]) != len(items):
+            raise ValueError(f"lengths sum to {int(offsets[-1])} but there are {len(items)} entries")
+        index: dict[str, int] = {}
+        codes = np.fromiter((index.setdefault(i, len(index)) for i in items), dtype=np.int32, count=len(items))
+        return cls(users, torch.from_numpy(offsets), list(index), torch.from_numpy(codes), ts_ms)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.users)
+
+    def check(self, what: str = "histories") -> None:
+        """Raises ValueError unless offsets, codes and times fit each other."""
+        off, codes, n = self.offsets, self.codes, len(self.users)
+        if not isinstance(off, torch.Tensor) or off.dtype != torch.int64 or off.shape != (n + 1,):
+            raise ValueError(f"{what}: offsets do not fit {n} users")
+        entries = int(off[-1])
+        if int(off[0]) != 0 or bool((off[1:] < off[:-1]).any()):
+            raise ValueError(f"{what}: offsets are not ascending from 0")
+        if not isinstance(codes, torch.Tensor) or codes.ndim != 1 or codes.shape[0] != entries:
+            raise ValueError(f"{what}: codes are not {entries} entries")
+        if entries and (int(codes.min()) < 0 or int(codes.max()) >= len(self.vocab)):
+            raise ValueError(f"{what}: codes outside the vocabulary of {len(self.vocab)}")
+        if not isinstance(self.ts_ms, torch.Tensor) or self.ts_ms.shape != (entries,):
+            raise ValueError(f"{what}: ts_ms are not {entries} entries")
 
     def pairs(self) -> Iterable[tuple[str, list[tuple[str, int]]]]:
         """(user, its (item id, ts_ms) pairs), in user order."""
-        pairs = list(zip(self.items.flat(), self.ts_ms.tolist(), strict=True))
-        bounds = self.items.bounds()
-        return zip(self.items.keys, (pairs[a:b] for a, b in pairwise(bounds)), strict=True)
+        vocab = self.vocab
+        pairs = list(zip(map(vocab.__getitem__, self.codes.tolist()), self.ts_ms.tolist(), strict=True))
+        return zip(self.users, (pairs[a:b] for a, b in pairwise(self.offsets.tolist())), strict=True)
 
     def as_dict(self) -> dict[str, list[tuple[str, int]]]:
         return dict(self.pairs())
+
+
+def _no_ts() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.int64)
 
 
 @dataclass(eq=False)
@@ -211,7 +256,7 @@ def load(state_dir: str | Path) -> Checkpoint | None:
     data = torch.load(target, map_location="cpu", weights_only=True)
     fmt = data.get("format") if isinstance(data, dict) else None
     try:
-        if fmt == FORMAT:
+        if fmt in (2, FORMAT):
             return decode(data)
         if fmt == 1:
             return _from_format_1(data)
@@ -275,7 +320,7 @@ def encode(ckpt: Checkpoint) -> dict[str, Any]:
         },
         "offsets": ckpt.offsets,
         "event_time_ms": ckpt.event_time_ms,
-        "histories": {"items": ckpt.histories.items.encode(), "ts_ms": ckpt.histories.ts_ms},
+        "histories": _encode_histories(ckpt.histories),
         "profiles": {"ids": pack_strings(ckpt.profiles.ids), "features": ckpt.profiles.features},
         "catalog": {
             "ids": pack_strings(ckpt.catalog.ids),
@@ -308,8 +353,6 @@ def decode(data: dict[str, Any]) -> Checkpoint:
     removed = data["removed_items"]
     removed_ids = unpack_strings(removed["ids"], "removed_items.ids")
     removed_seq = _tensor(removed["seq"], "removed_items.seq", len(removed_ids)).tolist()
-    hist = data["histories"]
-    history_items = Ragged.decode(hist["items"], "histories.items")
     profile_ids = unpack_strings(data["profiles"]["ids"], "profiles.ids")
     catalog_ids = unpack_strings(data["catalog"]["ids"], "catalog.ids")
     hard = data["hard_negatives"]
@@ -329,7 +372,7 @@ def decode(data: dict[str, Any]) -> Checkpoint:
         removed_items=list(zip(removed_seq, removed_ids, strict=True)),
         offsets=dict(data["offsets"]),
         event_time_ms=int(data["event_time_ms"]),
-        histories=Histories(history_items, _tensor(hist["ts_ms"], "histories.ts_ms", len(history_items.values))),
+        histories=_decode_histories(data["histories"], data["format"]),
         profiles=Profiles(profile_ids, _tensor(data["profiles"]["features"], "profiles.features", len(profile_ids))),
         catalog=Catalog(
             catalog_ids,
@@ -342,6 +385,53 @@ def decode(data: dict[str, Any]) -> Checkpoint:
 
 
 TABLE_COLUMNS = ("emb", "accum", "count", "last_seen_ms", "updated_seq")
+
+TS_SHIFT = 2**31
+"""Event times of history entries are written as int32 ``ts_ms - ts_base`` whenever they span
+less than 2³² ms (49 days), ``ts_base = min + TS_SHIFT``; otherwise as int64."""
+
+
+def _encode_histories(hist: Histories) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "users": pack_strings(hist.users),
+        "offsets": hist.offsets,
+        "vocab": pack_strings(hist.vocab),
+        "codes": hist.codes.to(torch.int32),
+    }
+    ts = hist.ts_ms
+    if ts.numel():
+        low = int(ts.min())
+        if int(ts.max()) - low < 2 * TS_SHIFT:
+            out["ts_base"] = low + TS_SHIFT
+            out["ts_delta"] = (ts - out["ts_base"]).to(torch.int32)
+            return out
+    out["ts_ms"] = ts
+    return out
+
+
+def _decode_histories(data: Any, fmt: int) -> Histories:
+    if fmt == 2:  # the item ids as a ragged string column
+        items = Ragged.decode(data["items"], "histories.items")
+        return Histories.from_ragged(items, _tensor(data["ts_ms"], "histories.ts_ms", len(items.values)))
+    if "ts_delta" in data:
+        delta = _tensor(data["ts_delta"], "histories.ts_delta")
+        if delta.dtype != torch.int32 or not isinstance(data["ts_base"], int):
+            raise ValueError("histories: ts_delta is not int32 or ts_base not an int")
+        ts = delta.to(torch.int64) + data["ts_base"]
+    else:
+        ts = _tensor(data["ts_ms"], "histories.ts_ms")
+    codes = _tensor(data["codes"], "histories.codes")
+    if codes.dtype != torch.int32:
+        raise ValueError("histories: codes are not int32")
+    hist = Histories(
+        unpack_strings(data["users"], "histories.users"),
+        _tensor(data["offsets"], "histories.offsets"),
+        unpack_strings(data["vocab"], "histories.vocab"),
+        codes,
+        ts,
+    )
+    hist.check()
+    return hist
 
 
 # --- format 1 ---------------------------------------------------------------------------------
