@@ -173,8 +173,14 @@ def test_a_format_1_checkpoint_still_loads_and_resumes(tmp_path: Path) -> None:
 
 def _format_2(state: TrainerState, offsets: dict[str, int]) -> dict[str, Any]:
     """What the format-2 code wrote: today's columns, but the histories' item ids as a ragged
-    string column with int64 times."""
-    data = checkpoint.encode(state.to_checkpoint(offsets))
+    string column, every int64 column as int64, the item rows' side features written out."""
+    ckpt = state.to_checkpoint(offsets)
+    data = checkpoint.encode(ckpt)
+    del data["item_catalog_row"]
+    data["item_category"], data["item_content"] = ckpt.item_category, ckpt.item_content
+    for name, table in (("users", ckpt.users), ("items", ckpt.items)):
+        for col in ("count", "last_seen_ms", "updated_seq"):
+            data[name][col] = getattr(table, col)
     hist = state.histories
     users = list(hist)
     data["histories"] = {
@@ -203,7 +209,7 @@ def test_history_times_beyond_the_int32_span_are_written_as_int64(tmp_path: Path
     state.histories["u-old"] = [("i1", 5), ("i2", 2**40)]  # a span of more than 2^32 ms
     checkpoint.save(tmp_path, state.to_checkpoint({}))
     data = torch.load(checkpoint.path_in(tmp_path), weights_only=True)
-    assert "ts_ms" in data["histories"] and "ts_delta" not in data["histories"]
+    assert isinstance(data["histories"]["ts_ms"], torch.Tensor)  # not narrowed to int32 offsets
     loaded = checkpoint.load(tmp_path)
     assert loaded is not None and loaded.histories.as_dict() == dict(state.histories.items())
 
@@ -245,6 +251,37 @@ def test_ragged_lists_round_trip_and_check_offsets() -> None:
     bad = {**ragged.encode(), "offsets": torch.tensor([0, 2, 1, 3])}
     with pytest.raises(ValueError, match="ascending"):
         Ragged.decode(bad, "r")
+
+
+def test_item_side_is_written_once_and_gathered_on_load(tmp_path: Path) -> None:
+    state = _state()
+    del state.catalog["i3"]  # a freed catalogue slot: positions are renumbered
+    state.apply_catalog(CatalogItem("late", "c9", [7.0, 7.0, 7.0], 0))
+    ckpt = state.to_checkpoint({})
+    data = checkpoint.encode(ckpt)
+    assert "item_content" not in data and data["item_catalog_row"].dtype == torch.int32
+    checkpoint.save(tmp_path, ckpt)
+    loaded = checkpoint.load(tmp_path)
+    assert loaded is not None and torch.equal(loaded.item_content, ckpt.item_content)
+    assert torch.equal(loaded.item_category, ckpt.item_category)
+    for row, item in enumerate(loaded.items.ids):
+        side = state.catalog.get(item)
+        assert int(loaded.item_category[row]) == (side[0] if side else 0)
+        assert np.array_equal(loaded.item_content[row].numpy(), side[1] if side else np.zeros(3))
+    _assert_same_state(state, TrainerState.from_checkpoint(loaded, state.tcfg))
+    ckpt.item_catalog_row = None  # a checkpoint built elsewhere: its item side is written as it is
+    ckpt.item_content = ckpt.item_content + 1.0
+    checkpoint.save(tmp_path, ckpt)
+    again = checkpoint.load(tmp_path)
+    assert again is not None and torch.equal(again.item_content, ckpt.item_content)
+
+
+def test_int64_columns_are_narrowed_only_when_they_fit() -> None:
+    for values in ([], [5], [-(2**40), -(2**40) + 2**32 - 1], [0, 2**32]):
+        column = torch.tensor(values, dtype=torch.int64)
+        encoded = checkpoint._encode_int64(column)
+        assert isinstance(encoded, dict) == (len(values) > 0 and max(values) - min(values) < 2**32)
+        assert torch.equal(checkpoint._decode_int64(encoded, "c"), column)
 
 
 def test_history_columns_refuse_codes_outside_the_vocabulary(tmp_path: Path) -> None:

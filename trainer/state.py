@@ -459,8 +459,12 @@ class TrainerState:
         """
         users, _ = self.users.to_state()
         items, _ = self.items.to_state()
-        catalog = self.catalog.to_columns()
-        cats, content = self.item_side(items.ids)
+        catalog, item_rows = self.catalog.to_columns(items.ids)
+        known = item_rows >= 0
+        cats = torch.zeros(len(items.ids), dtype=torch.int64)
+        content = torch.zeros(len(items.ids), self.model_cfg.content_dim)
+        cats[known] = catalog.category[item_rows[known]]
+        content[known] = catalog.content[item_rows[known]]
         requests = self.requests
         keys = list(requests)
         return Checkpoint(
@@ -491,6 +495,7 @@ class TrainerState:
                 "generator": self.generator.get_state(),
                 **(extra or {}),
             },
+            item_catalog_row=item_rows,
         )
 
     @classmethod
@@ -837,10 +842,18 @@ class CatalogColumns(MutableMapping[str, tuple[int, np.ndarray]]):
         content[known] = self.content[slots[known]]
         return cats, content
 
-    def to_columns(self) -> Catalog:
+    def to_columns(self, item_ids: Sequence[str] = ()) -> tuple[Catalog, torch.Tensor]:
+        """The catalogue as checkpoint columns (copies), and the position in them of each of
+        ``item_ids`` (-1: not in the catalogue)."""
         ids, slots = self.slots.live()
         n = len(self.slots.keys)
-        return Catalog(ids, _take(self.category, slots, n), _take(self.content, slots, n))
+        position = self.slots.lookup(item_ids, len(item_ids))
+        if slots is not None:  # freed slots: renumber to the compacted positions
+            renumber = np.full(n + 1, -1, dtype=np.int64)
+            renumber[slots] = np.arange(len(slots))
+            position = renumber[position]  # -1 stays -1 (the last entry)
+        catalog = Catalog(ids, _take(self.category, slots, n), _take(self.content, slots, n))
+        return catalog, torch.from_numpy(position)
 
     @classmethod
     def from_columns(cls, catalog: Catalog, dim: int) -> CatalogColumns:

@@ -211,6 +211,10 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     """Optimizer state, category index, nightly bookkeeping and other trainer internals."""
     format: int = FORMAT
+    item_catalog_row: torch.Tensor | None = None
+    """``[n_items]`` int64 position in ``catalog`` of each item row's entry (-1: none), when
+    ``item_category`` and ``item_content`` are exactly those entries' (zeros for -1): the file
+    then holds this column instead of a second copy of the catalogue's features."""
 
     def __post_init__(self) -> None:
         if isinstance(self.histories, Mapping):
@@ -295,9 +299,9 @@ def encode(ckpt: Checkpoint) -> dict[str, Any]:
             "ids": pack_strings(t.ids),
             "emb": t.emb,
             "accum": t.accum,
-            "count": t.count,
-            "last_seen_ms": t.last_seen_ms,
-            "updated_seq": t.updated_seq,
+            "count": _encode_int64(t.count),
+            "last_seen_ms": _encode_int64(t.last_seen_ms),
+            "updated_seq": _encode_int64(t.updated_seq),
             "pending": _encode_counts(t.pending),
         }
 
@@ -311,8 +315,7 @@ def encode(ckpt: Checkpoint) -> dict[str, Any]:
         "dense": ckpt.dense,
         "users": table(ckpt.users),
         "items": table(ckpt.items),
-        "item_category": ckpt.item_category,
-        "item_content": ckpt.item_content,
+        **_encode_item_side(ckpt),
         "categories": pack_strings(ckpt.categories),
         "removed_items": {
             "seq": torch.from_numpy(removed_seq),
@@ -346,7 +349,7 @@ def decode(data: dict[str, Any]) -> Checkpoint:
     def table(d: Any, what: str) -> TableState:
         ids = unpack_strings(d["ids"], f"{what}.ids")
         n = len(ids)
-        cols = {name: _tensor(d[name], f"{what}.{name}", n) for name in TABLE_COLUMNS}
+        cols = {name: _decode_int64(d[name], f"{what}.{name}", n) for name in TABLE_COLUMNS}
         return TableState(ids=ids, **cols, pending=_decode_counts(d["pending"], f"{what}.pending"))
 
     users, items = table(data["users"], "users"), table(data["items"], "items")
@@ -354,7 +357,14 @@ def decode(data: dict[str, Any]) -> Checkpoint:
     removed_ids = unpack_strings(removed["ids"], "removed_items.ids")
     removed_seq = _tensor(removed["seq"], "removed_items.seq", len(removed_ids)).tolist()
     profile_ids = unpack_strings(data["profiles"]["ids"], "profiles.ids")
-    catalog_ids = unpack_strings(data["catalog"]["ids"], "catalog.ids")
+    catalog = Catalog(
+        unpack_strings(data["catalog"]["ids"], "catalog.ids"),
+        _tensor(data["catalog"]["category"], "catalog.category"),
+        _tensor(data["catalog"]["content"], "catalog.content"),
+    )
+    for name in ("category", "content"):
+        _tensor(getattr(catalog, name), f"catalog.{name}", len(catalog.ids))
+    item_category, item_content, item_catalog_row = _decode_item_side(data, catalog, len(items.ids))
     hard = data["hard_negatives"]
     shown, not_shown = Ragged.decode(hard["shown"], "shown"), Ragged.decode(hard["not_shown"], "not_shown")
     if shown.keys != not_shown.keys:
@@ -366,29 +376,71 @@ def decode(data: dict[str, Any]) -> Checkpoint:
         dense=dict(data["dense"]),
         users=users,
         items=items,
-        item_category=_tensor(data["item_category"], "item_category"),
-        item_content=_tensor(data["item_content"], "item_content"),
+        item_category=item_category,
+        item_content=item_content,
         categories=unpack_strings(data["categories"], "categories"),
         removed_items=list(zip(removed_seq, removed_ids, strict=True)),
         offsets=dict(data["offsets"]),
         event_time_ms=int(data["event_time_ms"]),
         histories=_decode_histories(data["histories"], data["format"]),
         profiles=Profiles(profile_ids, _tensor(data["profiles"]["features"], "profiles.features", len(profile_ids))),
-        catalog=Catalog(
-            catalog_ids,
-            _tensor(data["catalog"]["category"], "catalog.category", len(catalog_ids)),
-            _tensor(data["catalog"]["content"], "catalog.content", len(catalog_ids)),
-        ),
+        catalog=catalog,
         hard_negatives=HardNegatives(shown, not_shown, _decode_counts(hard["counts"], "hard_negatives.counts")),
         extra=dict(data["extra"]),
+        item_catalog_row=item_catalog_row,
     )
 
 
 TABLE_COLUMNS = ("emb", "accum", "count", "last_seen_ms", "updated_seq")
 
-TS_SHIFT = 2**31
-"""Event times of history entries are written as int32 ``ts_ms - ts_base`` whenever they span
-less than 2³² ms (49 days), ``ts_base = min + TS_SHIFT``; otherwise as int64."""
+INT32_SPAN = 2**32
+
+
+def _encode_int64(column: torch.Tensor) -> torch.Tensor | dict[str, Any]:
+    """An int64 column as int32 offsets from a base when its values span less than 2³²
+    (event times within 49 days, counts, sequence numbers): half the bytes; else as it is."""
+    if column.numel():
+        low = int(column.min())
+        if int(column.max()) - low < INT32_SPAN:
+            base = low + INT32_SPAN // 2
+            return {"base": base, "int32": (column - base).to(torch.int32)}
+    return column
+
+
+def _decode_int64(value: Any, what: str, rows: int | None = None) -> torch.Tensor:
+    if isinstance(value, dict):
+        base, narrow = value.get("base"), value.get("int32")
+        if set(value) != {"base", "int32"} or not isinstance(base, int):
+            raise ValueError(f"{what}: not an int32-offset column")
+        narrow = _tensor(narrow, what, rows)
+        if narrow.dtype != torch.int32:
+            raise ValueError(f"{what}: offsets are not int32")
+        return narrow.to(torch.int64) + base
+    return _tensor(value, what, rows)
+
+
+def _encode_item_side(ckpt: Checkpoint) -> dict[str, Any]:
+    if ckpt.item_catalog_row is None:
+        return {"item_category": ckpt.item_category, "item_content": ckpt.item_content}
+    return {"item_catalog_row": ckpt.item_catalog_row.to(torch.int32)}
+
+
+def _decode_item_side(
+    data: dict[str, Any], catalog: Catalog, n_items: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Category and content of each item row: as written, or gathered from the catalogue."""
+    if "item_catalog_row" not in data:
+        return _tensor(data["item_category"], "item_category"), _tensor(data["item_content"], "item_content"), None
+    rows = _tensor(data["item_catalog_row"], "item_catalog_row", n_items)
+    if rows.dtype != torch.int32 or (n_items and (int(rows.min()) < -1 or int(rows.max()) >= len(catalog.ids))):
+        raise ValueError(f"item_catalog_row: not int32 positions in a catalogue of {len(catalog.ids)}")
+    rows = rows.to(torch.int64)
+    known = rows >= 0
+    category = torch.zeros(n_items, dtype=catalog.category.dtype)
+    content = torch.zeros((n_items, *catalog.content.shape[1:]), dtype=catalog.content.dtype)
+    category[known] = catalog.category[rows[known]]
+    content[known] = catalog.content[rows[known]]
+    return category, content, rows
 
 
 def _encode_histories(hist: Histories) -> dict[str, Any]:
@@ -398,14 +450,7 @@ def _encode_histories(hist: Histories) -> dict[str, Any]:
         "vocab": pack_strings(hist.vocab),
         "codes": hist.codes.to(torch.int32),
     }
-    ts = hist.ts_ms
-    if ts.numel():
-        low = int(ts.min())
-        if int(ts.max()) - low < 2 * TS_SHIFT:
-            out["ts_base"] = low + TS_SHIFT
-            out["ts_delta"] = (ts - out["ts_base"]).to(torch.int32)
-            return out
-    out["ts_ms"] = ts
+    out["ts_ms"] = _encode_int64(hist.ts_ms)
     return out
 
 
@@ -413,13 +458,7 @@ def _decode_histories(data: Any, fmt: int) -> Histories:
     if fmt == 2:  # the item ids as a ragged string column
         items = Ragged.decode(data["items"], "histories.items")
         return Histories.from_ragged(items, _tensor(data["ts_ms"], "histories.ts_ms", len(items.values)))
-    if "ts_delta" in data:
-        delta = _tensor(data["ts_delta"], "histories.ts_delta")
-        if delta.dtype != torch.int32 or not isinstance(data["ts_base"], int):
-            raise ValueError("histories: ts_delta is not int32 or ts_base not an int")
-        ts = delta.to(torch.int64) + data["ts_base"]
-    else:
-        ts = _tensor(data["ts_ms"], "histories.ts_ms")
+    ts = _decode_int64(data["ts_ms"], "histories.ts_ms")
     codes = _tensor(data["codes"], "histories.codes")
     if codes.dtype != torch.int32:
         raise ValueError("histories: codes are not int32")
