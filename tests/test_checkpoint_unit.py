@@ -315,3 +315,21 @@ def test_history_columns_behave_as_bounded_deques() -> None:
 
 def _plain(histories: dict[str, deque[tuple[str, int]]]) -> dict[str, list[tuple[str, int]]]:
     return {u: list(h) for u, h in histories.items()}
+
+
+def test_history_times_are_rebased_then_widened_as_their_span_grows(tmp_path: Path) -> None:
+    hist = HistoryColumns(2)
+    ref: dict[str, deque[tuple[str, int]]] = {}
+    for n, ts in enumerate([1_700_000_000_000, 1_700_000_000_000 - 2**31, 1_700_000_000_000 + 2**31, 5]):
+        user = f"u{n % 2}"
+        hist.append(user, "i", ts)
+        ref.setdefault(user, deque(maxlen=2)).append(("i", ts))
+        assert hist == _plain(ref) and HistoryColumns.from_columns(hist.to_columns(), 2) == _plain(ref)
+        expect_int32 = n < 2  # the span passes 2^32 ms at the third time
+        assert (hist.times.dtype == np.int32) == expect_int32
+        assert (hist.to_columns().ts_offsets.dtype == torch.int32) == expect_int32
+    state = _state()
+    state.histories = hist
+    checkpoint.save(tmp_path, state.to_checkpoint({}))
+    loaded = checkpoint.load(tmp_path)
+    assert loaded is not None and loaded.histories.as_dict() == _plain(ref)

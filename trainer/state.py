@@ -39,7 +39,7 @@ from trainer.losses import (
     retrieval_loss,
 )
 from trainer.pooling import history_columns, pool_views, pooling_matrix
-from twotower.checkpoint import Catalog, Checkpoint, HardNegatives, Histories, Profiles
+from twotower.checkpoint import Catalog, Checkpoint, HardNegatives, Histories, Profiles, gather_rows
 from twotower.columns import Ragged
 from twotower.config import ModelConfig, TrainerConfig, stored_model_config
 from twotower.events import IMPRESSION, CatalogItem, Interaction, Profile
@@ -54,6 +54,7 @@ from twotower.model import (
 )
 
 MS_PER_DAY = 86_400_000
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 SSL_GROUPS = 3
@@ -81,6 +82,10 @@ class StepResult:
 
 class TrainerState:
     """Model, ID tables, catalogue, profiles and histories of the trainer.
+
+    Catalogue, profiles and histories are mappings kept as columns (:class:`CatalogColumns`,
+    :class:`ProfileColumns`, :class:`HistoryColumns`): a checkpoint copies arrays instead of
+    walking millions of Python objects, and a resume fills them without building any.
 
     Args:
         model_cfg: tower shapes.
@@ -460,11 +465,7 @@ class TrainerState:
         users, _ = self.users.to_state()
         items, _ = self.items.to_state()
         catalog, item_rows = self.catalog.to_columns(items.ids)
-        known = item_rows >= 0
-        cats = torch.zeros(len(items.ids), dtype=torch.int64)
-        content = torch.zeros(len(items.ids), self.model_cfg.content_dim)
-        cats[known] = catalog.category[item_rows[known]]
-        content[known] = catalog.content[item_rows[known]]
+        cats, content = gather_rows(catalog, item_rows)
         requests = self.requests
         keys = list(requests)
         return Checkpoint(
@@ -604,9 +605,11 @@ class HistoryColumns(MutableMapping[str, list[tuple[str, int]]]):
     per user, kept as columns).
 
     Each user has a slot: a fixed-width row of item codes (into a vocabulary of item ids) and
-    one of event times, left-aligned, plus its length. A checkpoint then takes a few array
-    copies instead of walking a million deques, and a resume fills the arrays in one scatter.
-    Reading a user gives a fresh list; assigning keeps the newest ``length`` pairs.
+    one of event times, left-aligned, plus its length. Times are int32 offsets from ``ts_base``
+    (rebased when a time falls outside, int64 if they ever span 2³² ms or more). A checkpoint
+    then copies a few arrays, already in the file's form, instead of walking a million deques,
+    and a resume fills the arrays in one scatter. Reading a user gives a fresh list; assigning
+    keeps the newest ``length`` pairs.
     """
 
     def __init__(self, length: int) -> None:
@@ -616,7 +619,8 @@ class HistoryColumns(MutableMapping[str, list[tuple[str, int]]]):
         self.code_of: dict[str, int] = {}
         self._vocab_compacted = 0
         self.codes = np.zeros((0, length), dtype=np.int32)
-        self.times = np.zeros((0, length), dtype=np.int64)
+        self.times = np.zeros((0, length), dtype=np.int32)
+        self.ts_base = 0
         self.size = np.zeros(0, dtype=np.int64)
 
     # --- mapping -----------------------------------------------------------------------
@@ -632,17 +636,20 @@ class HistoryColumns(MutableMapping[str, list[tuple[str, int]]]):
     def __getitem__(self, user: str) -> list[tuple[str, int]]:
         slot = self.slots.slot[user]
         n = int(self.size[slot])
-        vocab = self.vocab
+        vocab, base = self.vocab, self.ts_base
         return [
-            (vocab[c], t) for c, t in zip(self.codes[slot, :n].tolist(), self.times[slot, :n].tolist(), strict=True)
+            (vocab[c], base + t)
+            for c, t in zip(self.codes[slot, :n].tolist(), self.times[slot, :n].tolist(), strict=True)
         ]
 
     def __setitem__(self, user: str, pairs: Iterable[tuple[str, int]]) -> None:
         entries = list(pairs)[-self.length :]
+        if entries:
+            self._fit(min(ts for _, ts in entries), max(ts for _, ts in entries))
         slot = self._slot(user)
         n = len(entries)
         self.codes[slot, :n] = [self._code(item) for item, _ in entries]
-        self.times[slot, :n] = [ts for _, ts in entries]
+        self.times[slot, :n] = [ts - self.ts_base for _, ts in entries]
         self.codes[slot, n:] = 0
         self.times[slot, n:] = 0
         self.size[slot] = n
@@ -655,6 +662,10 @@ class HistoryColumns(MutableMapping[str, list[tuple[str, int]]]):
 
     def append(self, user: str, item: str, ts_ms: int) -> None:
         """Add a click to the user's history, dropping the oldest beyond ``length``."""
+        offset = ts_ms - self.ts_base
+        if not INT32_MIN <= offset <= INT32_MAX:
+            self._fit(ts_ms, ts_ms)
+            offset = ts_ms - self.ts_base
         slot = self._slot(user)
         n = int(self.size[slot])
         items, ts = self.codes[slot], self.times[slot]
@@ -663,8 +674,27 @@ class HistoryColumns(MutableMapping[str, list[tuple[str, int]]]):
             ts[:-1] = ts[1:]
             n -= 1
         items[n] = self._code(item)
-        ts[n] = ts_ms
+        ts[n] = offset
         self.size[slot] = n + 1
+
+    def _fit(self, low_ms: int, high_ms: int) -> None:
+        """Make times ``low_ms`` … ``high_ms`` representable: rebase the int32 offsets to the
+        middle of everything held plus them, or widen to int64 when that spans 2³² ms or more."""
+        if self.times.dtype == np.int64 or (low_ms - self.ts_base >= INT32_MIN and high_ms - self.ts_base <= INT32_MAX):
+            return
+        n = len(self.slots.keys)
+        held = self.times[:n][np.arange(self.length) < self.size[:n, None]]
+        if not len(self):  # nothing held: start from these times
+            low, high = low_ms, high_ms
+        else:
+            low = min(low_ms, self.ts_base + int(held.min())) if len(held) else low_ms
+            high = max(high_ms, self.ts_base + int(held.max())) if len(held) else high_ms
+        if high - low > INT32_MAX - INT32_MIN:
+            self.times = self.times.astype(np.int64)
+            return
+        base = low - INT32_MIN  # low maps to the smallest int32
+        self.times = (self.times.astype(np.int64) + (self.ts_base - base)).clip(INT32_MIN, INT32_MAX).astype(np.int32)
+        self.ts_base = base
 
     def entries(self) -> int:
         """Entries over every history."""
@@ -701,9 +731,8 @@ class HistoryColumns(MutableMapping[str, list[tuple[str, int]]]):
         else:
             mask = np.arange(self.length) < size[:, None]
             codes, times = items[mask], ts[mask]
-        return Histories(
-            users, torch.from_numpy(offsets), list(self.vocab), torch.from_numpy(codes), torch.from_numpy(times)
-        )
+        codes_t, times_t = torch.from_numpy(codes), torch.from_numpy(times)
+        return Histories(users, torch.from_numpy(offsets), list(self.vocab), codes_t, times_t, self.ts_base)
 
     def _compact_vocab(self) -> None:
         """Drop item ids no history holds any more once the vocabulary has doubled since the
@@ -728,14 +757,20 @@ class HistoryColumns(MutableMapping[str, list[tuple[str, int]]]):
         n = len(hist.users)
         out.vocab = list(hist.vocab)
         out.code_of = dict(zip(out.vocab, range(len(out.vocab)), strict=True))
+        ts_t, out.ts_base = hist.ts_offsets, hist.ts_base
+        if ts_t.dtype != torch.int32:  # absolute or int64 times: int32 offsets if they fit
+            ts_t, out.ts_base = ts_t + hist.ts_base, 0
+            if ts_t.numel() and int(ts_t.max()) - int(ts_t.min()) <= INT32_MAX - INT32_MIN:
+                out.ts_base = int(ts_t.min()) - INT32_MIN
+                ts_t = (ts_t - out.ts_base).to(torch.int32)
         out.codes = np.zeros((max(n, 1024), length), dtype=np.int32)
-        out.times = np.zeros((max(n, 1024), length), dtype=np.int64)
+        out.times = np.zeros((max(n, 1024), length), dtype=ts_t.numpy().dtype)
         out.size = np.zeros(max(n, 1024), dtype=np.int64)
         offsets = hist.offsets.numpy()
         lengths = np.diff(offsets)
         kept = np.minimum(lengths, length)
         out.size[:n] = kept
-        codes, ts = hist.codes.numpy(), hist.ts_ms.numpy()
+        codes, ts = hist.codes.numpy(), ts_t.numpy()
         if n and bool((lengths == length).all()):
             out.codes[:n] = codes.reshape(n, length)
             out.times[:n] = ts.reshape(n, length)
