@@ -124,12 +124,13 @@ class Histories:
         off, codes, n = self.offsets, self.codes, len(self.users)
         if not isinstance(off, torch.Tensor) or off.dtype != torch.int64 or off.shape != (n + 1,):
             raise ValueError(f"{what}: offsets do not fit {n} users")
-        entries = int(off[-1])
-        if int(off[0]) != 0 or bool((off[1:] < off[:-1]).any()):
+        bounds = off.numpy()  # numpy for the checks: single-threaded, no hand-off on a busy machine
+        entries = int(bounds[-1])
+        if int(bounds[0]) != 0 or bool((bounds[1:] < bounds[:-1]).any()):
             raise ValueError(f"{what}: offsets are not ascending from 0")
         if not isinstance(codes, torch.Tensor) or codes.ndim != 1 or codes.shape[0] != entries:
             raise ValueError(f"{what}: codes are not {entries} entries")
-        if entries and (int(codes.min()) < 0 or int(codes.max()) >= len(self.vocab)):
+        if entries and (int(codes.numpy().min()) < 0 or int(codes.numpy().max()) >= len(self.vocab)):
             raise ValueError(f"{what}: codes outside the vocabulary of {len(self.vocab)}")
         ts = self.ts_offsets
         if not isinstance(ts, torch.Tensor) or ts.dtype not in (torch.int32, torch.int64) or ts.shape != (entries,):
@@ -412,11 +413,12 @@ INT32_SPAN = 2**32
 def _encode_int64(column: torch.Tensor) -> torch.Tensor | dict[str, Any]:
     """An int64 column as int32 offsets from a base when its values span less than 2³²
     (event times within 49 days, counts, sequence numbers): half the bytes; else as it is."""
-    if column.numel():
-        low = int(column.min())
-        if int(column.max()) - low < INT32_SPAN:
+    values = column.numpy()  # numpy: single-threaded, no thread-pool hand-off on a busy machine
+    if values.size:
+        low = int(values.min())
+        if int(values.max()) - low < INT32_SPAN:
             base = low + INT32_SPAN // 2
-            return {"base": base, "int32": (column - base).to(torch.int32)}
+            return {"base": base, "int32": torch.from_numpy((values - base).astype(np.int32))}
     return column
 
 
@@ -430,7 +432,7 @@ def _decode_int64(value: Any, what: str, rows: int | None = None, widen: bool = 
         narrow = _tensor(narrow, what, rows)
         if narrow.dtype != torch.int32:
             raise ValueError(f"{what}: offsets are not int32")
-        return narrow.to(torch.int64) + base if widen else narrow
+        return torch.from_numpy(narrow.numpy().astype(np.int64) + base) if widen else narrow
     return _tensor(value, what, rows)
 
 
@@ -447,7 +449,9 @@ def _decode_item_side(
     if "item_catalog_row" not in data:
         return _tensor(data["item_category"], "item_category"), _tensor(data["item_content"], "item_content"), None
     rows = _tensor(data["item_catalog_row"], "item_catalog_row", n_items)
-    if rows.dtype != torch.int32 or (n_items and (int(rows.min()) < -1 or int(rows.max()) >= len(catalog.ids))):
+    if rows.dtype != torch.int32 or (
+        n_items and (int(rows.numpy().min()) < -1 or int(rows.numpy().max()) >= len(catalog.ids))
+    ):
         raise ValueError(f"item_catalog_row: not int32 positions in a catalogue of {len(catalog.ids)}")
     rows = rows.to(torch.int64)
     category, content = gather_rows(catalog, rows)
