@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,8 @@ RETRIEVED_PER_REQUEST = 30
 def build_state(users: int, items: int, seed: int = 0) -> Any:
     """A trainer state of the given size (random rows, full histories, profiles, catalogue)."""
     from trainer.id_table import IdTable
-    from trainer.state import RequestNegatives, TrainerState
-    from twotower.checkpoint import TableState
+    from trainer.state import CatalogColumns, HistoryColumns, ProfileColumns, RequestNegatives, TrainerState
+    from twotower.checkpoint import Catalog, Histories, Profiles, TableState
 
     mcfg, tcfg = ModelConfig(), TrainerConfig()
     state = TrainerState(mcfg, tcfg)
@@ -75,19 +75,19 @@ def build_state(users: int, items: int, seed: int = 0) -> Any:
         state.category_index(f"cat{c}")
     cats = rng.integers(1, len(state.categories) + 1, items)
     content = rng.random((items, mcfg.content_dim), dtype=np.float32)
-    state.catalog = {item: (int(cats[i]), content[i].copy()) for i, item in enumerate(item_ids)}
+    state.catalog = CatalogColumns.from_columns(
+        Catalog(item_ids, torch.from_numpy(cats), torch.from_numpy(content)), mcfg.content_dim
+    )
     profiles = rng.random((users, mcfg.profile_dim), dtype=np.float32)
-    state.profiles = {user: profiles[i].copy() for i, user in enumerate(user_ids)}
+    state.profiles = ProfileColumns.from_columns(Profiles(user_ids, torch.from_numpy(profiles)), mcfg.profile_dim)
     length = mcfg.history_len
-    clicked = rng.integers(0, items, (users, length))
+    clicked = rng.integers(0, items, (users, length)).astype(np.int32)  # codes into item_ids
     times = np.sort(now_ms - rng.integers(0, 30 * 86_400_000, (users, length)), axis=1)
-    state.histories = {
-        user: deque(
-            ((item_ids[j], int(t)) for j, t in zip(clicked[i].tolist(), times[i].tolist(), strict=True)),
-            maxlen=length,
-        )
-        for i, user in enumerate(user_ids)
-    }
+    offsets = torch.arange(0, users * length + 1, length, dtype=torch.int64)
+    state.histories = HistoryColumns.from_columns(
+        Histories(user_ids, offsets, item_ids, torch.from_numpy(clicked.ravel()), torch.from_numpy(times.ravel())),
+        length,
+    )
     state.requests = OrderedDict()
     for r in range(tcfg.hard_negative_requests):
         picked = rng.integers(0, items, SHOWN_PER_REQUEST + RETRIEVED_PER_REQUEST).tolist()
@@ -178,7 +178,7 @@ def run(
         "users": users,
         "items": items,
         "history_len": state.model_cfg.history_len,
-        "history_entries": sum(len(h) for h in state.histories.values()),
+        "history_entries": state.histories.entries(),
         "hard_negative_requests": len(state.requests),
         "delta_users": delta_users,
         "file_bytes": size,

@@ -1,8 +1,9 @@
-"""The checkpoint file: format-2 round trip of every part of the trainer's state, format-1 files
-still loading, and the columnar encodings refusing what does not fit."""
+"""The checkpoint file: format-3 round trip of every part of the trainer's state, format-1 and
+format-2 files still loading, and the columnar encodings refusing what does not fit."""
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.state import TrainerState
+from trainer.state import HistoryColumns, TrainerState
 from twotower import checkpoint
 from twotower.columns import PackedStrings, Ragged, pack_strings, unpack_strings
 from twotower.config import ModelConfig, TrainerConfig
@@ -66,7 +67,7 @@ def _assert_same_state(a: TrainerState, b: TrainerState) -> None:
     assert a.profiles.keys() == b.profiles.keys()
     assert all(np.array_equal(a.profiles[u], b.profiles[u]) for u in a.profiles)
     assert {u: list(h) for u, h in a.histories.items()} == {u: list(h) for u, h in b.histories.items()}
-    assert all(h.maxlen == a.model_cfg.history_len for h in b.histories.values())
+    assert all(len(h) <= a.model_cfg.history_len for h in b.histories.values())
     assert list(a.requests) == list(b.requests)
     for rid, entry in a.requests.items():
         assert b.requests[rid].shown == entry.shown and list(b.requests[rid].not_shown) == list(entry.not_shown)
@@ -87,7 +88,7 @@ def test_round_trip_restores_every_part_of_the_state(tmp_path: Path) -> None:
     checkpoint.save(tmp_path, state.to_checkpoint(offsets, extra))
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]  # no temporary file left
     loaded = checkpoint.load(tmp_path)
-    assert loaded is not None and loaded.format == checkpoint.FORMAT == 2
+    assert loaded is not None and loaded.format == checkpoint.FORMAT == 3
     assert loaded.offsets == offsets and loaded.extra["applied_above"] == {"events:1": [7, 9]}
     assert loaded.histories.as_dict() == {u: list(h) for u, h in state.histories.items()}
     assert loaded.hard_negatives.counts == state.hard_counts
@@ -163,11 +164,54 @@ def test_a_format_1_checkpoint_still_loads_and_resumes(tmp_path: Path) -> None:
     assert loaded.extra["applied_above"] == {"events:0": [3]}
     assert not {"profiles", "catalog_ids", "hard_negative_requests"} & loaded.extra.keys()
     _assert_same_state(state, TrainerState.from_checkpoint(loaded, state.tcfg))
-    # and it is written back as format 2
+    # and it is written back in the current format
     checkpoint.save(tmp_path, loaded)
     again = checkpoint.load(tmp_path)
-    assert again is not None and again.format == 2
+    assert again is not None and again.format == checkpoint.FORMAT
     _assert_same_state(state, TrainerState.from_checkpoint(again, state.tcfg))
+
+
+def _format_2(state: TrainerState, offsets: dict[str, int]) -> dict[str, Any]:
+    """What the format-2 code wrote: today's columns, but the histories' item ids as a ragged
+    string column, every int64 column as int64, the item rows' side features written out."""
+    ckpt = state.to_checkpoint(offsets)
+    data = checkpoint.encode(ckpt)
+    del data["item_catalog_row"]
+    data["item_category"], data["item_content"] = ckpt.item_category, ckpt.item_content
+    for name, table in (("users", ckpt.users), ("items", ckpt.items)):
+        for col in ("count", "last_seen_ms", "updated_seq"):
+            data[name][col] = getattr(table, col)
+    hist = state.histories
+    users = list(hist)
+    data["histories"] = {
+        "items": Ragged.from_lists(users, [[i for i, _ in hist[u]] for u in users]).encode(),
+        "ts_ms": torch.tensor([t for u in users for _, t in hist[u]], dtype=torch.int64),
+    }
+    data["format"] = 2
+    return data
+
+
+def test_a_format_2_checkpoint_still_loads_and_resumes(tmp_path: Path) -> None:
+    state = _state()
+    torch.save(_format_2(state, {"events:0": 60}), checkpoint.path_in(tmp_path))
+    loaded = checkpoint.load(tmp_path)
+    assert loaded is not None and loaded.offsets == {"events:0": 60}
+    assert loaded.histories.as_dict() == dict(state.histories.items())
+    _assert_same_state(state, TrainerState.from_checkpoint(loaded, state.tcfg))
+    checkpoint.save(tmp_path, loaded)
+    again = checkpoint.load(tmp_path)
+    assert again is not None and again.format == checkpoint.FORMAT
+    _assert_same_state(state, TrainerState.from_checkpoint(again, state.tcfg))
+
+
+def test_history_times_beyond_the_int32_span_are_written_as_int64(tmp_path: Path) -> None:
+    state = _state()
+    state.histories["u-old"] = [("i1", 5), ("i2", 2**40)]  # a span of more than 2^32 ms
+    checkpoint.save(tmp_path, state.to_checkpoint({}))
+    data = torch.load(checkpoint.path_in(tmp_path), weights_only=True)
+    assert isinstance(data["histories"]["ts_ms"], torch.Tensor)  # not narrowed to int32 offsets
+    loaded = checkpoint.load(tmp_path)
+    assert loaded is not None and loaded.histories.as_dict() == dict(state.histories.items())
 
 
 def test_unknown_formats_and_inconsistent_columns_are_refused(tmp_path: Path) -> None:
@@ -207,3 +251,85 @@ def test_ragged_lists_round_trip_and_check_offsets() -> None:
     bad = {**ragged.encode(), "offsets": torch.tensor([0, 2, 1, 3])}
     with pytest.raises(ValueError, match="ascending"):
         Ragged.decode(bad, "r")
+
+
+def test_item_side_is_written_once_and_gathered_on_load(tmp_path: Path) -> None:
+    state = _state()
+    del state.catalog["i3"]  # a freed catalogue slot: positions are renumbered
+    state.apply_catalog(CatalogItem("late", "c9", [7.0, 7.0, 7.0], 0))
+    ckpt = state.to_checkpoint({})
+    data = checkpoint.encode(ckpt)
+    assert "item_content" not in data and data["item_catalog_row"].dtype == torch.int32
+    checkpoint.save(tmp_path, ckpt)
+    loaded = checkpoint.load(tmp_path)
+    assert loaded is not None and torch.equal(loaded.item_content, ckpt.item_content)
+    assert torch.equal(loaded.item_category, ckpt.item_category)
+    for row, item in enumerate(loaded.items.ids):
+        side = state.catalog.get(item)
+        assert int(loaded.item_category[row]) == (side[0] if side else 0)
+        assert np.array_equal(loaded.item_content[row].numpy(), side[1] if side else np.zeros(3))
+    _assert_same_state(state, TrainerState.from_checkpoint(loaded, state.tcfg))
+    ckpt.item_catalog_row = None  # a checkpoint built elsewhere: its item side is written as it is
+    ckpt.item_content = ckpt.item_content + 1.0
+    checkpoint.save(tmp_path, ckpt)
+    again = checkpoint.load(tmp_path)
+    assert again is not None and torch.equal(again.item_content, ckpt.item_content)
+
+
+def test_int64_columns_are_narrowed_only_when_they_fit() -> None:
+    for values in ([], [5], [-(2**40), -(2**40) + 2**32 - 1], [0, 2**32]):
+        column = torch.tensor(values, dtype=torch.int64)
+        encoded = checkpoint._encode_int64(column)
+        assert isinstance(encoded, dict) == (len(values) > 0 and max(values) - min(values) < 2**32)
+        assert torch.equal(checkpoint._decode_int64(encoded, "c"), column)
+
+
+def test_history_columns_refuse_codes_outside_the_vocabulary(tmp_path: Path) -> None:
+    data = checkpoint.encode(_state().to_checkpoint({}))
+    data["histories"]["codes"] = data["histories"]["codes"] + 1000
+    torch.save(data, checkpoint.path_in(tmp_path))
+    with pytest.raises(ValueError, match="vocabulary"):
+        checkpoint.load(tmp_path)
+
+
+def test_history_columns_behave_as_bounded_deques() -> None:
+    hist = HistoryColumns(3)
+    ref: dict[str, deque[tuple[str, int]]] = {}
+    rng = np.random.default_rng(0)
+    for n in range(3000):
+        user, item = f"u{rng.integers(0, 40)}", f"i{rng.integers(0, 2000)}"
+        hist.append(user, item, n)
+        ref.setdefault(user, deque(maxlen=3)).append((item, n))
+        if n % 700 == 0:  # a checkpoint: the vocabulary is compacted once it has doubled
+            assert HistoryColumns.from_columns(hist.to_columns(), 3) == _plain(ref)
+    del hist["u1"]
+    del ref["u1"]
+    hist["u-new"] = ref["u-new"] = deque([("a", 1), ("b", 2), ("c", 3), ("d", 4)], maxlen=3)
+    hist["u2"] = ref["u2"] = deque([("x", 9)], maxlen=3)
+    assert hist == _plain(ref) and hist["u-new"] == [("b", 2), ("c", 3), ("d", 4)]
+    assert len(hist.vocab) < 2000  # ids no history holds any more were dropped
+    cols = hist.to_columns()
+    assert cols.as_dict() == _plain(ref) and HistoryColumns.from_columns(cols, 3) == _plain(ref)
+    assert HistoryColumns.from_columns(cols, 2) == {u: list(h)[-2:] for u, h in ref.items()}  # newest kept
+
+
+def _plain(histories: dict[str, deque[tuple[str, int]]]) -> dict[str, list[tuple[str, int]]]:
+    return {u: list(h) for u, h in histories.items()}
+
+
+def test_history_times_are_rebased_then_widened_as_their_span_grows(tmp_path: Path) -> None:
+    hist = HistoryColumns(2)
+    ref: dict[str, deque[tuple[str, int]]] = {}
+    for n, ts in enumerate([1_700_000_000_000, 1_700_000_000_000 - 2**31, 1_700_000_000_000 + 2**31, 5]):
+        user = f"u{n % 2}"
+        hist.append(user, "i", ts)
+        ref.setdefault(user, deque(maxlen=2)).append(("i", ts))
+        assert hist == _plain(ref) and HistoryColumns.from_columns(hist.to_columns(), 2) == _plain(ref)
+        expect_int32 = n < 2  # the span passes 2^32 ms at the third time
+        assert (hist.times.dtype == np.int32) == expect_int32
+        assert (hist.to_columns().ts_offsets.dtype == torch.int32) == expect_int32
+    state = _state()
+    state.histories = hist
+    checkpoint.save(tmp_path, state.to_checkpoint({}))
+    loaded = checkpoint.load(tmp_path)
+    assert loaded is not None and loaded.histories.as_dict() == _plain(ref)

@@ -125,8 +125,8 @@ class IdTable:
         n = len(self.ids)
         if n == 0:
             return []
-        live = torch.tensor([k is not None for k in self.ids])
-        stale = (live & (self.last_seen_ms[:n] < now_ms - ttl_ms)).nonzero().flatten().tolist()
+        # no pass over the ids: free slots (id None) among the stale rows are skipped below
+        stale = (self.last_seen_ms[:n] < now_ms - ttl_ms).nonzero().flatten().tolist()
         gone = []
         for row in stale:
             key = self.ids[row]
@@ -197,7 +197,7 @@ class IdTable:
         if state.emb.shape != (n, dim):
             raise ValueError(f"table state has {n} ids but rows of shape {tuple(state.emb.shape)}")
         table.ids = list(state.ids)
-        table.index = {k: i for i, k in enumerate(state.ids)}
+        table.index = dict(zip(state.ids, range(n), strict=True))
         table.pending = dict(state.pending)
         table.emb[:n] = state.emb
         table.accum[:n] = state.accum

@@ -22,9 +22,10 @@ clicks (:meth:`TrainerState.observe_impression`).
 from __future__ import annotations
 
 import zlib
-from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from trainer.losses import (
     retrieval_loss,
 )
 from trainer.pooling import history_columns, pool_views, pooling_matrix
-from twotower.checkpoint import Catalog, Checkpoint, HardNegatives, Histories, Profiles
+from twotower.checkpoint import Catalog, Checkpoint, HardNegatives, Histories, Profiles, gather_rows
 from twotower.columns import Ragged
 from twotower.config import ModelConfig, TrainerConfig, stored_model_config
 from twotower.events import IMPRESSION, CatalogItem, Interaction, Profile
@@ -53,6 +54,7 @@ from twotower.model import (
 )
 
 MS_PER_DAY = 86_400_000
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 SSL_GROUPS = 3
@@ -81,6 +83,10 @@ class StepResult:
 class TrainerState:
     """Model, ID tables, catalogue, profiles and histories of the trainer.
 
+    Catalogue, profiles and histories are mappings kept as columns (:class:`CatalogColumns`,
+    :class:`ProfileColumns`, :class:`HistoryColumns`): a checkpoint copies arrays instead of
+    walking millions of Python objects, and a resume fills them without building any.
+
     Args:
         model_cfg: tower shapes.
         trainer_cfg: learning rates, admission, seed.
@@ -96,10 +102,10 @@ class TrainerState:
         self.model.eval()
         self.users = IdTable(model_cfg.id_dim, trainer_cfg.admission_min_count)
         self.items = IdTable(model_cfg.id_dim, trainer_cfg.admission_min_count)
-        self.catalog: dict[str, tuple[int, np.ndarray]] = {}
+        self.catalog = CatalogColumns(model_cfg.content_dim)
         self.categories: dict[str, int] = {}
-        self.profiles: dict[str, np.ndarray] = {}
-        self.histories: dict[str, deque[tuple[str, int]]] = {}
+        self.profiles = ProfileColumns(model_cfg.profile_dim)
+        self.histories = HistoryColumns(model_cfg.history_len)
         self.removed_items: list[tuple[int, str]] = []
         self.nightly_done: list[str] = []
         self.seq = 0
@@ -140,10 +146,7 @@ class TrainerState:
 
     def remember(self, user_id: str, item_id: str, ts_ms: int) -> None:
         """Append a click to the user's pooled history (bounded)."""
-        hist = self.histories.get(user_id)
-        if hist is None:
-            hist = self.histories[user_id] = deque(maxlen=self.model_cfg.history_len)
-        hist.append((item_id, ts_ms))
+        self.histories.append(user_id, item_id, ts_ms)
 
     def observe_impression(self, impression: Interaction) -> None:
         """Record what a request showed and what it retrieved but did not show (hard negatives).
@@ -194,14 +197,7 @@ class TrainerState:
 
     def item_side(self, item_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Category indices ``[n]`` and content ``[n, content_dim]`` of items (zeros if unknown)."""
-        cats = np.zeros(len(item_ids), dtype=np.int64)
-        content = np.zeros((len(item_ids), self.model_cfg.content_dim), dtype=np.float32)
-        get = self.catalog.get
-        for i, item_id in enumerate(item_ids):
-            side = get(item_id)
-            if side is not None:
-                cats[i] = side[0]
-                content[i] = side[1]
+        cats, content = self.catalog.side(item_ids)
         return torch.from_numpy(cats), torch.from_numpy(content)
 
     def item_vectors(self, item_ids: Sequence[str], rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,12 +230,7 @@ class TrainerState:
         return history_tensor(vecs, [[pos[item] for item in hist] for hist in recent], length)
 
     def profile_matrix(self, user_ids: Sequence[str]) -> torch.Tensor:
-        out = np.zeros((len(user_ids), self.model_cfg.profile_dim), dtype=np.float32)
-        for i, user in enumerate(user_ids):
-            prof = self.profiles.get(user)
-            if prof is not None:
-                out[i] = prof
-        return torch.from_numpy(out)
+        return torch.from_numpy(self.profiles.matrix(user_ids))
 
     # --- learning ----------------------------------------------------------------------
     def observe_clicks(self, clicks: Iterable[Interaction]) -> list[tuple[Interaction, list[tuple[str, int]]]]:
@@ -249,7 +240,7 @@ class TrainerState:
         for click in clicks:
             self.users.observe(click.user_id, click.ts_ms, seq)
             self.items.observe(click.item_id, click.ts_ms, seq)
-            before = list(self.histories.get(click.user_id, ()))
+            before = self.histories.get(click.user_id, [])
             self.remember(click.user_id, click.item_id, click.ts_ms)
             self.event_time_ms = max(self.event_time_ms, click.ts_ms)
             out.append((click, before))
@@ -473,14 +464,8 @@ class TrainerState:
         """
         users, _ = self.users.to_state()
         items, _ = self.items.to_state()
-        catalog = self._catalog_columns()
-        position = {item: i for i, item in enumerate(catalog.ids)}
-        rows = torch.tensor([position.get(item, -1) for item in items.ids], dtype=torch.int64)
-        known = rows >= 0
-        cats = torch.zeros(len(items.ids), dtype=torch.int64)
-        content = torch.zeros(len(items.ids), self.model_cfg.content_dim)
-        cats[known] = catalog.category[rows[known]]
-        content[known] = catalog.content[rows[known]]
+        catalog, item_rows = self.catalog.to_columns(items.ids)
+        cats, content = gather_rows(catalog, item_rows)
         requests = self.requests
         keys = list(requests)
         return Checkpoint(
@@ -496,8 +481,8 @@ class TrainerState:
             removed_items=list(self.removed_items),
             offsets=dict(offsets),
             event_time_ms=self.event_time_ms,
-            histories=Histories.from_dict(self.histories),
-            profiles=Profiles(list(self.profiles), _stack(self.profiles.values(), self.model_cfg.profile_dim)),
+            histories=self.histories.to_columns(),
+            profiles=self.profiles.to_columns(),
             catalog=catalog,
             hard_negatives=HardNegatives(
                 Ragged.from_lists(keys, [sorted(entry.shown) for entry in requests.values()]),
@@ -511,14 +496,7 @@ class TrainerState:
                 "generator": self.generator.get_state(),
                 **(extra or {}),
             },
-        )
-
-    def _catalog_columns(self) -> Catalog:
-        values = self.catalog.values()
-        return Catalog(
-            list(self.catalog),
-            torch.from_numpy(np.fromiter((c for c, _ in values), dtype=np.int64, count=len(self.catalog))),
-            _stack((f for _, f in values), self.model_cfg.content_dim),
+            item_catalog_row=item_rows,
         )
 
     @classmethod
@@ -532,13 +510,10 @@ class TrainerState:
         state.items = IdTable.from_state(ckpt.items, trainer_cfg.admission_min_count)
         extra = ckpt.extra
         state.categories = dict(extra.get("category_index", {}))
-        # rows of one matrix each (views; apply_profile / apply_catalog replace, never write into them)
-        state.profiles = dict(zip(ckpt.profiles.ids, ckpt.profiles.features.numpy(), strict=True))
-        catalog = ckpt.catalog
-        side = zip(catalog.category.tolist(), catalog.content.numpy(), strict=True)
-        state.catalog = dict(zip(catalog.ids, side, strict=True))
-        length = state.model_cfg.history_len
-        state.histories = {u: deque(h, maxlen=length) for u, h in ckpt.histories.pairs()}
+        mcfg = state.model_cfg
+        state.profiles = ProfileColumns.from_columns(ckpt.profiles, mcfg.profile_dim)
+        state.catalog = CatalogColumns.from_columns(ckpt.catalog, mcfg.content_dim)
+        state.histories = HistoryColumns.from_columns(ckpt.histories, mcfg.history_len)
         state.removed_items = list(ckpt.removed_items)
         state.nightly_done = list(extra.get("nightly_done", []))
         state.seq = ckpt.seq
@@ -558,12 +533,370 @@ class TrainerState:
         return state
 
 
-def _stack(rows: Iterable[np.ndarray], dim: int) -> torch.Tensor:
-    """``[n, dim]`` float32 of equal-length rows (``[0, dim]`` when there are none)."""
-    arrays = list(rows)
-    if not arrays:
-        return torch.zeros(0, dim)
-    return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
+class _Slots:
+    """String key → slot of preallocated columns; freed slots are reused."""
+
+    def __init__(self) -> None:
+        self.slot: dict[str, int] = {}
+        self.keys: list[str | None] = []
+        """Key of each slot (``None``: free)."""
+        self.free: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.slot)
+
+    def take(self, key: str) -> tuple[int, bool]:
+        """The slot of ``key`` and whether it is new (then the caller fills its columns)."""
+        slot = self.slot.get(key)
+        if slot is not None:
+            return slot, False
+        if self.free:
+            slot = self.free.pop()
+            self.keys[slot] = key
+        else:
+            slot = len(self.keys)
+            self.keys.append(key)
+        self.slot[key] = slot
+        return slot, True
+
+    def release(self, key: str) -> int:
+        slot = self.slot.pop(key)
+        self.keys[slot] = None
+        self.free.append(slot)
+        return slot
+
+    def live(self) -> tuple[list[str], np.ndarray | None]:
+        """Keys in slot order and their slots (``None``: every slot up to ``len``, no gaps)."""
+        if not self.free:
+            return list(self.keys), None  # type: ignore[arg-type]  # no free slot: no None
+        slots = np.fromiter((s for s, k in enumerate(self.keys) if k is not None), dtype=np.int64, count=len(self.slot))
+        return [self.keys[s] for s in slots.tolist()], slots  # type: ignore[misc]
+
+    def lookup(self, keys: Iterable[str], count: int = -1) -> np.ndarray:
+        """Slots of ``keys`` as int64, -1 where unknown."""
+        return np.fromiter(map(self.slot.get, keys, repeat(-1)), dtype=np.int64, count=count)
+
+    @classmethod
+    def of(cls, keys: list[str]) -> _Slots:
+        out = cls()
+        out.keys = list(keys)
+        out.slot = dict(zip(keys, range(len(keys)), strict=True))
+        if len(out.slot) != len(keys):
+            raise ValueError("duplicate keys")
+        return out
+
+
+def _grown(array: np.ndarray, needed: int) -> np.ndarray:
+    """``array`` with at least ``needed`` rows (doubling; new rows zero)."""
+    if needed <= array.shape[0]:
+        return array
+    out = np.zeros((max(needed, 2 * array.shape[0], 1024), *array.shape[1:]), dtype=array.dtype)
+    out[: array.shape[0]] = array
+    return out
+
+
+def _take(array: np.ndarray, slots: np.ndarray | None, n: int) -> torch.Tensor:
+    """Copies of the rows ``slots`` (every row below ``n`` when ``None``) as a tensor."""
+    return torch.from_numpy(array[:n].copy() if slots is None else array[slots])
+
+
+class HistoryColumns(MutableMapping[str, list[tuple[str, int]]]):
+    """User → recent (item id, ts_ms) clicks, oldest first, at most ``length`` (a bounded deque
+    per user, kept as columns).
+
+    Each user has a slot: a fixed-width row of item codes (into a vocabulary of item ids) and
+    one of event times, left-aligned, plus its length. Times are int32 offsets from ``ts_base``
+    (rebased when a time falls outside, int64 if they ever span 2³² ms or more). A checkpoint
+    then copies a few arrays, already in the file's form, instead of walking a million deques,
+    and a resume fills the arrays in one scatter. Reading a user gives a fresh list; assigning
+    keeps the newest ``length`` pairs.
+    """
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.slots = _Slots()
+        self.vocab: list[str] = []
+        self.code_of: dict[str, int] = {}
+        self._vocab_compacted = 0
+        self.codes = np.zeros((0, length), dtype=np.int32)
+        self.times = np.zeros((0, length), dtype=np.int32)
+        self.ts_base = 0
+        self.size = np.zeros(0, dtype=np.int64)
+
+    # --- mapping -----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in list(self.slots.keys) if k is not None)
+
+    def __contains__(self, user: object) -> bool:
+        return user in self.slots.slot
+
+    def __getitem__(self, user: str) -> list[tuple[str, int]]:
+        slot = self.slots.slot[user]
+        n = int(self.size[slot])
+        vocab, base = self.vocab, self.ts_base
+        return [
+            (vocab[c], base + t)
+            for c, t in zip(self.codes[slot, :n].tolist(), self.times[slot, :n].tolist(), strict=True)
+        ]
+
+    def __setitem__(self, user: str, pairs: Iterable[tuple[str, int]]) -> None:
+        entries = list(pairs)[-self.length :]
+        if entries:
+            self._fit(min(ts for _, ts in entries), max(ts for _, ts in entries))
+        slot = self._slot(user)
+        n = len(entries)
+        self.codes[slot, :n] = [self._code(item) for item, _ in entries]
+        self.times[slot, :n] = [ts - self.ts_base for _, ts in entries]
+        self.codes[slot, n:] = 0
+        self.times[slot, n:] = 0
+        self.size[slot] = n
+
+    def __delitem__(self, user: str) -> None:
+        slot = self.slots.release(user)
+        self.codes[slot] = 0
+        self.times[slot] = 0
+        self.size[slot] = 0
+
+    def append(self, user: str, item: str, ts_ms: int) -> None:
+        """Add a click to the user's history, dropping the oldest beyond ``length``."""
+        offset = ts_ms - self.ts_base
+        if not INT32_MIN <= offset <= INT32_MAX:
+            self._fit(ts_ms, ts_ms)
+            offset = ts_ms - self.ts_base
+        slot = self._slot(user)
+        n = int(self.size[slot])
+        items, ts = self.codes[slot], self.times[slot]
+        if n == self.length:
+            items[:-1] = items[1:]
+            ts[:-1] = ts[1:]
+            n -= 1
+        items[n] = self._code(item)
+        ts[n] = offset
+        self.size[slot] = n + 1
+
+    def _fit(self, low_ms: int, high_ms: int) -> None:
+        """Make times ``low_ms`` … ``high_ms`` representable: rebase the int32 offsets to the
+        middle of everything held plus them, or widen to int64 when that spans 2³² ms or more."""
+        if self.times.dtype == np.int64 or (low_ms - self.ts_base >= INT32_MIN and high_ms - self.ts_base <= INT32_MAX):
+            return
+        n = len(self.slots.keys)
+        held = self.times[:n][np.arange(self.length) < self.size[:n, None]]
+        if not len(self):  # nothing held: start from these times
+            low, high = low_ms, high_ms
+        else:
+            low = min(low_ms, self.ts_base + int(held.min())) if len(held) else low_ms
+            high = max(high_ms, self.ts_base + int(held.max())) if len(held) else high_ms
+        if high - low > INT32_MAX - INT32_MIN:
+            self.times = self.times.astype(np.int64)
+            return
+        base = low - INT32_MIN  # low maps to the smallest int32
+        self.times = (self.times.astype(np.int64) + (self.ts_base - base)).clip(INT32_MIN, INT32_MAX).astype(np.int32)
+        self.ts_base = base
+
+    def entries(self) -> int:
+        """Entries over every history."""
+        return int(self.size.sum())
+
+    def _slot(self, user: str) -> int:
+        slot, new = self.slots.take(user)
+        if new and slot >= self.codes.shape[0]:
+            self.codes = _grown(self.codes, slot + 1)
+            self.times = _grown(self.times, slot + 1)
+            self.size = _grown(self.size, slot + 1)
+        return slot
+
+    def _code(self, item: str) -> int:
+        code = self.code_of.get(item)
+        if code is None:
+            code = self.code_of[item] = len(self.vocab)
+            self.vocab.append(item)
+        return code
+
+    # --- columns -----------------------------------------------------------------------
+    def to_columns(self) -> Histories:
+        """The histories as checkpoint columns (copies), users in slot order."""
+        self._compact_vocab()
+        users, slots = self.slots.live()
+        n = len(self.slots.keys)
+        size = self.size[:n] if slots is None else self.size[slots]
+        offsets = np.zeros(len(users) + 1, dtype=np.int64)
+        np.cumsum(size, out=offsets[1:])
+        items = self.codes[:n] if slots is None else self.codes[slots]
+        ts = self.times[:n] if slots is None else self.times[slots]
+        if bool((size == self.length).all()):
+            codes, times = items.reshape(-1).copy(), ts.reshape(-1).copy()
+        else:
+            mask = np.arange(self.length) < size[:, None]
+            codes, times = items[mask], ts[mask]
+        codes_t, times_t = torch.from_numpy(codes), torch.from_numpy(times)
+        return Histories(users, torch.from_numpy(offsets), list(self.vocab), codes_t, times_t, self.ts_base)
+
+    def _compact_vocab(self) -> None:
+        """Drop item ids no history holds any more once the vocabulary has doubled since the
+        last compaction (amortised: items come and go, the vocabulary must not only grow)."""
+        if len(self.vocab) < max(2 * self._vocab_compacted, 1024):
+            return
+        n = len(self.slots.keys)
+        mask = np.arange(self.length) < self.size[:n, None]
+        used = np.zeros(len(self.vocab), dtype=bool)
+        used[self.codes[:n][mask]] = True
+        remap = np.cumsum(used, dtype=np.int64) - 1
+        self.codes[:n] = np.where(mask, remap[self.codes[:n]], 0)
+        self.vocab = [self.vocab[c] for c in np.flatnonzero(used).tolist()]
+        self.code_of = dict(zip(self.vocab, range(len(self.vocab)), strict=True))
+        self._vocab_compacted = len(self.vocab)
+
+    @classmethod
+    def from_columns(cls, hist: Histories, length: int) -> HistoryColumns:
+        """Histories from checkpoint columns; longer ones keep their newest ``length`` entries."""
+        out = cls(length)
+        out.slots = _Slots.of(hist.users)
+        n = len(hist.users)
+        out.vocab = list(hist.vocab)
+        out.code_of = dict(zip(out.vocab, range(len(out.vocab)), strict=True))
+        ts_t, out.ts_base = hist.ts_offsets, hist.ts_base
+        if ts_t.dtype != torch.int32:  # absolute or int64 times: int32 offsets if they fit
+            ts_t, out.ts_base = ts_t + hist.ts_base, 0
+            if ts_t.numel() and int(ts_t.max()) - int(ts_t.min()) <= INT32_MAX - INT32_MIN:
+                out.ts_base = int(ts_t.min()) - INT32_MIN
+                ts_t = (ts_t - out.ts_base).to(torch.int32)
+        out.codes = np.zeros((max(n, 1024), length), dtype=np.int32)
+        out.times = np.zeros((max(n, 1024), length), dtype=ts_t.numpy().dtype)
+        out.size = np.zeros(max(n, 1024), dtype=np.int64)
+        offsets = hist.offsets.numpy()
+        lengths = np.diff(offsets)
+        kept = np.minimum(lengths, length)
+        out.size[:n] = kept
+        codes, ts = hist.codes.numpy(), ts_t.numpy()
+        if n and bool((lengths == length).all()):
+            out.codes[:n] = codes.reshape(n, length)
+            out.times[:n] = ts.reshape(n, length)
+        elif len(codes):
+            row = np.repeat(np.arange(n), lengths)
+            pos = np.arange(len(codes)) - np.repeat(offsets[:-1] + (lengths - kept), lengths)
+            keep = pos >= 0
+            out.codes[row[keep], pos[keep]] = codes[keep]
+            out.times[row[keep], pos[keep]] = ts[keep]
+        out._vocab_compacted = len(out.vocab)
+        return out
+
+
+class ProfileColumns(MutableMapping[str, np.ndarray]):
+    """User → profile features (``dim`` float32), one row of a matrix per user."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.slots = _Slots()
+        self.features = np.zeros((0, dim), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in list(self.slots.keys) if k is not None)
+
+    def __contains__(self, user: object) -> bool:
+        return user in self.slots.slot
+
+    def __getitem__(self, user: str) -> np.ndarray:
+        return self.features[self.slots.slot[user]].copy()
+
+    def __setitem__(self, user: str, features: np.ndarray) -> None:
+        slot, new = self.slots.take(user)
+        if new:
+            self.features = _grown(self.features, slot + 1)
+        self.features[slot] = features
+
+    def __delitem__(self, user: str) -> None:
+        self.features[self.slots.release(user)] = 0.0
+
+    def matrix(self, user_ids: Sequence[str]) -> np.ndarray:
+        """``[len(user_ids), dim]`` profiles (zeros where unknown)."""
+        slots = self.slots.lookup(user_ids, len(user_ids))
+        known = slots >= 0
+        out = np.zeros((len(slots), self.dim), dtype=np.float32)
+        out[known] = self.features[slots[known]]
+        return out
+
+    def to_columns(self) -> Profiles:
+        ids, slots = self.slots.live()
+        return Profiles(ids, _take(self.features, slots, len(self.slots.keys)))
+
+    @classmethod
+    def from_columns(cls, profiles: Profiles, dim: int) -> ProfileColumns:
+        out = cls(dim)
+        out.slots = _Slots.of(profiles.ids)
+        out.features = profiles.features.numpy().astype(np.float32, copy=True).reshape(len(profiles.ids), dim)
+        return out
+
+
+class CatalogColumns(MutableMapping[str, tuple[int, np.ndarray]]):
+    """Item → (category index, content features): a category vector and a content matrix."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.slots = _Slots()
+        self.category = np.zeros(0, dtype=np.int64)
+        self.content = np.zeros((0, dim), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in list(self.slots.keys) if k is not None)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.slots.slot
+
+    def __getitem__(self, item: str) -> tuple[int, np.ndarray]:
+        slot = self.slots.slot[item]
+        return int(self.category[slot]), self.content[slot].copy()
+
+    def __setitem__(self, item: str, side: tuple[int, np.ndarray]) -> None:
+        slot, new = self.slots.take(item)
+        if new:
+            self.category = _grown(self.category, slot + 1)
+            self.content = _grown(self.content, slot + 1)
+        self.category[slot], self.content[slot] = side
+
+    def __delitem__(self, item: str) -> None:
+        slot = self.slots.release(item)
+        self.category[slot] = 0
+        self.content[slot] = 0.0
+
+    def side(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Category indices ``[n]`` and content ``[n, dim]`` of items (zeros where unknown)."""
+        slots = self.slots.lookup(item_ids, len(item_ids))
+        known = slots >= 0
+        cats = np.zeros(len(slots), dtype=np.int64)
+        content = np.zeros((len(slots), self.dim), dtype=np.float32)
+        cats[known] = self.category[slots[known]]
+        content[known] = self.content[slots[known]]
+        return cats, content
+
+    def to_columns(self, item_ids: Sequence[str] = ()) -> tuple[Catalog, torch.Tensor]:
+        """The catalogue as checkpoint columns (copies), and the position in them of each of
+        ``item_ids`` (-1: not in the catalogue)."""
+        ids, slots = self.slots.live()
+        n = len(self.slots.keys)
+        position = self.slots.lookup(item_ids, len(item_ids))
+        if slots is not None:  # freed slots: renumber to the compacted positions
+            renumber = np.full(n + 1, -1, dtype=np.int64)
+            renumber[slots] = np.arange(len(slots))
+            position = renumber[position]  # -1 stays -1 (the last entry)
+        catalog = Catalog(ids, _take(self.category, slots, n), _take(self.content, slots, n))
+        return catalog, torch.from_numpy(position)
+
+    @classmethod
+    def from_columns(cls, catalog: Catalog, dim: int) -> CatalogColumns:
+        out = cls(dim)
+        out.slots = _Slots.of(catalog.ids)
+        out.category = catalog.category.numpy().astype(np.int64, copy=True)
+        out.content = catalog.content.numpy().astype(np.float32, copy=True).reshape(len(catalog.ids), dim)
+        return out
 
 
 def _optimizer_state_without(model: torch.nn.Module, saved: dict, missing: Sequence[str]) -> dict:

@@ -10,10 +10,14 @@ commits its Kafka offsets only after that rename.
 
 It is loaded with ``torch.load(weights_only=True)``: only tensors, numbers, strings, lists
 and dicts, nothing that could execute code. Since format 2 everything bulky is a handful of
-tensors (see :mod:`twotower.columns`): string lists as UTF-8 bytes, histories and requests as
-ragged index vectors, profiles and the catalogue as matrices. Format 1 pickled them as
-Python objects (a dict of a million tuples, a tensor per user), which made a checkpoint of
-100k users take tens of seconds each way; format-1 files still load.
+tensors (see :mod:`twotower.columns`): string lists as UTF-8 bytes, requests as ragged
+string columns, profiles and the catalogue as matrices. Format 1 pickled them as Python
+objects (a dict of a million tuples, a tensor per user), which made a checkpoint of 100k users
+take tens of seconds each way. Format 3 (now) writes the histories' item ids as int32 codes
+into a vocabulary instead of 20M strings, int64 columns as int32 offsets from a base when they
+fit, and the item rows' category and content as positions into the catalogue (not a second
+copy of its features): at 1M users the file shrinks by a third and nothing per history entry
+is a Python object on either side. Format-1 and format-2 files still load.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import torch
 
 from twotower.columns import Ragged, pack_strings, unpack_strings
 
-FORMAT = 2
-READABLE_FORMATS = (1, 2)
+FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 FILENAME = "checkpoint.pt"
 
 
@@ -57,38 +61,93 @@ class TableState:
 
 @dataclass(eq=False)
 class Histories:
-    """Every user's pooled history, oldest first, flat: ``items.keys`` are the users."""
+    """Every user's pooled history, oldest first, flat: user ``users[k]`` owns the entries
+    ``offsets[k]:offsets[k + 1]``; entry ``j`` is item ``vocab[codes[j]]`` at event time
+    ``ts_base + ts_offsets[j]`` (:attr:`ts_ms`).
 
-    items: Ragged
-    """User → item ids of the history."""
-    ts_ms: torch.Tensor
-    """int64 event time of each entry of ``items.values``."""
+    Item ids are coded against a vocabulary (each distinct item once) so that the millions of
+    entries travel as two numeric vectors: nothing per entry is a Python object on the way to
+    or from disk.
+    """
+
+    users: list[str]
+    offsets: torch.Tensor
+    """``[len(users) + 1]`` int64, from 0 to the number of entries."""
+    vocab: list[str]
+    codes: torch.Tensor
+    """int32 index into ``vocab`` of each entry."""
+    ts_offsets: torch.Tensor
+    """Event time of each entry minus ``ts_base``: int32 (the trainer keeps them so while they
+    span less than 2³² ms) or int64."""
+    ts_base: int = 0
+
+    @property
+    def ts_ms(self) -> torch.Tensor:
+        """int64 event time of each entry."""
+        return self.ts_offsets.to(torch.int64) + self.ts_base
 
     @classmethod
     def empty(cls) -> Histories:
-        return cls(Ragged.empty(), torch.zeros(0, dtype=torch.int64))
+        return cls([], torch.zeros(1, dtype=torch.int64), [], torch.zeros(0, dtype=torch.int32), _no_ts())
 
     @classmethod
     def from_dict(cls, histories: Mapping[str, Iterable[tuple[str, int]]]) -> Histories:
         """From user → (item id, ts_ms) pairs (a list or deque per user)."""
         users = list(histories)
-        lists = list(histories.values())
+        lists = [list(h) for h in histories.values()]
         flat = list(chain.from_iterable(lists))
         ts_ms = np.fromiter(map(itemgetter(1), flat), dtype=np.int64, count=len(flat))
-        items = list(map(itemgetter(0), flat))
-        return cls(Ragged.from_flat(users, map(len, lists), items), torch.from_numpy(ts_ms))
+        return cls._coded(users, map(len, lists), list(map(itemgetter(0), flat)), torch.from_numpy(ts_ms))
+
+    @classmethod
+    def from_ragged(cls, items: Ragged, ts_ms: torch.Tensor) -> Histories:
+        """From the format-2 columns: the item ids as strings."""
+        lengths = (items.offsets[1:] - items.offsets[:-1]).tolist()
+        return cls._coded(items.keys, lengths, items.flat(), ts_ms)
+
+    @classmethod
+    def _coded(cls, users: list[str], lengths: Iterable[int], items: list[str], ts_ms: torch.Tensor) -> Histories:
+        offsets = np.zeros(len(users) + 1, dtype=np.int64)
+        offsets[1:] = np.fromiter(lengths, dtype=np.int64, count=len(users))
+        np.cumsum(offsets, out=offsets)
+        if int(offsets[-1]) != len(items):
+            raise ValueError(f"lengths sum to {int(offsets[-1])} but there are {len(items)} entries")
+        index: dict[str, int] = {}
+        codes = np.fromiter((index.setdefault(i, len(index)) for i in items), dtype=np.int32, count=len(items))
+        return cls(users, torch.from_numpy(offsets), list(index), torch.from_numpy(codes), ts_ms)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.users)
+
+    def check(self, what: str = "histories") -> None:
+        """Raises ValueError unless offsets, codes and times fit each other."""
+        off, codes, n = self.offsets, self.codes, len(self.users)
+        if not isinstance(off, torch.Tensor) or off.dtype != torch.int64 or off.shape != (n + 1,):
+            raise ValueError(f"{what}: offsets do not fit {n} users")
+        bounds = off.numpy()  # numpy for the checks: single-threaded, no hand-off on a busy machine
+        entries = int(bounds[-1])
+        if int(bounds[0]) != 0 or bool((bounds[1:] < bounds[:-1]).any()):
+            raise ValueError(f"{what}: offsets are not ascending from 0")
+        if not isinstance(codes, torch.Tensor) or codes.ndim != 1 or codes.shape[0] != entries:
+            raise ValueError(f"{what}: codes are not {entries} entries")
+        if entries and (int(codes.numpy().min()) < 0 or int(codes.numpy().max()) >= len(self.vocab)):
+            raise ValueError(f"{what}: codes outside the vocabulary of {len(self.vocab)}")
+        ts = self.ts_offsets
+        if not isinstance(ts, torch.Tensor) or ts.dtype not in (torch.int32, torch.int64) or ts.shape != (entries,):
+            raise ValueError(f"{what}: times are not {entries} int32 or int64 entries")
 
     def pairs(self) -> Iterable[tuple[str, list[tuple[str, int]]]]:
         """(user, its (item id, ts_ms) pairs), in user order."""
-        pairs = list(zip(self.items.flat(), self.ts_ms.tolist(), strict=True))
-        bounds = self.items.bounds()
-        return zip(self.items.keys, (pairs[a:b] for a, b in pairwise(bounds)), strict=True)
+        vocab = self.vocab
+        pairs = list(zip(map(vocab.__getitem__, self.codes.tolist()), self.ts_ms.tolist(), strict=True))
+        return zip(self.users, (pairs[a:b] for a, b in pairwise(self.offsets.tolist())), strict=True)
 
     def as_dict(self) -> dict[str, list[tuple[str, int]]]:
         return dict(self.pairs())
+
+
+def _no_ts() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.int64)
 
 
 @dataclass(eq=False)
@@ -166,6 +225,10 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     """Optimizer state, category index, nightly bookkeeping and other trainer internals."""
     format: int = FORMAT
+    item_catalog_row: torch.Tensor | None = None
+    """``[n_items]`` int64 position in ``catalog`` of each item row's entry (-1: none), when
+    ``item_category`` and ``item_content`` are exactly those entries' (zeros for -1): the file
+    then holds this column instead of a second copy of the catalogue's features."""
 
     def __post_init__(self) -> None:
         if isinstance(self.histories, Mapping):
@@ -211,7 +274,7 @@ def load(state_dir: str | Path) -> Checkpoint | None:
     data = torch.load(target, map_location="cpu", weights_only=True)
     fmt = data.get("format") if isinstance(data, dict) else None
     try:
-        if fmt == FORMAT:
+        if fmt in (2, FORMAT):
             return decode(data)
         if fmt == 1:
             return _from_format_1(data)
@@ -250,9 +313,9 @@ def encode(ckpt: Checkpoint) -> dict[str, Any]:
             "ids": pack_strings(t.ids),
             "emb": t.emb,
             "accum": t.accum,
-            "count": t.count,
-            "last_seen_ms": t.last_seen_ms,
-            "updated_seq": t.updated_seq,
+            "count": _encode_int64(t.count),
+            "last_seen_ms": _encode_int64(t.last_seen_ms),
+            "updated_seq": _encode_int64(t.updated_seq),
             "pending": _encode_counts(t.pending),
         }
 
@@ -266,8 +329,7 @@ def encode(ckpt: Checkpoint) -> dict[str, Any]:
         "dense": ckpt.dense,
         "users": table(ckpt.users),
         "items": table(ckpt.items),
-        "item_category": ckpt.item_category,
-        "item_content": ckpt.item_content,
+        **_encode_item_side(ckpt),
         "categories": pack_strings(ckpt.categories),
         "removed_items": {
             "seq": torch.from_numpy(removed_seq),
@@ -275,7 +337,7 @@ def encode(ckpt: Checkpoint) -> dict[str, Any]:
         },
         "offsets": ckpt.offsets,
         "event_time_ms": ckpt.event_time_ms,
-        "histories": {"items": ckpt.histories.items.encode(), "ts_ms": ckpt.histories.ts_ms},
+        "histories": _encode_histories(ckpt.histories),
         "profiles": {"ids": pack_strings(ckpt.profiles.ids), "features": ckpt.profiles.features},
         "catalog": {
             "ids": pack_strings(ckpt.catalog.ids),
@@ -301,17 +363,22 @@ def decode(data: dict[str, Any]) -> Checkpoint:
     def table(d: Any, what: str) -> TableState:
         ids = unpack_strings(d["ids"], f"{what}.ids")
         n = len(ids)
-        cols = {name: _tensor(d[name], f"{what}.{name}", n) for name in TABLE_COLUMNS}
+        cols = {name: _decode_int64(d[name], f"{what}.{name}", n) for name in TABLE_COLUMNS}
         return TableState(ids=ids, **cols, pending=_decode_counts(d["pending"], f"{what}.pending"))
 
     users, items = table(data["users"], "users"), table(data["items"], "items")
     removed = data["removed_items"]
     removed_ids = unpack_strings(removed["ids"], "removed_items.ids")
     removed_seq = _tensor(removed["seq"], "removed_items.seq", len(removed_ids)).tolist()
-    hist = data["histories"]
-    history_items = Ragged.decode(hist["items"], "histories.items")
     profile_ids = unpack_strings(data["profiles"]["ids"], "profiles.ids")
-    catalog_ids = unpack_strings(data["catalog"]["ids"], "catalog.ids")
+    catalog = Catalog(
+        unpack_strings(data["catalog"]["ids"], "catalog.ids"),
+        _tensor(data["catalog"]["category"], "catalog.category"),
+        _tensor(data["catalog"]["content"], "catalog.content"),
+    )
+    for name in ("category", "content"):
+        _tensor(getattr(catalog, name), f"catalog.{name}", len(catalog.ids))
+    item_category, item_content, item_catalog_row = _decode_item_side(data, catalog, len(items.ids))
     hard = data["hard_negatives"]
     shown, not_shown = Ragged.decode(hard["shown"], "shown"), Ragged.decode(hard["not_shown"], "not_shown")
     if shown.keys != not_shown.keys:
@@ -323,25 +390,121 @@ def decode(data: dict[str, Any]) -> Checkpoint:
         dense=dict(data["dense"]),
         users=users,
         items=items,
-        item_category=_tensor(data["item_category"], "item_category"),
-        item_content=_tensor(data["item_content"], "item_content"),
+        item_category=item_category,
+        item_content=item_content,
         categories=unpack_strings(data["categories"], "categories"),
         removed_items=list(zip(removed_seq, removed_ids, strict=True)),
         offsets=dict(data["offsets"]),
         event_time_ms=int(data["event_time_ms"]),
-        histories=Histories(history_items, _tensor(hist["ts_ms"], "histories.ts_ms", len(history_items.values))),
+        histories=_decode_histories(data["histories"], data["format"]),
         profiles=Profiles(profile_ids, _tensor(data["profiles"]["features"], "profiles.features", len(profile_ids))),
-        catalog=Catalog(
-            catalog_ids,
-            _tensor(data["catalog"]["category"], "catalog.category", len(catalog_ids)),
-            _tensor(data["catalog"]["content"], "catalog.content", len(catalog_ids)),
-        ),
+        catalog=catalog,
         hard_negatives=HardNegatives(shown, not_shown, _decode_counts(hard["counts"], "hard_negatives.counts")),
         extra=dict(data["extra"]),
+        item_catalog_row=item_catalog_row,
     )
 
 
 TABLE_COLUMNS = ("emb", "accum", "count", "last_seen_ms", "updated_seq")
+
+INT32_SPAN = 2**32
+
+
+def _encode_int64(column: torch.Tensor) -> torch.Tensor | dict[str, Any]:
+    """An int64 column as int32 offsets from a base when its values span less than 2³²
+    (event times within 49 days, counts, sequence numbers): half the bytes; else as it is."""
+    values = column.numpy()  # numpy: single-threaded, no thread-pool hand-off on a busy machine
+    if values.size:
+        low = int(values.min())
+        if int(values.max()) - low < INT32_SPAN:
+            base = low + INT32_SPAN // 2
+            return {"base": base, "int32": torch.from_numpy((values - base).astype(np.int32))}
+    return column
+
+
+def _decode_int64(value: Any, what: str, rows: int | None = None, widen: bool = True) -> torch.Tensor:
+    """The column :func:`_encode_int64` wrote, as int64 (``widen=False``: only checked; the
+    int32 offsets are returned)."""
+    if isinstance(value, dict):
+        base, narrow = value.get("base"), value.get("int32")
+        if set(value) != {"base", "int32"} or not isinstance(base, int):
+            raise ValueError(f"{what}: not an int32-offset column")
+        narrow = _tensor(narrow, what, rows)
+        if narrow.dtype != torch.int32:
+            raise ValueError(f"{what}: offsets are not int32")
+        return torch.from_numpy(narrow.numpy().astype(np.int64) + base) if widen else narrow
+    return _tensor(value, what, rows)
+
+
+def _encode_item_side(ckpt: Checkpoint) -> dict[str, Any]:
+    if ckpt.item_catalog_row is None:
+        return {"item_category": ckpt.item_category, "item_content": ckpt.item_content}
+    return {"item_catalog_row": ckpt.item_catalog_row.to(torch.int32)}
+
+
+def _decode_item_side(
+    data: dict[str, Any], catalog: Catalog, n_items: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Category and content of each item row: as written, or gathered from the catalogue."""
+    if "item_catalog_row" not in data:
+        return _tensor(data["item_category"], "item_category"), _tensor(data["item_content"], "item_content"), None
+    rows = _tensor(data["item_catalog_row"], "item_catalog_row", n_items)
+    if rows.dtype != torch.int32 or (
+        n_items and (int(rows.numpy().min()) < -1 or int(rows.numpy().max()) >= len(catalog.ids))
+    ):
+        raise ValueError(f"item_catalog_row: not int32 positions in a catalogue of {len(catalog.ids)}")
+    rows = rows.to(torch.int64)
+    category, content = gather_rows(catalog, rows)
+    return category, content, rows
+
+
+def gather_rows(catalog: Catalog, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Category and content of the catalogue entries at ``rows`` (zeros where -1)."""
+    known = rows >= 0
+    if bool(known.all()):
+        return catalog.category.index_select(0, rows), catalog.content.index_select(0, rows)
+    category = torch.zeros(rows.shape[0], dtype=catalog.category.dtype)
+    content = torch.zeros((rows.shape[0], *catalog.content.shape[1:]), dtype=catalog.content.dtype)
+    category[known] = catalog.category[rows[known]]
+    content[known] = catalog.content[rows[known]]
+    return category, content
+
+
+def _encode_histories(hist: Histories) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "users": pack_strings(hist.users),
+        "offsets": hist.offsets,
+        "vocab": pack_strings(hist.vocab),
+        "codes": hist.codes.to(torch.int32),
+    }
+    if hist.ts_offsets.dtype == torch.int32:
+        out["ts_ms"] = {"base": hist.ts_base, "int32": hist.ts_offsets}
+    else:
+        out["ts_ms"] = _encode_int64(hist.ts_ms)
+    return out
+
+
+def _decode_histories(data: Any, fmt: int) -> Histories:
+    if fmt == 2:  # the item ids as a ragged string column
+        items = Ragged.decode(data["items"], "histories.items")
+        return Histories.from_ragged(items, _tensor(data["ts_ms"], "histories.ts_ms", len(items.values)))
+    ts, base = data["ts_ms"], 0
+    if isinstance(ts, dict):  # kept narrow: the publisher never reads the times
+        _decode_int64(ts, "histories.ts_ms", rows=None, widen=False)
+        ts, base = ts["int32"], ts["base"]
+    codes = _tensor(data["codes"], "histories.codes")
+    if codes.dtype != torch.int32:
+        raise ValueError("histories: codes are not int32")
+    hist = Histories(
+        unpack_strings(data["users"], "histories.users"),
+        _tensor(data["offsets"], "histories.offsets"),
+        unpack_strings(data["vocab"], "histories.vocab"),
+        codes,
+        _tensor(ts, "histories.ts_ms"),
+        base,
+    )
+    hist.check()
+    return hist
 
 
 # --- format 1 ---------------------------------------------------------------------------------

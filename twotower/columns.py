@@ -7,9 +7,10 @@ memory speed. So bulky collections travel as a few tensors:
 
 * a list of strings → its UTF-8 bytes, NUL-separated, in one ``uint8`` tensor
   (:func:`pack_strings`);
-* many short lists of strings (histories, requests' items) → a :class:`Ragged`: the keys, an
-  offsets tensor and every value in one packed string list, decoded only when asked for (the
-  publisher never asks for the histories).
+* many short lists of strings (requests' items; histories up to format 2) → a :class:`Ragged`:
+  the keys, an offsets tensor and every value in one packed string list, decoded only when
+  asked for. Format-3 histories code their item ids against a vocabulary instead
+  (:class:`twotower.checkpoint.Histories`): 20M short strings cost seconds to join and split.
 """
 
 from __future__ import annotations
