@@ -24,16 +24,20 @@ file's name is its checksum, so only bytes that matched a version's meta are eve
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import mmap
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import faiss
+import msgpack
 import numpy as np
 
+from twotower.blobs import _UNPACK_READ_SIZE, BlobError, Rows, _array_from_map, _read_array_map
 from twotower.snapshots import SnapshotError, SnapshotStore, VersionMeta
 
 log = logging.getLogger(__name__)
@@ -219,3 +223,81 @@ def deserialize_index(data: Buffer | bytes) -> faiss.Index:
         return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as exc:
         raise SnapshotError(f"index part is not a faiss index: {str(exc).splitlines()[0]}") from None
+
+
+ID_BATCH = 16_384
+"""Ids decoded (or entered into a dict) per C call: each holds the GIL for a few ms only."""
+
+
+def unpack_rows_batched(payload: Buffer | bytes) -> Rows:
+    """:func:`twotower.blobs.unpack_rows_gently` (the same checks and result, the matrix a
+    read-only view of ``payload``), with the ids decoded in batches of :data:`ID_BATCH` by the
+    unpacker's own iterator rather than one Python call each: 1M ids in about a fifth of the CPU,
+    still never holding the GIL for long.
+
+    Raises:
+        BlobError: the payload is not a rows map.
+    """
+    size = max(len(payload), _UNPACK_READ_SIZE)
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=size, read_size=size)
+    view = memoryview(payload).cast("B")
+    fed = 0
+
+    def feed() -> None:
+        nonlocal fed
+        if fed >= len(view):
+            raise BlobError("truncated rows payload")
+        unpacker.feed(view[fed : fed + _UNPACK_READ_SIZE])
+        fed += _UNPACK_READ_SIZE
+
+    def read(reader: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                return reader()
+            except msgpack.OutOfData:
+                feed()
+
+    def read_ids() -> list[Any]:
+        n = read(unpacker.read_array_header)
+        out: list[Any] = []
+        while len(out) < n:
+            before = len(out)
+            out.extend(itertools.islice(unpacker, min(ID_BATCH, n - len(out))))  # stops when out of data
+            if len(out) == before:
+                feed()
+        return out
+
+    ids: list[Any] | None = None
+    matrix: object = None
+    try:
+        n_keys = read(unpacker.read_map_header)
+        if n_keys != 2:
+            raise BlobError("not a rows map")
+        for _ in range(n_keys):
+            key = read(unpacker.unpack)
+            if key == "ids" and ids is None:
+                ids = read_ids()
+            elif key == "matrix" and matrix is None:
+                matrix = _read_array_map(read, unpacker, view)
+            else:
+                raise BlobError("not a rows map")
+        if fed < len(view) or unpacker.tell() != len(view):
+            raise BlobError("trailing bytes after the rows map")
+    except BlobError:
+        raise
+    except Exception as exc:
+        raise BlobError(f"not msgpack rows: {exc}") from None
+    assert ids is not None
+    if not all(isinstance(i, str) for i in ids):
+        raise BlobError("row ids must be strings")
+    return Rows(ids, _array_from_map(matrix, copy=False))
+
+
+def position_map(keys: Sequence[str]) -> dict[str, int]:
+    """``{key: position}``, built :data:`ID_BATCH` keys per C call (a comprehension over 1M
+    keys costs about three times the CPU; one ``dict(zip(...))`` holds the GIL throughout)."""
+    out: dict[str, int] = {}
+    for start in range(0, len(keys), ID_BATCH):
+        stop = min(start + ID_BATCH, len(keys))
+        out.update(zip(keys[start:stop], range(start, stop), strict=True))
+    return out
