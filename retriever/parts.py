@@ -23,15 +23,16 @@ file's name is its checksum, so only bytes that matched a version's meta are eve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
 import mmap
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import faiss
 import msgpack
@@ -160,6 +161,9 @@ class PartReader:
                 pass
             except OSError as exc:
                 log.warning("cannot remove %s: %s", entry.path, exc)
+        if not keep:
+            with contextlib.suppress(OSError):
+                self.directory.rmdir()  # a worker writing meanwhile recreates it
 
     # --- the two buffers ----------------------------------------------------------------------
     def _read_memory(self, store: SnapshotStore, meta: VersionMeta, name: str) -> np.ndarray:
@@ -171,7 +175,10 @@ class PartReader:
         for chunk in _chunks(store, meta, name):
             if filled + len(chunk) > size:
                 raise _corrupt(meta, name)
-            out[filled : filled + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+            src = np.frombuffer(chunk, dtype=np.uint8)
+            for i in range(0, len(src), _UNPACK_READ_SIZE):  # 1 MiB per copy: short GIL holds
+                end = min(i + _UNPACK_READ_SIZE, len(src))
+                out[filled + i : filled + end] = src[i:end]
             hasher.update(chunk)  # releases the GIL
             filled += len(chunk)
         if filled != size or hasher.hexdigest() != sha:
@@ -188,12 +195,11 @@ class PartReader:
                 return path
         except FileNotFoundError:
             pass
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # removed while we ran
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
         hasher = hashlib.sha256()
         written = 0
         try:
-            with open(tmp, "wb") as f:
+            with _create(tmp) as f:
                 for chunk in _chunks(store, meta, name):
                     hasher.update(chunk)
                     f.write(chunk)  # releases the GIL
@@ -213,6 +219,17 @@ class PartReader:
             return mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
 
 
+def _create(path: Path) -> BinaryIO:
+    """``path`` opened for writing, its directory made again if a stopping worker removed it."""
+    for _ in range(3):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            return open(path, "wb")
+        except FileNotFoundError:
+            continue
+    return open(path, "wb")
+
+
 def deserialize_index(data: Buffer | bytes) -> faiss.Index:
     """A Faiss index from ``faiss.serialize_index`` bytes.
 
@@ -226,7 +243,7 @@ def deserialize_index(data: Buffer | bytes) -> faiss.Index:
 
 
 ID_BATCH = 1024
-"""Ids decoded (or entered into a dict) per C call: each holds the GIL for well under a ms (16384
+"""Ids decoded per C call: each holds the GIL for well under a ms (16384
 per call measured worse: GIL waits of 13-14 ms at p99 for a 1 ms ticker thread, against 8 ms)."""
 
 
@@ -292,13 +309,3 @@ def unpack_rows_batched(payload: Buffer | bytes) -> Rows:
     if not all(isinstance(i, str) for i in ids):
         raise BlobError("row ids must be strings")
     return Rows(ids, _array_from_map(matrix, copy=False))
-
-
-def position_map(keys: Sequence[str]) -> dict[str, int]:
-    """``{key: position}``, built :data:`ID_BATCH` keys per C call (a comprehension over 1M
-    keys costs about three times the CPU; one ``dict(zip(...))`` holds the GIL throughout)."""
-    out: dict[str, int] = {}
-    for start in range(0, len(keys), ID_BATCH):
-        stop = min(start + ID_BATCH, len(keys))
-        out.update(zip(keys[start:stop], range(start, stop), strict=True))
-    return out

@@ -37,7 +37,7 @@ import faiss
 import numpy as np
 import torch
 
-from retriever.parts import PartReader, deserialize_index, position_map, unpack_rows_batched
+from retriever.parts import PartReader, deserialize_index, unpack_rows_batched
 from twotower.blobs import BlobError, Rows, pack_rows
 from twotower.config import ModelConfig
 from twotower.model import (
@@ -302,8 +302,8 @@ class ServingState:
             raise SnapshotError(
                 f"version {meta.version}: item vectors have width {snap.items.matrix.shape[1]}, dim is {cfg.dim}"
             )
-        item_pos = position_map(snap.items.ids)
-        user_rows = position_map(snap.users.ids)
+        item_pos = {item_id: pos for pos, item_id in enumerate(snap.items.ids)}
+        user_rows = {user_id: row for row, user_id in enumerate(snap.users.ids)}
         if len(item_pos) != len(snap.items.ids) or len(user_rows) != len(snap.users.ids):
             raise SnapshotError(f"version {meta.version}: duplicate user or item ids")
         if index is None:
