@@ -62,6 +62,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
+from retriever.parts import PartReader, shared_directory
 from retriever.resp import RequestRedis, request_client
 from retriever.state import ServingState
 from retriever.watcher import SnapshotWatcher
@@ -298,8 +299,14 @@ class RetrieverService:
         # the watcher reads big parts and holds a pub/sub connection: its own client
         self._watcher_redis = redis.Redis.from_url(cfg.redis.url, socket_timeout=30.0, socket_connect_timeout=5.0)
         self.details = ItemDetailsCache()
+        # the first worker of the host to load a full version leaves its big parts in a shared
+        # directory, the others map them (retriever.parts)
+        self.parts = PartReader(shared_directory(cfg.redis.url, cfg.redis.key_prefix))
         self.watcher = SnapshotWatcher(
-            SnapshotStore(self._watcher_redis, self.layout), watcher_poll_interval_s, on_swap=self.details.on_swap
+            SnapshotStore(self._watcher_redis, self.layout),
+            watcher_poll_interval_s,
+            on_swap=self.details.on_swap,
+            parts=self.parts,
         )
         self._quiet_until = 0.0
 
@@ -308,6 +315,7 @@ class RetrieverService:
 
     async def stop(self) -> None:
         self.watcher.stop()
+        self.parts.keep_only([])
         await self.redis.aclose()
         self.sync_redis.close()
         self._watcher_redis.close()

@@ -37,7 +37,8 @@ import faiss
 import numpy as np
 import torch
 
-from twotower.blobs import BlobError, Rows, pack_rows, unpack_rows_gently
+from retriever.parts import PartReader, deserialize_index, unpack_rows_batched
+from twotower.blobs import BlobError, Rows, pack_rows
 from twotower.config import ModelConfig
 from twotower.model import (
     CONTEXT_FEATURES_KEY,
@@ -73,18 +74,6 @@ the candidates it needs, then doubles while too few qualify."""
 MAX_FILTER_CANDIDATES = 10_000
 """A category filter or cap never examines more candidates than this (a rare category can
 then yield fewer than ``k`` items)."""
-
-
-def deserialize_index(data: bytes) -> faiss.Index:
-    """A Faiss index from ``faiss.serialize_index`` bytes.
-
-    Raises:
-        SnapshotError: the bytes are not a Faiss index.
-    """
-    try:
-        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    except RuntimeError as exc:
-        raise SnapshotError(f"index part is not a faiss index: {str(exc).splitlines()[0]}") from None
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
@@ -294,8 +283,12 @@ class ServingState:
 
     # --- building ---------------------------------------------------------------------------
     @classmethod
-    def from_full(cls, meta: VersionMeta, snap: FullSnapshot) -> ServingState:
+    def from_full(cls, meta: VersionMeta, snap: FullSnapshot, index: faiss.Index | None = None) -> ServingState:
         """Build the state of a full version.
+
+        Args:
+            index: the index ``snap.index`` holds, when the caller read it already (then
+                ``snap.index`` is not looked at).
 
         Raises:
             SnapshotError: the parts do not fit together (shapes, duplicate ids, index size).
@@ -313,7 +306,8 @@ class ServingState:
         user_rows = {user_id: row for row, user_id in enumerate(snap.users.ids)}
         if len(item_pos) != len(snap.items.ids) or len(user_rows) != len(snap.users.ids):
             raise SnapshotError(f"version {meta.version}: duplicate user or item ids")
-        index = deserialize_index(snap.index)
+        if index is None:
+            index = deserialize_index(snap.index)
         if index.d != cfg.dim or index.ntotal != len(snap.items.ids):
             raise SnapshotError(
                 f"version {meta.version}: index has {index.ntotal} vectors of dim {index.d}, "
@@ -460,15 +454,20 @@ class ServingState:
         return cls.from_chain(store, store.chain(version))
 
     @classmethod
-    def from_chain(cls, store: SnapshotStore, chain: Sequence[VersionMeta]) -> ServingState:
+    def from_chain(
+        cls, store: SnapshotStore, chain: Sequence[VersionMeta], parts: PartReader | None = None
+    ) -> ServingState:
         """Read a chain as :meth:`SnapshotStore.chain` gives it (full version first) and build its state.
+
+        Args:
+            parts: reads the full version's big parts (default: from Redis into memory).
 
         Raises:
             SnapshotError: the chain does not start with a full version, or a part is missing or corrupt.
         """
         if not chain or chain[0].kind != FULL:
             raise SnapshotError("a snapshot chain must start with a full version")
-        state = cls.from_full(chain[0], read_full(store, chain[0]))
+        state = cls.from_full(chain[0], *read_full(store, chain[0], parts))
         return state.extend(store, chain[1:])
 
     def extend(self, store: SnapshotStore, metas: Sequence[VersionMeta]) -> ServingState:
@@ -732,19 +731,28 @@ def _select(
 _EMPTY_ROWS = pack_rows(Rows.empty(1))
 
 
-def read_full(store: SnapshotStore, meta: VersionMeta) -> FullSnapshot:
-    """Read and decode a full version's parts (checksums verified); the big rows parts are
-    decoded with :func:`unpack_rows_gently`.
+def read_full(
+    store: SnapshotStore, meta: VersionMeta, parts: PartReader | None = None
+) -> tuple[FullSnapshot, faiss.Index]:
+    """Read and decode a full version's parts (checksums verified): the snapshot (its ``index``
+    left empty) and the index. The big parts go through ``parts`` (see :mod:`retriever.parts`:
+    no whole-part copy, once per host with a shared directory); the rows parts are decoded with
+    :func:`~retriever.parts.unpack_rows_batched` (the item vectors stay a read-only view of the
+    part's buffer).
 
     Raises:
         SnapshotError: a part is missing or corrupt.
     """
-    parts = {name: store.read_part(meta, name) for name in (MODEL_CONFIG, WEIGHTS, USERS, ITEMS, INDEX)}
+    parts = parts if parts is not None else PartReader()
+    small = {name: store.read_part(meta, name) for name in (MODEL_CONFIG, WEIGHTS, USERS)}
+    items = parts.read(store, meta, ITEMS)
+    index = parts.read_index(store, meta, INDEX)
     try:
-        small = decode_full({**parts, USERS: _EMPTY_ROWS, ITEMS: _EMPTY_ROWS})
-        return replace(small, users=unpack_rows_gently(parts[USERS]), items=unpack_rows_gently(parts[ITEMS]))
+        snap = decode_full({**small, USERS: _EMPTY_ROWS, ITEMS: _EMPTY_ROWS, INDEX: b""})
+        snap = replace(snap, users=unpack_rows_batched(small[USERS]), items=unpack_rows_batched(items))  # type: ignore[arg-type]
     except BlobError as exc:
         raise SnapshotError(f"version {meta.version}: {exc}") from None
+    return snap, index
 
 
 def read_delta(store: SnapshotStore, meta: VersionMeta) -> DeltaSnapshot:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import redis
 from prometheus_client import Counter, Gauge, Histogram
 
+from retriever.parts import PartReader
 from retriever.state import ServingState
 from twotower.blobs import BlobError
 from twotower.snapshots import SnapshotError, SnapshotStore
@@ -93,6 +94,9 @@ class SnapshotWatcher:
             for a full load, a rollback or the first load). An exception it raises is logged
             and does not stop the swap.
         stagger_reloads: take this host's reload turn before a whole (non-first) load.
+        parts: reads the big parts of a full version (see :mod:`retriever.parts`; give every
+            worker of a host one directory so that they decode a full version once per host);
+            default: from Redis into memory.
     """
 
     def __init__(
@@ -102,8 +106,10 @@ class SnapshotWatcher:
         retry_failed_s: float = 10.0,
         on_swap: SwapHook | None = None,
         stagger_reloads: bool = True,
+        parts: PartReader | None = None,
     ) -> None:
         self.store = store
+        self.parts = parts if parts is not None else PartReader()
         self.on_swap = on_swap
         self.stagger_reloads = stagger_reloads
         self._turn_key = f"{store.layout.prefix}:retriever:reload-turn:{socket.gethostname()}"
@@ -220,10 +226,14 @@ class SnapshotWatcher:
             if state.version in versions:
                 return state.extend(self.store, chain[versions.index(state.version) + 1 :]), "delta"
         if state is None or not self.stagger_reloads:
-            return ServingState.from_chain(self.store, chain), "full"
+            return ServingState.from_chain(self.store, chain, self.parts), "full"
         token = self._take_turn()
         try:
-            return ServingState.from_chain(self.store, chain), "full"
+            new_state = ServingState.from_chain(self.store, chain, self.parts)
+            # during the turn, so that no other worker of the host is reading a file meanwhile
+            # (one that does anyway reads from Redis again)
+            self.parts.keep_only(chain[:1])
+            return new_state, "full"
         finally:
             if token is not None:
                 self._release_turn(token)

@@ -363,16 +363,22 @@ def test_merge_history_puts_fresh_events_first_and_dedups() -> None:
     assert merged == [("x", 1_000), ("a", 300), ("y", 250), ("b", 200)]
 
 
-def test_gentle_rows_decoding_equals_unpack_rows_and_rejects_what_it_rejects() -> None:
+@pytest.mark.parametrize("decoder", ["gently", "batched"])
+def test_gentle_rows_decoding_equals_unpack_rows_and_rejects_what_it_rejects(decoder: str) -> None:
+    from retriever.parts import unpack_rows_batched
     from twotower.blobs import pack_rows, unpack_rows, unpack_rows_gently
 
+    decode = unpack_rows_gently if decoder == "gently" else unpack_rows_batched
     rows = Rows([f"i{j}" for j in range(300)], np.random.default_rng(0).standard_normal((300, 5)).astype(np.float32))
     payload = pack_rows(rows)
-    got, want = unpack_rows_gently(payload), unpack_rows(payload)
+    got, want = decode(payload), unpack_rows(payload)
     assert got.ids == want.ids
     np.testing.assert_array_equal(got.matrix, want.matrix)
+    # ids across several 1 MiB feeds and id batches, of every msgpack string width
+    many = Rows([f"é{j}" * (1 + j % 40) for j in range(60_000)], np.zeros((60_000, 2), dtype=np.float32))
+    assert decode(pack_rows(many)).ids == many.ids
     empty = pack_rows(Rows.empty(3))
-    assert unpack_rows_gently(empty).matrix.shape == (0, 3)
+    assert decode(empty).matrix.shape == (0, 3)
     bad_payloads = [
         b"",
         b"\xc1",
@@ -380,12 +386,13 @@ def test_gentle_rows_decoding_equals_unpack_rows_and_rejects_what_it_rejects() -
         payload[:-7],
         msgpack.packb({"ids": [1, 2], "matrix": None}),
         msgpack.packb({"ids": ["a"], "other": 1}),
+        msgpack.packb({"ids": [["a"], "b"], "matrix": None}),
         msgpack.packb([1, 2]),
         pack_rows(Rows(["a", "b"], np.zeros((2, 2), dtype=np.float32)))[:-1],
     ]
     for bad in bad_payloads:
         with pytest.raises(BlobError):
-            unpack_rows_gently(bad)
+            decode(bad)
         with pytest.raises(BlobError):
             unpack_rows(bad)
 

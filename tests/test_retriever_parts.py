@@ -1,0 +1,86 @@
+"""retriever.parts: big parts read chunk by chunk and shared by the workers of a host."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from retriever.parts import PartReader
+from retriever.state import ServingState
+from tests.test_retriever_unit import CFG, make_full, unit
+from twotower.snapshot_parts import INDEX, ITEMS, encode_full
+from twotower.snapshots import FULL, SnapshotError, SnapshotLayout, SnapshotStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[SnapshotStore]:
+    client = redis.Redis.from_url(redis_url)
+    # small chunks: every big part has several, read over several round trips
+    yield SnapshotStore(client, SnapshotLayout(f"t{uuid.uuid4().hex[:12]}"), chunk_bytes=1000)
+    client.close()
+
+
+def results(state: ServingState) -> list[list[tuple[str, float]]]:
+    queries = unit(np.random.default_rng(7).standard_normal((20, CFG.dim)))
+    return [state.search(q, 10) for q in queries]
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "idmap"])
+def test_shared_directory_gives_the_same_state_and_skips_redis(store: SnapshotStore, tmp_path: Path, kind: str) -> None:
+    version = store.write(FULL, encode_full(make_full(kind=kind)), None, 0)
+    chain = store.chain(version)
+    plain = ServingState.from_chain(store, chain)
+    first = ServingState.from_chain(store, chain, PartReader(tmp_path / "shared"))
+    assert sorted(os.listdir(tmp_path / "shared")) == sorted(
+        f"{name}-{chain[0].parts[name][1]}-{chain[0].parts[name][0]}" for name in (INDEX, ITEMS)
+    )
+    # a second worker maps the files: it no longer needs the big parts in Redis
+    for name in (INDEX, ITEMS):
+        store.redis.delete(*(store.layout.chunk(version, name, i) for i in range(chain[0].parts[name][2])))
+    second = ServingState.from_chain(store, chain, PartReader(tmp_path / "shared"))
+    with pytest.raises(SnapshotError, match="missing chunks"):
+        ServingState.from_chain(store, chain)
+    want = results(plain)
+    assert results(first) == want
+    assert results(second) == want
+    assert np.array_equal(second.base_vectors, plain.base_vectors)
+    assert not second.base_vectors.flags.writeable
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_corrupt_part_is_refused_and_not_shared(store: SnapshotStore, tmp_path: Path, shared: bool) -> None:
+    version = store.write(FULL, encode_full(make_full()), None, 0)
+    chain = store.chain(version)
+    key = store.layout.chunk(version, INDEX, 1)
+    chunk = bytearray(store.redis.get(key))
+    chunk[3] ^= 0xFF
+    store.redis.set(key, bytes(chunk))
+    directory = tmp_path / "shared" if shared else None
+    with pytest.raises(SnapshotError, match="fails its checksum"):
+        ServingState.from_chain(store, chain, PartReader(directory))
+    if directory is not None:
+        assert not any(name.startswith(INDEX) or name.startswith(".tmp") for name in os.listdir(directory))
+
+
+def test_keep_only_removes_other_versions_files(store: SnapshotStore, tmp_path: Path) -> None:
+    reader = PartReader(tmp_path / "shared")
+    old = store.write(FULL, encode_full(make_full(seed=1)), None, 0)
+    new = store.write(FULL, encode_full(make_full(seed=2)), None, 0)
+    state_old = ServingState.from_chain(store, store.chain(old), reader)
+    ServingState.from_chain(store, store.chain(new), reader)
+    assert len(os.listdir(tmp_path / "shared")) == 4
+    reader.keep_only(store.chain(new))
+    assert len(os.listdir(tmp_path / "shared")) == 2
+    assert len(results(state_old)[0]) == 10  # what the old state mapped stays readable
+    reader.keep_only([])
+    assert not (tmp_path / "shared").exists()
+    ServingState.from_chain(store, store.chain(new), reader)  # the directory is made again
+    assert len(os.listdir(tmp_path / "shared")) == 2
