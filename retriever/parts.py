@@ -38,7 +38,7 @@ import faiss
 import msgpack
 import numpy as np
 
-from twotower.blobs import _UNPACK_READ_SIZE, BlobError, Rows, _array_from_map, _read_array_map
+from twotower.blobs import UNPACK_READ_SIZE, BlobError, Rows, array_from_map, read_array_map
 from twotower.snapshots import SnapshotError, SnapshotStore, VersionMeta
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ block the other Redis clients for most of a second)."""
 SHARED_ROOT = Path("/dev/shm")
 """Where :func:`shared_directory` puts the worker processes' shared files (tmpfs: memory the
 workers map, never written to a disk)."""
-DIRECTORY_ENV = "TWOTOWER_RETRIEVER_PARTS_DIR"
 """Overrides the shared directory; empty: no directory (every worker reads Redis itself)."""
 STALE_TEMP_S = 600.0
 """A temporary file older than this is from a worker that died while writing it."""
@@ -79,13 +78,12 @@ def _corrupt(meta: VersionMeta, name: str) -> SnapshotError:
     return SnapshotError(f"version {meta.version} part {name!r} fails its checksum")
 
 
-def shared_directory(redis_url: str, prefix: str) -> Path | None:
+def shared_directory(redis_url: str, prefix: str, configured: str | None = None) -> Path | None:
     """The directory the worker processes of this host share for the snapshots of one Redis
-    and key prefix: ``$TWOTOWER_RETRIEVER_PARTS_DIR`` if set (empty: none), else under
+    and key prefix: ``configured`` (``retriever.parts_dir``) if set (empty: none), else under
     ``/dev/shm`` (per user; ``None`` when there is no ``/dev/shm``)."""
-    override = os.environ.get(DIRECTORY_ENV)
-    if override is not None:
-        return Path(override) if override else None
+    if configured is not None:
+        return Path(configured) if configured else None
     if not SHARED_ROOT.is_dir():
         return None
     key = hashlib.sha256(f"{redis_url}\n{prefix}".encode()).hexdigest()[:16]
@@ -176,8 +174,8 @@ class PartReader:
             if filled + len(chunk) > size:
                 raise _corrupt(meta, name)
             src = np.frombuffer(chunk, dtype=np.uint8)
-            for i in range(0, len(src), _UNPACK_READ_SIZE):  # 1 MiB per copy: short GIL holds
-                end = min(i + _UNPACK_READ_SIZE, len(src))
+            for i in range(0, len(src), UNPACK_READ_SIZE):  # 1 MiB per copy: short GIL holds
+                end = min(i + UNPACK_READ_SIZE, len(src))
                 out[filled + i : filled + end] = src[i:end]
             hasher.update(chunk)  # releases the GIL
             filled += len(chunk)
@@ -256,7 +254,7 @@ def unpack_rows_batched(payload: Buffer | bytes) -> Rows:
     Raises:
         BlobError: the payload is not a rows map.
     """
-    size = max(len(payload), _UNPACK_READ_SIZE)
+    size = max(len(payload), UNPACK_READ_SIZE)
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=size, read_size=size)
     view = memoryview(payload).cast("B")
     fed = 0
@@ -265,8 +263,8 @@ def unpack_rows_batched(payload: Buffer | bytes) -> Rows:
         nonlocal fed
         if fed >= len(view):
             raise BlobError("truncated rows payload")
-        unpacker.feed(view[fed : fed + _UNPACK_READ_SIZE])
-        fed += _UNPACK_READ_SIZE
+        unpacker.feed(view[fed : fed + UNPACK_READ_SIZE])
+        fed += UNPACK_READ_SIZE
 
     def read(reader: Callable[[], Any]) -> Any:
         while True:
@@ -296,7 +294,7 @@ def unpack_rows_batched(payload: Buffer | bytes) -> Rows:
             if key == "ids" and ids is None:
                 ids = read_ids()
             elif key == "matrix" and matrix is None:
-                matrix = _read_array_map(read, unpacker, view)
+                matrix = read_array_map(read, unpacker, view)
             else:
                 raise BlobError("not a rows map")
         if fed < len(view) or unpacker.tell() != len(view):
@@ -308,4 +306,4 @@ def unpack_rows_batched(payload: Buffer | bytes) -> Rows:
     assert ids is not None
     if not all(isinstance(i, str) for i in ids):
         raise BlobError("row ids must be strings")
-    return Rows(ids, _array_from_map(matrix, copy=False))
+    return Rows(ids, array_from_map(matrix, copy=False))

@@ -33,7 +33,7 @@ def _array_map(array: np.ndarray) -> dict[str, object]:
     return {"dtype": array.dtype.name, "shape": list(array.shape), "data": array.tobytes()}
 
 
-def _array_from_map(raw: object, copy: bool = True) -> np.ndarray:
+def array_from_map(raw: object, copy: bool = True) -> np.ndarray:
     """The array of an array map; ``copy=False`` gives a read-only view of ``data`` (bytes or a
     memoryview of them) instead of a copy."""
     if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data"}:
@@ -67,7 +67,7 @@ def unpack_arrays(payload: bytes) -> dict[str, np.ndarray]:
         raise BlobError(f"not msgpack: {exc}") from None
     if not isinstance(raw, dict):
         raise BlobError("not a map of arrays")
-    return {str(name): _array_from_map(value) for name, value in raw.items()}
+    return {str(name): array_from_map(value) for name, value in raw.items()}
 
 
 @dataclass(frozen=True)
@@ -109,10 +109,10 @@ def unpack_rows(payload: bytes) -> Rows:
     ids = raw["ids"]
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise BlobError("row ids must be strings")
-    return Rows(ids, _array_from_map(raw["matrix"]))
+    return Rows(ids, array_from_map(raw["matrix"]))
 
 
-_UNPACK_READ_SIZE = 1 << 20
+UNPACK_READ_SIZE = 1 << 20
 
 
 def unpack_rows_gently(payload: bytes) -> Rows:
@@ -128,7 +128,7 @@ def unpack_rows_gently(payload: bytes) -> Rows:
     Raises:
         BlobError: the payload is not a rows map.
     """
-    size = max(len(payload), _UNPACK_READ_SIZE)
+    size = max(len(payload), UNPACK_READ_SIZE)
     # read_size is the initial buffer: the whole payload, so the buffer never regrows (copies)
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=size, read_size=size)
     view = memoryview(payload)
@@ -142,8 +142,8 @@ def unpack_rows_gently(payload: bytes) -> Rows:
             except msgpack.OutOfData:
                 if fed >= len(view):
                     raise BlobError("truncated rows payload") from None
-                unpacker.feed(view[fed : fed + _UNPACK_READ_SIZE])
-                fed += _UNPACK_READ_SIZE
+                unpacker.feed(view[fed : fed + UNPACK_READ_SIZE])
+                fed += UNPACK_READ_SIZE
 
     ids: list[str] | None = None
     matrix: object = None
@@ -156,7 +156,7 @@ def unpack_rows_gently(payload: bytes) -> Rows:
             if key == "ids" and ids is None:
                 ids = [read(unpacker.unpack) for _ in range(read(unpacker.read_array_header))]
             elif key == "matrix" and matrix is None:
-                matrix = _read_array_map(read, unpacker, view)
+                matrix = read_array_map(read, unpacker, view)
             else:
                 raise BlobError("not a rows map")
         if fed < len(view) or unpacker.tell() != len(payload):
@@ -169,14 +169,14 @@ def unpack_rows_gently(payload: bytes) -> Rows:
         raise BlobError("row ids must be strings")
     # the same checks as unpack_rows (Rows checks the shapes); the matrix stays a read-only view
     # of the payload: no copy of it is made at all
-    return Rows(ids, _array_from_map(matrix, copy=False))
+    return Rows(ids, array_from_map(matrix, copy=False))
 
 
 _BIN_HEADERS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 """msgpack bin8/bin16/bin32 type bytes → width of the big-endian length that follows."""
 
 
-def _read_array_map(read: Callable[[Callable[[], Any]], Any], unpacker: msgpack.Unpacker, view: memoryview) -> dict:
+def read_array_map(read: Callable[[Callable[[], Any]], Any], unpacker: msgpack.Unpacker, view: memoryview) -> dict:
     """An array map (``dtype``, ``shape``, ``data``) read from ``unpacker`` with ``data`` as a
     memoryview of ``view`` rather than a bytes object: building a 256 MB bytes object is one
     memcpy inside msgpack that holds the GIL (measured: a 150 ms stall of the request thread

@@ -281,6 +281,13 @@ class RetrieverConfig(_Section):
     request thread for the GIL, and a request waits up to this long at each of its hand-overs;
     Python's default is 5 ms. Measured while reloading a 1M-item snapshot: 190 → 50 waits of the
     request thread longer than 5 ms. Costs nothing while the watcher is idle."""
+    parts_dir: str | None = None
+    """Host-local directory where the worker processes of a host share the big parts of a full
+    version (item vectors, Faiss index; :mod:`retriever.parts`): the first worker to load a version
+    writes them there, checked, and the others map them instead of reading and decoding Redis.
+    ``None`` (default): a per-user directory under ``/dev/shm`` when the host has one; ``""``: none
+    (every worker reads Redis itself). Measured at 1M items: 4.1 to 4.9 s CPU per worker per full
+    reload → 3.0 s for the first, 1.1 to 1.3 s for the others."""
 
 
 class SimulatorConfig(_Section):
