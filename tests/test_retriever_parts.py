@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from test_retriever_unit import CFG, make_full, unit
 
 from retriever.parts import PartReader
 from retriever.state import ServingState
-from tests.test_retriever_unit import CFG, make_full, unit
 from twotower.snapshot_parts import INDEX, ITEMS, encode_full
 from twotower.snapshots import FULL, SnapshotError, SnapshotLayout, SnapshotStore
 
