@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import logging
 import mmap
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import faiss
-import msgpack
 import numpy as np
 
-from twotower.blobs import UNPACK_READ_SIZE, BlobError, Rows, array_from_map, read_array_map
+from twotower.blobs import UNPACK_READ_SIZE
 from twotower.snapshots import SnapshotError, SnapshotStore, VersionMeta
 
 log = logging.getLogger(__name__)
@@ -238,72 +236,3 @@ def deserialize_index(data: Buffer | bytes) -> faiss.Index:
         return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as exc:
         raise SnapshotError(f"index part is not a faiss index: {str(exc).splitlines()[0]}") from None
-
-
-ID_BATCH = 1024
-"""Ids decoded per C call: each holds the GIL for well under a ms (16384
-per call measured worse: GIL waits of 13-14 ms at p99 for a 1 ms ticker thread, against 8 ms)."""
-
-
-def unpack_rows_batched(payload: Buffer | bytes) -> Rows:
-    """:func:`twotower.blobs.unpack_rows_gently` (the same checks and result, the matrix a
-    read-only view of ``payload``), with the ids decoded in batches of :data:`ID_BATCH` by the
-    unpacker's own iterator rather than one Python call each: 1M ids in about a fifth of the CPU,
-    still never holding the GIL for long.
-
-    Raises:
-        BlobError: the payload is not a rows map.
-    """
-    size = max(len(payload), UNPACK_READ_SIZE)
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=size, read_size=size)
-    view = memoryview(payload).cast("B")
-    fed = 0
-
-    def feed() -> None:
-        nonlocal fed
-        if fed >= len(view):
-            raise BlobError("truncated rows payload")
-        unpacker.feed(view[fed : fed + UNPACK_READ_SIZE])
-        fed += UNPACK_READ_SIZE
-
-    def read(reader: Callable[[], Any]) -> Any:
-        while True:
-            try:
-                return reader()
-            except msgpack.OutOfData:
-                feed()
-
-    def read_ids() -> list[Any]:
-        n = read(unpacker.read_array_header)
-        out: list[Any] = []
-        while len(out) < n:
-            before = len(out)
-            out.extend(itertools.islice(unpacker, min(ID_BATCH, n - len(out))))  # stops when out of data
-            if len(out) == before:
-                feed()
-        return out
-
-    ids: list[Any] | None = None
-    matrix: object = None
-    try:
-        n_keys = read(unpacker.read_map_header)
-        if n_keys != 2:
-            raise BlobError("not a rows map")
-        for _ in range(n_keys):
-            key = read(unpacker.unpack)
-            if key == "ids" and ids is None:
-                ids = read_ids()
-            elif key == "matrix" and matrix is None:
-                matrix = read_array_map(read, unpacker, view)
-            else:
-                raise BlobError("not a rows map")
-        if fed < len(view) or unpacker.tell() != len(view):
-            raise BlobError("trailing bytes after the rows map")
-    except BlobError:
-        raise
-    except Exception as exc:
-        raise BlobError(f"not msgpack rows: {exc}") from None
-    assert ids is not None
-    if not all(isinstance(i, str) for i in ids):
-        raise BlobError("row ids must be strings")
-    return Rows(ids, array_from_map(matrix, copy=False))

@@ -37,8 +37,8 @@ import faiss
 import numpy as np
 import torch
 
-from retriever.parts import PartReader, deserialize_index, unpack_rows_batched
-from twotower.blobs import BlobError, Rows, pack_rows
+from retriever.parts import PartReader, deserialize_index
+from twotower.blobs import BlobError, Rows, pack_rows, unpack_rows_gently
 from twotower.config import ModelConfig
 from twotower.model import (
     CONTEXT_FEATURES_KEY,
@@ -737,7 +737,7 @@ def read_full(
     """Read and decode a full version's parts (checksums verified): the snapshot (its ``index``
     left empty) and the index. The big parts go through ``parts`` (see :mod:`retriever.parts`:
     no whole-part copy, once per host with a shared directory); the rows parts are decoded with
-    :func:`~retriever.parts.unpack_rows_batched` (the item vectors stay a read-only view of the
+    :func:`~twotower.blobs.unpack_rows_gently` (the item vectors stay a read-only view of the
     part's buffer).
 
     Raises:
@@ -749,7 +749,7 @@ def read_full(
     index = parts.read_index(store, meta, INDEX)
     try:
         snap = decode_full({**small, USERS: _EMPTY_ROWS, ITEMS: _EMPTY_ROWS, INDEX: b""})
-        snap = replace(snap, users=unpack_rows_batched(small[USERS]), items=unpack_rows_batched(items))  # type: ignore[arg-type]
+        snap = replace(snap, users=unpack_rows_gently(small[USERS]), items=unpack_rows_gently(items))  # type: ignore[arg-type]
     except BlobError as exc:
         raise SnapshotError(f"version {meta.version}: {exc}") from None
     return snap, index

@@ -363,12 +363,10 @@ def test_merge_history_puts_fresh_events_first_and_dedups() -> None:
     assert merged == [("x", 1_000), ("a", 300), ("y", 250), ("b", 200)]
 
 
-@pytest.mark.parametrize("decoder", ["gently", "batched"])
-def test_gentle_rows_decoding_equals_unpack_rows_and_rejects_what_it_rejects(decoder: str) -> None:
-    from retriever.parts import unpack_rows_batched
+def test_gentle_rows_decoding_equals_unpack_rows_and_rejects_what_it_rejects() -> None:
     from twotower.blobs import pack_rows, unpack_rows, unpack_rows_gently
 
-    decode = unpack_rows_gently if decoder == "gently" else unpack_rows_batched
+    decode = unpack_rows_gently
     rows = Rows([f"i{j}" for j in range(300)], np.random.default_rng(0).standard_normal((300, 5)).astype(np.float32))
     payload = pack_rows(rows)
     got, want = decode(payload), unpack_rows(payload)
