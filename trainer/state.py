@@ -600,7 +600,22 @@ def _take(array: np.ndarray, slots: np.ndarray | None, n: int) -> torch.Tensor:
     return torch.from_numpy(array[:n].copy() if slots is None else array[slots])
 
 
-class HistoryColumns(MutableMapping[str, list[tuple[str, int]]]):
+class _SlotKeyed:
+    """The key side of the column stores below: which keys have a slot (``self.slots``)."""
+
+    slots: _Slots
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in list(self.slots.keys) if k is not None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.slots.slot
+
+
+class HistoryColumns(_SlotKeyed, MutableMapping[str, list[tuple[str, int]]]):
     """User → recent (item id, ts_ms) clicks, oldest first, at most ``length`` (a bounded deque
     per user, kept as columns).
 
@@ -624,15 +639,6 @@ class HistoryColumns(MutableMapping[str, list[tuple[str, int]]]):
         self.size = np.zeros(0, dtype=np.int64)
 
     # --- mapping -----------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.slots)
-
-    def __iter__(self) -> Iterator[str]:
-        return (k for k in list(self.slots.keys) if k is not None)
-
-    def __contains__(self, user: object) -> bool:
-        return user in self.slots.slot
-
     def __getitem__(self, user: str) -> list[tuple[str, int]]:
         slot = self.slots.slot[user]
         n = int(self.size[slot])
@@ -784,22 +790,13 @@ class HistoryColumns(MutableMapping[str, list[tuple[str, int]]]):
         return out
 
 
-class ProfileColumns(MutableMapping[str, np.ndarray]):
+class ProfileColumns(_SlotKeyed, MutableMapping[str, np.ndarray]):
     """User → profile features (``dim`` float32), one row of a matrix per user."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.slots = _Slots()
         self.features = np.zeros((0, dim), dtype=np.float32)
-
-    def __len__(self) -> int:
-        return len(self.slots)
-
-    def __iter__(self) -> Iterator[str]:
-        return (k for k in list(self.slots.keys) if k is not None)
-
-    def __contains__(self, user: object) -> bool:
-        return user in self.slots.slot
 
     def __getitem__(self, user: str) -> np.ndarray:
         return self.features[self.slots.slot[user]].copy()
@@ -833,7 +830,7 @@ class ProfileColumns(MutableMapping[str, np.ndarray]):
         return out
 
 
-class CatalogColumns(MutableMapping[str, tuple[int, np.ndarray]]):
+class CatalogColumns(_SlotKeyed, MutableMapping[str, tuple[int, np.ndarray]]):
     """Item → (category index, content features): a category vector and a content matrix."""
 
     def __init__(self, dim: int) -> None:
@@ -841,15 +838,6 @@ class CatalogColumns(MutableMapping[str, tuple[int, np.ndarray]]):
         self.slots = _Slots()
         self.category = np.zeros(0, dtype=np.int64)
         self.content = np.zeros((0, dim), dtype=np.float32)
-
-    def __len__(self) -> int:
-        return len(self.slots)
-
-    def __iter__(self) -> Iterator[str]:
-        return (k for k in list(self.slots.keys) if k is not None)
-
-    def __contains__(self, item: object) -> bool:
-        return item in self.slots.slot
 
     def __getitem__(self, item: str) -> tuple[int, np.ndarray]:
         slot = self.slots.slot[item]
