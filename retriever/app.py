@@ -471,8 +471,6 @@ def _merge_history(
     return merged
 
 
-_REQUESTS_BY_STATUS: dict[int, Any] = {}
-"""``REQUESTS`` children by status (``labels()`` takes a lock and builds a key per call)."""
 _FAST_KEYS = frozenset({"user_id", "k", "exclude", "category", "diversity"})
 _FAST_BOOLS = {"true": True, "false": False, "1": True, "0": False}
 _JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -531,6 +529,8 @@ class RecommendFrontDoor:
         self.service = service
         self.state = app.state
         """The FastAPI app's state (``state.service`` is the :class:`RetrieverService`)."""
+        self._requests_by_status: dict[int, Any] = {}
+        """``REQUESTS`` children by status (``labels()`` takes a lock and builds a key per call)."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/recommend":
@@ -570,9 +570,9 @@ class RecommendFrontDoor:
 
             await self.app(scope, receive, send_and_note)
         finally:
-            counter = _REQUESTS_BY_STATUS.get(status)
+            counter = self._requests_by_status.get(status)
             if counter is None:
-                counter = _REQUESTS_BY_STATUS[status] = REQUESTS.labels(status=str(status))
+                counter = self._requests_by_status[status] = REQUESTS.labels(status=str(status))
             counter.inc()
             LATENCY.observe(time.perf_counter() - started)
 

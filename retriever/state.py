@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -255,8 +255,8 @@ class ServingState:
         changed_items: item ids (changed, new or removed) of the deltas that turned the state
             this one was derived from into this one; ``None`` for a state built from a full
             version (anything may have changed). Caches of item details key off it.
-        numpy_user: the ``mean`` user tower's weights for :meth:`user_vector`'s numpy path
-            (``None`` with MIND, which runs in torch).
+        numpy_user: the ``mean`` user tower's weights for :meth:`user_vector` (it runs in numpy;
+            ``None`` with MIND, which runs in torch).
     """
 
     version: int
@@ -340,7 +340,7 @@ class ServingState:
             overlay=None,
             base_filter=None,
             search_params=_params_factory(index),
-            numpy_user=NumpyUserTower(model.user) if isinstance(model.user, UserTower) else None,
+            numpy_user=None if model.multi_interest else NumpyUserTower(cast(UserTower, model.user)),
         )
 
     def apply_delta(self, delta: DeltaSnapshot, version: int, created_ms: int | None = None) -> ServingState:
@@ -568,19 +568,9 @@ class ServingState:
         pooled = pool_history(  # oldest first, as the trainer keeps histories
             self.item_rows(positions[::-1]), np.asarray(stamps[::-1], dtype=np.int64), now_ms, cfg
         )
-        if self.numpy_user is not None:  # the same forward pass without torch's per-op overhead
-            return self.numpy_user(id_row, fit_features(profile, cfg.profile_dim), pooled, ctx_row[0])
-        ctx = torch.from_numpy(ctx_row)
-        features = torch.from_numpy(fit_features(profile, cfg.profile_dim)).unsqueeze(0)
-        with torch.inference_mode():
-            out = self.model.user(
-                torch.tensor(id_row).unsqueeze(0),
-                features,
-                torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32)).unsqueeze(0),
-                None,
-                ctx,
-            )
-        return out[0].numpy()
+        # the mean tower's forward pass in numpy, without torch's per-op overhead (built with the state)
+        assert self.numpy_user is not None
+        return self.numpy_user(id_row, fit_features(profile, cfg.profile_dim), pooled, ctx_row[0])
 
     def _search_one(
         self, index: faiss.Index, query: np.ndarray, fetch: int, params: faiss.SearchParameters | None
