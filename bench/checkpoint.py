@@ -10,7 +10,11 @@ user rows, each with a profile and a full history of ``model.history_len`` click
 * ``load_s``: :func:`twotower.checkpoint.load` (what the publisher and a restart read);
 * ``publish_delta_s``: what the publisher does with it on a delta (the towers from the
   checkpoint, the delta of the rows changed since the previous sequence number);
-* ``resume_s``: :meth:`TrainerState.from_checkpoint` (a trainer restart).
+* ``resume_s``: :meth:`TrainerState.from_checkpoint` (a trainer restart);
+* ``row_update_s``: what the trainer writes between full checkpoints of a big state
+  (:meth:`TrainerState.to_row_update` + :func:`twotower.checkpoint.save_row_update`: the rows
+  changed since the previous write, here the ``UPDATED_SHARE`` of users);
+* ``publish_row_update_s``: the publisher's read of that row update and its delta.
 
 Each phase is timed ``repeat`` times; the report gives every run and the median.
 """
@@ -139,9 +143,18 @@ def run(
     state = build_state(users, items)
     build_s = time.perf_counter() - started
     runs: dict[str, list[float]] = {
-        name: [] for name in ("to_checkpoint_s", "save_s", "load_s", "publish_delta_s", "resume_s")
+        name: []
+        for name in (
+            "to_checkpoint_s",
+            "save_s",
+            "load_s",
+            "publish_delta_s",
+            "resume_s",
+            "row_update_s",
+            "publish_row_update_s",
+        )
     }
-    size = 0
+    size = update_size = 0
     delta_users = 0
     with tempfile.TemporaryDirectory(dir=state_dir) as tmp:
         for attempt in range(repeat):
@@ -169,7 +182,23 @@ def run(
                 lambda loaded=loaded: TrainerState.from_checkpoint(loaded, state.tcfg), profiles["resume_s"]
             )
             runs["resume_s"].append(took)
+            owned = set(loaded.items.ids)
             del loaded
+
+            def row_update() -> Path:  # between full checkpoints: only the rows stamped since the last write
+                return checkpoint.save_row_update(tmp, state.to_row_update(state.seq - 1, state.seq - 1))
+
+            took, path = _timed(row_update, profiles["row_update_s"])
+            runs["row_update_s"].append(took)
+            update_size = path.stat().st_size
+
+            def publish_update(path: Path = path, owned: set[str] = owned) -> Any:
+                update = checkpoint.load_row_update(path)
+                assert update is not None
+                return delta_snapshot(update, update.seq - 1, model=model_from_checkpoint(update), owned=owned)
+
+            took, _ = _timed(publish_update, profiles["publish_row_update_s"])
+            runs["publish_row_update_s"].append(took)
             for name, profile in profiles.items():
                 if profile is not None:
                     print(f"--- cProfile of {name} (first run) ---", file=sys.stderr)
@@ -187,6 +216,10 @@ def run(
         "median": {name: round(statistics.median(values), 3) for name, values in runs.items()},
         "runs": {name: [round(v, 3) for v in values] for name, values in runs.items()},
         "checkpoint_cycle_s": round(statistics.median(runs["to_checkpoint_s"]) + statistics.median(runs["save_s"]), 3),
+        "row_update_bytes": update_size,
+        "row_update_path_s": round(
+            statistics.median(runs["row_update_s"]) + statistics.median(runs["publish_row_update_s"]), 3
+        ),
         "load_average_before": load_before,
         "load_average_after": _load_average(),
     }

@@ -145,9 +145,8 @@ def content_only_vectors(
     return Rows([it.item_id for it in chosen], _item_tower(model, id_rows, category, content, batch_size))
 
 
-def _extras(ckpt: Checkpoint, extra_items: Iterable[CatalogItem]) -> list[CatalogItem]:
-    """Extra catalogue items that the checkpoint has no row for (those are the trainer's)."""
-    owned = set(ckpt.items.ids)
+def _extras(owned: set[str], extra_items: Iterable[CatalogItem]) -> list[CatalogItem]:
+    """Extra catalogue items that the trainer has no row for (``owned`` are the trainer's)."""
     return [it for it in extra_items if it.item_id not in owned]
 
 
@@ -182,7 +181,7 @@ def full_snapshot(
     model = model if model is not None else model_from_checkpoint(ckpt)
     cfg = model.cfg
     trained = Rows(list(ckpt.items.ids), item_vectors(model, ckpt))
-    extras = content_only_vectors(model, ckpt.categories, _extras(ckpt, extra_items))
+    extras = content_only_vectors(model, ckpt.categories, _extras(set(ckpt.items.ids), extra_items))
     items = _concat(trained, extras)
     index = build_index(items.matrix, np.arange(len(items.ids), dtype=np.int64), index_kind, **(index_options or {}))
     users = Rows(list(ckpt.users.ids), ckpt.users.emb.detach().cpu().numpy().astype(np.float32).reshape(-1, cfg.id_dim))
@@ -201,6 +200,7 @@ def delta_snapshot(
     *,
     extra_items: Iterable[CatalogItem] = (),
     model: TwoTower | None = None,
+    owned: set[str] | None = None,
 ) -> DeltaSnapshot:
     """What changed in ``ckpt`` after trainer sequence number ``since_seq``.
 
@@ -210,6 +210,8 @@ def delta_snapshot(
         extra_items: catalogue items to add with content-only vectors (ids the checkpoint
             has a row for are ignored).
         model: the towers built from ``ckpt`` (built here when ``None``).
+        owned: every item id the trainer has an ID row for; default ``ckpt``'s items (a row
+            update holds only the changed ones).
 
     Returns:
         Users and items whose ``updated_seq > since_seq``, the extras, and the items removed
@@ -226,8 +228,9 @@ def delta_snapshot(
         users_emb.detach().cpu().numpy().astype(np.float32).reshape(-1, cfg.id_dim),
     )
     trained = Rows([ckpt.items.ids[i] for i in item_rows], item_vectors(model, ckpt, item_rows))
-    items = _concat(trained, content_only_vectors(model, ckpt.categories, _extras(ckpt, extra_items)))
-    live = set(ckpt.items.ids) | set(items.ids)
+    owned = set(ckpt.items.ids) if owned is None else owned
+    items = _concat(trained, content_only_vectors(model, ckpt.categories, _extras(owned, extra_items)))
+    live = owned | set(items.ids)
     removed = list(dict.fromkeys(item for seq, item in ckpt.removed_items if seq > since_seq and item not in live))
     return DeltaSnapshot(users=users, items=items, removed_items=removed)
 

@@ -3,12 +3,14 @@
 Two loops run on their own threads, each with its own Redis/Kafka clients:
 
 * **snapshot loop** — every ``publisher.poll_interval_s`` it looks at the trainer's checkpoint
-  file (mtime first, then ``ckpt.seq``). A new checkpoint is published as a FULL version when
-  there is no current version, when the dense weights changed (``dense_version``), when the
-  trainer's ``seq`` went backwards, or after ``publisher.full_every`` deltas; otherwise as a
-  DELTA of the rows changed since the trainer ``seq`` of the last published version (nothing
-  is written when nothing changed). After a full version, versions older than the
-  ``publisher.keep_versions``-th newest full are trimmed.
+  file (mtime first, then ``ckpt.seq``), then at the trainer's row updates written after it
+  (:func:`twotower.checkpoint.save_row_update`: the rows changed since the trainer's previous
+  write, between full checkpoints of a big state), each of which becomes a DELTA. A new
+  checkpoint is published as a FULL version when there is no current version, when the dense
+  weights changed (``dense_version``), when the trainer's ``seq`` went backwards, or after
+  ``publisher.full_every`` deltas; otherwise as a DELTA of the rows changed since the trainer
+  ``seq`` of the last published version (nothing is written when nothing changed). After a
+  full version, versions older than the ``publisher.keep_versions``-th newest full are trimmed.
 * **serving-state loop** — :class:`~publisher.serving_state.ServingStateWriter` turns clicks,
   catalogue items and profiles into Redis history/item/profile keys. A catalogue item that
   the served snapshot lacks (and the trainer has no ID row for) gets a **content-only
@@ -30,6 +32,7 @@ decided by comparing checksums of the weights part with the next checkpoint's we
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -204,10 +207,12 @@ class PublisherDaemon(Daemon):
         self._model: TwoTower | None = None
         self._vocab: dict[str, int] = {}
         self._owned: set[str] = set()
-        """Item ids the last processed checkpoint has ID rows for."""
+        """Item ids the trainer has ID rows for, as of the last processed checkpoint or row update."""
         self._ckpt_seq: int | None = None
         # --- snapshot loop only ------------------------------------------------------------
         self._ckpt_mtime: float | None = None
+        self._full_seq: int | None = None
+        """``seq`` of the last full checkpoint read: the row updates that follow it name it."""
         # --- lifecycle ------------------------------------------------------------------------
         self._threads: list[threading.Thread] = []
         self._ticks: dict[str, float] = {}
@@ -389,37 +394,55 @@ class PublisherDaemon(Daemon):
             client.close()
 
     def poll_checkpoint(self, store: SnapshotStore) -> int | None:
-        """Publish the trainer's checkpoint if it changed since the last look.
+        """Publish the trainer's checkpoint if it changed since the last look, then the row
+        updates written after it (oldest first) that are new.
 
         Returns:
-            The version written (the last one, if a content-only delta followed), or ``None``.
+            The last version written, or ``None``.
         """
-        mtime = checkpoint.stat_seq(self.state_dir)
-        if mtime is None or mtime == self._ckpt_mtime:
-            return None
-        ckpt = checkpoint.load(self.state_dir)
-        if ckpt is None:
-            return None
         version = None
-        if ckpt.seq != self._ckpt_seq:
-            version = self.publish_checkpoint(store, ckpt)
-        self._ckpt_mtime = mtime
+        mtime = checkpoint.stat_seq(self.state_dir)
+        if mtime is not None and mtime != self._ckpt_mtime:
+            ckpt = checkpoint.load(self.state_dir)
+            if ckpt is not None:
+                if ckpt.seq != self._ckpt_seq:
+                    version = self.publish_checkpoint(store, ckpt)
+                self._full_seq = ckpt.seq
+            self._ckpt_mtime = mtime
+        if self._full_seq is None:
+            return version
+        for seq, path in checkpoint.row_updates(self.state_dir):
+            if self._ckpt_seq is not None and seq <= self._ckpt_seq:
+                continue
+            update = checkpoint.load_row_update(path)
+            if update is None or update.base_seq != self._full_seq:
+                break  # a newer full checkpoint superseded it: the next poll reads that one
+            version = self.publish_checkpoint(store, update) or version
         return version
 
     def publish_checkpoint(self, store: SnapshotStore, ckpt: Checkpoint) -> int | None:
         """Publish ``ckpt`` as a full or delta version (or nothing if nothing changed).
+
+        A row update (``ckpt.base_seq`` set) only ever becomes a delta: when a full version is
+        due for another reason than ``publisher.full_every`` (none yet, new dense weights, the
+        trainer's ``seq`` went back) it is skipped and the next full checkpoint publishes it.
 
         Returns:
             The last version written, or ``None``.
         """
         started = time.perf_counter()
         model = model_from_checkpoint(ckpt)
+        partial = ckpt.base_seq is not None
         with self._lock:
             last = self._last
             matches = None
             if last is not None and last.dense_version is None:
                 matches = weight_checksums(model) == (last.weights_sha, last.config_sha)
-            kind = plan_publish(last, ckpt.seq, ckpt.dense_version, matches, self.cfg.publisher.full_every)
+            full_every = sys.maxsize if partial else self.cfg.publisher.full_every
+            kind = plan_publish(last, ckpt.seq, ckpt.dense_version, matches, full_every)
+            if partial and kind == FULL:
+                log.info("row update %d needs a full version: waiting for the next full checkpoint", ckpt.seq)
+                return None
             extras: list[CatalogItem] = []
             if kind == FULL:  # every content-only item is re-embedded with the new weights
                 removed = self._removed_after(ckpt)
@@ -435,7 +458,9 @@ class PublisherDaemon(Daemon):
             version = None
             if kind == DELTA:
                 pending = [self._catalog[i] for i in self._pending if i in self._catalog and i not in self._removed]
-                delta = delta_snapshot(ckpt, self._last.trainer_seq, extra_items=pending, model=model)
+                delta = delta_snapshot(
+                    ckpt, self._last.trainer_seq, extra_items=pending, model=model, owned=self._owned
+                )
                 if is_empty(delta):
                     self._last = replace(self._last, trainer_seq=ckpt.seq)
                     log.debug("checkpoint %d changes nothing", ckpt.seq)
@@ -445,19 +470,29 @@ class PublisherDaemon(Daemon):
             flushed = self._flush_pending_locked(store)
         return flushed or version
 
+    def _owned_after(self, ckpt: Checkpoint) -> set[str]:
+        """Item ids with an ID row once ``ckpt`` is applied: all its items, or for a row update
+        those owned before, minus its removals, plus its items (caller holds the lock)."""
+        if ckpt.base_seq is None:
+            return set(ckpt.items.ids)
+        since = -1 if self._ckpt_seq is None else self._ckpt_seq
+        gone = {item for seq, item in ckpt.removed_items if seq > since}
+        return (self._owned - gone) | set(ckpt.items.ids)
+
     def _removed_after(self, ckpt: Checkpoint) -> set[str]:
         """The removed set once ``ckpt``'s new removals are applied (not stored; caller holds the lock)."""
         since = -1 if self._ckpt_seq is None else self._ckpt_seq
-        owned = set(ckpt.items.ids)
+        owned = self._owned_after(ckpt)
         return (self._removed | {item for seq, item in ckpt.removed_items if seq > since}) - owned
 
     def _adopt(self, ckpt: Checkpoint, model: TwoTower) -> None:
         """Make ``ckpt``'s model, vocabulary, rows and removals the current ones (caller holds the lock)."""
+        owned = self._owned_after(ckpt)
         self._removed = self._removed_after(ckpt)
         self._pending -= self._removed
         self._model = model
         self._vocab = category_indices(ckpt.categories, model.cfg.n_categories)
-        self._owned = set(ckpt.items.ids)
+        self._owned = owned
         self._ckpt_seq = ckpt.seq
 
     def _publish_full(

@@ -333,3 +333,42 @@ def test_history_times_are_rebased_then_widened_as_their_span_grows(tmp_path: Pa
     checkpoint.save(tmp_path, state.to_checkpoint({}))
     loaded = checkpoint.load(tmp_path)
     assert loaded is not None and loaded.histories.as_dict() == _plain(ref)
+
+
+def test_a_row_update_holds_only_the_rows_changed_since_and_a_full_save_deletes_them(tmp_path: Path) -> None:
+    state = _state()
+    checkpoint.save(tmp_path, state.to_checkpoint({"events:0": 60}))
+    since = base = state.seq
+    user = next(u for u in state.users.ids if u is not None)
+    state.learn(state.observe_clicks([Interaction("x1", "rx", user, "i3", CLICK, 0, DAY_MS * 5)]), dense=False)
+    state.apply_catalog(CatalogItem("i-new", "c9", [7.0, 8.0, 9.0], DAY_MS * 5))
+    state.items.add("gone", 0, state.next_seq)
+    state.expire(DAY_MS * 11 // 2)  # "gone" (never seen) expires
+    state.seq += 1  # the write's seq: what next_seq was while the rows changed
+    update = state.to_row_update(since, base)
+
+    assert update.base_seq == base and update.seq == state.seq and update.offsets == {}
+    assert user in update.users.ids and len(update.users.ids) < len(state.users)  # only the changed rows
+    assert "i-new" in update.items.ids and "gone" not in update.items.ids and len(update.items.ids) < len(state.items)
+    assert bool((update.users.updated_seq == state.seq).all()) and bool((update.items.updated_seq == state.seq).all())
+    row = update.items.ids.index("i-new")
+    assert int(update.item_category[row]) == state.categories["c9"]
+    np.testing.assert_array_equal(update.item_content[row].numpy(), [7.0, 8.0, 9.0])
+    assert update.removed_items == [(state.seq, "gone")]  # the removals after `since` only
+    assert update.histories.users == [] and update.profiles.ids == [] and update.catalog.ids == []
+
+    path = checkpoint.save_row_update(tmp_path, update)
+    assert checkpoint.row_updates(tmp_path) == [(update.seq, path)]
+    loaded = checkpoint.load_row_update(path)
+    assert loaded is not None and loaded.base_seq == base and loaded.users.ids == update.users.ids
+    torch.testing.assert_close(loaded.users.emb, update.users.emb, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.item_content, update.item_content, rtol=0, atol=0)
+    assert loaded.removed_items == update.removed_items
+    with pytest.raises(ValueError, match="base_seq"):
+        checkpoint.save_row_update(tmp_path, state.to_checkpoint({}))  # a full state is not a row update
+    with pytest.raises(ValueError, match="not a row update"):
+        checkpoint.load_row_update(checkpoint.path_in(tmp_path))
+
+    checkpoint.save(tmp_path, state.to_checkpoint({"events:0": 61}))  # a full checkpoint supersedes them all
+    assert checkpoint.row_updates(tmp_path) == []
+    assert checkpoint.load_row_update(path) is None  # gone: a reader skips it

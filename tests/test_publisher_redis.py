@@ -7,11 +7,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import msgpack
 import numpy as np
 import pytest
 import redis
+import torch
 from kafka import KafkaConsumer, KafkaProducer
 from test_publisher_unit import make_checkpoint
 from typer.testing import CliRunner
@@ -179,6 +181,77 @@ def test_snapshot_loop_publishes_full_delta_skip_and_recovers(config: Config, st
     save(cfg, seq=8, dense_version=3, seed=11)
     v7 = third.poll_checkpoint(store)
     assert v7 is not None and store.meta(v7).kind == FULL
+
+
+def save_row_update(
+    cfg: Config, seq: int, base_seq: int, user_rows: list[int], item_rows: list[int], **kwargs: object
+) -> None:
+    """A row update cut from a hand-made checkpoint: its rows ``user_rows`` / ``item_rows``, stamped ``seq``."""
+    whole = make_checkpoint(seq=seq, **kwargs)  # type: ignore[arg-type]
+
+    def cut(t: checkpoint.TableState, rows: list[int]) -> checkpoint.TableState:
+        index = torch.tensor(rows, dtype=torch.int64)
+        return checkpoint.TableState(
+            ids=[t.ids[r] for r in rows],
+            emb=t.emb[index],
+            accum=t.accum[index],
+            count=t.count[index],
+            last_seen_ms=t.last_seen_ms[index],
+            updated_seq=torch.full((len(rows),), seq, dtype=torch.int64),
+        )
+
+    items = torch.tensor(item_rows, dtype=torch.int64)
+    update = replace(
+        whole,
+        users=cut(whole.users, user_rows),
+        items=cut(whole.items, item_rows),
+        item_category=whole.item_category[items],
+        item_content=whole.item_content[items],
+        offsets={},
+        base_seq=base_seq,
+    )
+    checkpoint.save_row_update(cfg.trainer.state_dir, update)
+
+
+def test_row_updates_become_deltas_until_the_next_full_checkpoint(config: Config, store: SnapshotStore) -> None:
+    cfg = config.with_overrides({"publisher": {"full_every": 1}})  # row updates never become full versions
+    daemon = PublisherDaemon(cfg)
+    daemon.recover(store)
+    save(cfg, seq=1)
+    v1 = daemon.poll_checkpoint(store)
+    assert v1 is not None and store.meta(v1).kind == FULL
+
+    save_row_update(cfg, seq=2, base_seq=1, user_rows=[3], item_rows=[2], seed=0)
+    save_row_update(cfg, seq=3, base_seq=1, user_rows=[1], item_rows=[], removed=[(3, "i5")])
+    v3 = daemon.poll_checkpoint(store)  # both, oldest first, each a delta on the chain
+    assert v3 is not None and store.meta(v3).kind == DELTA
+    v2 = store.meta(v3).parent
+    assert v2 is not None and v2 != v1 and store.meta(v2).kind == DELTA and store.meta(v2).parent == v1
+    first, second = decode_delta(read_parts(store, v2)[-1]), decode_delta(read_parts(store, v3)[-1])
+    assert first.users.ids == ["u3"] and first.items.ids == ["i2"] and first.removed_items == []
+    np.testing.assert_array_equal(first.users.matrix[0], make_checkpoint(seed=0).users.emb[3].numpy())
+    # the second update names only u1: items it does not carry stay the trainer's (no content-only extras)
+    assert second.users.ids == ["u1"] and second.items.ids == [] and second.removed_items == ["i5"]
+    assert daemon._owned == {f"i{i}" for i in range(5)} and daemon._removed == {"i5"}
+    assert daemon.poll_checkpoint(store) is None  # nothing new
+
+    save_row_update(cfg, seq=4, base_seq=99, user_rows=[0], item_rows=[])  # follows a full checkpoint not read yet
+    assert daemon.poll_checkpoint(store) is None
+    save_row_update(cfg, seq=5, base_seq=1, user_rows=[0], item_rows=[], dense_version=2, seed=4)
+    assert daemon.poll_checkpoint(store) is None  # new weights need a full version: it waits for the full checkpoint
+
+    # a full checkpoint deletes the row updates and brings the full version full_every made due
+    save(cfg, seq=6, user_updated=[1, 1, 1, 1, 6], item_updated=[1, 1, 1, 1, 1, 1])
+    assert checkpoint.row_updates(cfg.trainer.state_dir) == []
+    v6 = daemon.poll_checkpoint(store)
+    assert v6 is not None and store.meta(v6).kind == FULL and daemon._last is not None
+    assert daemon._last.trainer_seq == 6 and daemon._last.deltas_since_full == 0
+
+    # then row updates after it are deltas on the new full version
+    save_row_update(cfg, seq=7, base_seq=6, user_rows=[2], item_rows=[])
+    v7 = daemon.poll_checkpoint(store)
+    assert v7 is not None and store.meta(v7).kind == DELTA and store.meta(v7).parent == v6
+    assert decode_delta(read_parts(store, v7)[-1]).users.ids == ["u2"]
 
 
 def test_trim_keeps_the_newest_full_versions(config: Config, store: SnapshotStore) -> None:

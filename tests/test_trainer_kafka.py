@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import msgpack
@@ -159,3 +160,72 @@ def test_nightly_reads_exactly_one_day_and_is_idempotent(config: Config) -> None
     later = checkpoint.load(cfg.trainer.state_dir)
     assert later.dense_version == 2
     assert any(not torch.equal(later.dense[k], v) for k, v in ckpt.dense.items())
+
+
+def test_row_updates_between_full_checkpoints_and_a_crash_resumes_from_the_full_one(config: Config) -> None:
+    """With full checkpoints spaced out, the trainer writes row updates of only the changed rows
+    (no offsets); killed without a final checkpoint it resumes from the full checkpoint, replays
+    the rest from Kafka exactly once, and numbers its writes above the row updates it dropped."""
+    # stream_item_rows: the clicked items' rows change too, so the update carries item side columns
+    cfg = _fast(config).with_overrides({"trainer": {"full_checkpoint_interval_s": 3_600, "stream_item_rows": True}})
+    state_dir = cfg.trainer.state_dir
+    t0 = 1_700_000_000_000
+    _produce(cfg, _clicks(200, t0))
+    _run_in_process(_fast(config))  # every checkpoint full: the last one holds the 200 clicks
+    full = checkpoint.load(state_dir)
+    assert full is not None and int(full.items.count.sum()) == 200
+    trainer = StreamTrainer(cfg)  # resumed: the next full checkpoint is an hour away
+    trainer.startup()
+    loop = threading.Thread(target=trainer.main_loop, daemon=True)
+    loop.start()
+    try:
+        later = [Interaction(f"late-{k}", f"rl{k}", "u-late", f"i{k}", "click", 0, t0 + 400_000 + k) for k in range(3)]
+        _produce(cfg, later)
+        updates = _wait_for(
+            lambda: (
+                any("u-late" in _update(path).users.ids for _, path in checkpoint.row_updates(state_dir))
+                and checkpoint.row_updates(state_dir)
+            ),
+            "a row update with the late user",
+        )
+    finally:
+        trainer.shutdown_flag.set()  # a crash: no final checkpoint
+        loop.join(timeout=30)
+        trainer.consumer.close(autocommit=False)
+        trainer.producer.close(timeout=10)
+        trainer.lock.release()
+    again = checkpoint.load(state_dir)
+    assert again is not None and again.seq == full.seq  # the full checkpoint was not rewritten
+    for seq, path in updates:
+        update = _update(path)
+        assert update.seq == seq > full.seq and update.base_seq == full.seq and update.offsets == {}
+        assert len(update.users.ids) < 40 and bool((update.users.updated_seq == seq).all())
+    late = next(_update(p) for _, p in updates if "u-late" in _update(p).users.ids)
+    assert {"i0", "i1", "i2"} <= set(late.items.ids)
+    assert late.item_content.shape == (len(late.items.ids), cfg.model.content_dim)
+
+    resumed = _run_in_process(cfg)
+    final = checkpoint.load(state_dir)
+    assert final is not None and checkpoint.row_updates(state_dir) == []
+    assert final.seq > updates[-1][0]  # numbered above what a publisher may have seen
+    assert int(final.items.count.sum()) == 203 and int(final.users.count.sum()) == 203  # exactly once
+    assert resumed.state is not None and "u-late" in resumed.state.users
+
+
+def _update(path) -> checkpoint.Checkpoint:
+    update = checkpoint.load_row_update(path)
+    assert update is not None
+    return update
+
+
+def _wait_for(condition, what: str, timeout_s: float = 60.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except (FileNotFoundError, EOFError, RuntimeError):  # a file replaced while read
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")

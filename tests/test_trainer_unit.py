@@ -10,9 +10,9 @@ from trainer.id_table import IdTable
 from trainer.losses import candidate_log_q, popularity_distribution, sampled_softmax_loss
 from trainer.ordering import EventTimeMerger
 from trainer.state import TrainerState
-from trainer.stream import checkpoint_wait_s
+from trainer.stream import StreamTrainer, checkpoint_wait_s
 from twotower import checkpoint
-from twotower.config import ModelConfig, TrainerConfig
+from twotower.config import Config, ModelConfig, TrainerConfig
 from twotower.events import CatalogItem, Interaction
 
 # --- ID tables ---------------------------------------------------------------------------
@@ -259,3 +259,52 @@ def test_new_item_content_vector_lands_near_its_category() -> None:
     sims = iv @ new
     same = torch.tensor([state.catalog[i][0] == state.catalog["brand-new"][0] for i in ids])
     assert sims[same].mean() > sims[~same].mean() + 0.1
+
+
+def _written(state_dir, seq: int) -> str:
+    """What the trainer wrote as ``seq``: ``full``, ``update`` or ``nothing``."""
+    full = checkpoint.load(state_dir)
+    if full is not None and full.seq == seq:
+        return "full"
+    return "update" if seq in dict(checkpoint.row_updates(state_dir)) else "nothing"
+
+
+@pytest.mark.parametrize("row_updates", [True, False])
+def test_full_checkpoints_are_spaced_out_with_row_updates_between(
+    config: Config, monkeypatch: pytest.MonkeyPatch, row_updates: bool
+) -> None:
+    cfg = config.with_overrides(
+        {"trainer": {"checkpoint_interval_s": 1.0, "full_checkpoint_interval_s": 10.0, "row_updates": row_updates}}
+    )
+    clock = [100.0]
+    monkeypatch.setattr("trainer.stream.time.monotonic", lambda: clock[0])
+    trainer = StreamTrainer(cfg)
+    state = trainer.state = TrainerState(cfg.model, cfg.trainer)
+    state_dir = cfg.trainer.state_dir
+    kinds = []
+    for k in range(1, 25):
+        clock[0] += 1.0
+        clicks = [Interaction(f"e{k}", f"r{k}", f"u{k}", f"i{k % 3}", "click", 0, 1_700_000_000_000 + k)]
+        state.learn(state.observe_clicks(clicks), dense=False)
+        trainer.dirty = True
+        trainer.checkpoint()
+        kinds.append(_written(state_dir, state.seq))
+        if kinds[-1] == "update":
+            update = checkpoint.load_row_update(dict(checkpoint.row_updates(state_dir))[state.seq])
+            assert update is not None and update.users.ids == [f"u{k}"]  # this write's change only
+            assert update.base_seq == trainer.full_seq
+    if row_updates:  # the first full checkpoint 10 s after the start, then every 10 s
+        assert [i + 1 for i, kind in enumerate(kinds) if kind == "full"] == [10, 20]
+        assert kinds.count("update") == 22
+    else:
+        assert kinds == ["full"] * 24
+    # idle: nothing to write, except the full checkpoint row updates left owed
+    seq = state.seq
+    for _ in range(12):
+        clock[0] += 1.0
+        trainer.checkpoint()
+    if row_updates:
+        assert state.seq == seq + 1 and _written(state_dir, state.seq) == "full"
+        assert checkpoint.row_updates(state_dir) == []
+    else:
+        assert state.seq == seq

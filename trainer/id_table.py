@@ -188,6 +188,21 @@ class IdTable:
         )
         return state, rows
 
+    def changed_since(self, seq: int) -> TableState:
+        """The live rows whose ``updated_seq`` is above ``seq``, in row order (``pending`` empty):
+        what a row update carries."""
+        n = len(self.ids)
+        rows = [r for r in (self.updated_seq[:n] > seq).nonzero().flatten().tolist() if self.ids[r] is not None]
+        index = torch.tensor(rows, dtype=torch.int64)
+        return TableState(
+            ids=[self.ids[r] for r in rows],  # type: ignore[misc]  # live rows: no None
+            emb=self.emb[index],
+            accum=self.accum[index],
+            count=self.count[index],
+            last_seen_ms=self.last_seen_ms[index],
+            updated_seq=self.updated_seq[index],
+        )
+
     @classmethod
     def from_state(cls, state: TableState, admission_min_count: int) -> IdTable:
         """Rebuild a table whose rows are in ``state`` order (row i = ``state.ids[i]``)."""

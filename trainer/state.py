@@ -499,6 +499,35 @@ class TrainerState:
             item_catalog_row=item_rows,
         )
 
+    def to_row_update(self, since_seq: int, base_seq: int) -> Checkpoint:
+        """What changed for serving after checkpoint ``since_seq``: the ID rows stamped later,
+        their items' category and content, the removals after it, the dense weights and the
+        category vocabulary (see :func:`twotower.checkpoint.save_row_update`).
+
+        Args:
+            since_seq: the ``seq`` of the previous checkpoint or row update.
+            base_seq: the ``seq`` of the last full checkpoint.
+        """
+        items = self.items.changed_since(since_seq)
+        cats, content = self.catalog.side(items.ids)
+        return Checkpoint(
+            seq=self.seq,
+            dense_version=self.dense_version,
+            model_config=self.model_cfg.model_dump(),
+            dense={k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            users=self.users.changed_since(since_seq),
+            items=items,
+            item_category=torch.from_numpy(cats),
+            item_content=torch.from_numpy(content),
+            categories=sorted(self.categories, key=self.categories.__getitem__),
+            removed_items=[(seq, item) for seq, item in self.removed_items if seq > since_seq],
+            offsets={},
+            event_time_ms=self.event_time_ms,
+            profiles=Profiles.empty(self.model_cfg.profile_dim),
+            catalog=Catalog.empty(self.model_cfg.content_dim),
+            base_seq=base_seq,
+        )
+
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, trainer_cfg: TrainerConfig) -> TrainerState:
         """Resume from a checkpoint (the model shape comes from the checkpoint)."""

@@ -5,6 +5,12 @@ is written atomically, and offsets are committed to Kafka only after it is on di
 start the trainer seeks to the checkpoint's offsets (not Kafka's committed ones, which may
 lag a crash), and skips the records it had already applied above them.
 
+Between full checkpoints that are not due yet (a big state takes seconds to write, see
+``trainer.checkpoint_max_share``) it writes *row updates* (``trainer.row_updates``): the rows
+changed since its last write, for the publisher. They carry no offsets; a restart resumes from the
+last full checkpoint and replays what came after it, numbering its writes above the row updates
+it finds (and deletes).
+
 A nightly retrain running beside it hands over its result through a file (see
 :mod:`trainer.handoff`); the streaming trainer merges it between micro-batches. Interactions of
 days a nightly run counted while it owned the state (:data:`NIGHTLY_COUNTED`) are skipped.
@@ -37,7 +43,8 @@ log = logging.getLogger(__name__)
 EVENTS = Counter("twotower_trainer_events_total", "Records consumed by the streaming trainer", ["kind"])
 TRAINED = Counter("twotower_trainer_examples_total", "Clicks trained on by the streaming trainer")
 LATE = Gauge("twotower_trainer_late_events", "Events released after a newer one (trained anyway)")
-CHECKPOINTS = Counter("twotower_trainer_checkpoints_total", "Checkpoints written")
+CHECKPOINTS = Counter("twotower_trainer_checkpoints_total", "Full checkpoints written")
+ROW_UPDATES = Counter("twotower_trainer_row_updates_total", "Row updates written between full checkpoints")
 CHECKPOINT_SEQ = Gauge("twotower_trainer_checkpoint_seq", "Sequence number of the last checkpoint")
 LAG = Gauge("twotower_trainer_consumer_lag", "Records behind the log end, summed over partitions")
 ROWS = Gauge("twotower_trainer_rows", "Live rows of an ID table", ["table"])
@@ -46,8 +53,13 @@ LOSS = Gauge("twotower_trainer_loss", "Loss of the last streaming step")
 STEP_SECONDS = Histogram("twotower_trainer_step_seconds", "Duration of one streaming step")
 CHECKPOINT_SECONDS = Histogram(
     "twotower_trainer_checkpoint_seconds",
-    "Duration of one checkpoint (state copy, write, fsync, rename, offset commit)",
+    "Duration of one full checkpoint (state copy, write, fsync, rename, offset commit)",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+ROW_UPDATE_SECONDS = Histogram(
+    "twotower_trainer_row_update_seconds",
+    "Duration of one row update (changed rows copied, written, renamed)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 BUFFERED = Gauge("twotower_trainer_buffered", "Records held for event-time ordering")
 
@@ -119,7 +131,15 @@ class StreamTrainer(Daemon):
         self.dirty = False
         self.last_checkpoint = time.monotonic()
         self.checkpoint_wait_s = cfg.trainer.checkpoint_interval_s
-        """Wait from the last checkpoint to the next (see :func:`checkpoint_wait_s`)."""
+        """Wait from the last checkpoint or row update to the next (see :func:`checkpoint_wait_s`)."""
+        self.last_full = time.monotonic()
+        self.full_wait_s = max(cfg.trainer.checkpoint_interval_s, cfg.trainer.full_checkpoint_interval_s)
+        """Wait from the last full checkpoint (or the start) to the next (row updates in between)."""
+        self.full_seq = 0
+        self.full_dense_version = 0
+        """``seq`` and ``dense_version`` of the last full checkpoint (row updates name it)."""
+        self.behind_full = False
+        """Row updates were written since the last full checkpoint (a full one is owed even if idle)."""
         self.last_record = time.monotonic()
         self.assigner: PartitionAssigner | None = None
         self.nightly_counted: list[tuple[int, int]] = []
@@ -141,6 +161,14 @@ class StreamTrainer(Daemon):
             self.merger.skip_on_replay({parse_partition_key(k): v for k, v in applied.items()})
             self.nightly_counted = [(int(a), int(b)) for a, b in ckpt.extra.get(NIGHTLY_COUNTED, [])]
             log.info("resumed from checkpoint seq %d (%d offsets)", ckpt.seq, len(ckpt.offsets))
+        # Row updates after the full checkpoint are not a resume point (Kafka replays their events):
+        # continue numbering above them, so a publisher that saw them reads what follows as newer.
+        left = checkpoint.row_updates(self.state_dir)
+        if left:
+            self.state.seq = max(self.state.seq, left[-1][0])
+            checkpoint.prune_row_updates(self.state_dir)
+            log.info("dropped %d row updates after the checkpoint; numbering from seq %d", len(left), self.state.seq)
+        self.full_seq, self.full_dense_version = self.state.seq, self.state.dense_version
         self._merge_handoff()
         self.producer = make_producer(self.cfg.kafka)
         self.decoder = RecordDecoder(self.producer)
@@ -260,15 +288,53 @@ class StreamTrainer(Daemon):
 
     # --- checkpoints -------------------------------------------------------------------
     def checkpoint(self, force: bool = False, commit: bool = True) -> None:
-        """Write the state with the offsets it includes, then (``commit``) commit those offsets to Kafka."""
+        """Write the state with the offsets it includes, then (``commit``) commit those offsets to
+        Kafka; or, when a full checkpoint is not due (``trainer.row_updates``), a row update."""
         started = self.last_checkpoint = time.monotonic()
-        if self.state is None or not (self.dirty or force):
+        full_due = started - self.last_full >= self.full_wait_s
+        if self.state is None or not (self.dirty or force or (self.behind_full and full_due)):
             return
         if self.pending:  # released records count as applied in the offsets below: train them first
             self._step()
         state = self.state
+        full = force or full_due or not self.tcfg.row_updates or state.dense_version != self.full_dense_version
         state.expire(state.event_time_ms)
+        since = state.seq
         state.seq += 1
+        if full:
+            self._save_full(state, commit)
+        else:
+            checkpoint.save_row_update(self.state_dir, state.to_row_update(since, self.full_seq))
+            ROW_UPDATES.inc()
+        self.dirty = False
+        self.behind_full = not full
+        CHECKPOINT_SEQ.set(state.seq)
+        for name, table in (("users", state.users), ("items", state.items)):
+            ROWS.labels(name).set(len(table))
+            TABLE_BYTES.labels(name).set(table.memory_bytes())
+        took_s = time.monotonic() - started
+        tcfg = self.tcfg
+        if full:
+            CHECKPOINT_SECONDS.observe(took_s)
+            self.last_full, self.full_seq, self.full_dense_version = started, state.seq, state.dense_version
+            self.full_wait_s = max(
+                tcfg.full_checkpoint_interval_s,
+                checkpoint_wait_s(took_s, tcfg.checkpoint_interval_s, tcfg.checkpoint_max_share),
+            )
+            # with row updates the next write is one of them, due after the usual interval
+            self.checkpoint_wait_s = tcfg.checkpoint_interval_s if tcfg.row_updates else self.full_wait_s
+        else:
+            ROW_UPDATE_SECONDS.observe(took_s)
+            self.checkpoint_wait_s = checkpoint_wait_s(took_s, tcfg.checkpoint_interval_s, tcfg.checkpoint_max_share)
+        log.debug(
+            "%s seq %d in %.3f s; next in %.2f s",
+            "checkpoint" if full else "row update",
+            state.seq,
+            took_s,
+            self.checkpoint_wait_s,
+        )
+
+    def _save_full(self, state: TrainerState, commit: bool) -> None:
         safe = self.merger.safe_offsets()
         applied = self.merger.applied_above()
         offsets = {**{partition_key(tp): off for tp, off in self.resume_offsets.items()}}
@@ -278,24 +344,13 @@ class StreamTrainer(Daemon):
             NIGHTLY_COUNTED: [list(r) for r in self.nightly_counted],
         }
         checkpoint.save(self.state_dir, state.to_checkpoint(offsets, extra))
-        self.dirty = False
         CHECKPOINTS.inc()
-        CHECKPOINT_SEQ.set(state.seq)
-        for name, table in (("users", state.users), ("items", state.items)):
-            ROWS.labels(name).set(len(table))
-            TABLE_BYTES.labels(name).set(table.memory_bytes())
         if commit and self.consumer is not None and safe:
             commits = {TopicPartition(t, p): OffsetAndMetadata(off, "", -1) for (t, p), off in safe.items()}
             try:
                 self.consumer.commit(commits)
             except KafkaError as exc:  # the state on disk is authoritative; the next commit catches up
                 log.warning("offset commit failed (state is safe on disk): %s", exc)
-        took_s = time.monotonic() - started
-        CHECKPOINT_SECONDS.observe(took_s)
-        self.checkpoint_wait_s = checkpoint_wait_s(
-            took_s, self.tcfg.checkpoint_interval_s, self.tcfg.checkpoint_max_share
-        )
-        log.debug("checkpoint seq %d in %.3f s; next in %.2f s", state.seq, took_s, self.checkpoint_wait_s)
 
     def _report_lag(self) -> None:
         total = 0

@@ -23,6 +23,7 @@ is a Python object on either side. Format-1 and format-2 files still load.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain, pairwise
@@ -38,6 +39,8 @@ from twotower.columns import Ragged, pack_strings, unpack_strings
 FORMAT = 3
 READABLE_FORMATS = (1, 2, 3)
 FILENAME = "checkpoint.pt"
+ROW_UPDATES_DIR = "row-updates"
+_ROW_UPDATE = re.compile(r"[0-9]{12}\.pt")
 
 
 @dataclass(eq=False)
@@ -229,6 +232,12 @@ class Checkpoint:
     """``[n_items]`` int64 position in ``catalog`` of each item row's entry (-1: none), when
     ``item_category`` and ``item_content`` are exactly those entries' (zeros for -1): the file
     then holds this column instead of a second copy of the catalogue's features."""
+    base_seq: int | None = None
+    """Set on a *row update* (see :func:`save_row_update`): the ``seq`` of the full checkpoint it
+    follows. A row update holds only the ID rows changed after the checkpoint or row update
+    before it, their items' category and content, the removals after it, the dense weights and
+    the category vocabulary; its histories, profiles, catalogue, hard negatives, extra and
+    offsets are empty."""
 
     def __post_init__(self) -> None:
         if isinstance(self.histories, Mapping):
@@ -259,6 +268,7 @@ def save(state_dir: str | Path, ckpt: Checkpoint) -> Path:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    prune_row_updates(state_dir)  # one writer: every row update on disk predates this state
     return target
 
 
@@ -271,6 +281,10 @@ def load(state_dir: str | Path) -> Checkpoint | None:
     target = path_in(state_dir)
     if not target.exists():
         return None
+    return _read(target)
+
+
+def _read(target: Path) -> Checkpoint:
     data = torch.load(target, map_location="cpu", weights_only=True)
     fmt = data.get("format") if isinstance(data, dict) else None
     try:
@@ -281,6 +295,70 @@ def load(state_dir: str | Path) -> Checkpoint | None:
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{target}: malformed checkpoint of format {fmt}: {exc!r}") from None
     raise ValueError(f"{target}: checkpoint format {fmt!r}, expected one of {READABLE_FORMATS}")
+
+
+# --- row updates --------------------------------------------------------------------------------
+# A full checkpoint of a million users takes seconds to write and as long to read, so the streaming
+# trainer spaces them out (``trainer.checkpoint_max_share``). In between it writes *row updates*:
+# partial checkpoints (``base_seq`` set) of only the rows changed since the previous write, named
+# by their ``seq`` in ``<state_dir>/row-updates/``, which the publisher turns into delta versions.
+# They are not a resume point: a restart resumes from the full checkpoint and its offsets (Kafka
+# replays what came after), so they are written without fsync, and a full checkpoint deletes them
+# all (one writer holds the state dir: every row update on disk predates the full state).
+
+
+def row_updates_dir(state_dir: str | Path) -> Path:
+    return Path(state_dir) / ROW_UPDATES_DIR
+
+
+def save_row_update(state_dir: str | Path, update: Checkpoint) -> Path:
+    """Write a row update (temp file + rename: a reader sees all of it or nothing)."""
+    if update.base_seq is None:
+        raise ValueError("a row update needs the base_seq of the full checkpoint it follows")
+    folder = row_updates_dir(state_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{update.seq:012d}.pt"
+    tmp = folder / f".{update.seq:012d}.tmp.{os.getpid()}"
+    try:
+        torch.save(encode(update), tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def row_updates(state_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(seq, path)`` of the row updates on disk, oldest first."""
+    try:
+        names = os.listdir(row_updates_dir(state_dir))
+    except FileNotFoundError:
+        return []
+    found = [(int(name[:-3]), row_updates_dir(state_dir) / name) for name in names if _ROW_UPDATE.fullmatch(name)]
+    return sorted(found)
+
+
+def load_row_update(path: Path) -> Checkpoint | None:
+    """A row update, or ``None`` if it is gone (a full checkpoint superseded it meanwhile).
+
+    Raises:
+        ValueError: the file is not a row update.
+    """
+    try:
+        update = _read(path)
+    except FileNotFoundError:
+        return None
+    if update.base_seq is None:
+        raise ValueError(f"{path}: not a row update (no base_seq)")
+    return update
+
+
+def prune_row_updates(state_dir: str | Path) -> int:
+    """Delete every row update; how many there were."""
+    found = row_updates(state_dir)
+    for _, path in found:
+        path.unlink(missing_ok=True)
+    return len(found)
 
 
 # --- format 2 ---------------------------------------------------------------------------------
@@ -350,6 +428,7 @@ def encode(ckpt: Checkpoint) -> dict[str, Any]:
             "counts": _encode_counts(hard.counts),
         },
         "extra": ckpt.extra,
+        **({} if ckpt.base_seq is None else {"base_seq": ckpt.base_seq}),
     }
 
 
@@ -402,6 +481,7 @@ def decode(data: dict[str, Any]) -> Checkpoint:
         hard_negatives=HardNegatives(shown, not_shown, _decode_counts(hard["counts"], "hard_negatives.counts")),
         extra=dict(data["extra"]),
         item_catalog_row=item_catalog_row,
+        base_seq=None if data.get("base_seq") is None else int(data["base_seq"]),
     )
 
 
