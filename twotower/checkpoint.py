@@ -6,7 +6,9 @@ item content features, the category vocabulary, optimizer state, the catalogue, 
 profiles, the user histories the trainer pools, the hard-negative memory, and the Kafka
 offsets all of that includes. It is written to a temporary file, fsynced and renamed into
 place, so a reader sees either the old or the new state, never half of one; the trainer
-commits its Kafka offsets only after that rename.
+commits its Kafka offsets only after that rename. Between full checkpoints of a big state the
+trainer writes *row updates* beside it (``row-updates/<seq>.pt``, see :func:`save_row_update`):
+partial checkpoints of the rows changed since its last write, for the publisher only.
 
 It is loaded with ``torch.load(weights_only=True)``: only tensors, numbers, strings, lists
 and dicts, nothing that could execute code. Since format 2 everything bulky is a handful of
