@@ -122,9 +122,14 @@ def plan_publish(
             the checkpoint's weights are the ones served; ignored otherwise.
         full_every: deltas after which a full version is due.
     """
-    if last is None or ckpt_seq < last.trainer_seq:
+    if last is None:
         return FULL
     same_dense = bool(dense_matches) if last.dense_version is None else last.dense_version == dense_version
+    if ckpt_seq < last.trainer_seq:
+        # The trainer's state went back (restored): rebuild. Except for a publisher that restarted
+        # after publishing row updates newer than the trainer's last full checkpoint: it finds that
+        # checkpoint behind what it serves, with the same weights, and has nothing to publish.
+        return SKIP if last.dense_version is None and same_dense else FULL
     if not same_dense:
         return FULL
     if ckpt_seq == last.trainer_seq:
@@ -412,7 +417,9 @@ class PublisherDaemon(Daemon):
         if self._full_seq is None:
             return version
         for seq, path in checkpoint.row_updates(self.state_dir):
-            if self._ckpt_seq is not None and seq <= self._ckpt_seq:
+            with self._lock:
+                done = max(self._ckpt_seq or 0, self._last.trainer_seq if self._last is not None else 0)
+            if seq <= done:  # read before, or published before a restart
                 continue
             update = checkpoint.load_row_update(path)
             if update is None or update.base_seq != self._full_seq:

@@ -235,8 +235,18 @@ def test_row_updates_become_deltas_until_the_next_full_checkpoint(config: Config
     assert daemon._owned == {f"i{i}" for i in range(5)} and daemon._removed == {"i5"}
     assert daemon.poll_checkpoint(store) is None  # nothing new
 
-    save_row_update(cfg, seq=4, base_seq=99, user_rows=[0], item_rows=[])  # follows a full checkpoint not read yet
+    # restarted, the publisher finds the full checkpoint behind what it serves: no full rebuild
+    daemon = PublisherDaemon(cfg)
+    daemon.recover(store)
+    assert daemon.poll_checkpoint(store) is None and store.current_version() == v3
+    save_row_update(cfg, seq=4, base_seq=1, user_rows=[0], item_rows=[])
+    v4 = daemon.poll_checkpoint(store)
+    assert v4 is not None and store.meta(v4).kind == DELTA and store.meta(v4).parent == v3
+    assert decode_delta(read_parts(store, v4)[-1]).users.ids == ["u0"]
+
+    save_row_update(cfg, seq=5, base_seq=99, user_rows=[0], item_rows=[])  # follows a full checkpoint not read yet
     assert daemon.poll_checkpoint(store) is None
+    checkpoint.row_updates(cfg.trainer.state_dir)[-1][1].unlink()
     save_row_update(cfg, seq=5, base_seq=1, user_rows=[0], item_rows=[], dense_version=2, seed=4)
     assert daemon.poll_checkpoint(store) is None  # new weights need a full version: it waits for the full checkpoint
 

@@ -364,6 +364,9 @@ def test_plan_publish() -> None:
     recovered = Published(version=4, trainer_seq=10, dense_version=None, deltas_since_full=0)
     assert plan_publish(recovered, 11, 7, True, 50) == DELTA
     assert plan_publish(recovered, 11, 7, False, 50) == FULL
+    # restarted after publishing row updates newer than the last full checkpoint: nothing to rebuild
+    assert plan_publish(recovered, 9, 7, True, 50) == SKIP
+    assert plan_publish(recovered, 9, 7, False, 50) == FULL  # other weights: the state did go back
 
 
 def test_weight_checksums_match_the_full_snapshot_parts() -> None:
