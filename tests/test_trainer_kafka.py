@@ -165,7 +165,7 @@ def test_nightly_reads_exactly_one_day_and_is_idempotent(config: Config) -> None
 def test_row_updates_between_full_checkpoints_and_a_crash_resumes_from_the_full_one(config: Config) -> None:
     """With full checkpoints spaced out, the trainer writes row updates of only the changed rows
     (no offsets); killed without a final checkpoint it resumes from the full checkpoint, replays
-    the rest from Kafka exactly once, and numbers its writes above the row updates it dropped."""
+    the rest from Kafka exactly once, and numbers its writes above the row updates it finds."""
     # stream_item_rows: the clicked items' rows change too, so the update carries item side columns
     cfg = _fast(config).with_overrides({"trainer": {"full_checkpoint_interval_s": 3_600, "stream_item_rows": True}})
     state_dir = cfg.trainer.state_dir
@@ -181,11 +181,8 @@ def test_row_updates_between_full_checkpoints_and_a_crash_resumes_from_the_full_
     try:
         later = [Interaction(f"late-{k}", f"rl{k}", "u-late", f"i{k}", "click", 0, t0 + 400_000 + k) for k in range(3)]
         _produce(cfg, later)
-        updates = _wait_for(
-            lambda: (
-                any("u-late" in _update(path).users.ids for _, path in checkpoint.row_updates(state_dir))
-                and checkpoint.row_updates(state_dir)
-            ),
+        _wait_for(
+            lambda: any("u-late" in _update(path).users.ids for _, path in checkpoint.row_updates(state_dir)),
             "a row update with the late user",
         )
     finally:
@@ -194,6 +191,7 @@ def test_row_updates_between_full_checkpoints_and_a_crash_resumes_from_the_full_
         trainer.consumer.close(autocommit=False)
         trainer.producer.close(timeout=10)
         trainer.lock.release()
+    updates = checkpoint.row_updates(state_dir)  # all of them, also those written after the wait
     again = checkpoint.load(state_dir)
     assert again is not None and again.seq == full.seq  # the full checkpoint was not rewritten
     for seq, path in updates:
@@ -204,6 +202,16 @@ def test_row_updates_between_full_checkpoints_and_a_crash_resumes_from_the_full_
     assert {"i0", "i1", "i2"} <= set(late.items.ids)
     assert late.item_content.shape == (len(late.items.ids), cfg.model.content_dim)
 
+    for _ in range(2):  # restarted twice before writing anything
+        restarted = StreamTrainer(cfg)
+        restarted.startup()  # its row updates must name the full checkpoint on disk (what a publisher read)
+        try:
+            assert restarted.full_seq == full.seq and restarted.state is not None
+            assert restarted.state.seq == updates[-1][0] and checkpoint.row_updates(state_dir) == updates
+        finally:
+            restarted.consumer.close(autocommit=False)
+            restarted.producer.close(timeout=10)
+            restarted.lock.release()
     resumed = _run_in_process(cfg)
     final = checkpoint.load(state_dir)
     assert final is not None and checkpoint.row_updates(state_dir) == []

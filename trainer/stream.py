@@ -9,7 +9,7 @@ Between full checkpoints that are not due yet (a big state takes seconds to writ
 ``trainer.checkpoint_max_share``) it writes *row updates* (``trainer.row_updates``): the rows
 changed since its last write, for the publisher. They carry no offsets; a restart resumes from the
 last full checkpoint and replays what came after it, numbering its writes above the row updates
-it finds (and deletes).
+it finds.
 
 A nightly retrain running beside it hands over its result through a file (see
 :mod:`trainer.handoff`); the streaming trainer merges it between micro-batches. Interactions of
@@ -162,13 +162,14 @@ class StreamTrainer(Daemon):
             self.nightly_counted = [(int(a), int(b)) for a, b in ckpt.extra.get(NIGHTLY_COUNTED, [])]
             log.info("resumed from checkpoint seq %d (%d offsets)", ckpt.seq, len(ckpt.offsets))
         # Row updates after the full checkpoint are not a resume point (Kafka replays their events):
-        # continue numbering above them, so a publisher that saw them reads what follows as newer.
+        # number above them, so a publisher that saw them reads what follows as newer. They stay
+        # until the next full checkpoint deletes them (a second restart before it numbers above
+        # them again).
+        self.full_seq, self.full_dense_version = self.state.seq, self.state.dense_version  # the file on disk
         left = checkpoint.row_updates(self.state_dir)
-        if left:
-            self.state.seq = max(self.state.seq, left[-1][0])
-            checkpoint.prune_row_updates(self.state_dir)
-            log.info("dropped %d row updates after the checkpoint; numbering from seq %d", len(left), self.state.seq)
-        self.full_seq, self.full_dense_version = self.state.seq, self.state.dense_version
+        if left and left[-1][0] > self.state.seq:
+            self.state.seq = left[-1][0]
+            log.info("%d row updates after the checkpoint: numbering from seq %d", len(left), self.state.seq)
         self._merge_handoff()
         self.producer = make_producer(self.cfg.kafka)
         self.decoder = RecordDecoder(self.producer)
