@@ -117,3 +117,12 @@ def test_trainer_resumes_the_seeded_state(kafka_bootstrap: str, redis_url: str) 
     assert described["seeded_state"]["history_entries"] == n * system.cfg.model.history_len
     assert system.checkpoints and all(c.took_s >= 0 and c.next_s >= 1.0 for c in system.checkpoints)
     assert any(v.trainer_seq > 1 for v in system.publishes) and system.publishes[0].trainer_seq == 1
+
+
+def test_freshness_cli_has_the_option() -> None:
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    result = CliRunner().invoke(app, ["freshness", "--help"], terminal_width=200)
+    assert result.exit_code == 0 and "--state-users" in result.output
