@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from twotower.config import ModelConfig, TrainerConfig
+from twotower.events import CatalogItem
 
 UPDATED_SHARE = 0.01
 """Share of user rows changed since the previous checkpoint (the delta the publisher builds)."""
@@ -44,44 +45,38 @@ SHOWN_PER_REQUEST = 10
 RETRIEVED_PER_REQUEST = 30
 
 
-def build_state(users: int, items: int, seed: int = 0) -> Any:
-    """A trainer state of the given size (random rows, full histories, profiles, catalogue)."""
+def random_table(
+    ids: list[str], rng: np.random.Generator, mcfg: ModelConfig, tcfg: TrainerConfig, now_ms: int, seq: int
+) -> Any:
+    """An :class:`~trainer.id_table.IdTable` holding ``ids`` with random small rows, Adagrad
+    accumulators, counts, last-seen times within the day before ``now_ms`` and update sequence
+    numbers below ``seq``."""
     from trainer.id_table import IdTable
-    from trainer.state import CatalogColumns, HistoryColumns, ProfileColumns, RequestNegatives, TrainerState
-    from twotower.checkpoint import Catalog, Histories, Profiles, TableState
+    from twotower.checkpoint import TableState
 
-    mcfg, tcfg = ModelConfig(), TrainerConfig()
-    state = TrainerState(mcfg, tcfg)
-    rng = np.random.default_rng(seed)
-    now_ms = 1_700_000_000_000
-    user_ids = [f"u{i:07d}" for i in range(users)]
-    item_ids = [f"i{i:07d}" for i in range(items)]
-    seq = 100
-
-    def table(ids: list[str]) -> IdTable:
-        n = len(ids)
-        return IdTable.from_state(
-            TableState(
-                ids=ids,
-                emb=torch.from_numpy(rng.standard_normal((n, mcfg.id_dim), dtype=np.float32) * 0.01),
-                accum=torch.from_numpy(rng.random(n, dtype=np.float32)),
-                count=torch.from_numpy(rng.integers(1, 100, n)),
-                last_seen_ms=torch.from_numpy(now_ms - rng.integers(0, 86_400_000, n)),
-                updated_seq=torch.from_numpy(rng.integers(1, seq, n)),
-            ),
-            tcfg.admission_min_count,
-        )
-
-    state.users, state.items = table(user_ids), table(item_ids)
-    state.users.updated_seq[: max(1, int(users * UPDATED_SHARE))] = seq  # changed since seq - 1
-    state.seq = seq
-    for c in range(min(mcfg.n_categories, 50)):
-        state.category_index(f"cat{c}")
-    cats = rng.integers(1, len(state.categories) + 1, items)
-    content = rng.random((items, mcfg.content_dim), dtype=np.float32)
-    state.catalog = CatalogColumns.from_columns(
-        Catalog(item_ids, torch.from_numpy(cats), torch.from_numpy(content)), mcfg.content_dim
+    n = len(ids)
+    return IdTable.from_state(
+        TableState(
+            ids=ids,
+            emb=torch.from_numpy(rng.standard_normal((n, mcfg.id_dim), dtype=np.float32) * 0.01),
+            accum=torch.from_numpy(rng.random(n, dtype=np.float32)),
+            count=torch.from_numpy(rng.integers(1, 100, n)),
+            last_seen_ms=torch.from_numpy(now_ms - rng.integers(0, 86_400_000, n)),
+            updated_seq=torch.from_numpy(rng.integers(1, seq, n)),
+        ),
+        tcfg.admission_min_count,
     )
+
+
+def fill_user_side(state: Any, user_ids: list[str], item_ids: list[str], rng: np.random.Generator, now_ms: int) -> None:
+    """Give ``state`` a random profile and a full history (``model.history_len`` clicks on
+    ``item_ids``, within the 30 days before ``now_ms``, oldest first) for each of ``user_ids``,
+    replacing its profiles and histories."""
+    from trainer.state import HistoryColumns, ProfileColumns
+    from twotower.checkpoint import Histories, Profiles
+
+    mcfg = state.model_cfg
+    users, items = len(user_ids), len(item_ids)
     profiles = rng.random((users, mcfg.profile_dim), dtype=np.float32)
     state.profiles = ProfileColumns.from_columns(Profiles(user_ids, torch.from_numpy(profiles)), mcfg.profile_dim)
     length = mcfg.history_len
@@ -92,6 +87,32 @@ def build_state(users: int, items: int, seed: int = 0) -> Any:
         Histories(user_ids, offsets, item_ids, torch.from_numpy(clicked.ravel()), torch.from_numpy(times.ravel())),
         length,
     )
+
+
+def build_state(users: int, items: int, seed: int = 0) -> Any:
+    """A trainer state of the given size (random rows, full histories, profiles, catalogue)."""
+    from trainer.state import CatalogColumns, RequestNegatives, TrainerState
+    from twotower.checkpoint import Catalog
+
+    mcfg, tcfg = ModelConfig(), TrainerConfig()
+    state = TrainerState(mcfg, tcfg)
+    rng = np.random.default_rng(seed)
+    now_ms = 1_700_000_000_000
+    user_ids = [f"u{i:07d}" for i in range(users)]
+    item_ids = [f"i{i:07d}" for i in range(items)]
+    seq = 100
+    state.users = random_table(user_ids, rng, mcfg, tcfg, now_ms, seq)
+    state.items = random_table(item_ids, rng, mcfg, tcfg, now_ms, seq)
+    state.users.updated_seq[: max(1, int(users * UPDATED_SHARE))] = seq  # changed since seq - 1
+    state.seq = seq
+    for c in range(min(mcfg.n_categories, 50)):
+        state.category_index(f"cat{c}")
+    cats = rng.integers(1, len(state.categories) + 1, items)
+    content = rng.random((items, mcfg.content_dim), dtype=np.float32)
+    state.catalog = CatalogColumns.from_columns(
+        Catalog(item_ids, torch.from_numpy(cats), torch.from_numpy(content)), mcfg.content_dim
+    )
+    fill_user_side(state, user_ids, item_ids, rng, now_ms)
     state.requests = OrderedDict()
     for r in range(tcfg.hard_negative_requests):
         picked = rng.integers(0, items, SHOWN_PER_REQUEST + RETRIEVED_PER_REQUEST).tolist()
@@ -103,6 +124,42 @@ def build_state(users: int, items: int, seed: int = 0) -> Any:
             state.hard_total += 1
     state.event_time_ms = now_ms
     return state
+
+
+SEEDED_USER_PREFIX = "seeded"
+"""User ids of a :func:`seeded_checkpoint`: ``seeded0000000`` … (no bench user is called so)."""
+
+
+def seeded_user(i: int) -> str:
+    return f"{SEEDED_USER_PREFIX}{i:07d}"
+
+
+def seeded_checkpoint(
+    users: int, catalog: Sequence[CatalogItem], mcfg: ModelConfig, tcfg: TrainerConfig, seed: int = 0
+) -> Any:
+    """A checkpoint for a trainer to resume from, as if it had already learned ``users`` users.
+
+    The catalogue items get what the trainer gives them when their records arrive (a zero ID
+    row, category and content; categories indexed in catalogue order), the users what
+    :func:`build_state` gives its users (a random row, a profile and a full history of
+    ``model.history_len`` clicks over the catalogue's items, within the 30 days before now).
+    No Kafka offsets: the trainer reads every partition from the beginning. No hard-negative
+    memory (the live benchmarks' traffic records none either). Sequence number 1.
+    """
+    from trainer.state import TrainerState
+
+    state = TrainerState(mcfg, tcfg)
+    for item in catalog:
+        state.apply_catalog(item)
+    state.seq = state.next_seq
+    now_ms = int(time.time() * 1000)
+    if users:
+        rng = np.random.default_rng(seed)
+        user_ids = [seeded_user(i) for i in range(users)]
+        state.users = random_table(user_ids, rng, mcfg, tcfg, now_ms, state.seq + 1)
+        fill_user_side(state, user_ids, [item.item_id for item in catalog], rng, now_ms)
+    state.event_time_ms = now_ms
+    return state.to_checkpoint({})
 
 
 def _timed(fn: Callable[[], Any], profile: cProfile.Profile | None) -> tuple[float, Any]:

@@ -120,6 +120,13 @@ def freshness_command(
         20.0, "--background-rate", min=0, help="Events per second of other users meanwhile (0: a silent system)."
     ),
     timeout_s: float = typer.Option(30.0, "--timeout-s", min=1, help="Longest wait per probe and path."),
+    state_users: int = typer.Option(
+        0,
+        "--state-users",
+        min=0,
+        help="Start the trainer from a checkpoint already holding this many users (ID row, profile, "
+        "full history over the seeded catalogue): checkpoints of a deployment's size. 0: from scratch.",
+    ),
     settings: list[str] = typer.Option(
         [], "--set", help="section.field=value passed to every daemon (default settings otherwise)."
     ),
@@ -136,7 +143,12 @@ def freshness_command(
     from bench.common import SystemOptions, write_report
     from bench.freshness import run
 
-    opts = SystemOptions(catalog=catalog, background_rate=background_rate, env_overrides=_parse_sets(settings))
+    opts = SystemOptions(
+        catalog=catalog,
+        background_rate=background_rate,
+        env_overrides=_parse_sets(settings),
+        state_users=state_users,
+    )
     typer.echo(write_report(run(opts, clicks=clicks, timeout_s=timeout_s, keep_logs=logs), json_out))
 
 

@@ -17,6 +17,7 @@ import os
 import platform
 import queue
 import random
+import re
 import shutil
 import socket
 import tempfile
@@ -298,6 +299,68 @@ class SystemOptions:
     """Extra ``TWOTOWER_<SECTION>__<FIELD>`` settings for every daemon (none: default settings)."""
     seed: int = 0
     ready_timeout_s: float = 180.0
+    state_users: int = 0
+    """Users the trainer already knows when it starts (0: none, it starts from scratch): before
+    the daemons start, a checkpoint is written into its state dir holding this many users
+    (``seeded0000000`` …, nobody clicks as them) with an ID row, a profile and a full history
+    over the seeded catalogue, and the catalogue's items (see
+    :func:`bench.checkpoint.seeded_checkpoint`). The trainer resumes from it, so every
+    checkpoint it writes, and every version the publisher builds, is that much bigger."""
+
+
+@dataclass(frozen=True)
+class CheckpointLogLine:
+    """One checkpoint of the streaming trainer, as its log reports it (at DEBUG)."""
+
+    ts: float
+    """Unix time of the log line (the checkpoint's end, offsets committed)."""
+    seq: int
+    took_s: float
+    next_s: float
+    """Wait from this checkpoint's start to the next one's (stretched by ``checkpoint_max_share``)."""
+
+    @property
+    def started(self) -> float:
+        return self.ts - self.took_s
+
+
+@dataclass(frozen=True)
+class PublishLogLine:
+    """One version the publisher wrote, as its log reports it."""
+
+    ts: float
+    """Unix time of the log line (the version is in Redis)."""
+    version: int
+    kind: str
+    trainer_seq: int
+
+
+CHECKPOINT_MSG = re.compile(r"^checkpoint seq (\d+) in ([0-9.]+) s; next in ([0-9.]+) s$")
+
+
+class JsonLogTail:
+    """Reads a daemon's JSON-lines log incrementally (each call: the complete lines added since)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        out = []
+        for line in data[:end].splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    out.append(record)
+        return out
 
 
 class LiveSystem:
@@ -327,6 +390,17 @@ class LiveSystem:
         self.env = env
         self.cfg = load_config(env=env)
         self.redis_url = endpoints.redis_url
+        trainer_metrics, publisher_metrics = free_ports(2)
+        self.trainer_metrics_url = f"http://{HOST}:{trainer_metrics}/metrics"
+        self.publisher_metrics_url = f"http://{HOST}:{publisher_metrics}/metrics"
+        self.daemon_env: dict[str, dict[str, str]] = {
+            # the trainer logs each checkpoint's duration at DEBUG (its only DEBUG line)
+            "trainer": {
+                "TWOTOWER_OBSERVABILITY__METRICS_PORT": str(trainer_metrics),
+                "TWOTOWER_OBSERVABILITY__LOG_LEVEL": "DEBUG",
+            },
+            "publisher": {"TWOTOWER_OBSERVABILITY__METRICS_PORT": str(publisher_metrics)},
+        }
         self.daemons = [
             DaemonProcess("trainer", ["train", "stream"], workdir / "logs" / "trainer.log"),
             DaemonProcess("publisher", ["publish"], workdir / "logs" / "publisher.log"),
@@ -342,6 +416,13 @@ class LiveSystem:
         self._bg_stop = threading.Event()
         self._bg_thread: Any = None
         self.background_sent = 0
+        self.seeded_state: dict[str, Any] | None = None
+        self._trainer_log = JsonLogTail(workdir / "logs" / "trainer.log")
+        self._publisher_log = JsonLogTail(workdir / "logs" / "publisher.log")
+        self.checkpoints: list[CheckpointLogLine] = []
+        """Every checkpoint the trainer logged so far (oldest first; see :meth:`read_logs`)."""
+        self.publishes: list[PublishLogLine] = []
+        """Every version the publisher logged so far (oldest first)."""
 
     # --- events -------------------------------------------------------------------------
     def send(self, record: Record, wait: bool = True) -> None:
@@ -378,14 +459,19 @@ class LiveSystem:
     def start(self) -> None:
         ensure_topics(self.cfg.kafka)
         self.producer = make_producer(self.cfg.kafka, client_id="twotower-bench")
-        for daemon in self.daemons:
-            daemon.start(self.env)
         opts = self.opts
+        catalog = []
         for j in range(opts.catalog):
             item_id, category = f"it{j}", f"cat{j % opts.categories}"
             self.item_category[item_id] = category
             self.category_items.setdefault(category, []).append(item_id)
-            self.send(self.catalog_item(item_id, category), wait=False)
+            catalog.append(self.catalog_item(item_id, category))
+        if opts.state_users > 0:
+            self.seed_trainer_state(catalog)
+        for daemon in self.daemons:
+            daemon.start({**self.env, **self.daemon_env.get(daemon.name, {})})
+        for record in catalog:
+            self.send(record, wait=False)
         categories = sorted(self.category_items)
         for i in range(opts.users):
             user = f"user{i}"
@@ -409,6 +495,49 @@ class LiveSystem:
         if opts.background_rate > 0:
             self._bg_thread = threading.Thread(target=self._background, name="background", daemon=True)
             self._bg_thread.start()
+
+    def seed_trainer_state(self, catalog: Sequence[CatalogItem]) -> None:
+        """Write the checkpoint of ``opts.state_users`` users the trainer will resume from."""
+        from bench.checkpoint import seeded_checkpoint
+        from twotower import checkpoint
+
+        started = time.perf_counter()
+        ckpt = seeded_checkpoint(self.opts.state_users, catalog, self.cfg.model, self.cfg.trainer, self.opts.seed)
+        built = time.perf_counter()
+        path = checkpoint.save(self.cfg.trainer.state_dir, ckpt)
+        self.seeded_state = {
+            "users": len(ckpt.users.ids),
+            "items": len(ckpt.items.ids),
+            "history_entries": int(ckpt.histories.offsets[-1]),
+            "seq": ckpt.seq,
+            "file_mb": round(path.stat().st_size / 1e6, 1),
+            "build_s": round(built - started, 2),
+            "save_s": round(time.perf_counter() - built, 2),
+        }
+        log.info("seeded the trainer's state: %s", self.seeded_state)
+
+    def read_logs(self) -> None:
+        """Take the trainer's checkpoints and the publisher's versions logged since the last call."""
+        for record in self._trainer_log.read():
+            match = CHECKPOINT_MSG.match(str(record.get("msg", "")))
+            if match:
+                seq, took, wait = match.groups()
+                self.checkpoints.append(CheckpointLogLine(float(record["ts"]), int(seq), float(took), float(wait)))
+        for record in self._publisher_log.read():
+            if "version" in record and "trainer_seq" in record and "kind" in record:
+                self.publishes.append(
+                    PublishLogLine(
+                        float(record["ts"]), int(record["version"]), record["kind"], int(record["trainer_seq"])
+                    )
+                )
+
+    def checkpoint_cycle_s(self) -> float:
+        """The trainer's current wait between checkpoint starts (its last log line; the configured
+        interval before there is one)."""
+        self.read_logs()
+        if self.checkpoints:
+            return max(self.cfg.trainer.checkpoint_interval_s, self.checkpoints[-1].next_s)
+        return self.cfg.trainer.checkpoint_interval_s
 
     def _background(self) -> None:
         """Other users' traffic at ``background_rate`` events/s until stopped."""
@@ -458,6 +587,9 @@ class LiveSystem:
             "trainer_out_of_order_ms": self.cfg.trainer.out_of_order_ms,
             "publisher_poll_interval_s": self.cfg.publisher.poll_interval_s,
             "retriever_workers": self.cfg.retriever.workers,
+            "state_users": self.opts.state_users,
+            "seeded_state": self.seeded_state,
+            "trainer_log_level": "DEBUG (its checkpoint durations)",
             "logs": str(self.workdir / "logs"),
         }
 

@@ -19,8 +19,16 @@ One probe at a time, each by a different warm user (nobody else clicks as them):
    publisher wrote that version (its ``created_ms``).
 
 Before each probe the bench pauses for a random fraction of the trainer's checkpoint
-interval, so that clicks land at random phases of the checkpoint cycle (back-to-back probes
-would all start just after a checkpoint and always wait the whole interval).
+cycle, so that clicks land at random phases of it (back-to-back probes would all start just
+after a checkpoint and always wait the whole interval). The cycle is the trainer's actual
+wait between checkpoint starts, from its log: ``trainer.checkpoint_interval_s``, or longer
+when ``trainer.checkpoint_max_share`` stretches it for a big state.
+
+With ``state_users`` (:class:`~bench.common.SystemOptions`) the trainer starts from a
+checkpoint that already holds that many users, so that its checkpoints, the publisher's
+reads and the full versions have the size of a real deployment's. The report then also
+splits each probe's parameter path at the trainer's checkpoint that carried the click (its
+start and end, from the trainer's log) and gives the checkpoint durations of the run.
 
 Each path has ``timeout_s``; a probe that times out counts as infinitely slow (so a p95 that
 reaches a timeout is reported as ``null``, never as a flattering number).
@@ -34,13 +42,23 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
 
-from bench.common import LiveSystem, SystemOptions, http_json, run_on_live_system, scrape, summarize_s
+from bench.common import (
+    LiveSystem,
+    Sample,
+    SystemOptions,
+    http_json,
+    metric_sum,
+    run_on_live_system,
+    scrape,
+    summarize_s,
+)
 from publisher.serving_state import decode_history_entry
 from twotower.blobs import unpack_rows, unpack_strings
 from twotower.snapshot_parts import ITEMS, REMOVED_ITEMS, USERS
@@ -69,10 +87,13 @@ class VersionTracker:
     """Replays, in order, every version the publisher writes; knows each user row and item vector.
 
     It starts from the current version's chain and then reads each newer version once.
+    With ``watch_users``, only those users' rows are kept and compared (a full version of a
+    big state holds a million rows nobody probes).
     """
 
-    def __init__(self, store: SnapshotStore) -> None:
+    def __init__(self, store: SnapshotStore, watch_users: Iterable[str] | None = None) -> None:
         self.store = store
+        self.watch = None if watch_users is None else frozenset(watch_users)
         self.users: dict[str, bytes] = {}
         self.items: dict[str, bytes] = {}
         self.last = 0
@@ -97,7 +118,7 @@ class VersionTracker:
         users = unpack_rows(self.store.read_part(meta, USERS))
         items = unpack_rows(self.store.read_part(meta, ITEMS))
         if meta.kind == FULL:
-            new_users = _row_bytes(users.ids, users.matrix)
+            new_users = _row_bytes(users.ids, users.matrix, self.watch)
             new_items = _row_bytes(items.ids, items.matrix)
             change.users = {u for u, row in new_users.items() if self.users.get(u) != row}
             change.items = {i for i, row in new_items.items() if self.items.get(i) != row}
@@ -105,7 +126,7 @@ class VersionTracker:
         else:
             for item_id in unpack_strings(self.store.read_part(meta, REMOVED_ITEMS)):
                 self.items.pop(item_id, None)
-            for user, row in _row_bytes(users.ids, users.matrix).items():
+            for user, row in _row_bytes(users.ids, users.matrix, self.watch).items():
                 if self.users.get(user) != row:
                     change.users.add(user)
                 self.users[user] = row
@@ -117,8 +138,10 @@ class VersionTracker:
         return change
 
 
-def _row_bytes(ids: Iterable[str], matrix: Any) -> dict[str, bytes]:
-    return {row_id: matrix[i].tobytes() for i, row_id in enumerate(ids)}
+def _row_bytes(ids: Iterable[str], matrix: Any, only: frozenset[str] | None = None) -> dict[str, bytes]:
+    if only is None:
+        return {row_id: matrix[i].tobytes() for i, row_id in enumerate(ids)}
+    return {row_id: matrix[i].tobytes() for i, row_id in enumerate(ids) if row_id in only}
 
 
 @dataclass
@@ -138,6 +161,14 @@ class Probe:
     """Until every retriever worker served that version (or a later one)."""
     params_version: int | None = None
     item_row_in_same_version: bool | None = None
+    trainer_seq: int | None = None
+    """The trainer checkpoint that version was built from."""
+    checkpoint_started_s: float = math.inf
+    """Until that checkpoint started (from the trainer's log: its end minus its duration)."""
+    checkpoint_written_s: float = math.inf
+    """Until that checkpoint was on disk and its offsets committed (the trainer's log line)."""
+    click_wall_s: float = math.nan
+    """Unix time of the click (the clock's start)."""
 
 
 def _served_versions(base_url: str) -> list[int]:
@@ -158,13 +189,14 @@ def wait_for_warm_rows(system: LiveSystem, tracker: VersionTracker, timeout_s: f
     probe would take a late warm-up update for its own.
     """
     cfg = system.cfg.trainer
-    quiet_s = 2 * cfg.checkpoint_interval_s + cfg.out_of_order_ms / 1000 + 1.0
     users = {f"user{i}" for i in range(system.opts.users)}
     deadline = time.monotonic() + timeout_s
     last_change = time.monotonic()
     missing = users
     while time.monotonic() < deadline:
         system.check_alive()
+        # two of the trainer's actual checkpoint cycles (stretched for a big state) in quiet
+        quiet_s = 2 * system.checkpoint_cycle_s() + cfg.out_of_order_ms / 1000 + 1.0
         for change in tracker.poll():
             if change.users & users:
                 last_change = time.monotonic()
@@ -197,6 +229,7 @@ def probe_once(
     system.send(system.click(user, probe.item))
     probe.acked_s = time.perf_counter() - t0
     wall0_ms = time.time() * 1000 - probe.acked_s * 1000
+    probe.click_wall_s = wall0_ms / 1000
     deadline = t0 + timeout_s
     while time.perf_counter() < deadline:
         if math.isinf(probe.history_written_s):
@@ -209,6 +242,7 @@ def probe_once(
             for change in tracker.poll():
                 if user in change.users:
                     probe.params_version = change.version
+                    probe.trainer_seq = change.trainer_seq
                     probe.item_row_in_same_version = probe.item in change.items
                     probe.rows_published_s = max(0.0, (change.created_ms - wall0_ms) / 1000)
                     break
@@ -227,18 +261,20 @@ def measure(system: LiveSystem, clicks: int, timeout_s: float) -> dict[str, Any]
     client = redis.Redis.from_url(system.redis_url)
     store = SnapshotStore(client, SnapshotLayout(system.cfg.redis.key_prefix))
     try:
-        tracker = VersionTracker(store)
+        tracker = VersionTracker(store, watch_users=system.user_homes)
         wait_for_warm_rows(system, tracker, system.opts.ready_timeout_s)
         probes: list[Probe] = []
         users = sorted(system.user_homes, key=lambda u: int(u[4:]))
         categories = sorted(system.category_items)
         phase = random.Random(system.opts.seed + 2)
+        metrics_before = _daemon_metrics(system)
+        probes_started = time.time()
         with httpx.Client(timeout=5.0) as http:
             for n in range(clicks):
                 # A probe starts right after the previous one was served, i.e. just after a
                 # checkpoint: a random pause puts each click at a random phase of the
                 # trainer's checkpoint cycle, as real clicks are.
-                time.sleep(phase.uniform(0.0, system.cfg.trainer.checkpoint_interval_s))
+                time.sleep(phase.uniform(0.0, system.checkpoint_cycle_s()))
                 system.check_alive()
                 user = users[n % len(users)]
                 fresh = [c for c in categories if c not in system.user_homes[user]]
@@ -253,8 +289,12 @@ def measure(system: LiveSystem, clicks: int, timeout_s: float) -> dict[str, Any]
                     probe.params_s,
                     probe.params_version,
                 )
+        probes_ended = time.time()
+        metrics_after = _daemon_metrics(system)
     finally:
         client.close()
+    system.read_logs()
+    _attribute_checkpoints(system, probes)
     history = summarize_s([p.history_s for p in probes])
     params = summarize_s([p.params_s for p in probes])
     same = [p.item_row_in_same_version for p in probes if p.item_row_in_same_version is not None]
@@ -272,9 +312,80 @@ def measure(system: LiveSystem, clicks: int, timeout_s: float) -> dict[str, Any]
             "meets_target": params["p95_s"] is not None and params["p95_s"] <= TARGET_PARAMS_P95_S,
             "version_published": summarize_s([p.rows_published_s for p in probes]),
             "item_row_in_same_version": f"{sum(same)}/{len(same)}",
+            "checkpoint_started": summarize_s([p.checkpoint_started_s for p in probes]),
+            "checkpoint_written": summarize_s([p.checkpoint_written_s for p in probes]),
         },
+        "trainer_checkpoints": _checkpoint_figures(system, probes_started, probes_ended),
+        "daemon_metrics_during_probes": _metrics_delta(metrics_before, metrics_after),
         "kafka_ack": summarize_s([p.acked_s for p in probes]),
         "probes": [_probe_json(p) for p in probes],
+    }
+
+
+def _attribute_checkpoints(system: LiveSystem, probes: list[Probe]) -> None:
+    """Each probe's trainer checkpoint (the one its version was built from), from the trainer's log."""
+    by_seq = {c.seq: c for c in system.checkpoints}
+    for probe in probes:
+        ckpt = by_seq.get(probe.trainer_seq) if probe.trainer_seq is not None else None
+        if ckpt is not None:
+            probe.checkpoint_started_s = max(0.0, ckpt.started - probe.click_wall_s)
+            probe.checkpoint_written_s = max(0.0, ckpt.ts - probe.click_wall_s)
+
+
+def _checkpoint_figures(system: LiveSystem, since: float, until: float) -> dict[str, Any]:
+    """The trainer's checkpoints (its log) while the probes ran, and over the whole run so far."""
+    during = [c for c in system.checkpoints if since <= c.ts <= until]
+    cycles = [b.started - a.started for a, b in pairwise(during)]
+    return {
+        "source": "trainer log (DEBUG line per checkpoint: state copy, write, fsync, rename, offset commit)",
+        "during_probes": {
+            **summarize_s([c.took_s for c in during]),
+            "wait_to_next_start": summarize_s([c.next_s for c in during]),
+            "observed_cycle": summarize_s(cycles),
+        },
+        "whole_run": summarize_s([c.took_s for c in system.checkpoints]),
+        "versions_published_during_probes": {
+            kind: sum(1 for v in system.publishes if v.kind == kind and since <= v.ts <= until)
+            for kind in sorted({v.kind for v in system.publishes})
+        },
+    }
+
+
+def _daemon_metrics(system: LiveSystem) -> dict[str, float]:
+    """Counters of the trainer's checkpoints, the publisher's versions and the retriever's swaps."""
+    out: dict[str, float] = {}
+    trainer = scrape(system.trainer_metrics_url)
+    out["trainer_checkpoints"] = metric_sum(trainer, "twotower_trainer_checkpoint_seconds_count")
+    out["trainer_checkpoint_s"] = metric_sum(trainer, "twotower_trainer_checkpoint_seconds_sum")
+    publisher = scrape(system.publisher_metrics_url)
+    retriever: list[Sample] = scrape(f"{system.base_url}/metrics")
+    for kind in ("full", "delta"):
+        out[f"publisher_{kind}_versions"] = metric_sum(publisher, "twotower_publisher_publish_seconds_count", kind=kind)
+        out[f"publisher_{kind}_s"] = metric_sum(publisher, "twotower_publisher_publish_seconds_sum", kind=kind)
+        out[f"retriever_{kind}_swaps"] = metric_sum(retriever, "twotower_retriever_swaps_total", kind=kind)
+    out["retriever_swaps"] = metric_sum(retriever, "twotower_retriever_swap_seconds_count")
+    out["retriever_swap_s"] = metric_sum(retriever, "twotower_retriever_swap_seconds_sum")
+    return out
+
+
+def _metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Counts and mean durations between two :func:`_daemon_metrics` scrapes."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+
+    def mean(total: str, count: str) -> float | None:
+        return round(d[total] / d[count], 3) if d[count] > 0 else None
+
+    return {
+        "source": "the daemons' Prometheus metrics, scraped before and after the probes",
+        "trainer_checkpoints": int(d["trainer_checkpoints"]),
+        "trainer_checkpoint_mean_s": mean("trainer_checkpoint_s", "trainer_checkpoints"),
+        "publisher_full_versions": int(d["publisher_full_versions"]),
+        "publisher_full_mean_s": mean("publisher_full_s", "publisher_full_versions"),
+        "publisher_delta_versions": int(d["publisher_delta_versions"]),
+        "publisher_delta_mean_s": mean("publisher_delta_s", "publisher_delta_versions"),
+        "retriever_full_swaps": int(d["retriever_full_swaps"]),
+        "retriever_delta_swaps": int(d["retriever_delta_swaps"]),
+        "retriever_swap_mean_s": mean("retriever_swap_s", "retriever_swaps"),
     }
 
 
