@@ -310,14 +310,17 @@ class SystemOptions:
 
 @dataclass(frozen=True)
 class CheckpointLogLine:
-    """One checkpoint of the streaming trainer, as its log reports it (at DEBUG)."""
+    """One write of the streaming trainer, a full checkpoint or a row update, as its log reports
+    it (at DEBUG)."""
 
     ts: float
-    """Unix time of the log line (the checkpoint's end, offsets committed)."""
+    """Unix time of the log line (the write's end; a full checkpoint's offsets committed)."""
     seq: int
     took_s: float
     next_s: float
-    """Wait from this checkpoint's start to the next one's (stretched by ``checkpoint_max_share``)."""
+    """Wait from this write's start to the next one's (stretched by ``checkpoint_max_share``)."""
+    kind: str = "checkpoint"
+    """``checkpoint`` (full) or ``row update``."""
 
     @property
     def started(self) -> float:
@@ -335,7 +338,7 @@ class PublishLogLine:
     trainer_seq: int
 
 
-CHECKPOINT_MSG = re.compile(r"^checkpoint seq (\d+) in ([0-9.]+) s; next in ([0-9.]+) s$")
+CHECKPOINT_MSG = re.compile(r"^(checkpoint|row update) seq (\d+) in ([0-9.]+) s; next in ([0-9.]+) s$")
 
 
 class JsonLogTail:
@@ -521,8 +524,10 @@ class LiveSystem:
         for record in self._trainer_log.read():
             match = CHECKPOINT_MSG.match(str(record.get("msg", "")))
             if match:
-                seq, took, wait = match.groups()
-                self.checkpoints.append(CheckpointLogLine(float(record["ts"]), int(seq), float(took), float(wait)))
+                kind, seq, took, wait = match.groups()
+                self.checkpoints.append(
+                    CheckpointLogLine(float(record["ts"]), int(seq), float(took), float(wait), kind)
+                )
         for record in self._publisher_log.read():
             if "version" in record and "trainer_seq" in record and "kind" in record:
                 self.publishes.append(

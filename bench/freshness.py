@@ -336,12 +336,16 @@ def _checkpoint_figures(system: LiveSystem, since: float, until: float) -> dict[
     """The trainer's checkpoints (its log) while the probes ran, and over the whole run so far."""
     during = [c for c in system.checkpoints if since <= c.ts <= until]
     cycles = [b.started - a.started for a, b in pairwise(during)]
+    full = [c for c in during if c.kind == "checkpoint"]
     return {
-        "source": "trainer log (DEBUG line per checkpoint: state copy, write, fsync, rename, offset commit)",
+        "source": "trainer log (DEBUG line per write: a full checkpoint or a row update)",
         "during_probes": {
             **summarize_s([c.took_s for c in during]),
             "wait_to_next_start": summarize_s([c.next_s for c in during]),
             "observed_cycle": summarize_s(cycles),
+            "full_checkpoints": summarize_s([c.took_s for c in full]),
+            "full_cycle": summarize_s([b.started - a.started for a, b in pairwise(full)]),
+            "row_updates": summarize_s([c.took_s for c in during if c.kind == "row update"]),
         },
         "whole_run": summarize_s([c.took_s for c in system.checkpoints]),
         "versions_published_during_probes": {

@@ -6,7 +6,7 @@ start the trainer seeks to the checkpoint's offsets (not Kafka's committed ones,
 lag a crash), and skips the records it had already applied above them.
 
 Between full checkpoints that are not due yet (a big state takes seconds to write, see
-``trainer.checkpoint_max_share``) it writes *row updates* (``trainer.row_updates``): the rows
+``trainer.full_checkpoint_max_share``) it writes *row updates* (``trainer.row_updates``): the rows
 changed since its last write, for the publisher. They carry no offsets; a restart resumes from the
 last full checkpoint and replays what came after it, numbering its writes above the row updates
 it finds.
@@ -318,12 +318,16 @@ class StreamTrainer(Daemon):
         if full:
             CHECKPOINT_SECONDS.observe(took_s)
             self.last_full, self.full_seq, self.full_dense_version = started, state.seq, state.dense_version
-            self.full_wait_s = max(
-                tcfg.full_checkpoint_interval_s,
-                checkpoint_wait_s(took_s, tcfg.checkpoint_interval_s, tcfg.checkpoint_max_share),
-            )
-            # with row updates the next write is one of them, due after the usual interval
-            self.checkpoint_wait_s = tcfg.checkpoint_interval_s if tcfg.row_updates else self.full_wait_s
+            if tcfg.row_updates:  # the next write is a row update, due after the usual interval
+                self.full_wait_s = max(
+                    tcfg.full_checkpoint_interval_s,
+                    checkpoint_wait_s(took_s, tcfg.checkpoint_interval_s, tcfg.full_checkpoint_max_share),
+                )
+                self.checkpoint_wait_s = tcfg.checkpoint_interval_s
+            else:
+                self.full_wait_s = self.checkpoint_wait_s = checkpoint_wait_s(
+                    took_s, tcfg.checkpoint_interval_s, tcfg.checkpoint_max_share
+                )
         else:
             ROW_UPDATE_SECONDS.observe(took_s)
             self.checkpoint_wait_s = checkpoint_wait_s(took_s, tcfg.checkpoint_interval_s, tcfg.checkpoint_max_share)
