@@ -23,6 +23,7 @@ import redis
 import redis.asyncio
 import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from retriever.app import NO_SNAPSHOT, RecommendFrontDoor, create_app
 from retriever.resp import RespClient
@@ -478,10 +479,28 @@ def test_serve_command_with_two_workers(cfg: Config, store: SnapshotStore) -> No
                     return False
                 return response.status_code == 200 and response.json()["version"] == version
 
+            def served_by_pid() -> dict[str, float]:
+                text = client.get("/metrics").text
+                return {
+                    sample.labels["pid"]: sample.value
+                    for family in text_string_to_metric_families(text)
+                    for sample in family.samples
+                    if sample.name == "twotower_retriever_snapshot_version"
+                }
+
+            def both_workers_ready() -> bool:
+                served = served_by_pid()
+                return len(served) == 2 and all(v == version for v in served.values())
+
             wait_for(ready, "the served retriever to be ready", deadline_s=90.0)
+            # /ready is answered by whichever worker takes the connection: each worker loads the
+            # snapshot on its own, so wait until both serve it (their per-pid gauges) before
+            # asking fresh connections, which may land on either
+            wait_for(both_workers_ready, "both workers to serve the version", deadline_s=90.0)
             for _ in range(10):  # several connections: both workers answer
                 with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as fresh:
-                    assert fresh.get("/recommend", params={"user_id": "u0"}).status_code == 200
+                    response = fresh.get("/recommend", params={"user_id": "u0"})
+                    assert response.status_code == 200, response.text
             wait_for(lambda: "twotower_retriever_requests_total" in client.get("/metrics").text, "metrics")
             text = client.get("/metrics").text
             assert 'twotower_retriever_requests_total{status="200"}' in text
