@@ -6,7 +6,9 @@ Endpoints:
   ``POST /recommend`` (JSON: ``user_id``, ``k``, ``history``, ``profile``, ``exclude``,
   ``category``, ``diversity``, ``context``) → ``{"user_id", "version", "items": [{"item_id", "score",
   "category", "title"}], "took_ms"}``. ``score`` is the cosine of the user and item vectors.
-* ``GET /health``: the process is alive (200 even before the first snapshot).
+* ``GET /health``: the process is alive (200 even before the first snapshot; a worker starting
+  while a version is published accepts connections only once it has loaded it, see
+  ``retriever.startup_wait_s``).
 * ``GET /ready``: 200 once a snapshot is loaded, else 503.
 * ``GET /metrics``: Prometheus (multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set).
 
@@ -313,6 +315,24 @@ class RetrieverService:
     def start(self) -> None:
         self.watcher.start()
 
+    async def first_load(self, timeout_s: float) -> None:
+        """Wait until the watcher has loaded its first version, if one is published (at most
+        ``timeout_s``; see ``retriever.startup_wait_s``)."""
+        if timeout_s <= 0:
+            return
+        try:
+            published = await asyncio.to_thread(self.watcher.store.current_version)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("cannot read the current snapshot pointer at start (%s): accepting requests", exc)
+            return
+        if published is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while self.watcher.state is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.watcher.state is None:
+            log.warning("no snapshot loaded within %.0f s of start: accepting requests (503 until one is)", timeout_s)
+
     async def stop(self) -> None:
         self.watcher.stop()
         self.parts.keep_only([])
@@ -594,7 +614,10 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> RecommendFr
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         service.start()
-        log.info("retriever worker %d started; waiting for snapshots on %s", os.getpid(), service.layout.channel)
+        # accept connections only once the published version is loaded (the shared socket's
+        # other workers take them meanwhile)
+        await service.first_load(cfg.retriever.startup_wait_s)
+        log.info("retriever worker %d started; following snapshots on %s", os.getpid(), service.layout.channel)
         try:
             yield
         finally:

@@ -179,6 +179,23 @@ def test_503_before_a_snapshot_then_recommendations(cfg: Config, store: Snapshot
         assert len(ids(client.post("/recommend", json={"user_id": "nobody-yet", "k": 3}))) == 3
 
 
+def test_a_worker_starting_while_a_version_is_published_accepts_requests_once_it_is_loaded(
+    cfg: Config, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = publish_full(store, full_snapshot())
+    build = SnapshotWatcher._build
+
+    def slow_build(self: SnapshotWatcher, *args: Any) -> Any:  # a load that takes a while, as at 1M items
+        time.sleep(1.0)
+        return build(self, *args)
+
+    monkeypatch.setattr(SnapshotWatcher, "_build", slow_build)
+    with serve(cfg) as (client, _app):  # the first request right after the server started
+        response = client.get("/recommend", params={"user_id": "u0", "k": 3})
+        assert response.status_code == 200, response.text
+        assert response.json()["version"] == version
+
+
 def test_history_and_profile_in_redis_shape_the_result(cfg: Config, store: SnapshotStore) -> None:
     version = publish_full(store, full_snapshot())
     local = ServingState.load(store, version)

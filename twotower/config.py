@@ -305,6 +305,13 @@ class RetrieverConfig(_Section):
     request thread for the GIL, and a request waits up to this long at each of its hand-overs;
     Python's default is 5 ms. Measured while reloading a 1M-item snapshot: 190 → 50 waits of the
     request thread longer than 5 ms. Costs nothing while the watcher is idle."""
+    startup_wait_s: float = Field(default=60.0, ge=0)
+    """How long a starting worker waits for its first snapshot load before it accepts connections,
+    when a version is published already. The workers of ``serve --workers N`` take connections from
+    one shared socket, each only once it accepts: a client then never meets a worker still loading
+    (503) beside one that is ready (``/ready`` of one worker says nothing of the others). After this
+    long the worker accepts anyway and answers 503 until a load succeeds; with no version
+    published yet it accepts at once. 0: never wait."""
     parts_dir: str | None = None
     """Host-local directory where the worker processes of a host share the big parts of a full
     version (item vectors, Faiss index; :mod:`retriever.parts`): the first worker to load a version
