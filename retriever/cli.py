@@ -10,6 +10,7 @@ import tempfile
 import typer
 import uvicorn
 
+from retriever.workers import reuse_port_available, run_workers
 from twotower.config import load_config
 from twotower.daemon import setup_logging
 
@@ -41,22 +42,24 @@ def serve_command(
         own_dir = tempfile.mkdtemp(prefix="twotower-retriever-metrics-")
         os.environ[MULTIPROC_ENV] = own_dir
     log.info("retriever serving on http://%s:%d with %d worker(s)", host, port, workers)
+    options = {
+        "app": "retriever.app:app_from_env",
+        "factory": True,
+        "log_level": "warning",
+        "log_config": None,  # keep the JSON logging set up above (and in each worker)
+        "access_log": False,
+        # no per-response Date/Server headers, no X-Forwarded-* rewriting: the retriever sits
+        # behind nothing that needs them, and each costs every request some CPU
+        "server_header": False,
+        "date_header": False,
+        "proxy_headers": False,
+    }
     try:
-        uvicorn.run(
-            "retriever.app:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level="warning",
-            log_config=None,  # keep the JSON logging set up above (and in each worker)
-            access_log=False,
-            # no per-response Date/Server headers, no X-Forwarded-* rewriting: the retriever
-            # sits behind nothing that needs them, and each costs every request some CPU
-            server_header=False,
-            date_header=False,
-            proxy_headers=False,
-        )
+        if workers > 1 and port != 0 and reuse_port_available():
+            # a socket per worker: connections spread over the workers (retriever.workers)
+            run_workers(host, port, workers, options)
+        else:
+            uvicorn.run(host=host, port=port, workers=workers, **options)
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)

@@ -29,6 +29,7 @@ from retriever.app import NO_SNAPSHOT, RecommendFrontDoor, create_app
 from retriever.resp import RespClient
 from retriever.state import ServingState
 from retriever.watcher import SnapshotWatcher
+from retriever.workers import listening_socket, reuse_port_available
 from twotower.blobs import Rows
 from twotower.config import Config, ModelConfig
 from twotower.model import TwoTower, dense_arrays
@@ -522,6 +523,29 @@ def test_serve_command_with_two_workers(cfg: Config, store: SnapshotStore) -> No
             text = client.get("/metrics").text
             assert 'twotower_retriever_requests_total{status="200"}' in text
             assert "twotower_retriever_snapshot_version{pid=" in text  # multiprocess mode
+
+            # a worker that dies is replaced (connections it held are lost with it)
+            os.kill(int(next(iter(served_by_pid()))), signal.SIGKILL)
+
+            def replaced() -> bool:
+                try:
+                    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as fresh:
+                        text = fresh.get("/metrics").text
+                except httpx.TransportError:
+                    return False
+                served = [
+                    sample.value
+                    for family in text_string_to_metric_families(text)
+                    for sample in family.samples
+                    if sample.name == "twotower_retriever_snapshot_version"
+                ]  # the killed worker's gauge file stays: three pids once the new one serves
+                return len(served) == 3 and all(v == version for v in served)
+
+            wait_for(replaced, "a replacement worker serving the version", deadline_s=90.0)
+            for _ in range(10):
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as fresh:
+                    response = fresh.get("/recommend", params={"user_id": "u0"})
+                    assert response.status_code == 200, response.text
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=30)[0].decode()
         assert proc.returncode == 0, output
@@ -546,3 +570,17 @@ def test_redis_failure_on_the_request_path_is_a_503(cfg: Config, store: Snapshot
         finally:
             service.redis = working
         assert client.get("/recommend", params={"user_id": "u0"}).status_code == 200
+
+
+def test_worker_sockets_share_a_port_only_with_reuse_port() -> None:
+    if not reuse_port_available():
+        pytest.skip("SO_REUSEPORT balancing is Linux-only")
+    port = _free_port()
+    first, second = listening_socket("127.0.0.1", port), listening_socket("127.0.0.1", port)
+    try:
+        assert first.getsockname()[1] == second.getsockname()[1] == port
+        with socket.socket() as plain, pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))  # a socket without SO_REUSEPORT cannot join them
+    finally:
+        first.close()
+        second.close()

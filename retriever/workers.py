@@ -1,0 +1,108 @@
+"""Several retriever worker processes on one port, each with a listening socket of its own.
+
+uvicorn's ``--workers`` gives every worker the same listening socket, and the worker that wakes
+first accepts every pending connection: a client's few keep-alive connections can all land on
+one worker and leave the other cores idle. Measured at 1M items (5 s wrk runs, 8 fresh
+connections each): in 2 runs of 8 one worker did nothing, 504 to 544 QPS against 1,028 to 1,338 in the
+others. Here each worker binds its own socket with ``SO_REUSEPORT``, and the kernel spreads new
+connections over the sockets by a hash of each connection.
+
+The parent only supervises: it passes SIGTERM or SIGINT on (each worker finishes its in-flight
+requests, as a single uvicorn server does) and starts a worker again when one dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 2048
+STOP_TIMEOUT_S = 30.0
+"""How long a worker may take to finish its requests after SIGTERM before it is killed."""
+RESTART_DELAY_S = 1.0
+"""Least time between two starts of the same worker slot (a worker that cannot start is not
+restarted in a tight loop)."""
+
+
+def reuse_port_available() -> bool:
+    """Whether ``SO_REUSEPORT`` balances connections here (Linux; other systems lack it or only
+    let the last socket bound receive them)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)`` with ``SO_REUSEPORT``, listening.
+
+    Raises:
+        OSError: the address cannot be bound (in use by a socket without ``SO_REUSEPORT``).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _worker(host: str, port: int, options: dict[str, Any]) -> None:
+    """A worker process: its own socket, one uvicorn server (which handles SIGTERM gracefully)."""
+    sock = listening_socket(host, port)
+    uvicorn.Server(uvicorn.Config(host=host, port=port, **options)).run(sockets=[sock])
+
+
+def run_workers(host: str, port: int, workers: int, options: dict[str, Any]) -> None:
+    """Run ``workers`` processes serving ``options`` (``uvicorn.Config`` keyword arguments, the
+    app given as an import string) on ``(host, port)`` until SIGTERM or SIGINT.
+
+    Raises:
+        OSError: the address cannot be bound with ``SO_REUSEPORT`` (checked before any worker
+            starts).
+    """
+    listening_socket(host, port).close()  # a clear error here rather than workers dying in a loop
+    context = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+
+    def start() -> tuple[multiprocessing.process.BaseProcess, float]:
+        process = context.Process(target=_worker, args=(host, port, options), name="retriever-worker")
+        process.start()
+        return process, time.monotonic()
+
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    slots = [start() for _ in range(workers)]
+    log.info("retriever workers %s, one SO_REUSEPORT socket each", [p.pid for p, _ in slots])
+    try:
+        while not stopping.is_set():
+            for i, (process, started) in enumerate(slots):
+                if not process.is_alive() and time.monotonic() - started >= RESTART_DELAY_S:
+                    log.warning("retriever worker %d exited (code %s): starting another", process.pid, process.exitcode)
+                    slots[i] = start()
+            stopping.wait(0.2)
+    finally:
+        for process, _ in slots:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for process, _ in slots:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("retriever worker %d did not stop within %.0f s: killing it", process.pid, STOP_TIMEOUT_S)
+                process.kill()
+                process.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
