@@ -8,7 +8,8 @@ others. Here each worker binds its own socket with ``SO_REUSEPORT``, and the ker
 connections over the sockets by a hash of each connection.
 
 The parent only supervises: it passes SIGTERM or SIGINT on (each worker finishes its in-flight
-requests, as a single uvicorn server does) and starts a worker again when one dies.
+requests, as a single uvicorn server does) and starts a worker again when one dies. A worker
+whose supervisor is gone (even killed with SIGKILL) stops by itself within a second.
 """
 
 from __future__ import annotations
@@ -60,8 +61,16 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _exit_with(parent: int) -> None:
+    """Stop this worker (gracefully) once its supervisor is gone, even if it was killed."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker(host: str, port: int, options: dict[str, Any]) -> None:
     """A worker process: its own socket, one uvicorn server (which handles SIGTERM gracefully)."""
+    threading.Thread(target=_exit_with, args=(os.getppid(),), name="supervisor-watch", daemon=True).start()
     sock = listening_socket(host, port)
     uvicorn.Server(uvicorn.Config(host=host, port=port, **options)).run(sockets=[sock])
 

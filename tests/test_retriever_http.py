@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -584,3 +585,34 @@ def test_worker_sockets_share_a_port_only_with_reuse_port() -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(cfg: Config) -> None:
+    if not reuse_port_available():
+        pytest.skip("the per-worker sockets are Linux-only")
+    port = _free_port()
+    env = {**os.environ, "REDIS_URL": cfg.redis.url, "TWOTOWER_REDIS__KEY_PREFIX": cfg.redis.key_prefix}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop("TWOTOWER_CONFIG", None)
+    code = f"from retriever.cli import serve_command; serve_command(host='127.0.0.1', port={port}, workers=2)"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def workers() -> list[int]:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        found = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        return [pid for pid in found if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+
+    try:
+        pids = wait_for(lambda: len(w := workers()) == 2 and w, "two worker processes", deadline_s=60.0)
+        wait_for(lambda: _answers(port), "the workers to answer", deadline_s=60.0)
+    finally:
+        proc.kill()  # no chance to stop them
+        proc.wait()
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), "the orphaned workers to stop", 30.0)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0).status_code == 200
+    except httpx.TransportError:
+        return False
