@@ -614,8 +614,8 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> RecommendFr
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         service.start()
-        # accept connections only once the published version is loaded (the shared socket's
-        # other workers take them meanwhile)
+        # accept connections only once the published version is loaded (uvicorn listens after
+        # this returns; the other workers take the connections meanwhile)
         await service.first_load(cfg.retriever.startup_wait_s)
         log.info("retriever worker %d started; following snapshots on %s", os.getpid(), service.layout.channel)
         try:

@@ -42,8 +42,10 @@ def reuse_port_available() -> bool:
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``(host, port)`` with ``SO_REUSEPORT``, listening.
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)`` with ``SO_REUSEPORT``, not listening yet: uvicorn
+    listens on it once the app has started (so the kernel sends no connection to a worker still
+    loading its first snapshot, ``retriever.startup_wait_s``).
 
     Raises:
         OSError: the address cannot be bound (in use by a socket without ``SO_REUSEPORT``).
@@ -54,7 +56,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(BACKLOG)
     except OSError:
         sock.close()
         raise
@@ -71,8 +72,8 @@ def _exit_with(parent: int) -> None:
 def _worker(host: str, port: int, options: dict[str, Any]) -> None:
     """A worker process: its own socket, one uvicorn server (which handles SIGTERM gracefully)."""
     threading.Thread(target=_exit_with, args=(os.getppid(),), name="supervisor-watch", daemon=True).start()
-    sock = listening_socket(host, port)
-    uvicorn.Server(uvicorn.Config(host=host, port=port, **options)).run(sockets=[sock])
+    sock = bound_socket(host, port)
+    uvicorn.Server(uvicorn.Config(host=host, port=port, backlog=BACKLOG, **options)).run(sockets=[sock])
 
 
 def run_workers(host: str, port: int, workers: int, options: dict[str, Any]) -> None:
@@ -83,7 +84,7 @@ def run_workers(host: str, port: int, workers: int, options: dict[str, Any]) -> 
         OSError: the address cannot be bound with ``SO_REUSEPORT`` (checked before any worker
             starts).
     """
-    listening_socket(host, port).close()  # a clear error here rather than workers dying in a loop
+    bound_socket(host, port).close()  # a clear error here rather than workers dying in a loop
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
 

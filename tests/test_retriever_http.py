@@ -30,7 +30,7 @@ from retriever.app import NO_SNAPSHOT, RecommendFrontDoor, create_app
 from retriever.resp import RespClient
 from retriever.state import ServingState
 from retriever.watcher import SnapshotWatcher
-from retriever.workers import listening_socket, reuse_port_available
+from retriever.workers import bound_socket, reuse_port_available
 from twotower.blobs import Rows
 from twotower.config import Config, ModelConfig
 from twotower.model import TwoTower, dense_arrays
@@ -577,7 +577,7 @@ def test_worker_sockets_share_a_port_only_with_reuse_port() -> None:
     if not reuse_port_available():
         pytest.skip("SO_REUSEPORT balancing is Linux-only")
     port = _free_port()
-    first, second = listening_socket("127.0.0.1", port), listening_socket("127.0.0.1", port)
+    first, second = bound_socket("127.0.0.1", port), bound_socket("127.0.0.1", port)
     try:
         assert first.getsockname()[1] == second.getsockname()[1] == port
         with socket.socket() as plain, pytest.raises(OSError):
