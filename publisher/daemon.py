@@ -452,7 +452,7 @@ class PublisherDaemon(Daemon):
                 return None
             extras: list[CatalogItem] = []
             if kind == FULL:  # every content-only item is re-embedded with the new weights
-                removed = self._removed_after(ckpt)
+                _, removed = self._after(ckpt)
                 extras = [it for i, it in self._catalog.items() if i not in removed]
         if kind == FULL:
             return self._publish_full(store, ckpt, model, extras, started)
@@ -477,29 +477,21 @@ class PublisherDaemon(Daemon):
             flushed = self._flush_pending_locked(store)
         return flushed or version
 
-    def _owned_after(self, ckpt: Checkpoint) -> set[str]:
-        """Item ids with an ID row once ``ckpt`` is applied: all its items, or for a row update
-        those owned before, minus its removals, plus its items (caller holds the lock)."""
-        if ckpt.base_seq is None:
-            return set(ckpt.items.ids)
+    def _after(self, ckpt: Checkpoint) -> tuple[set[str], set[str]]:
+        """The owned and removed item ids once ``ckpt`` is applied (not stored; caller holds the
+        lock). Owned: a checkpoint's items, or for a row update those owned before, minus its
+        removals, plus its items."""
         since = -1 if self._ckpt_seq is None else self._ckpt_seq
         gone = {item for seq, item in ckpt.removed_items if seq > since}
-        return (self._owned - gone) | set(ckpt.items.ids)
-
-    def _removed_after(self, ckpt: Checkpoint) -> set[str]:
-        """The removed set once ``ckpt``'s new removals are applied (not stored; caller holds the lock)."""
-        since = -1 if self._ckpt_seq is None else self._ckpt_seq
-        owned = self._owned_after(ckpt)
-        return (self._removed | {item for seq, item in ckpt.removed_items if seq > since}) - owned
+        owned = set(ckpt.items.ids) if ckpt.base_seq is None else (self._owned - gone) | set(ckpt.items.ids)
+        return owned, (self._removed | gone) - owned
 
     def _adopt(self, ckpt: Checkpoint, model: TwoTower) -> None:
         """Make ``ckpt``'s model, vocabulary, rows and removals the current ones (caller holds the lock)."""
-        owned = self._owned_after(ckpt)
-        self._removed = self._removed_after(ckpt)
+        self._owned, self._removed = self._after(ckpt)
         self._pending -= self._removed
         self._model = model
         self._vocab = category_indices(ckpt.categories, model.cfg.n_categories)
-        self._owned = owned
         self._ckpt_seq = ckpt.seq
 
     def _publish_full(

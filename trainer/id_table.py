@@ -8,6 +8,8 @@ slots are reused. Row-wise Adagrad state lives beside the rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from twotower.checkpoint import TableState
@@ -177,16 +179,7 @@ class IdTable:
         def take(t: torch.Tensor) -> torch.Tensor:
             return t[rows] if compact else t[: len(keys)].clone()
 
-        state = TableState(
-            ids=keys,
-            emb=take(self.emb),
-            accum=take(self.accum),
-            count=take(self.count),
-            last_seen_ms=take(self.last_seen_ms),
-            updated_seq=take(self.updated_seq),
-            pending=dict(self.pending),
-        )
-        return state, rows
+        return self._state(keys, take, dict(self.pending)), rows
 
     def changed_since(self, seq: int) -> TableState:
         """The live rows whose ``updated_seq`` is above ``seq``, in row order (``pending`` empty):
@@ -194,13 +187,20 @@ class IdTable:
         n = len(self.ids)
         rows = [r for r in (self.updated_seq[:n] > seq).nonzero().flatten().tolist() if self.ids[r] is not None]
         index = torch.tensor(rows, dtype=torch.int64)
+        return self._state([self.ids[r] for r in rows], lambda t: t[index], {})  # type: ignore[misc]
+
+    def _state(
+        self, keys: list[str], take: Callable[[torch.Tensor], torch.Tensor], pending: dict[str, int]
+    ) -> TableState:
+        """The rows ``take`` selects from every column, as ``keys``."""
         return TableState(
-            ids=[self.ids[r] for r in rows],  # type: ignore[misc]  # live rows: no None
-            emb=self.emb[index],
-            accum=self.accum[index],
-            count=self.count[index],
-            last_seen_ms=self.last_seen_ms[index],
-            updated_seq=self.updated_seq[index],
+            ids=keys,
+            emb=take(self.emb),
+            accum=take(self.accum),
+            count=take(self.count),
+            last_seen_ms=take(self.last_seen_ms),
+            updated_seq=take(self.updated_seq),
+            pending=pending,
         )
 
     @classmethod

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
+from typing import Any
 
 import numpy as np
 import torch
@@ -469,18 +470,13 @@ class TrainerState:
         requests = self.requests
         keys = list(requests)
         return Checkpoint(
-            seq=self.seq,
-            dense_version=self.dense_version,
-            model_config=self.model_cfg.model_dump(),
-            dense={k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            **self._serving_fields(),
             users=users,
             items=items,
             item_category=cats,
             item_content=content,
-            categories=sorted(self.categories, key=self.categories.__getitem__),
             removed_items=list(self.removed_items),
             offsets=dict(offsets),
-            event_time_ms=self.event_time_ms,
             histories=self.histories.to_columns(),
             profiles=self.profiles.to_columns(),
             catalog=catalog,
@@ -499,6 +495,18 @@ class TrainerState:
             item_catalog_row=item_rows,
         )
 
+    def _serving_fields(self) -> dict[str, Any]:
+        """What a checkpoint and a row update both carry whole: sequence numbers, towers, the
+        category vocabulary, the event-time watermark."""
+        return {
+            "seq": self.seq,
+            "dense_version": self.dense_version,
+            "model_config": self.model_cfg.model_dump(),
+            "dense": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "categories": sorted(self.categories, key=self.categories.__getitem__),
+            "event_time_ms": self.event_time_ms,
+        }
+
     def to_row_update(self, since_seq: int, base_seq: int) -> Checkpoint:
         """What changed for serving after checkpoint ``since_seq``: the ID rows stamped later,
         their items' category and content, the removals after it, the dense weights and the
@@ -511,18 +519,13 @@ class TrainerState:
         items = self.items.changed_since(since_seq)
         cats, content = self.catalog.side(items.ids)
         return Checkpoint(
-            seq=self.seq,
-            dense_version=self.dense_version,
-            model_config=self.model_cfg.model_dump(),
-            dense={k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            **self._serving_fields(),
             users=self.users.changed_since(since_seq),
             items=items,
             item_category=torch.from_numpy(cats),
             item_content=torch.from_numpy(content),
-            categories=sorted(self.categories, key=self.categories.__getitem__),
             removed_items=[(seq, item) for seq, item in self.removed_items if seq > since_seq],
             offsets={},
-            event_time_ms=self.event_time_ms,
             profiles=Profiles.empty(self.model_cfg.profile_dim),
             catalog=Catalog.empty(self.model_cfg.content_dim),
             base_seq=base_seq,
