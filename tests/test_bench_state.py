@@ -85,11 +85,16 @@ def test_trainer_resumes_the_seeded_state(kafka_bootstrap: str, redis_url: str) 
         ckpt = wait_until(trained, 60.0, "a trainer checkpoint with the warm users")
         store = SnapshotStore(redis.Redis.from_url(system.redis_url), SnapshotLayout(system.cfg.redis.key_prefix))
 
-        def published() -> VersionTracker | None:
-            tracker = VersionTracker(store)
-            return tracker if tracker.seen and tracker.seen[-1].trainer_seq >= ckpt.seq else None
+        trained_rows = {u: row.numpy().tobytes() for u, row in zip(ckpt.users.ids, ckpt.users.emb, strict=True)}
 
-        tracker = wait_until(published, 30.0, "a version built from that checkpoint")
+        def published() -> VersionTracker | None:
+            # the warm users' rows as that checkpoint has them (nobody clicks after the warm-up),
+            # whichever write carried them: with row updates a full checkpoint whose rows a row
+            # update already published adds no version of its own
+            tracker = VersionTracker(store)
+            return tracker if all(tracker.users.get(u) == trained_rows[u] for u in warm) else None
+
+        tracker = wait_until(published, 30.0, "the published chain to hold that checkpoint's warm rows")
         store.redis.close()
         system.read_logs()
         described = system.describe()
