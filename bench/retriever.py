@@ -75,6 +75,7 @@ from bench.common import (
 from bench.open_loop import run_open_loop
 from publisher.index import build_index, deserialize, index_kind, recall_at_k, sample_queries, serialize
 from publisher.serving_state import encode_history_entry
+from retriever import hugepages
 from retriever.state import ServingState
 from twotower.blobs import Rows, pack_arrays, pack_rows
 from twotower.config import ModelConfig
@@ -598,6 +599,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
             log.info("measuring the compute floor in-process")
             state = ServingState.load(store, first)
             report["floor"] = compute_floor(state, histories, opts.k, opts.floor_requests, opts.seed)
+            report["floor"]["huge_pages"] = hugepages.active()
             del state
             log.info("floor: %s", report["floor"])
 
@@ -626,6 +628,8 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
 
                 wait_until(ready, ready_timeout, f"{opts.workers} retriever worker(s) serving version {first}", 0.5)
                 report["setup"]["retriever_ready_s"] = round(time.perf_counter() - started, 2)
+                huge = [s for s in scrape(f"{base_url}/metrics") if s.name == "twotower_retriever_huge_page_bytes"]
+                report["setup"]["worker_huge_page_bytes"] = [int(s.value) for s in huge]
                 with httpx.Client(timeout=5.0) as http:
                     probe = http.get(f"{base_url}/recommend", params={"user_id": "u0", "k": opts.k})
                     if probe.status_code != 200 or len(probe.json()["items"]) != opts.k:

@@ -303,7 +303,10 @@ class RetrieverService:
         self.details = ItemDetailsCache()
         # the first worker of the host to load a full version leaves its big parts in a shared
         # directory, the others map them (retriever.parts)
-        self.parts = PartReader(shared_directory(cfg.redis.url, cfg.redis.key_prefix, cfg.retriever.parts_dir))
+        self.parts = PartReader(
+            shared_directory(cfg.redis.url, cfg.redis.key_prefix, cfg.retriever.parts_dir),
+            map_index=not cfg.retriever.index_huge_pages,
+        )
         self.watcher = SnapshotWatcher(
             SnapshotStore(self._watcher_redis, self.layout),
             watcher_poll_interval_s,

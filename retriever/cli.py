@@ -10,6 +10,7 @@ import tempfile
 import typer
 import uvicorn
 
+from retriever.hugepages import reexec_with_huge_pages
 from retriever.workers import reuse_port_available, run_workers
 from twotower.config import load_config
 from twotower.daemon import setup_logging
@@ -31,6 +32,8 @@ def serve_command(
     SIGTERM stops gracefully: in-flight requests finish.
     """  # noqa: E501 (typer shows docstring lines as they are)
     cfg = load_config()
+    if cfg.retriever.index_huge_pages:
+        reexec_with_huge_pages()  # glibc reads the tunable at process start only
     setup_logging(cfg.observability, "retriever")
     host = cfg.retriever.host if host is None else host
     port = cfg.retriever.port if port is None else port

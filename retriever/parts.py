@@ -16,9 +16,11 @@ there (to a temporary name, renamed into place only after its checksum matched),
 worker maps the file read-only. So the other workers skip Redis, the copy and the checksum,
 the item vectors are one set of shared pages, and the index is read with
 ``faiss.IO_FLAG_MMAP_IFC``: its vectors are mapped, not copied (the graph of an HNSW index
-is still read into the process). A file that is missing (removed by another worker's cleanup
-in between) is simply written again; nothing read from the directory is unpickled, and a
-file's name is its checksum, so only bytes that matched a version's meta are ever used.
+is still read into the process) — unless ``map_index`` is off, as it is with huge pages
+(:mod:`retriever.hugepages`): then each process copies the index from the file. A file that
+is missing (removed by another worker's cleanup in between) is simply written again; nothing
+read from the directory is unpickled, and a file's name is its checksum, so only bytes that
+matched a version's meta are ever used.
 """
 
 from __future__ import annotations
@@ -94,10 +96,14 @@ class PartReader:
     Args:
         directory: host-local directory the worker processes of a host share (created with
             mode 0700); ``None``: each process reads every part from Redis into memory.
+        map_index: map the index's vectors from the shared file (one copy per host); ``False``
+            copies them into the process's own memory, which can be backed by huge pages
+            (``retriever.index_huge_pages``, :mod:`retriever.hugepages`).
     """
 
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, map_index: bool = True) -> None:
         self.directory = directory
+        self.map_index = map_index
         if directory is not None:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
@@ -118,7 +124,7 @@ class PartReader:
 
     def read_index(self, store: SnapshotStore, meta: VersionMeta, name: str) -> faiss.Index:
         """The Faiss index stored in the part (its vectors mapped from the shared file, when
-        there is a directory and the index kind allows it).
+        there is a directory, ``map_index`` is set and the index kind allows it).
 
         Raises:
             SnapshotError: the part is missing, corrupt or not a Faiss index.
@@ -126,10 +132,11 @@ class PartReader:
         if self.directory is None:
             return deserialize_index(self._read_memory(store, meta, name))
         path = self._file(store, meta, name)
-        try:
-            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-        except RuntimeError as exc:
-            log.debug("cannot map index %s (%s); reading it whole", path, str(exc).splitlines()[0])
+        if self.map_index:
+            try:
+                return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+            except RuntimeError as exc:
+                log.debug("cannot map index %s (%s); reading it whole", path, str(exc).splitlines()[0])
         return deserialize_index(self._map(path))
 
     def keep_only(self, metas: Iterable[VersionMeta]) -> None:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import redis
 from prometheus_client import Counter, Gauge, Histogram
 
+from retriever.hugepages import anon_huge_page_bytes
 from retriever.parts import PartReader
 from retriever.state import ServingState
 from twotower.blobs import BlobError
@@ -50,6 +51,12 @@ SNAPSHOT_VERSION = Gauge(
 SNAPSHOT_CREATED = Gauge(
     "twotower_retriever_snapshot_created_seconds",
     "Unix time at which the served snapshot version was written (freshness = now - this).",
+    multiprocess_mode="liveall",
+)
+HUGE_PAGE_BYTES = Gauge(
+    "twotower_retriever_huge_page_bytes",
+    "Memory of this retriever process backed by transparent huge pages after its last swap "
+    "(retriever.index_huge_pages; -1: the kernel does not say).",
     multiprocess_mode="liveall",
 )
 SWAPS = Counter(
@@ -208,6 +215,8 @@ class SnapshotWatcher:
         SWAP_SECONDS.observe(elapsed)
         SNAPSHOT_VERSION.set(new_state.version)
         SNAPSHOT_CREATED.set(new_state.created_ms / 1000.0)
+        huge = anon_huge_page_bytes()
+        HUGE_PAGE_BYTES.set(-1 if huge is None else huge)
         log.info(
             "serving snapshot version %d (%s swap from %s in %.3f s, %d items, %d users)",
             new_state.version,

@@ -26,6 +26,7 @@ import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from retriever import hugepages
 from retriever.app import NO_SNAPSHOT, RecommendFrontDoor, create_app
 from retriever.resp import RespClient
 from retriever.state import ServingState
@@ -475,19 +476,71 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_serve_command_with_two_workers(cfg: Config, store: SnapshotStore) -> None:
-    version = publish_full(store, full_snapshot())
-    port = _free_port()
+def _serve_process(
+    cfg: Config, port: int, workers: int, *, output: int = subprocess.PIPE, **env_vars: str
+) -> subprocess.Popen[bytes]:
+    """``serve_command`` in a process of its own, on ``cfg``'s Redis and key prefix."""
     env = {
         **os.environ,
         "REDIS_URL": cfg.redis.url,
         "TWOTOWER_REDIS__KEY_PREFIX": cfg.redis.key_prefix,
         "TWOTOWER_OBSERVABILITY__LOG_FORMAT": "json",
+        **env_vars,
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.pop("TWOTOWER_CONFIG", None)
-    code = f"from retriever.cli import serve_command; serve_command(host='127.0.0.1', port={port}, workers=2)"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    code = f"from retriever.cli import serve_command; serve_command(host='127.0.0.1', port={port}, workers={workers})"
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+def _metric(text: str, name: str) -> list[float]:
+    families = text_string_to_metric_families(text)
+    return [sample.value for family in families for sample in family.samples if sample.name == name]
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode (the bracketed word), ``None`` if it has none."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else None
+
+
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_serve_backs_the_index_with_huge_pages_when_configured(
+    cfg: Config, store: SnapshotStore, huge_pages: bool
+) -> None:
+    if not hugepages.supported() or _thp_mode() not in ("madvise", "always"):
+        pytest.skip("needs Linux, glibc and transparent huge pages")
+    if not huge_pages and _thp_mode() == "always":
+        pytest.skip("with THP always on, memory gets huge pages whatever the retriever asks")
+    # an index of a few MB: glibc maps it on its own, so with the tunable it can take 2 MiB pages
+    version = publish_full(store, full_snapshot(n_items=20_000))
+    port = _free_port()
+    proc = _serve_process(cfg, port, 1, TWOTOWER_RETRIEVER__INDEX_HUGE_PAGES=str(huge_pages).lower())
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as client:
+            wait_for(lambda: _answers(port), "the retriever to answer", deadline_s=90.0)
+            wait_version(client, version)
+            assert client.get("/recommend", params={"user_id": "u0"}).status_code == 200
+            # the same process (exec keeps the pid), started again with the tunable
+            environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+            assert (b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ) is huge_pages
+            (huge,) = _metric(client.get("/metrics").text, "twotower_retriever_huge_page_bytes")
+            assert (huge > 0) is huge_pages, huge
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0].decode()
+    # uvicorn re-raises the SIGTERM it handled once it has shut down
+    assert proc.returncode in (0, -signal.SIGTERM), output
+    assert "Traceback" not in output, output
+
+
+def test_serve_command_with_two_workers(cfg: Config, store: SnapshotStore) -> None:
+    version = publish_full(store, full_snapshot())
+    port = _free_port()
+    proc = _serve_process(cfg, port, 2)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as client:
 
@@ -591,11 +644,7 @@ def test_workers_stop_when_their_supervisor_is_killed(cfg: Config) -> None:
     if not reuse_port_available():
         pytest.skip("the per-worker sockets are Linux-only")
     port = _free_port()
-    env = {**os.environ, "REDIS_URL": cfg.redis.url, "TWOTOWER_REDIS__KEY_PREFIX": cfg.redis.key_prefix}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    env.pop("TWOTOWER_CONFIG", None)
-    code = f"from retriever.cli import serve_command; serve_command(host='127.0.0.1', port={port}, workers=2)"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _serve_process(cfg, port, 2, output=subprocess.DEVNULL)  # nobody reads its output
 
     def workers() -> list[int]:
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")

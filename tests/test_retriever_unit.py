@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from retriever import hugepages
 from retriever.app import HistoryEvent, _merge_history, decode_history, decode_profile
 from retriever.state import ServingState
 from twotower.blobs import BlobError, Rows
@@ -411,3 +412,13 @@ def test_an_ivfpq_base_index_serves_and_takes_new_items_through_the_overlay() ->
     new = state.apply_delta(delta(items=Rows(["fresh"], vec[None].copy())), version=2)
     assert new.search(vec, 1)[0][0] == "fresh"  # a new item is live without rebuilding the index
     assert new.index is state.index
+
+
+def test_huge_page_tunable_joins_the_other_glibc_tunables() -> None:
+    assert hugepages.tunables_with_huge_pages(None) == "glibc.malloc.hugetlb=1"
+    assert hugepages.tunables_with_huge_pages("") == "glibc.malloc.hugetlb=1"
+    kept = hugepages.tunables_with_huge_pages("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0")
+    assert kept == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert hugepages.active({"GLIBC_TUNABLES": kept})
+    assert not hugepages.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert not hugepages.active({})
