@@ -77,6 +77,11 @@ def retriever_command(
         "--open-rate",
         help="After the closed-loop run: an open-loop run at this many requests/s (no swaps); repeatable.",
     ),
+    http_floor: bool = typer.Option(
+        True,
+        "--http-floor/--no-http-floor",
+        help="With --open-rate: also drive a server that does nothing at the same rates (the HTTP floor).",
+    ),
     json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -113,6 +118,7 @@ def retriever_command(
         swap_kinds=swap_kinds,
         index_cache=index_cache,
         open_rates=tuple(open_rates),
+        http_floor=http_floor,
     )
     typer.echo(write_report(run(opts), json_out))
 

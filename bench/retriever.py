@@ -20,7 +20,10 @@ What one run does:
    changed, new and removed items) and a full version (new dense weights and user rows; the
    item part and index bytes are reused, so it costs the retriever a whole reload without a
    minutes-long HNSW rebuild here), and counts what the server answered with a status other
-   than 200 (its own Prometheus counter) and what the load generator saw fail.
+   than 200 (its own Prometheus counter) and what the load generator saw fail;
+7. with ``open_rates``: drives the retriever open-loop at each rate (no swaps), then, once it
+   has stopped, a server that does nothing at the same rates (:mod:`bench.http_floor`): the
+   latency no server reaches below on this machine with this generator.
 
 Beside the latencies the report gives CPU milliseconds per request of each party (retriever
 processes, load generator, Redis, this process), read from /proc and ``INFO cpu`` around the
@@ -54,6 +57,7 @@ import numpy as np
 import redis
 import torch
 
+from bench import http_floor
 from bench.common import (
     HOST,
     DaemonProcess,
@@ -151,6 +155,9 @@ class RetrieverBenchOptions:
     open_rates: tuple[float, ...] = ()
     """After the closed-loop run (and its swaps): one open-loop run per rate, in requests per
     second, ``duration_s`` each, without swaps (:mod:`bench.open_loop`)."""
+    http_floor: bool = True
+    """With ``open_rates``: also drive a server that does nothing at the same rates, once the
+    retriever has stopped (:mod:`bench.http_floor`)."""
 
 
 # --- the synthetic snapshot ---------------------------------------------------------------------
@@ -663,6 +670,12 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 retriever.check_alive()
                 open_loop = [_open_loop_phase(opts, rate, base_url, retriever.pid, client) for rate in opts.open_rates]
                 retriever.check_alive()
+            if opts.open_rates and opts.http_floor:  # the retriever has stopped: the cores are free
+                log.info("measuring the HTTP floor (a server that does nothing) at the same rates")
+                floor_log = workdir / "http-floor.log"
+                report["http_floor"] = http_floor.measure(
+                    opts.open_rates, opts.duration_s, opts.users, opts.k, opts.seed + 7, floor_log
+                )
         finally:
             client.close()
             if env.get("REDIS_URL"):  # a shared Redis: remove this run's keys
@@ -820,6 +833,10 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
                 "achieved_qps": run["qps"],
                 "p99_le_3ms": run["p99_ms"] <= 3.0,
                 "p99_over_floor_p99": round(run["p99_ms"] / floor["p99_ms"], 2) if floor["p99_ms"] > 0 else None,
+                # a server that does nothing, same generator and rate: below this no server goes here
+                "http_floor_p99_ms": next(
+                    (f["p99_ms"] for f in report.get("http_floor", []) if f["offered_qps"] == run["offered_qps"]), None
+                ),
                 "zero_errors": run["errors"] == 0 and run["non_200"] == 0,
             }
             for run in report.get("open_loop", [])

@@ -105,6 +105,10 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     assert open_run["offered_qps"] == 50.0 and open_run["scheduled"] == open_run["requests"] + open_run["errors"]
     assert open_run["requests"] > 0 and open_run["non_200"] == 0
     assert 0 < open_run["p50_ms"] <= open_run["p99_ms"] and open_run["cpu"]["retriever_ms_per_request"] > 0
+    (floor_run,) = report["http_floor"]  # the do-nothing server, same generator and rate
+    assert floor_run["offered_qps"] == 50.0 and floor_run["errors"] == 0 and floor_run["qps"] > 0
+    assert 0 < floor_run["p50_ms"] <= floor_run["p99_ms"]
+    assert report["targets"]["open_loop"][0]["http_floor_p99_ms"] == floor_run["p99_ms"]
 
 
 @pytest.mark.integration
