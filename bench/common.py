@@ -67,6 +67,18 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def cpu_jiffies() -> tuple[int, int]:
+    """(stolen, all) clock ticks of every CPU since boot, from ``/proc/stat`` (zeros elsewhere).
+    *Stolen* is time this virtual machine's CPUs wanted to run but the host ran something else:
+    no process here can see or avoid it, and it lands in the latency tail."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+        return fields[7], sum(fields[:8])
+    return 0, 0
+
+
 def wrk_latencies(latencies_us: Sequence[float]) -> dict[str, float]:
     """wrk's latency figures (``p50_us`` … ``max_us``, ``mean_us``) of a Python load generator's
     samples, by wrk's nearest-rank rule (no interpolation); zeros for no samples."""

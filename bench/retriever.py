@@ -62,6 +62,7 @@ from bench.common import (
     HOST,
     DaemonProcess,
     Sample,
+    cpu_jiffies,
     delete_prefix,
     free_ports,
     machine_info,
@@ -735,7 +736,10 @@ def _open_loop_phase(
 
 def _cpu_counters(retriever_pid: int, client: redis.Redis) -> dict[str, float]:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    stolen, ticks = cpu_jiffies()
     return {
+        "machine_stolen_ticks": stolen,
+        "machine_ticks": ticks,
         "retriever": session_cpu_s(retriever_pid),
         "load_generator": children.ru_utime + children.ru_stime,  # wrk / the python generator, once reaped
         "redis": redis_cpu_s(client),
@@ -745,8 +749,10 @@ def _cpu_counters(retriever_pid: int, client: redis.Redis) -> dict[str, float]:
 
 def _cpu_report(before: dict[str, float], after: dict[str, float], requests: int, duration_s: float) -> dict:
     """CPU milliseconds per request of each party, and the QPS those costs allow on this machine
-    if nothing else ran on it (an estimate: the machine may be shared while measuring)."""
+    if nothing else ran on it (an estimate: the machine may be shared while measuring), and the
+    share of the machine's CPU time its host took meanwhile (``steal_pct``, :func:`cpu_jiffies`)."""
     used = {name: after[name] - before[name] for name in before}
+    stolen, ticks = used.pop("machine_stolen_ticks"), used.pop("machine_ticks")
     per_request = {
         f"{name}_ms_per_request": round(1000 * v / requests, 4) if requests else None for name, v in used.items()
     }
@@ -757,6 +763,7 @@ def _cpu_report(before: dict[str, float], after: dict[str, float], requests: int
         "total_ms_per_request": round(1000 * total / requests, 4) if requests else None,
         "retriever_cores_busy": round(used["retriever"] / duration_s, 2) if duration_s > 0 else None,
         "qps_if_alone_estimate": round(requests * nproc / total, 0) if total > 0 else None,
+        "steal_pct": round(100 * stolen / ticks, 2) if ticks > 0 else None,
     }
 
 

@@ -100,6 +100,7 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     assert report["swaps"]["published"] == 2 and report["swaps"]["publish_error"] is None
     assert report["swaps_done"] >= 1
     assert report["machine"]["nproc"] >= 1 and report["machine"]["cpu_model"]
+    assert 0 <= report["cpu"]["steal_pct"] <= 100  # the host's share of this VM's CPU time
     assert set(report["targets"]) >= {"p99_le_3ms", "qps_ge_1500", "p99_le_2x_floor", "zero_errors", "open_loop"}
     (open_run,) = report["open_loop"]  # every scheduled request is answered or counted as an error
     assert open_run["offered_qps"] == 50.0 and open_run["scheduled"] == open_run["requests"] + open_run["errors"]
