@@ -150,6 +150,8 @@ class PartReader:
         now = time.time()
         try:
             entries = list(os.scandir(self.directory))
+        except FileNotFoundError:  # nothing was ever written (or another worker removed it)
+            return
         except OSError as exc:
             log.warning("cannot list %s: %s", self.directory, exc)
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -84,3 +85,11 @@ def test_keep_only_removes_other_versions_files(store: SnapshotStore, tmp_path: 
     assert not (tmp_path / "shared").exists()
     ServingState.from_chain(store, store.chain(new), reader)  # the directory is made again
     assert len(os.listdir(tmp_path / "shared")) == 2
+
+
+def test_keep_only_without_a_directory_is_quiet(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    reader = PartReader(tmp_path / "shared")
+    (tmp_path / "shared").rmdir()  # a worker stopping before any version was loaded, after another
+    with caplog.at_level(logging.WARNING, logger="retriever.parts"):
+        reader.keep_only([])
+    assert caplog.records == []
