@@ -8,8 +8,10 @@ Two loops run on their own threads, each with its own Redis/Kafka clients:
   write, between full checkpoints of a big state), each of which becomes a DELTA. A new
   checkpoint is published as a FULL version when there is no current version, when the dense
   weights changed (``dense_version``), when the trainer's ``seq`` went backwards, or after
-  ``publisher.full_every`` deltas; otherwise as a DELTA of the rows changed since the trainer
-  ``seq`` of the last published version (nothing is written when nothing changed). After a
+  ``publisher.full_every`` deltas once the last full version took at most
+  ``publisher.full_build_max_share`` of the time since (its index build blocks this loop);
+  otherwise as a DELTA of the rows changed since the trainer ``seq`` of the last published
+  version (nothing is written when nothing changed). After a
   full version, versions older than the ``publisher.keep_versions``-th newest full are trimmed.
 * **serving-state loop** — :class:`~publisher.serving_state.ServingStateWriter` turns clicks,
   catalogue items and profiles into Redis history/item/profile keys. A catalogue item that
@@ -139,6 +141,13 @@ def plan_publish(
     return DELTA
 
 
+def compaction_allowed(last_full_s: float, since_s: float, max_share: float) -> bool:
+    """Whether a full version that only compacts the delta chain may be published now: the last
+    full version took ``last_full_s`` seconds to publish, ``since_s`` ago, and full versions may
+    take at most ``max_share`` of the publisher's time (0: always)."""
+    return max_share <= 0 or last_full_s <= max_share * since_s
+
+
 def weight_checksums(model: TwoTower) -> tuple[str, str]:
     """sha256 of the ``weights`` and ``model_config`` parts a full snapshot of ``model`` would have."""
     cfg = model.cfg
@@ -213,6 +222,8 @@ class PublisherDaemon(Daemon):
         self._vocab: dict[str, int] = {}
         self._owned: set[str] = set()
         """Item ids the trainer has ID rows for, as of the last processed checkpoint or row update."""
+        self._last_full_cost: tuple[float, float] | None = None
+        """(seconds it took, ``time.monotonic()`` when written) of this process's last full version."""
         self._ckpt_seq: int | None = None
         # --- snapshot loop only ------------------------------------------------------------
         self._ckpt_mtime: float | None = None
@@ -445,7 +456,8 @@ class PublisherDaemon(Daemon):
             matches = None
             if last is not None and last.dense_version is None:
                 matches = weight_checksums(model) == (last.weights_sha, last.config_sha)
-            full_every = sys.maxsize if partial else self.cfg.publisher.full_every
+            compact = not partial and self._compaction_allowed()
+            full_every = self.cfg.publisher.full_every if compact else sys.maxsize
             kind = plan_publish(last, ckpt.seq, ckpt.dense_version, matches, full_every)
             if partial and kind == FULL:
                 log.info("row update %d needs a full version: waiting for the next full checkpoint", ckpt.seq)
@@ -476,6 +488,14 @@ class PublisherDaemon(Daemon):
                     self._pending.difference_update(delta.items.ids)
             flushed = self._flush_pending_locked(store)
         return flushed or version
+
+    def _compaction_allowed(self) -> bool:
+        """``publisher.full_build_max_share`` against this process's last full version (a
+        publisher that has published none yet may compact)."""
+        if self._last_full_cost is None:
+            return True
+        took_s, at = self._last_full_cost
+        return compaction_allowed(took_s, time.monotonic() - at, self.cfg.publisher.full_build_max_share)
 
     def _after(self, ckpt: Checkpoint) -> tuple[set[str], set[str]]:
         """The owned and removed item ids once ``ckpt`` is applied (not stored; caller holds the
@@ -511,6 +531,7 @@ class PublisherDaemon(Daemon):
             # arrived during the build) are not in this full version: publish them again.
             self._pending = {i for i in self._catalog if i not in self._served}
             self._record(FULL, version, started)
+            self._last_full_cost = (time.perf_counter() - started, time.monotonic())
             log.info(
                 "published full version %d: trainer seq %d, dense version %d, %d users, %d items (%d content-only), "
                 "%.1f MB",

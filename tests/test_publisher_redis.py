@@ -183,6 +183,32 @@ def test_snapshot_loop_publishes_full_delta_skip_and_recovers(config: Config, st
     assert v7 is not None and store.meta(v7).kind == FULL
 
 
+def test_a_compaction_full_waits_while_the_last_full_took_too_long(config: Config, store: SnapshotStore) -> None:
+    cfg = config.with_overrides({"publisher": {"full_every": 1, "full_build_max_share": 0.1}})
+    daemon = PublisherDaemon(cfg)
+    daemon.recover(store)
+    save(cfg, seq=1)
+    v1 = daemon.poll_checkpoint(store)
+    assert v1 is not None and store.meta(v1).kind == FULL
+    assert daemon._last_full_cost is not None  # what the full version took, and when
+    # as if that full version had taken 10 minutes (an HNSW build over 1M items), just now
+    daemon._last_full_cost = (600.0, time.monotonic())
+    save(cfg, seq=2, item_updated=[1, 2, 1, 1, 1, 1])
+    v2 = daemon.poll_checkpoint(store)
+    assert v2 is not None and store.meta(v2).kind == DELTA  # full_every=1 made a full due: postponed
+    save(cfg, seq=3, item_updated=[1, 3, 1, 1, 1, 1])
+    v3 = daemon.poll_checkpoint(store)
+    assert v3 is not None and store.meta(v3).kind == DELTA
+    daemon._last_full_cost = (600.0, time.monotonic() - 6001.0)  # 100 minutes later: 10 % of the time
+    save(cfg, seq=4, item_updated=[1, 4, 1, 1, 1, 1])
+    v4 = daemon.poll_checkpoint(store)
+    assert v4 is not None and store.meta(v4).kind == FULL
+    daemon._last_full_cost = (600.0, time.monotonic())
+    save(cfg, seq=5, dense_version=2, seed=9)  # new dense weights: a full version at once
+    v5 = daemon.poll_checkpoint(store)
+    assert v5 is not None and store.meta(v5).kind == FULL
+
+
 def save_row_update(
     cfg: Config, seq: int, base_seq: int, user_rows: list[int], item_rows: list[int], **kwargs: object
 ) -> None:
@@ -265,7 +291,7 @@ def test_row_updates_become_deltas_until_the_next_full_checkpoint(config: Config
 
 
 def test_trim_keeps_the_newest_full_versions(config: Config, store: SnapshotStore) -> None:
-    cfg = config.with_overrides({"publisher": {"full_every": 1, "keep_versions": 2}})
+    cfg = config.with_overrides({"publisher": {"full_every": 1, "keep_versions": 2, "full_build_max_share": 0}})
     daemon = PublisherDaemon(cfg)
     written = []
     for seq in range(1, 8):  # full, delta, full, delta, ... (full_every=1)

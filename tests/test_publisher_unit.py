@@ -19,7 +19,7 @@ from publisher.build import (
     item_vectors,
     model_from_checkpoint,
 )
-from publisher.daemon import SKIP, Published, PublisherDaemon, plan_publish, weight_checksums
+from publisher.daemon import SKIP, Published, PublisherDaemon, compaction_allowed, plan_publish, weight_checksums
 from publisher.serving_state import decode_history_entry, encode_history_entry, encode_profile
 from twotower.checkpoint import Checkpoint, TableState
 from twotower.config import Config, ModelConfig
@@ -351,6 +351,13 @@ def test_bad_checkpoints_are_refused() -> None:
 
 
 # ---------------------------------------------------------------- planning and serving-state encoding
+
+
+def test_compaction_waits_for_the_last_full_builds_share_of_time() -> None:
+    assert compaction_allowed(0.05, 1.0, 0.1)  # a small catalogue: a 50 ms build allows one a second
+    assert not compaction_allowed(300.0, 60.0, 0.1)  # a 5-minute index build, a minute ago
+    assert compaction_allowed(300.0, 3000.0, 0.1)
+    assert compaction_allowed(300.0, 0.0, 0.0)  # 0: no limit
 
 
 def test_plan_publish() -> None:

@@ -270,7 +270,16 @@ class PublisherConfig(_Section):
     checkpoint is read only when it changed). Default 0.1 s: the wait is part of the parameter
     path's freshness (0.5 s before)."""
     full_every: int = Field(default=50, ge=1)
-    """Publish a full snapshot after this many deltas even if the dense weights did not change."""
+    """Publish a full snapshot after this many deltas even if the dense weights did not change
+    (it compacts the delta chain a starting retriever applies), within ``full_build_max_share``."""
+    full_build_max_share: float = Field(default=0.1, ge=0, le=1)
+    """A full snapshot that only compacts the chain (``full_every``; the same dense weights)
+    rebuilds the Faiss index, and the publisher publishes no delta while it builds: it is due only
+    once the last full snapshot took at most this share of the time since it was published (0: no
+    limit). Small catalogues are unaffected (a build of tens of ms allows one every second or so);
+    at 1M items an HNSW build takes minutes, and without this limit every 50 deltas would stop the
+    parameter path for that long. New dense weights publish a full snapshot at once, whatever this
+    says."""
     keep_versions: int = Field(default=5, ge=2)
     """How many full versions (with their deltas) are kept in Redis."""
     history_max_len: int = Field(default=100, ge=1)
