@@ -7,11 +7,13 @@ Two loops run on their own threads, each with its own Redis/Kafka clients:
   (:func:`twotower.checkpoint.save_row_update`: the rows changed since the trainer's previous
   write, between full checkpoints of a big state), each of which becomes a DELTA. A new
   checkpoint is published as a FULL version when there is no current version, when the dense
-  weights changed (``dense_version``), when the trainer's ``seq`` went backwards, or after
-  ``publisher.full_every`` deltas once the last full version took at most
-  ``publisher.full_build_max_share`` of the time since (its index build blocks this loop);
-  otherwise as a DELTA of the rows changed since the trainer ``seq`` of the last published
-  version (nothing is written when nothing changed). After a
+  weights changed (``dense_version``) or when the trainer's ``seq`` went backwards; otherwise
+  as a DELTA of the rows changed since the trainer ``seq`` of the last published version
+  (nothing is written when nothing changed). After ``publisher.full_every`` deltas (and once
+  the last full version took at most ``publisher.full_build_max_share`` of the time since) a
+  full version of the same weights is **built aside** to compact the chain: deltas go on, and
+  when it is built it is written with a copy of every delta published meanwhile, and the
+  pointer moves to the copy of the last one (the same state, on a short chain). After a
   full version, versions older than the ``publisher.keep_versions``-th newest full are trimmed.
 * **serving-state loop** — :class:`~publisher.serving_state.ServingStateWriter` turns clicks,
   catalogue items and profiles into Redis history/item/profile keys. A catalogue item that
@@ -38,7 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,21 @@ class Published:
     """sha256 of the base full version's ``weights`` part (to match weights after a restart)."""
     config_sha: str = ""
     """sha256 of the base full version's ``model_config`` part."""
+
+
+@dataclass
+class _Compaction:
+    """A full version of checkpoint ``seq`` built aside (same weights as served) while deltas
+    keep being published; ``after`` lists the versions written on the served chain since that
+    checkpoint's own delta, carried over onto the new full version when it is written."""
+
+    seq: int
+    dense_version: int
+    started: float
+    after: list[int] = field(default_factory=list)
+    parts: dict[str, bytes] | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 def plan_publish(
@@ -224,6 +241,8 @@ class PublisherDaemon(Daemon):
         """Item ids the trainer has ID rows for, as of the last processed checkpoint or row update."""
         self._last_full_cost: tuple[float, float] | None = None
         """(seconds it took, ``time.monotonic()`` when written) of this process's last full version."""
+        self._compaction: _Compaction | None = None
+        """The full version being built aside to compact the chain, if any."""
         self._ckpt_seq: int | None = None
         # --- snapshot loop only ------------------------------------------------------------
         self._ckpt_mtime: float | None = None
@@ -416,7 +435,7 @@ class PublisherDaemon(Daemon):
         Returns:
             The last version written, or ``None``.
         """
-        version = None
+        version = self.finish_compaction(store)
         mtime = checkpoint.stat_seq(self.state_dir)
         if mtime is not None and mtime != self._ckpt_mtime:
             ckpt = checkpoint.load(self.state_dir)
@@ -462,8 +481,14 @@ class PublisherDaemon(Daemon):
             if partial and kind == FULL:
                 log.info("row update %d needs a full version: waiting for the next full checkpoint", ckpt.seq)
                 return None
+            # A full version due only to compact the chain (same weights) is built aside while
+            # this checkpoint and the ones after it go on as deltas: its index build would stop
+            # the parameter path for minutes at 1M items.
+            aside = kind == FULL and plan_publish(last, ckpt.seq, ckpt.dense_version, matches, sys.maxsize) == DELTA
+            if aside:
+                kind = DELTA
             extras: list[CatalogItem] = []
-            if kind == FULL:  # every content-only item is re-embedded with the new weights
+            if kind == FULL or (aside and self._compaction is None):  # content-only items, re-embedded
                 _, removed = self._after(ckpt)
                 extras = [it for i, it in self._catalog.items() if i not in removed]
         if kind == FULL:
@@ -486,8 +511,72 @@ class PublisherDaemon(Daemon):
                 else:
                     version = self._write_delta_locked(store, delta, ckpt.seq, started)
                     self._pending.difference_update(delta.items.ids)
+            if aside and self._compaction is None:
+                self._compaction = self._start_compaction(ckpt, model, extras)
             flushed = self._flush_pending_locked(store)
         return flushed or version
+
+    def _start_compaction(self, ckpt: Checkpoint, model: TwoTower, extras: list[CatalogItem]) -> _Compaction:
+        """Build the full version of ``ckpt`` on a thread of its own (caller holds the lock, and has
+        just published ``ckpt`` as a delta: the served chain is at ``ckpt`` now)."""
+        job = _Compaction(ckpt.seq, ckpt.dense_version, time.perf_counter())
+
+        def build() -> None:
+            try:
+                snap = full_snapshot(
+                    ckpt, extra_items=extras, model=model, index_kind=self.index_kind, index_options=self.index_options
+                )
+                job.parts = encode_full(snap)
+            except Exception as exc:  # reported (and dropped) by _finish_compaction
+                job.error = exc
+            finally:
+                job.done.set()
+
+        threading.Thread(target=build, name="publisher-compaction", daemon=True).start()
+        log.info("building a full version of checkpoint %d aside to compact the chain", ckpt.seq)
+        return job
+
+    def finish_compaction(self, store: SnapshotStore) -> int | None:
+        """Publish the full version built aside, once it is built: write it, then a copy of every
+        version published on the served chain since its checkpoint, and only then move the
+        pointer, so retrievers go from the old chain's tip to the same state on the new chain.
+
+        Returns:
+            The new tip's version, or ``None`` (nothing built yet, the build failed, or new
+            weights were published meanwhile and made it useless).
+        """
+        with self._lock:
+            job = self._compaction
+            if job is None or not job.done.is_set():
+                return None
+            self._compaction = None
+            last = self._last
+            if job.error is not None or job.parts is None:
+                log.error("the full version of checkpoint %d built aside failed: %r", job.seq, job.error)
+                return None
+            if last is None or last.dense_version != job.dense_version:
+                return None  # superseded by a full version with new weights
+            version = store.write(FULL, job.parts, None, job.seq, current=False)
+            full = version
+            for old in job.after:
+                meta = store.meta(old)
+                version = store.write(DELTA, store.read_parts(meta), version, meta.trainer_seq, current=False)
+            store.make_current(version)
+            self._last = replace(last, version=version, deltas_since_full=len(job.after))
+            self._record(FULL, version, job.started)  # the gauge shows the new tip
+            self._last_full_cost = (time.perf_counter() - job.started, time.monotonic())
+            log.info(
+                "published full version %d of checkpoint %d (built aside in %.1f s) and %d deltas carried over onto it",
+                full,
+                job.seq,
+                time.perf_counter() - job.started,
+                len(job.after),
+                extra={"version": full, "kind": FULL, "trainer_seq": job.seq},
+            )
+        trimmed = store.trim(self.cfg.publisher.keep_versions)
+        if trimmed:
+            log.info("trimmed %d old versions (%d..%d)", len(trimmed), min(trimmed), max(trimmed))
+        return version
 
     def _compaction_allowed(self) -> bool:
         """``publisher.full_build_max_share`` against this process's last full version (a
@@ -522,6 +611,7 @@ class PublisherDaemon(Daemon):
         )
         parts = encode_full(snap)
         with self._lock:
+            self._compaction = None  # a full version built aside for the old weights is of no use now
             version = store.write(FULL, parts, None, ckpt.seq)
             weights_sha, config_sha = checksum(parts[WEIGHTS]), checksum(parts[MODEL_CONFIG])
             self._last = Published(version, ckpt.seq, ckpt.dense_version, 0, weights_sha, config_sha)
@@ -555,6 +645,8 @@ class PublisherDaemon(Daemon):
         if last is None:
             raise RuntimeError("a delta needs a published parent version")
         version = store.write(DELTA, encode_delta(delta), last.version, trainer_seq)
+        if self._compaction is not None:
+            self._compaction.after.append(version)
         self._last = replace(
             last, version=version, trainer_seq=trainer_seq, deltas_since_full=last.deltas_since_full + 1
         )

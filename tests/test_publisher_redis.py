@@ -18,11 +18,13 @@ from kafka import KafkaConsumer, KafkaProducer
 from test_publisher_unit import make_checkpoint
 from typer.testing import CliRunner
 
+from publisher import daemon as publisher_daemon
 from publisher.build import content_only_vectors, delta_snapshot, full_snapshot, model_from_checkpoint
 from publisher.cli import app
 from publisher.daemon import PublisherDaemon, served_items
 from publisher.index import deserialize
 from publisher.serving_state import ServingStateWriter, decode_history_entry, queue_writes
+from retriever.state import ServingState
 from twotower import checkpoint
 from twotower.blobs import BlobError
 from twotower.config import Config
@@ -130,6 +132,15 @@ def save(cfg: Config, **kwargs: object) -> None:
     checkpoint.save(cfg.trainer.state_dir, make_checkpoint(**kwargs))  # type: ignore[arg-type]
 
 
+def finish_aside(daemon: PublisherDaemon, store: SnapshotStore) -> int:
+    """Wait for the full version the daemon builds aside, then publish it; the new tip."""
+    job = daemon._compaction
+    assert job is not None and job.done.wait(60)
+    version = daemon.finish_compaction(store)
+    assert version is not None
+    return version
+
+
 def test_snapshot_loop_publishes_full_delta_skip_and_recovers(config: Config, store: SnapshotStore) -> None:
     cfg = config.with_overrides({"publisher": {"full_every": 3}})
     daemon = PublisherDaemon(cfg)
@@ -164,8 +175,10 @@ def test_snapshot_loop_publishes_full_delta_skip_and_recovers(config: Config, st
     v4 = again.poll_checkpoint(store)
     assert v4 is not None and store.meta(v4).kind == DELTA
     save(cfg, seq=6, item_updated=[1, 1, 6, 1, 1, 1])
-    v5 = again.poll_checkpoint(store)
-    assert v5 is not None and store.meta(v5).kind == FULL
+    v5 = again.poll_checkpoint(store)  # the full version full_every made due is built aside ...
+    assert v5 is not None and store.meta(v5).kind == DELTA and again._compaction is not None
+    v5 = finish_aside(again, store)  # ... and published once built, the chain's new base
+    assert store.meta(v5).kind == FULL and store.meta(v5).trainer_seq == 6 and store.current_version() == v5
 
     save(cfg, seq=7, dense_version=2, seed=9)  # new dense weights: full
     v6 = again.poll_checkpoint(store)
@@ -199,14 +212,79 @@ def test_a_compaction_full_waits_while_the_last_full_took_too_long(config: Confi
     save(cfg, seq=3, item_updated=[1, 3, 1, 1, 1, 1])
     v3 = daemon.poll_checkpoint(store)
     assert v3 is not None and store.meta(v3).kind == DELTA
+    assert daemon._compaction is None
     daemon._last_full_cost = (600.0, time.monotonic() - 6001.0)  # 100 minutes later: 10 % of the time
     save(cfg, seq=4, item_updated=[1, 4, 1, 1, 1, 1])
     v4 = daemon.poll_checkpoint(store)
-    assert v4 is not None and store.meta(v4).kind == FULL
+    assert v4 is not None and store.meta(v4).kind == DELTA and daemon._compaction is not None
+    assert store.meta(finish_aside(daemon, store)).kind == FULL
     daemon._last_full_cost = (600.0, time.monotonic())
     save(cfg, seq=5, dense_version=2, seed=9)  # new dense weights: a full version at once
     v5 = daemon.poll_checkpoint(store)
     assert v5 is not None and store.meta(v5).kind == FULL
+
+
+def _served_state(store: SnapshotStore, version: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """What a retriever serves at ``version``: item vectors and user ID rows by id."""
+    state = ServingState.from_chain(store, store.chain(version))
+    items = {i: state.item_rows([p])[0].tolist() for i, p in state.item_pos.items()}
+    users = {u: row.tolist() for u in state.user_rows if (row := state.user_id_row(u)) is not None}
+    return items, users
+
+
+def test_a_full_version_built_aside_carries_the_deltas_published_meanwhile(
+    config: Config, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config.with_overrides({"publisher": {"full_every": 1, "full_build_max_share": 0}})
+    daemon = PublisherDaemon(cfg)
+    daemon.recover(store)
+    save(cfg, seq=1)
+    v1 = daemon.poll_checkpoint(store)
+    save(cfg, seq=2, user_updated=[2, 1, 1, 1, 1], item_updated=[1, 1, 1, 1, 1, 1])
+    daemon.poll_checkpoint(store)
+
+    release = threading.Event()
+    real_full_snapshot = publisher_daemon.full_snapshot
+
+    def slow_full_snapshot(*args: object, **kwargs: object) -> object:
+        assert release.wait(60)  # an index build that takes a while
+        return real_full_snapshot(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(publisher_daemon, "full_snapshot", slow_full_snapshot)
+    save(cfg, seq=3, user_updated=[2, 3, 1, 1, 1], item_updated=[1, 1, 1, 1, 1, 1])
+    v3 = daemon.poll_checkpoint(store)  # a full version is due (full_every=1): a delta now, the full aside
+    assert v3 is not None and store.meta(v3).kind == DELTA and daemon._compaction is not None
+    # meanwhile the parameter path goes on: changed rows, as a delta on the served chain
+    save(cfg, seq=4, user_updated=[2, 3, 4, 1, 1], item_updated=[1, 1, 1, 4, 1, 1])
+    v4 = daemon.poll_checkpoint(store)
+    assert v4 is not None and store.meta(v4).kind == DELTA and store.meta(v4).parent == v3
+    assert store.current_version() == v4
+    before = _served_state(store, v4)
+
+    release.set()
+    tip = finish_aside(daemon, store)
+    chain = store.chain(tip)
+    assert [m.kind for m in chain] == [FULL, DELTA] and chain[0].version > v4 and chain[0].trainer_seq == 3
+    assert chain[1].trainer_seq == 4 and read_parts(store, tip)[-1] == read_parts(store, v4)[-1]  # v4, carried over
+    assert store.current_version() == tip and daemon._last is not None and daemon._last.version == tip
+    assert daemon._last.deltas_since_full == 1
+    assert _served_state(store, tip) == before  # the same state, on a chain of two versions
+
+    # a full version built aside for weights that new ones replaced meanwhile is dropped
+    release.clear()
+    save(cfg, seq=5, user_updated=[2, 3, 4, 5, 1], item_updated=[1, 1, 1, 4, 1, 1])
+    daemon.poll_checkpoint(store)
+    save(cfg, seq=6, user_updated=[2, 3, 4, 5, 6], item_updated=[1, 1, 1, 4, 1, 1])
+    daemon.poll_checkpoint(store)
+    job = daemon._compaction
+    assert job is not None
+    monkeypatch.setattr(publisher_daemon, "full_snapshot", real_full_snapshot)
+    save(cfg, seq=7, dense_version=2, seed=9)
+    v7 = daemon.poll_checkpoint(store)
+    assert v7 is not None and store.meta(v7).kind == FULL and daemon._compaction is None
+    release.set()
+    assert job.done.wait(60) and daemon.finish_compaction(store) is None and store.current_version() == v7
+    assert v1 is not None
 
 
 def save_row_update(
@@ -280,7 +358,9 @@ def test_row_updates_become_deltas_until_the_next_full_checkpoint(config: Config
     save(cfg, seq=6, user_updated=[1, 1, 1, 1, 6], item_updated=[1, 1, 1, 1, 1, 1])
     assert checkpoint.row_updates(cfg.trainer.state_dir) == []
     v6 = daemon.poll_checkpoint(store)
-    assert v6 is not None and store.meta(v6).kind == FULL and daemon._last is not None
+    assert v6 is not None and store.meta(v6).kind == DELTA  # the due full version: built aside
+    v6 = finish_aside(daemon, store)
+    assert store.meta(v6).kind == FULL and daemon._last is not None
     assert daemon._last.trainer_seq == 6 and daemon._last.deltas_since_full == 0
 
     # then row updates after it are deltas on the new full version
@@ -293,18 +373,20 @@ def test_row_updates_become_deltas_until_the_next_full_checkpoint(config: Config
 def test_trim_keeps_the_newest_full_versions(config: Config, store: SnapshotStore) -> None:
     cfg = config.with_overrides({"publisher": {"full_every": 1, "keep_versions": 2, "full_build_max_share": 0}})
     daemon = PublisherDaemon(cfg)
-    written = []
-    for seq in range(1, 8):  # full, delta, full, delta, ... (full_every=1)
+    first = None
+    for seq in range(1, 8):  # full, delta, delta + full aside, delta, delta + full aside, ... (full_every=1)
         save(cfg, seq=seq, item_updated=[seq] * 6)
         version = daemon.poll_checkpoint(store)
         assert version is not None
-        written.append((version, store.meta(version).kind))
-    fulls = [v for v, kind in written if kind == FULL]
-    assert [kind for _, kind in written] == [FULL, DELTA, FULL, DELTA, FULL, DELTA, FULL]
+        first = first or version
+        if daemon._compaction is not None:
+            finish_aside(daemon, store)
     stored = [int(v) for v in store.redis.zrange(store.layout.versions, 0, -1)]
-    assert stored == [v for v, _ in written if v >= fulls[-2]]
-    assert store.redis.hgetall(store.layout.meta(written[0][0])) == {}
-    assert not store.redis.keys(f"{store.layout.prefix}:snap:v:{written[0][0]}:*")
+    fulls = [v for v in stored if store.meta(v).kind == FULL]
+    assert len(fulls) == 2 and stored[0] == fulls[0]  # nothing older than the second newest full
+    assert store.redis.hgetall(store.layout.meta(first or 0)) == {}
+    assert not store.redis.keys(f"{store.layout.prefix}:snap:v:{first}:*")
+    assert store.chain(store.current_version() or 0)[0].version == fulls[-1]
     read_parts(store, store.current_version() or 0)  # the served chain is intact
 
 

@@ -273,13 +273,14 @@ class PublisherConfig(_Section):
     """Publish a full snapshot after this many deltas even if the dense weights did not change
     (it compacts the delta chain a starting retriever applies), within ``full_build_max_share``."""
     full_build_max_share: float = Field(default=0.1, ge=0, le=1)
-    """A full snapshot that only compacts the chain (``full_every``; the same dense weights)
-    rebuilds the Faiss index, and the publisher publishes no delta while it builds: it is due only
-    once the last full snapshot took at most this share of the time since it was published (0: no
-    limit). Small catalogues are unaffected (a build of tens of ms allows one every second or so);
-    at 1M items an HNSW build takes minutes, and without this limit every 50 deltas would stop the
-    parameter path for that long. New dense weights publish a full snapshot at once, whatever this
-    says."""
+    """A full snapshot that only compacts the chain (``full_every``; the same dense weights) is
+    built aside, on a thread of its own, while deltas go on being published; the deltas published
+    meanwhile are carried over onto it, and retrievers switch once it is complete. Such a build is
+    started only once the last full snapshot took at most this share of the time since it was
+    published (0: no limit): at 1M items an HNSW build takes minutes of CPU, which the retrievers
+    and the trainer on the same machine need too. Small catalogues are unaffected (a build of tens
+    of ms allows one every second or so). New dense weights publish a full snapshot at once (its
+    deltas could not apply to the old weights' items), whatever this says."""
     keep_versions: int = Field(default=5, ge=2)
     """How many full versions (with their deltas) are kept in Redis."""
     history_max_len: int = Field(default=100, ge=1)

@@ -18,7 +18,10 @@ Layout (``p`` is the configured key prefix):
 
 A version is written completely (chunks and meta) before the pointer moves, and the pointer
 never moves backwards except through an explicit rollback. A delta names its parent; a
-reader applies the chain from the nearest full version.
+reader applies the chain from the nearest full version. A writer may store several versions
+before moving the pointer once, to the last of them (``write(current=False)``, then
+``make_current``): the publisher's chain compaction does, so that retrievers never serve its
+new full version before the deltas copied onto it.
 """
 
 from __future__ import annotations
@@ -122,7 +125,9 @@ class SnapshotStore:
         self.chunk_bytes = chunk_bytes
 
     # --- writing -------------------------------------------------------------------------
-    def write(self, kind: str, parts: Mapping[str, bytes], parent: int | None, trainer_seq: int) -> int:
+    def write(
+        self, kind: str, parts: Mapping[str, bytes], parent: int | None, trainer_seq: int, *, current: bool = True
+    ) -> int:
         """Store a version fully, then move the pointer to it and announce it.
 
         Args:
@@ -130,6 +135,8 @@ class SnapshotStore:
             parts: part name → bytes.
             parent: the version a delta applies to (required for a delta).
             trainer_seq: the trainer checkpoint sequence number the version reflects.
+            current: move the pointer; ``False`` stores the version (listed, so :meth:`trim`
+                deletes it in time) for a later :meth:`make_current` of it or of a delta on it.
 
         Returns:
             The new version number.
@@ -165,9 +172,20 @@ class SnapshotStore:
             meta[f"size:{name}"] = len(data)
             meta[f"chunks:{name}"] = len(chunks)
         pipe.hset(lay.meta(version), mapping=meta)
+        if not current:
+            pipe.zadd(lay.versions, {str(version): version})
         pipe.execute()
-        self._point_to(version, forward_only=True)
+        if current:
+            self._point_to(version, forward_only=True)
         return version
+
+    def make_current(self, version: int) -> None:
+        """Move the pointer to a version stored with ``current=False`` (never back to an older one)."""
+        self._point_to(version, forward_only=True)
+
+    def read_parts(self, meta: VersionMeta) -> dict[str, bytes]:
+        """Every part of a version, each checked (:meth:`read_part`)."""
+        return {name: self.read_part(meta, name) for name in meta.parts}
 
     def _point_to(self, version: int, forward_only: bool) -> None:
         lay = self.layout
