@@ -79,6 +79,13 @@ def cpu_jiffies() -> tuple[int, int]:
     return 0, 0
 
 
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """Percent of the machine's CPU time stolen by the host between two :func:`cpu_jiffies`
+    readings (``None`` when no tick passed)."""
+    ticks = after[1] - before[1]
+    return round(100 * (after[0] - before[0]) / ticks, 2) if ticks > 0 else None
+
+
 def wrk_latencies(latencies_us: Sequence[float]) -> dict[str, float]:
     """wrk's latency figures (``p50_us`` … ``max_us``, ``mean_us``) of a Python load generator's
     samples, by wrk's nearest-rank rule (no interpolation); zeros for no samples."""
@@ -185,7 +192,7 @@ def services(needed: Collection[str], env: Mapping[str, str] | None = None) -> I
     Services named by ``KAFKA_BOOTSTRAP`` / ``REDIS_URL`` in ``env`` are used as they are;
     the others are started by :func:`twotower.infra.up` into a temporary directory on free
     ports and stopped (by :func:`twotower.infra.down`, which stops only what it started) at
-    the end.
+    the end, when the directory is removed too.
     """
     env = os.environ if env is None else env
     state = Path(tempfile.mkdtemp(prefix="twotower-bench-infra-"))
@@ -204,6 +211,7 @@ def services(needed: Collection[str], env: Mapping[str, str] | None = None) -> I
         yield endpoints
     finally:
         infra.down(state, services=list(needed))
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:

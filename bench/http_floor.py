@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import HOST, cpu_jiffies, free_ports, wait_until
+from bench.common import HOST, cpu_jiffies, free_ports, steal_pct, wait_until
 from bench.open_loop import run_open_loop
 
 log = logging.getLogger(__name__)
@@ -89,10 +89,7 @@ def measure(
             for rate in rates:
                 before = cpu_jiffies()
                 result = run_open_loop(f"http://{HOST}:{port}", rate, duration_s, users, k, seed)
-                after = cpu_jiffies()
-                ticks = after[1] - before[1]
-                steal = round(100 * (after[0] - before[0]) / ticks, 2) if ticks > 0 else None
-                out.append({**_summary(rate, duration_s, result), "steal_pct": steal})
+                out.append({**_summary(rate, duration_s, result), "steal_pct": steal_pct(before, cpu_jiffies())})
                 log.info("HTTP floor at %.0f/s: %s", rate, out[-1])
         finally:
             proc.terminate()

@@ -74,6 +74,7 @@ from bench.common import (
     services,
     session_cpu_s,
     spawned_result,
+    steal_pct,
     wait_until,
     wrk_latencies,
 )
@@ -747,12 +748,15 @@ def _cpu_counters(retriever_pid: int, client: redis.Redis) -> dict[str, float]:
     }
 
 
+def _ticks(counters: dict[str, float]) -> tuple[int, int]:
+    return int(counters["machine_stolen_ticks"]), int(counters["machine_ticks"])
+
+
 def _cpu_report(before: dict[str, float], after: dict[str, float], requests: int, duration_s: float) -> dict:
     """CPU milliseconds per request of each party, and the QPS those costs allow on this machine
     if nothing else ran on it (an estimate: the machine may be shared while measuring), and the
     share of the machine's CPU time its host took meanwhile (``steal_pct``, :func:`cpu_jiffies`)."""
-    used = {name: after[name] - before[name] for name in before}
-    stolen, ticks = used.pop("machine_stolen_ticks"), used.pop("machine_ticks")
+    used = {name: after[name] - before[name] for name in before if not name.startswith("machine_")}
     per_request = {
         f"{name}_ms_per_request": round(1000 * v / requests, 4) if requests else None for name, v in used.items()
     }
@@ -763,7 +767,7 @@ def _cpu_report(before: dict[str, float], after: dict[str, float], requests: int
         "total_ms_per_request": round(1000 * total / requests, 4) if requests else None,
         "retriever_cores_busy": round(used["retriever"] / duration_s, 2) if duration_s > 0 else None,
         "qps_if_alone_estimate": round(requests * nproc / total, 0) if total > 0 else None,
-        "steal_pct": round(100 * stolen / ticks, 2) if ticks > 0 else None,
+        "steal_pct": steal_pct(_ticks(before), _ticks(after)),
     }
 
 
