@@ -3,7 +3,7 @@
 An HNSW search at 1M items reads a few thousand vectors and graph rows scattered over ~0.5 GB.
 With 4 KiB pages nearly every one of those reads misses the TLB, and in a virtual machine a TLB
 miss walks two page tables. Backed by 2 MiB pages the same search costs about a third less
-(measured in-process at 1M items, four interleaved pairs: p50 0.70-0.93 → 0.48-0.59 ms, p99
+(measured in-process at 1M items, four interleaved rounds: p50 0.70-0.93 → 0.48-0.59 ms, p99
 1.2-7.0 → 0.7-1.0 ms).
 
 Linux hands out huge pages only to memory that asks for them (``madvise``, the default THP
@@ -20,13 +20,10 @@ index into its own memory instead of mapping it (``retriever.index_huge_pages``)
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import sys
 from collections.abc import Mapping, MutableMapping
-
-log = logging.getLogger(__name__)
 
 ENV = "GLIBC_TUNABLES"
 TUNABLE = "glibc.malloc.hugetlb"

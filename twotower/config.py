@@ -317,9 +317,9 @@ class RetrieverConfig(_Section):
     request thread longer than 5 ms. Costs nothing while the watcher is idle."""
     startup_wait_s: float = Field(default=60.0, ge=0)
     """How long a starting worker waits for its first snapshot load before it accepts connections,
-    when a version is published already. The workers of ``serve --workers N`` take connections from
-    one shared socket, each only once it accepts: a client then never meets a worker still loading
-    (503) beside one that is ready (``/ready`` of one worker says nothing of the others). After this
+    when a version is published already. Each worker of ``serve --workers N`` listens on its own
+    socket (:mod:`retriever.workers`) only from then on: a client then never meets a worker still
+    loading (503) beside one that is ready (``/ready`` of one worker says nothing of the others). After this
     long the worker accepts anyway and answers 503 until a load succeeds; with no version
     published yet it accepts at once. 0: never wait."""
     parts_dir: str | None = None
@@ -333,7 +333,8 @@ class RetrieverConfig(_Section):
     """Back the Faiss index with transparent huge pages (:mod:`retriever.hugepages`; Linux with
     glibc): ``twotower serve`` starts again with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` and each
     worker reads the index into its own memory rather than mapping the shared file. Measured at 1M
-    items (HNSW): search p50 about a third lower, 1.6-1.8 → 1.2 ms retriever CPU per request; the
+    items (HNSW): search p50 about a third lower; three A/B pairs over HTTP gave 1.13 / 1.70 / 1.40 →
+    0.91 / 0.97 / 1.38 ms retriever CPU per request; the
     cost is one copy of the index per worker (0.5 GB at 1M items) and about 1 s more per worker to
     load a full version. ``false``: the index is mapped from the shared file (one copy per host)."""
 
