@@ -77,6 +77,9 @@ def retriever_command(
         "--open-rate",
         help="After the closed-loop run: an open-loop run at this many requests/s (no swaps); repeatable.",
     ),
+    open_swaps: bool = typer.Option(
+        False, "--open-swaps", help="Publish the --swaps versions during each open-loop run too."
+    ),
     http_floor: bool = typer.Option(
         True,
         "--http-floor/--no-http-floor",
@@ -118,6 +121,7 @@ def retriever_command(
         swap_kinds=swap_kinds,
         index_cache=index_cache,
         open_rates=tuple(open_rates),
+        open_swaps=open_swaps,
         http_floor=http_floor,
     )
     typer.echo(write_report(run(opts), json_out))

@@ -157,6 +157,9 @@ class RetrieverBenchOptions:
     open_rates: tuple[float, ...] = ()
     """After the closed-loop run (and its swaps): one open-loop run per rate, in requests per
     second, ``duration_s`` each, without swaps (:mod:`bench.open_loop`)."""
+    open_swaps: bool = False
+    """Publish ``swaps`` versions (as in the closed loop) during each open-loop run too: whether a
+    swap delays requests at a load the machine can carry, apart from the closed loop's queueing."""
     http_floor: bool = True
     """With ``open_rates``: also drive a server that does nothing at the same rates, once the
     retriever has stopped (:mod:`bench.http_floor`)."""
@@ -656,7 +659,8 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 cpu_after = _cpu_counters(retriever.pid, client)
                 swaps.join(opts.duration_s + 600)
                 load_end_s = time.monotonic() - t0
-                last = swaps.records[-1].version if swaps.records else first
+                closed_swaps = list(swaps.records)  # the open-loop runs may publish more
+                last = closed_swaps[-1].version if closed_swaps else first
                 settle_timeout = 30.0 + opts.items / 5_000
                 settled = True
                 try:
@@ -670,7 +674,10 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                     settled = False
                 after = scrape(f"{base_url}/metrics")
                 retriever.check_alive()
-                open_loop = [_open_loop_phase(opts, rate, base_url, retriever.pid, client) for rate in opts.open_rates]
+                open_loop = [
+                    _open_loop_phase(opts, rate, base_url, retriever.pid, client, swaps if opts.open_swaps else None)
+                    for rate in opts.open_rates
+                ]
                 retriever.check_alive()
             if opts.open_rates and opts.http_floor:  # the retriever has stopped: the cores are free
                 log.info("measuring the HTTP floor (a server that does nothing) at the same rates")
@@ -685,25 +692,20 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
 
     report["http"] = _http_report(result, before, after, opts, tool)
     report["cpu"] = _cpu_report(cpu_before, cpu_after, report["http"]["requests"], result["duration_us"] / 1e6)
-    swaps_applied = metric_sum(after, "twotower_retriever_swaps_total") - metric_sum(
-        before, "twotower_retriever_swaps_total"
-    )
+    swaps_applied = _swaps_applied(before, after)
     report["swaps"] = {
-        "published": len(swaps.records),
-        "published_full": sum(1 for r in swaps.records if r.kind == FULL),
-        "published_delta": sum(1 for r in swaps.records if r.kind == DELTA),
-        "applied_by_all_workers": int(swaps_applied),
-        "applied_full": int(
-            metric_sum(after, "twotower_retriever_swaps_total", kind="full")
-            - metric_sum(before, "twotower_retriever_swaps_total", kind="full")
-        ),
+        "published": len(closed_swaps),
+        "published_full": sum(1 for r in closed_swaps if r.kind == FULL),
+        "published_delta": sum(1 for r in closed_swaps if r.kind == DELTA),
+        "applied_by_all_workers": swaps_applied,
+        "applied_full": _swaps_applied(before, after, kind="full"),
         "mean_swap_s": _mean_swap_s(before, after),
         "workers_on_last_version": settled,
         "load_ended_at_s": round(load_end_s, 2),
         "publish_error": repr(swaps.error) if swaps.error else None,
-        "schedule": [asdict(r) for r in swaps.records],
+        "schedule": [asdict(r) for r in closed_swaps],
     }
-    report["swaps_done"] = int(swaps_applied) // opts.workers
+    report["swaps_done"] = swaps_applied // opts.workers
     report["machine"] = {**machine_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     if open_loop:
         report["open_loop"] = open_loop
@@ -711,15 +713,33 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
     return report
 
 
+def _swaps_applied(before: list[Sample], after: list[Sample], **labels: str) -> int:
+    """Serving-state swaps the retriever's workers made between two scrapes (summed over workers)."""
+    name = "twotower_retriever_swaps_total"
+    return int(metric_sum(after, name, **labels) - metric_sum(before, name, **labels))
+
+
 def _open_loop_phase(
-    opts: RetrieverBenchOptions, rate: float, base_url: str, retriever_pid: int, client: redis.Redis
+    opts: RetrieverBenchOptions,
+    rate: float,
+    base_url: str,
+    retriever_pid: int,
+    client: redis.Redis,
+    swaps: SwapPublisher | None = None,
 ) -> dict[str, Any]:
-    """One open-loop run at ``rate`` requests per second: latencies, errors and CPU per request."""
+    """One open-loop run at ``rate`` requests per second: latencies, errors and CPU per request;
+    with ``swaps``, ``opts.swaps`` versions published during it (and what the workers applied)."""
     log.info("open loop at %.0f requests/s for %.0f s", rate, opts.duration_s)
+    plan = swaps.plan(opts.swaps, opts.swap_kinds) if swaps is not None else []
+    published = len(swaps.records) if swaps is not None else 0
     before = scrape(f"{base_url}/metrics")
     cpu_before = _cpu_counters(retriever_pid, client)
+    if swaps is not None and plan:
+        swaps.start(plan, swap_times(len(plan), opts.duration_s), time.monotonic())
     result = run_open_loop(base_url, rate, opts.duration_s, opts.users, opts.k, opts.seed + 7)
     cpu_after = _cpu_counters(retriever_pid, client)
+    if swaps is not None:
+        swaps.join(600)
     after = scrape(f"{base_url}/metrics")
     http = _http_report(result, before, after, opts, "open-loop")
     http.pop("concurrency")
@@ -731,6 +751,11 @@ def _open_loop_phase(
         from_send_p50_ms=round(result["from_send_p50_us"] / 1000, 3),
         from_send_p99_ms=round(result["from_send_p99_us"] / 1000, 3),
     )
+    if swaps is not None:
+        http.update(
+            swaps_published=len(swaps.records) - published,
+            swaps_applied_by_all_workers=_swaps_applied(before, after),
+        )
     log.info("open loop at %.0f/s: %s", rate, http)
     return {**http, "cpu": _cpu_report(cpu_before, cpu_after, http["requests"], result["duration_us"] / 1e6)}
 
