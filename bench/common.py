@@ -104,6 +104,12 @@ def wrk_latencies(latencies_us: Sequence[float]) -> dict[str, float]:
     }
 
 
+def latencies_ms(result: Mapping[str, Any]) -> dict[str, float]:
+    """``p50_ms`` … ``max_ms`` and ``mean_ms`` of a load generator's result in microseconds
+    (:func:`wrk_latencies`' keys), rounded to the microsecond."""
+    return {f"{q}_ms": round(result[f"{q}_us"] / 1000, 3) for q in ("p50", "p90", "p99", "p999", "max", "mean")}
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0..100) by linear interpolation; ``nan`` for no values.
 
@@ -265,6 +271,11 @@ def scrape(url: str, timeout_s: float = 5.0) -> list[Sample]:
 def metric_sum(samples: Sequence[Sample], name: str, **labels: str) -> float:
     """Sum of the samples called ``name`` whose labels include ``labels``."""
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def counter_increase(before: Sequence[Sample], after: Sequence[Sample], name: str, **labels: str) -> int:
+    """How much a counter (summed over the samples matching ``labels``) grew between two scrapes."""
+    return int(metric_sum(after, name, **labels) - metric_sum(before, name, **labels))
 
 
 def delete_prefix(redis_url: str, prefix: str) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import HOST, cpu_jiffies, free_ports, steal_pct, wait_until
+from bench.common import HOST, cpu_jiffies, free_ports, latencies_ms, steal_pct, wait_until
 from bench.open_loop import run_open_loop
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def _summary(rate: float, duration_s: float, result: Mapping[str, Any]) -> dict[
         "offered_qps": rate,
         "qps": round(result["requests"] / duration_s, 1),
         "errors": sum(result[key] for key in ("connect", "read", "write", "status", "timeout")),
-        **{f"{p}_ms": round(result[f"{p}_us"] / 1000, 3) for p in ("p50", "p90", "p99", "p999", "max")},
+        **latencies_ms(result),
         "from_send_p50_ms": round(result["from_send_p50_us"] / 1000, 3),
         "from_send_p99_ms": round(result["from_send_p99_us"] / 1000, 3),
     }

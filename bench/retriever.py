@@ -62,9 +62,11 @@ from bench.common import (
     HOST,
     DaemonProcess,
     Sample,
+    counter_increase,
     cpu_jiffies,
     delete_prefix,
     free_ports,
+    latencies_ms,
     machine_info,
     metric_sum,
     percentile,
@@ -90,6 +92,9 @@ from twotower.snapshot_parts import USERS, WEIGHTS, DeltaSnapshot, FullSnapshot,
 from twotower.snapshots import DELTA, FULL, SnapshotLayout, SnapshotStore
 
 log = logging.getLogger(__name__)
+
+REQUESTS_TOTAL = "twotower_retriever_requests_total"
+"""The retriever's request counter (labelled by HTTP status), read from its /metrics."""
 
 HISTORY_SPAN_MS = 3 * 86_400_000
 """Seeded history events lie within this much of now."""
@@ -715,8 +720,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
 
 def _swaps_applied(before: list[Sample], after: list[Sample], **labels: str) -> int:
     """Serving-state swaps the retriever's workers made between two scrapes (summed over workers)."""
-    name = "twotower_retriever_swaps_total"
-    return int(metric_sum(after, name, **labels) - metric_sum(before, name, **labels))
+    return counter_increase(before, after, "twotower_retriever_swaps_total", **labels)
 
 
 def _open_loop_phase(
@@ -799,14 +803,8 @@ def _cpu_report(before: dict[str, float], after: dict[str, float], requests: int
 def _http_report(
     result: dict[str, Any], before: list[Sample], after: list[Sample], opts: RetrieverBenchOptions, tool: str
 ) -> dict[str, Any]:
-    def delta(**labels: str) -> int:
-        return int(
-            metric_sum(after, "twotower_retriever_requests_total", **labels)
-            - metric_sum(before, "twotower_retriever_requests_total", **labels)
-        )
-
-    served = delta()
-    ok = delta(status="200")
+    served = counter_increase(before, after, REQUESTS_TOTAL)
+    ok = counter_increase(before, after, REQUESTS_TOTAL, status="200")
     duration_s = result["duration_us"] / 1e6
     client_errors = result["connect"] + result["read"] + result["write"] + result["timeout"] + result["status"]
     return {
@@ -816,12 +814,7 @@ def _http_report(
         "duration_s": round(duration_s, 2),
         "requests": result["requests"],
         "qps": round(result["requests"] / duration_s, 1) if duration_s > 0 else 0.0,
-        "p50_ms": round(result["p50_us"] / 1000, 3),
-        "p90_ms": round(result["p90_us"] / 1000, 3),
-        "p99_ms": round(result["p99_us"] / 1000, 3),
-        "p999_ms": round(result["p999_us"] / 1000, 3),
-        "max_ms": round(result["max_us"] / 1000, 3),
-        "mean_ms": round(result["mean_us"] / 1000, 3),
+        **latencies_ms(result),
         "errors": client_errors,
         "client_errors": {key: result[key] for key in ("connect", "read", "write", "timeout", "status")},
         "non_200": served - ok,
@@ -833,18 +826,17 @@ def _http_report(
 def _mean_swap_s(before: list[Sample], after: list[Sample]) -> float | None:
     """Mean time a worker took to build a new serving state during the run (its own histogram)."""
     name = "twotower_retriever_swap_seconds"
-    count = metric_sum(after, name + "_count") - metric_sum(before, name + "_count")
+    count = counter_increase(before, after, name + "_count")
     total = metric_sum(after, name + "_sum") - metric_sum(before, name + "_sum")
     return round(total / count, 3) if count > 0 else None
 
 
 def _by_status(before: list[Sample], after: list[Sample]) -> dict[str, int]:
     """Server-side count of answers per HTTP status other than 200 during the run."""
-    name = "twotower_retriever_requests_total"
-    statuses = {s.labels.get("status", "") for s in after if s.name == name} - {"200"}
+    statuses = {s.labels.get("status", "") for s in after if s.name == REQUESTS_TOTAL} - {"200"}
     out = {}
     for status in sorted(statuses):
-        n = int(metric_sum(after, name, status=status) - metric_sum(before, name, status=status))
+        n = counter_increase(before, after, REQUESTS_TOTAL, status=status)
         if n:
             out[status] = n
     return out

@@ -185,7 +185,7 @@ def served_items(store: SnapshotStore, version: int) -> tuple[set[str], list[Ver
         if meta.kind == FULL:
             items = set(unpack_rows(store.read_part(meta, ITEMS)).ids)
         else:
-            delta = decode_delta({name: store.read_part(meta, name) for name in meta.parts})
+            delta = decode_delta(store.read_parts(meta))
             items |= set(delta.items.ids)
             items -= set(delta.removed_items)
     return items, chain
@@ -564,19 +564,24 @@ class PublisherDaemon(Daemon):
             store.make_current(version)
             self._last = replace(last, version=version, deltas_since_full=len(job.after))
             self._record(FULL, version, job.started)  # the gauge shows the new tip
-            self._last_full_cost = (time.perf_counter() - job.started, time.monotonic())
+            took_s = time.perf_counter() - job.started
+            self._last_full_cost = (took_s, time.monotonic())
             log.info(
                 "published full version %d of checkpoint %d (built aside in %.1f s) and %d deltas carried over onto it",
                 full,
                 job.seq,
-                time.perf_counter() - job.started,
+                took_s,
                 len(job.after),
                 extra={"version": full, "kind": FULL, "trainer_seq": job.seq},
             )
+        self._trim(store)
+        return version
+
+    def _trim(self, store: SnapshotStore) -> None:
+        """Delete the versions older than the ``publisher.keep_versions``-th newest full one."""
         trimmed = store.trim(self.cfg.publisher.keep_versions)
         if trimmed:
             log.info("trimmed %d old versions (%d..%d)", len(trimmed), min(trimmed), max(trimmed))
-        return version
 
     def _compaction_allowed(self) -> bool:
         """``publisher.full_build_max_share`` against this process's last full version (a
@@ -635,9 +640,7 @@ class PublisherDaemon(Daemon):
                 extra={"version": version, "kind": FULL, "trainer_seq": ckpt.seq},
             )
             flushed = self._flush_pending_locked(store)
-        trimmed = store.trim(self.cfg.publisher.keep_versions)
-        if trimmed:
-            log.info("trimmed %d old versions (%d..%d)", len(trimmed), min(trimmed), max(trimmed))
+        self._trim(store)
         return flushed or version
 
     def _write_delta_locked(self, store: SnapshotStore, delta: DeltaSnapshot, trainer_seq: int, started: float) -> int:

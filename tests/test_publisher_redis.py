@@ -44,7 +44,7 @@ def store(config: Config) -> Iterator[SnapshotStore]:
 
 
 def read_parts(store: SnapshotStore, version: int) -> list[dict[str, bytes]]:
-    return [{name: store.read_part(meta, name) for name in meta.parts} for meta in store.chain(version)]
+    return [store.read_parts(meta) for meta in store.chain(version)]
 
 
 def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> object:

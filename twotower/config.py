@@ -319,9 +319,9 @@ class RetrieverConfig(_Section):
     """How long a starting worker waits for its first snapshot load before it accepts connections,
     when a version is published already. Each worker of ``serve --workers N`` listens on its own
     socket (:mod:`retriever.workers`) only from then on: a client then never meets a worker still
-    loading (503) beside one that is ready (``/ready`` of one worker says nothing of the others). After this
-    long the worker accepts anyway and answers 503 until a load succeeds; with no version
-    published yet it accepts at once. 0: never wait."""
+    loading (503) beside one that is ready (``/ready`` of one worker says nothing of the others).
+    After this long the worker accepts anyway and answers 503 until a load succeeds; with no
+    version published yet it accepts at once. 0: never wait."""
     parts_dir: str | None = None
     """Host-local directory where the worker processes of a host share the big parts of a full
     version (item vectors, Faiss index; :mod:`retriever.parts`): the first worker to load a version
@@ -333,10 +333,10 @@ class RetrieverConfig(_Section):
     """Back the Faiss index with transparent huge pages (:mod:`retriever.hugepages`; Linux with
     glibc): ``twotower serve`` starts again with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` and each
     worker reads the index into its own memory rather than mapping the shared file. Measured at 1M
-    items (HNSW): search p50 about a third lower; three A/B pairs over HTTP gave 1.13 / 1.70 / 1.40 →
-    0.91 / 0.97 / 1.38 ms retriever CPU per request; the
-    cost is one copy of the index per worker (0.5 GB at 1M items) and about 1 s more per worker to
-    load a full version. ``false``: the index is mapped from the shared file (one copy per host)."""
+    items (HNSW): search p50 about a third lower; three A/B pairs over HTTP gave 1.13 / 1.70 /
+    1.40 → 0.91 / 0.97 / 1.38 ms retriever CPU per request. The cost is one copy of the index per
+    worker (0.7 GB of huge pages at 1M items) and about 1 s more per worker to load a full
+    version. ``false``: the index is mapped from the shared file (one copy per host)."""
 
 
 class SimulatorConfig(_Section):

@@ -209,8 +209,7 @@ class SnapshotStore:
     def rollback(self, version: int) -> None:
         """Point retrievers back to a stored version (checked complete first)."""
         for meta in self.chain(version):
-            for name in meta.parts:
-                self.read_part(meta, name)
+            self.read_parts(meta)
         self._point_to(version, forward_only=False)
 
     def trim(self, keep_full: int) -> list[int]:
