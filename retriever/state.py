@@ -5,10 +5,12 @@ deltas) and never changed afterwards: request handlers read whichever state the 
 published last, and the watcher replaces it by assigning a new object. Applying a delta
 therefore builds a *new* state, so a request that still holds the old state never sees a
 half-applied delta; and it does so in O(what deltas changed since the full version), never
-O(catalogue): the full version's id → position and user → row dicts, its id list and its
-vector and user matrices are shared read-only by every state derived from it, and each state
-adds only small layers on top (:class:`LayeredMap` of changed ids, :class:`LayeredIds` of
-appended ids, the vectors of touched items, the ID rows of changed users).
+O(catalogue): the full version's item and user ids (each an
+:class:`~twotower.id_table.IdTable`: id ↔ position as arrays, no Python object per id, read
+from the parts as they are) and its vector and user matrices are shared read-only by every
+state derived from it, and each state adds only small layers on top (:class:`LayeredMap` of
+changed ids, :class:`LayeredIds` of appended ids, the vectors of touched items, the ID rows of
+changed users).
 
 Item positions are the rows of the ``items`` part of the base full version, extended by
 every new item a delta appends; Faiss ids are those positions. A removed item keeps its
@@ -40,6 +42,7 @@ import torch
 from retriever.parts import PartReader, deserialize_index
 from twotower.blobs import BlobError, Rows, pack_rows, unpack_rows_gently
 from twotower.config import ModelConfig
+from twotower.id_table import IdTable, IdTableError
 from twotower.model import (
     CONTEXT_FEATURES_KEY,
     NumpyUserTower,
@@ -114,23 +117,38 @@ class _BaseFilter:
 
 
 class LayeredMap(Mapping[str, int]):
-    """A read-only ``str → int`` map: a base dict shared by every state of one full version,
-    plus the changes deltas made since (``None``: removed). Applying a delta copies only the
-    changes (O(ids changed since the full version)), never the base."""
+    """A read-only ``str → int`` map: the full version's ids (an :class:`IdTable`, id → its
+    position) shared by every state of one full version, plus the changes deltas made since
+    (``None``: removed). Applying a delta copies only the changes (O(ids changed since the full
+    version)), never the base."""
 
     __slots__ = ("_base", "_changes", "_len")
 
-    def __init__(self, base: dict[str, int], changes: dict[str, int | None] | None = None, length: int | None = None):
+    def __init__(self, base: IdTable, changes: dict[str, int | None] | None = None, length: int | None = None):
         self._base = base
         self._changes: dict[str, int | None] = changes if changes is not None else {}
         self._len = len(base) if length is None else length
 
     def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        value = self.get_many([key])[0]
+        return default if value is None else value
+
+    def get_many(self, keys: Sequence[str]) -> list[int | None]:
+        """The value of each key (``None`` where absent), the base searched once for all."""
         changes = self._changes
-        if changes and key in changes:
-            value = changes[key]
-            return default if value is None else value
-        return self._base.get(key, default)
+        if not changes:
+            return self._base.positions(keys)
+        out: list[int | None] = [None] * len(keys)
+        rest: list[int] = []
+        for i, key in enumerate(keys):
+            if key in changes:
+                out[i] = changes[key]
+            else:
+                rest.append(i)
+        if rest:
+            for i, value in zip(rest, self._base.positions([keys[i] for i in rest]), strict=True):
+                out[i] = value
+        return out
 
     def __getitem__(self, key: str) -> int:
         value = self.get(key)
@@ -153,10 +171,6 @@ class LayeredMap(Mapping[str, int]):
             if value is not None:
                 yield key
 
-    def getter(self) -> Callable[[str], int | None]:
-        """A fast ``get``: the base dict's own when nothing changed since the full version."""
-        return self.get if self._changes else self._base.get
-
     @property
     def n_changes(self) -> int:
         """Ids changed since the base (what a delta copies)."""
@@ -170,7 +184,7 @@ class LayeredMap(Mapping[str, int]):
 class _MapEdit:
     """The changes of a :class:`LayeredMap` being edited by one delta (not shared yet)."""
 
-    def __init__(self, base: dict[str, int], changes: dict[str, int | None], length: int) -> None:
+    def __init__(self, base: IdTable, changes: dict[str, int | None], length: int) -> None:
         self.view = LayeredMap(base, changes, length)
 
     def get(self, key: str) -> int | None:
@@ -199,7 +213,7 @@ class LayeredIds(Sequence[str]):
 
     __slots__ = ("_base", "_extra")
 
-    def __init__(self, base: list[str], extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, base: IdTable, extra: tuple[str, ...] = ()) -> None:
         self._base = base
         self._extra = extra
 
@@ -209,20 +223,18 @@ class LayeredIds(Sequence[str]):
     def __getitem__(self, pos: int) -> str:  # type: ignore[override]
         if not isinstance(pos, int):
             raise TypeError("positions are integers")
-        n = len(self._base)
-        if 0 <= pos < n:
-            return self._base[pos]
         if pos < 0:
             pos += len(self)
-            if pos < 0:
-                raise IndexError(pos)
-            return self[pos]
-        return self._extra[pos - n]
+        if not 0 <= pos < len(self):
+            raise IndexError(pos)
+        return self.ids_at([pos])[0]
 
-    @property
-    def base(self) -> list[str]:
-        """The full version's ids (positions ``0..len(base)-1``; shared, never modified)."""
-        return self._base
+    def ids_at(self, positions: Sequence[int]) -> list[str]:
+        """The ids at ``positions`` (each in ``0..len-1``), the base read once for all."""
+        n = len(self._base)
+        if not self._extra or all(pos < n for pos in positions):
+            return self._base.ids_at(positions)
+        return [self._base[pos] if pos < n else self._extra[pos - n] for pos in positions]
 
     def appended(self, ids: Sequence[str]) -> LayeredIds:
         return LayeredIds(self._base, self._extra + tuple(ids)) if ids else self
@@ -302,10 +314,10 @@ class ServingState:
             raise SnapshotError(
                 f"version {meta.version}: item vectors have width {snap.items.matrix.shape[1]}, dim is {cfg.dim}"
             )
-        item_pos = {item_id: pos for pos, item_id in enumerate(snap.items.ids)}
-        user_rows = {user_id: row for row, user_id in enumerate(snap.users.ids)}
-        if len(item_pos) != len(snap.items.ids) or len(user_rows) != len(snap.users.ids):
-            raise SnapshotError(f"version {meta.version}: duplicate user or item ids")
+        try:  # the ids as read from a part already are tables (no Python object per id)
+            item_ids, user_ids = IdTable.of(snap.items.ids), IdTable.of(snap.users.ids)
+        except IdTableError as exc:
+            raise SnapshotError(f"version {meta.version}: {exc}") from None
         if index is None:
             index = deserialize_index(snap.index)
         if index.d != cfg.dim or index.ntotal != len(snap.items.ids):
@@ -326,11 +338,11 @@ class ServingState:
             created_ms=meta.created_ms,
             model_config=cfg,
             model=model,
-            user_rows=LayeredMap(user_rows),
+            user_rows=LayeredMap(user_ids),
             user_matrix=_frozen(snap.users.matrix),
             user_overrides={},
-            item_ids=LayeredIds(list(snap.items.ids)),
-            item_pos=LayeredMap(item_pos),
+            item_ids=LayeredIds(item_ids),
+            item_pos=LayeredMap(item_ids),
             base_vectors=_frozen(snap.items.matrix),
             touched_vectors={},
             index=index,
@@ -546,14 +558,10 @@ class ServingState:
                 ``model.context_dim``), or ``None`` for zeros.
         """
         cfg = self.model_config
-        positions: list[int] = []
-        stamps: list[int] = []
-        item_pos = self.item_pos.getter()
-        for item_id, ts_ms in history[: cfg.history_len]:
-            pos = item_pos(item_id)
-            if pos is not None:
-                positions.append(pos)
-                stamps.append(ts_ms)
+        recent = history[: cfg.history_len]
+        found = self.item_pos.get_many([item_id for item_id, _ in recent])
+        positions = [pos for pos in found if pos is not None]
+        stamps = [ts_ms for pos, (_, ts_ms) in zip(found, recent, strict=True) if pos is not None]
         id_row = self.user_id_row(user_id)
         if id_row is None:
             id_row = np.zeros(cfg.id_dim, dtype=np.float32)
@@ -639,32 +647,19 @@ class ServingState:
         if k <= 0 or ntotal == 0:
             return []
         exclude = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
-        item_pos = self.item_pos.getter()
-        n_excluded = sum(1 for item_id in exclude if item_pos(item_id) is not None)
+        n_excluded = sum(1 for pos in self.item_pos.get_many(list(exclude)) if pos is not None)
         query = np.ascontiguousarray(vec, dtype=np.float32).reshape(-1, dim)
         if not needs_categories:
             # an exact index can lose at most n_excluded slots to exclusions
             fetch = min(ntotal, k + n_excluded)
-            out = []
-            live_id = self._live_id_getter()
-            for pos, score in self._raw_search(query, fetch):
-                item_id = live_id(pos)
-                if item_id is not None and item_id not in exclude:
-                    out.append((item_id, score))
-                    if len(out) == k:
-                        break
-            return out
+            return [hit for hit in self._live_hits(query, fetch) if hit[0] not in exclude][:k]
         if item_category is None:
             raise ValueError("a category filter or cap needs an item_category lookup")
         categories: dict[str, str | None] = {}
         limit = min(ntotal, MAX_FILTER_CANDIDATES)
         fetch = min(limit, (k + n_excluded) * FILTER_OVERFETCH)
         while True:
-            candidates = [
-                (item_id, score)
-                for pos, score in self._raw_search(query, fetch)
-                if (item_id := self._live_id(pos)) is not None and item_id not in exclude
-            ]
+            candidates = [hit for hit in self._live_hits(query, fetch) if hit[0] not in exclude]
             unknown = [item_id for item_id, _ in candidates if item_id not in categories]
             if unknown:
                 categories.update(zip(unknown, item_category(unknown), strict=True))
@@ -676,20 +671,14 @@ class ServingState:
             picked = sorted(picked + spilled[: k - len(picked)], key=lambda pair: -pair[1])
         return picked
 
-    def _live_id_getter(self) -> Callable[[int], str | None]:
-        """A fast :meth:`_live_id`: with no delta applied since the full version every base
-        position is live and the only one of its id, so a list index answers."""
-        if self.item_pos.n_changes:
-            return self._live_id
-        base = self.item_ids.base
-        n = len(base)
-        return lambda pos: base[pos] if 0 <= pos < n else None
-
-    def _live_id(self, pos: int) -> str | None:
-        if pos < 0 or pos >= len(self.item_ids):
-            return None
-        item_id = self.item_ids[pos]
-        return item_id if self.item_pos.get(item_id) == pos else None
+    def _live_hits(self, query: np.ndarray, fetch: int) -> list[tuple[str, float]]:
+        """:meth:`_raw_search` as ``(item_id, cosine)``, dead positions dropped (the base filter
+        and the overlay already keep them out; checked anyway)."""
+        hits = self._raw_search(query, fetch)
+        n, removed = len(self.item_ids), self.removed
+        hits = [(pos, score) for pos, score in hits if 0 <= pos < n and pos not in removed]
+        item_ids = self.item_ids.ids_at([pos for pos, _ in hits])
+        return [(item_id, score) for item_id, (_, score) in zip(item_ids, hits, strict=True)]
 
 
 def _select(
@@ -719,27 +708,30 @@ def _select(
 
 
 _EMPTY_ROWS = pack_rows(Rows.empty(1))
+BIG_PARTS = (USERS, ITEMS, INDEX)
+"""The parts of a full version read through a :class:`~retriever.parts.PartReader` (the rest are
+a few KB)."""
 
 
 def read_full(
     store: SnapshotStore, meta: VersionMeta, parts: PartReader | None = None
 ) -> tuple[FullSnapshot, faiss.Index]:
     """Read and decode a full version's parts (checksums verified): the snapshot (its ``index``
-    left empty) and the index. The big parts go through ``parts`` (see :mod:`retriever.parts`:
-    no whole-part copy, once per host with a shared directory); the rows parts are decoded with
-    :func:`~twotower.blobs.unpack_rows_gently` (the item vectors stay a read-only view of the
-    part's buffer).
+    left empty) and the index. The big parts (rows and index) go through ``parts`` (see
+    :mod:`retriever.parts`: no whole-part copy, once per host with a shared directory); the
+    rows parts are decoded with :func:`~twotower.blobs.unpack_rows_gently`: their ids and
+    matrices stay read-only views of the part's buffer.
 
     Raises:
         SnapshotError: a part is missing or corrupt.
     """
     parts = parts if parts is not None else PartReader()
-    small = {name: store.read_part(meta, name) for name in (MODEL_CONFIG, WEIGHTS, USERS)}
-    items = parts.read(store, meta, ITEMS)
+    small = {name: store.read_part(meta, name) for name in (MODEL_CONFIG, WEIGHTS)}
+    users, items = parts.read(store, meta, USERS), parts.read(store, meta, ITEMS)
     index = parts.read_index(store, meta, INDEX)
     try:
         snap = decode_full({**small, USERS: _EMPTY_ROWS, ITEMS: _EMPTY_ROWS, INDEX: b""})
-        snap = replace(snap, users=unpack_rows_gently(small[USERS]), items=unpack_rows_gently(items))  # type: ignore[arg-type]
+        snap = replace(snap, users=unpack_rows_gently(users), items=unpack_rows_gently(items))
     except BlobError as exc:
         raise SnapshotError(f"version {meta.version}: {exc}") from None
     return snap, index

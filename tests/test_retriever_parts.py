@@ -14,8 +14,8 @@ import redis
 from test_retriever_unit import CFG, make_full, unit
 
 from retriever.parts import PartReader
-from retriever.state import ServingState
-from twotower.snapshot_parts import INDEX, ITEMS, encode_full
+from retriever.state import BIG_PARTS, ServingState
+from twotower.snapshot_parts import INDEX, encode_full
 from twotower.snapshots import FULL, SnapshotError, SnapshotLayout, SnapshotStore
 
 pytestmark = pytest.mark.integration
@@ -41,10 +41,10 @@ def test_shared_directory_gives_the_same_state_and_skips_redis(store: SnapshotSt
     plain = ServingState.from_chain(store, chain)
     first = ServingState.from_chain(store, chain, PartReader(tmp_path / "shared"))
     assert sorted(os.listdir(tmp_path / "shared")) == sorted(
-        f"{name}-{chain[0].parts[name][1]}-{chain[0].parts[name][0]}" for name in (INDEX, ITEMS)
+        f"{name}-{chain[0].parts[name][1]}-{chain[0].parts[name][0]}" for name in BIG_PARTS
     )
     # a second worker maps the files: it no longer needs the big parts in Redis
-    for name in (INDEX, ITEMS):
+    for name in BIG_PARTS:
         store.redis.delete(*(store.layout.chunk(version, name, i) for i in range(chain[0].parts[name][2])))
     second = ServingState.from_chain(store, chain, PartReader(tmp_path / "shared"))
     with pytest.raises(SnapshotError, match="missing chunks"):
@@ -77,14 +77,14 @@ def test_keep_only_removes_other_versions_files(store: SnapshotStore, tmp_path: 
     new = store.write(FULL, encode_full(make_full(seed=2)), None, 0)
     state_old = ServingState.from_chain(store, store.chain(old), reader)
     ServingState.from_chain(store, store.chain(new), reader)
-    assert len(os.listdir(tmp_path / "shared")) == 4
+    assert len(os.listdir(tmp_path / "shared")) == 2 * len(BIG_PARTS)
     reader.keep_only(store.chain(new))
-    assert len(os.listdir(tmp_path / "shared")) == 2
+    assert len(os.listdir(tmp_path / "shared")) == len(BIG_PARTS)
     assert len(results(state_old)[0]) == 10  # what the old state mapped stays readable
     reader.keep_only([])
     assert not (tmp_path / "shared").exists()
     ServingState.from_chain(store, store.chain(new), reader)  # the directory is made again
-    assert len(os.listdir(tmp_path / "shared")) == 2
+    assert len(os.listdir(tmp_path / "shared")) == len(BIG_PARTS)
 
 
 def test_keep_only_without_a_directory_is_quiet(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

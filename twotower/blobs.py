@@ -7,14 +7,15 @@ pure functions, so a payload from the network can only ever become numbers and s
 from __future__ import annotations
 
 import hashlib
-import itertools
 import mmap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
+
+from twotower.id_table import IdTable, IdTableError
 
 _ALLOWED_DTYPES = {"float32", "float16", "int64", "int32", "uint8"}
 
@@ -74,9 +75,9 @@ def unpack_arrays(payload: bytes) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class Rows:
-    """A set of named rows: ``ids[i]`` owns ``matrix[i]``."""
+    """A set of named rows: ``ids[i]`` owns ``matrix[i]`` (ids unique)."""
 
-    ids: list[str]
+    ids: Sequence[str]
     matrix: np.ndarray
 
     def __post_init__(self) -> None:
@@ -89,15 +90,23 @@ class Rows:
 
 
 def pack_rows(rows: Rows) -> bytes:
-    """msgpack bytes of ids and their float32 matrix."""
+    """msgpack bytes of the ids (as an :class:`~twotower.id_table.IdTable`) and their float32 matrix.
+
+    Raises:
+        BlobError: duplicate ids, or ids that are empty or contain NUL.
+    """
+    try:
+        table = IdTable.of(rows.ids).to_map()
+    except IdTableError as exc:
+        raise BlobError(f"row ids: {exc}") from None
+    ids = {"ranked": _array_map(table["ranked"]), "order": _array_map(table["order"]), "long": table["long"]}
     return msgpack.packb(
-        {"ids": list(rows.ids), "matrix": _array_map(rows.matrix.astype(np.float32, copy=False))},
-        use_bin_type=True,
+        {"ids": ids, "matrix": _array_map(rows.matrix.astype(np.float32, copy=False))}, use_bin_type=True
     )
 
 
 def unpack_rows(payload: bytes) -> Rows:
-    """Inverse of :func:`pack_rows`.
+    """Inverse of :func:`pack_rows` (the ids as a list, the matrix copied).
 
     Raises:
         BlobError: corrupt payload or ids that do not match the matrix.
@@ -106,120 +115,125 @@ def unpack_rows(payload: bytes) -> Rows:
         raw = msgpack.unpackb(payload, raw=False)
     except Exception as exc:
         raise BlobError(f"not msgpack: {exc}") from None
+    rows = _rows(raw, copy=True)
+    return Rows(cast(IdTable, rows.ids).tolist(), rows.matrix)
+
+
+def _rows(raw: object, copy: bool) -> Rows:
+    """The rows of a decoded rows map, ids as an :class:`~twotower.id_table.IdTable`."""
     if not isinstance(raw, dict) or set(raw) != {"ids", "matrix"}:
         raise BlobError("not a rows map")
     ids = raw["ids"]
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise BlobError("row ids must be strings")
-    return Rows(ids, array_from_map(raw["matrix"]))
+    if not isinstance(ids, dict) or set(ids) != {"ranked", "order", "long"}:
+        raise BlobError("row ids are not an id table")
+    try:
+        table = IdTable.from_map(array_from_map(ids["ranked"], copy), array_from_map(ids["order"], copy), ids["long"])
+    except IdTableError as exc:
+        raise BlobError(f"row ids: {exc}") from None
+    return Rows(table, array_from_map(raw["matrix"], copy))
 
 
 UNPACK_READ_SIZE = 1 << 20
-
-
-ID_BATCH = 1024
-"""Ids decoded per C call by :func:`unpack_rows_gently`: each call holds the GIL for well under
-a ms (16,384 per call measured worse: a 1 ms ticker thread's p99 GIL wait 13-14 ms, against 8 ms)."""
+MAX_DEPTH = 8
+"""Deepest nesting :func:`unpack_rows_gently` reads (a rows map has three levels)."""
 
 
 def unpack_rows_gently(payload: bytes | memoryview | np.ndarray | mmap.mmap) -> Rows:
-    """:func:`unpack_rows`, without holding the GIL for long (the retriever decodes a full
-    version's big rows parts with it, beside the thread that answers requests).
+    """:func:`unpack_rows` without copies and without holding the GIL for long (the retriever
+    decodes a full version's big rows parts with it, beside the thread that answers requests).
 
-    ``msgpack.unpackb`` over a million ids is one C call that holds the GIL for more than a
-    second (measured 1.3 s at 1M items on a busy 2-core machine), stalling the request thread
-    of the process for as long. Here a streaming unpacker is fed the payload in 1 MiB pieces
-    and the ids are decoded :data:`ID_BATCH` per call by the unpacker's own iterator (1M ids in
-    about a fifth of the CPU of one call each), so the interpreter can hand the GIL to the
-    request thread between them. The matrix stays a read-only view of ``payload`` (no copy).
+    ``msgpack.unpackb`` copies every bin value into a bytes object: one memcpy of a 256 MB
+    matrix holds the GIL (measured: a 150 ms stall of the request thread at 1M items). Here
+    every bin value (the matrix, the id bytes and order) comes out as a memoryview of
+    ``payload`` (see :class:`_TreeReader`): the ids stay an :class:`~twotower.id_table.IdTable`
+    over the payload and the matrix a read-only view of it.
 
     Raises:
         BlobError: the payload is not a rows map.
     """
-    size = max(len(payload), UNPACK_READ_SIZE)
-    # read_size is the initial buffer: the whole payload, so the buffer never regrows (copies)
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=size, read_size=size)
-    view = memoryview(payload).cast("B")
-    fed = 0
-
-    def feed() -> None:
-        nonlocal fed
-        if fed >= len(view):
-            raise BlobError("truncated rows payload")
-        unpacker.feed(view[fed : fed + UNPACK_READ_SIZE])
-        fed += UNPACK_READ_SIZE
-
-    def read(reader: Callable[[], Any]) -> Any:
-        while True:
-            try:
-                return reader()
-            except msgpack.OutOfData:
-                feed()
-
-    def read_ids() -> list[Any]:
-        n = read(unpacker.read_array_header)
-        out: list[Any] = []
-        while len(out) < n:
-            before = len(out)
-            out.extend(itertools.islice(unpacker, min(ID_BATCH, n - len(out))))  # stops when out of data
-            if len(out) == before:
-                feed()
-        return out
-
-    ids: list[Any] | None = None
-    matrix: object = None
+    reader = _TreeReader(memoryview(payload).cast("B"))
     try:
-        n_keys = read(unpacker.read_map_header)
-        if n_keys != 2:
-            raise BlobError("not a rows map")
-        for _ in range(n_keys):
-            key = read(unpacker.unpack)
-            if key == "ids" and ids is None:
-                ids = read_ids()
-            elif key == "matrix" and matrix is None:
-                matrix = read_array_map(read, unpacker, view)
-            else:
-                raise BlobError("not a rows map")
-        if fed < len(view) or unpacker.tell() != len(view):
+        raw = reader.value()
+        if reader.position() != len(reader.view):
             raise BlobError("trailing bytes after the rows map")
     except BlobError:
         raise
     except Exception as exc:
         raise BlobError(f"not msgpack rows: {exc}") from None
-    assert ids is not None
-    if not all(isinstance(i, str) for i in ids):
-        raise BlobError("row ids must be strings")
-    # the same checks as unpack_rows (Rows checks the shapes)
-    return Rows(ids, array_from_map(matrix, copy=False))
+    return _rows(raw, copy=False)
 
 
 _BIN_HEADERS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 """msgpack bin8/bin16/bin32 type bytes → width of the big-endian length that follows."""
 
 
-def read_array_map(read: Callable[[Callable[[], Any]], Any], unpacker: msgpack.Unpacker, view: memoryview) -> dict:
-    """An array map (``dtype``, ``shape``, ``data``) read from ``unpacker`` with ``data`` as a
-    memoryview of ``view`` rather than a bytes object: building a 256 MB bytes object is one
-    memcpy inside msgpack that holds the GIL (measured: a 150 ms stall of the request thread
-    at 1M items). The data's bin header is read from ``view`` at the unpacker's position and
-    the value itself is skipped."""
-    out: dict[str, Any] = {}
-    for _ in range(read(unpacker.read_map_header)):
-        key = read(unpacker.unpack)
-        if key != "data" or key in out:
-            out[key] = read(unpacker.unpack)
-            continue
-        pos = unpacker.tell()
-        width = _BIN_HEADERS.get(view[pos]) if pos < len(view) else None
+def _container(head: int) -> str | None:
+    """``map`` / ``array`` when the msgpack type byte ``head`` starts one."""
+    if 0x80 <= head <= 0x8F or head in (0xDE, 0xDF):
+        return "map"
+    if 0x90 <= head <= 0x9F or head in (0xDC, 0xDD):
+        return "array"
+    return None
+
+
+class _TreeReader:
+    """Reads msgpack values from ``view`` with every bin value a memoryview of ``view``.
+
+    A streaming unpacker is fed the bytes in 1 MiB pieces for everything but bin values
+    (map and array headers, keys, numbers, strings). At a bin value the reader takes its
+    header from ``view``, returns the slice, and starts a fresh unpacker after it: the value's
+    bytes are never fed, copied or hashed here.
+    """
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self._start(0)
+
+    def _start(self, offset: int) -> None:
+        self._base = self._fed = offset
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(UNPACK_READ_SIZE, len(self.view)))
+
+    def position(self) -> int:
+        """Offset in ``view`` of the next value."""
+        return self._base + self._unpacker.tell()
+
+    def _read(self, reader: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                return reader()
+            except msgpack.OutOfData:
+                if self._fed >= len(self.view):
+                    raise BlobError("truncated payload") from None
+                self._unpacker.feed(self.view[self._fed : self._fed + UNPACK_READ_SIZE])
+                self._fed += UNPACK_READ_SIZE
+
+    def value(self, depth: int = 0) -> Any:
+        """The next value; maps and arrays are read element by element."""
+        pos = self.position()
+        if pos >= len(self.view):
+            raise BlobError("truncated payload")
+        head = self.view[pos]
+        kind = _container(head)
+        if kind is not None:
+            if depth >= MAX_DEPTH:
+                raise BlobError("payload nested too deeply")
+            unpacker = self._unpacker
+            if kind == "array":
+                return [self.value(depth + 1) for _ in range(self._read(unpacker.read_array_header))]
+            out: dict[Any, Any] = {}
+            for _ in range(self._read(unpacker.read_map_header)):
+                key = self._read(self._unpacker.unpack)
+                out[key] = self.value(depth + 1)
+            return out
+        width = _BIN_HEADERS.get(head)
         if width is None:
-            raise BlobError("array data is not msgpack bin")
-        length = int.from_bytes(view[pos + 1 : pos + 1 + width], "big")
+            return self._read(self._unpacker.unpack)
         start = pos + 1 + width
-        if start + length > len(view):
-            raise BlobError("truncated array data")
-        read(unpacker.skip)
-        out[key] = view[start : start + length]
-    return out
+        length = int.from_bytes(self.view[pos + 1 : start], "big")
+        if start > len(self.view) or start + length > len(self.view):
+            raise BlobError("truncated bin value")
+        self._start(start + length)
+        return self.view[start : start + length]
 
 
 def pack_strings(values: Sequence[str]) -> bytes:

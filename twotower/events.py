@@ -80,6 +80,8 @@ def _id(value: Any, name: str) -> str:
     text = str(value)
     if not text or len(text) > MAX_ID_LEN:
         raise SchemaError(f"{name} must have 1..{MAX_ID_LEN} characters")
+    if "\x00" in text:  # snapshots hold ids as NUL-padded bytes (twotower.id_table)
+        raise SchemaError(f"{name} must not contain NUL")
     return text
 
 
