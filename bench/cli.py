@@ -80,6 +80,12 @@ def retriever_command(
     open_swaps: bool = typer.Option(
         False, "--open-swaps", help="Publish the --swaps versions during each open-loop run too."
     ),
+    prewrite_swaps: bool = typer.Option(
+        False,
+        "--prewrite-swaps",
+        help="Write the swaps' versions before each run and only move the pointer during it "
+        "(the swap alone, without writing 800 MB beside it at 1M items).",
+    ),
     http_floor: bool = typer.Option(
         True,
         "--http-floor/--no-http-floor",
@@ -122,6 +128,7 @@ def retriever_command(
         index_cache=index_cache,
         open_rates=tuple(open_rates),
         open_swaps=open_swaps,
+        prewrite_swaps=prewrite_swaps,
         http_floor=http_floor,
     )
     typer.echo(write_report(run(opts), json_out))

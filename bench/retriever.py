@@ -20,7 +20,8 @@ What one run does:
    changed, new and removed items) and a full version (new dense weights and user rows; the
    item part and index bytes are reused, so it costs the retriever a whole reload without a
    minutes-long HNSW rebuild here), and counts what the server answered with a status other
-   than 200 (its own Prometheus counter) and what the load generator saw fail;
+   than 200 (its own Prometheus counter) and what the load generator saw fail; with
+   ``prewrite_swaps`` the versions are written before the run and only made current during it;
 7. with ``open_rates``: drives the retriever open-loop at each rate (no swaps), then, once it
    has stopped, a server that does nothing at the same rates (:mod:`bench.http_floor`): the
    latency no server reaches below on this machine with this generator.
@@ -165,6 +166,10 @@ class RetrieverBenchOptions:
     open_swaps: bool = False
     """Publish ``swaps`` versions (as in the closed loop) during each open-loop run too: whether a
     swap delays requests at a load the machine can carry, apart from the closed loop's queueing."""
+    prewrite_swaps: bool = False
+    """Write the swaps' versions into Redis before each run and only move the pointer during it:
+    the swap as a retriever sees it, apart from the cost of writing a version (800 MB at 1M
+    items, 3-6 s of a core between the writer and Redis: a publisher host's work)."""
     http_floor: bool = True
     """With ``open_rates``: also drive a server that does nothing at the same rates, once the
     retriever has stopped (:mod:`bench.http_floor`)."""
@@ -467,19 +472,37 @@ class SwapPublisher:
             out.append((FULL, self._full(i)) if full else (DELTA, self._delta(i)))
         return out
 
-    def start(self, plan: list[tuple[str, dict[str, bytes]]], times_s: list[float], t0: float) -> None:
+    def prewrite(self, plan: list[tuple[str, dict[str, bytes]]]) -> list[tuple[str, int]]:
+        """Store every planned version now without moving the pointer; the plan to :meth:`start`
+        with them, which then only moves the pointer (what a retriever sees of a swap, without
+        the cost of writing the version beside it)."""
+        out = []
+        for kind, parts in plan:
+            self.parent = self.store.write(
+                kind, parts, None if kind == FULL else self.parent, trainer_seq=0, current=False
+            )
+            out.append((kind, self.parent))
+        return out
+
+    def start(self, plan: Sequence[tuple[str, dict[str, bytes] | int]], times_s: list[float], t0: float) -> None:
+        """Publish the plan's versions at ``t0 + times_s`` (parts are written then; a version
+        number from :meth:`prewrite` is made current)."""
         self._thread = threading.Thread(target=self._run, args=(plan, times_s, t0), name="swaps", daemon=True)
         self._thread.start()
 
-    def _run(self, plan: list[tuple[str, dict[str, bytes]]], times_s: list[float], t0: float) -> None:
+    def _run(self, plan: Sequence[tuple[str, dict[str, bytes] | int]], times_s: list[float], t0: float) -> None:
         try:
             for (kind, parts), at in zip(plan, times_s, strict=True):
                 if self._stop.wait(max(0.0, t0 + at - time.monotonic())):
                     return
                 started = time.monotonic()
-                version = self.store.write(
-                    kind, parts, None if kind == FULL else self.parent, trainer_seq=len(self.records)
-                )
+                if isinstance(parts, int):
+                    self.store.make_current(parts)
+                    version = parts
+                else:
+                    version = self.store.write(
+                        kind, parts, None if kind == FULL else self.parent, trainer_seq=len(self.records)
+                    )
                 self.parent = version
                 if kind == FULL:
                     self.store.trim(keep_full=2)
@@ -655,7 +678,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                     _load(tool, opts, base_url, opts.warmup_s, workdir)
 
                 swaps = SwapPublisher(store, full_parts, cfg, opts.users, item_ids, first, opts.seed, opts.item_details)
-                plan = swaps.plan(opts.swaps, opts.swap_kinds)
+                plan = _swap_plan(swaps, opts)
                 before = scrape(f"{base_url}/metrics")
                 cpu_before = _cpu_counters(retriever.pid, client)
                 t0 = time.monotonic()
@@ -723,6 +746,14 @@ def _swaps_applied(before: list[Sample], after: list[Sample], **labels: str) -> 
     return counter_increase(before, after, "twotower_retriever_swaps_total", **labels)
 
 
+def _swap_plan(swaps: SwapPublisher, opts: RetrieverBenchOptions) -> Sequence[tuple[str, dict[str, bytes] | int]]:
+    plan = swaps.plan(opts.swaps, opts.swap_kinds)
+    if opts.prewrite_swaps:
+        log.info("writing the %d swap versions before the load", len(plan))
+        return swaps.prewrite(plan)
+    return plan
+
+
 def _open_loop_phase(
     opts: RetrieverBenchOptions,
     rate: float,
@@ -734,7 +765,7 @@ def _open_loop_phase(
     """One open-loop run at ``rate`` requests per second: latencies, errors and CPU per request;
     with ``swaps``, ``opts.swaps`` versions published during it (and what the workers applied)."""
     log.info("open loop at %.0f requests/s for %.0f s", rate, opts.duration_s)
-    plan = swaps.plan(opts.swaps, opts.swap_kinds) if swaps is not None else []
+    plan = _swap_plan(swaps, opts) if swaps is not None else []
     published = len(swaps.records) if swaps is not None else 0
     before = scrape(f"{base_url}/metrics")
     cpu_before = _cpu_counters(retriever_pid, client)

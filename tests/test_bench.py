@@ -82,6 +82,7 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
         load_tool=tool,
         open_rates=(50.0,),
         open_swaps=True,
+        prewrite_swaps=tool == "python",  # one run of each way to publish the swaps
     )
     report = run(opts, env={"REDIS_URL": redis_url})
     out = tmp_path / "retriever.json"

@@ -7,6 +7,10 @@ A **full** version has every part below except ``removed_items``; a **delta** ha
 * ``weights``: the dense weights of both towers (:func:`twotower.blobs.pack_arrays`).
 * ``users``: user ID-embedding rows (the retriever runs the user tower with them).
 * ``items``: item vectors, i.e. item-tower outputs, unit length.
+
+  Both rows parts are :func:`twotower.blobs.pack_rows` maps: the ids as an
+  :class:`~twotower.id_table.IdTable` (sorted fixed-width UTF-8 bytes and their positions,
+  read by the retriever without a Python object per id) and a float32 matrix.
 * ``index``: ``faiss.serialize_index`` bytes of an index over ``items`` whose ids are
   the row positions in ``items``.
 * ``removed_items``: ids of items gone since the parent version.
