@@ -176,6 +176,11 @@ class LayeredMap(Mapping[str, int]):
         """Ids changed since the base (what a delta copies)."""
         return len(self._changes)
 
+    @property
+    def table(self) -> IdTable:
+        """The full version's ids (shared by every state derived from it)."""
+        return self._base
+
     def edited(self) -> _MapEdit:
         """A private copy of the changes to apply a delta to (see :class:`_MapEdit`)."""
         return _MapEdit(self._base, dict(self._changes), self._len)
@@ -495,6 +500,18 @@ class ServingState:
             deltas.append(read_delta(store, meta))
             parent = meta.version
         return self.apply_deltas(deltas, metas[-1].version, metas[-1].created_ms)
+
+    def warm_from(self, old: ServingState) -> None:
+        """Look up in this state's id tables the ids requests asked ``old`` about (see
+        :meth:`IdTable.remember`): after a full reload the hot ids cost requests a dict lookup
+        from the first request on, not a search each. Runs on the watcher thread, before the
+        swap."""
+        for new_table, old_table in (
+            (self.item_pos.table, old.item_pos.table),
+            (self.user_rows.table, old.user_rows.table),
+        ):
+            if new_table is not old_table:
+                new_table.remember(old_table.asked())
 
     # --- serving ----------------------------------------------------------------------------
     @property

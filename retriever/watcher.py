@@ -239,6 +239,7 @@ class SnapshotWatcher:
         token = self._take_turn()
         try:
             new_state = ServingState.from_chain(self.store, chain, self.parts)
+            new_state.warm_from(state)
             # during the turn, so that no other worker of the host is reading a file meanwhile
             # (one that does anyway reads from Redis again)
             self.parts.keep_only(chain[:1])

@@ -116,3 +116,18 @@ def test_remembered_lookups_give_the_same_answers_also_when_the_memo_overflows(
             assert table.positions(keys) == [by_id.get(k) for k in keys]
             positions = [int(p) for p in rng.integers(0, 2000, 15)]
             assert table.ids_at(positions) == [ids[p] for p in positions]
+
+
+def test_a_new_table_remembers_what_the_old_one_was_asked() -> None:
+    ids = mixed_ids(3000)
+    old = IdTable.of(ids)
+    asked = [ids[j] for j in range(0, 3000, 11)] + ["gone"]
+    old.positions(asked)
+    assert set(old.asked()) == set(asked)
+    renumbered = [*ids[1500:], *ids[:1400], "fresh"]  # a later full version: other positions
+    new = IdTable.of(renumbered)
+    new.remember(old.asked())
+    assert set(new.asked()) == set(asked)
+    by_id = {item_id: pos for pos, item_id in enumerate(renumbered)}
+    assert new.positions(asked) == [by_id.get(k) for k in asked]
+    assert new.ids_at(list(range(0, len(renumbered), 7))) == renumbered[::7]

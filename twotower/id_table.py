@@ -29,6 +29,8 @@ MEMO_MAX = 1 << 18
 """Lookups a table remembers in each direction (dicts, emptied when full): the ids a retriever
 is asked about again and again (popular items, active users) cost a dict lookup, not a search
 (which costs about 1 µs per id at 1M ids plus a few µs per call, measured)."""
+REMEMBER_BLOCK = 1024
+"""Keys :meth:`IdTable.remember` searches per numpy call (each holds the GIL for about 1 ms)."""
 CHECK_BLOCK = 1 << 16
 """Ids checked per numpy call when a table is read (each call holds the GIL for well under 1 ms)."""
 _UNKNOWN = -2
@@ -183,6 +185,21 @@ class IdTable(Sequence[str]):
             for i, pos in zip(missed, searched, strict=True):
                 found[i] = memo[keys[i]] = pos
         return [pos if pos >= 0 else None for pos in found]
+
+    def asked(self) -> list[str]:
+        """The keys this table remembers answers for (the ids requests asked about lately)."""
+        return list(self._positions)
+
+    def remember(self, keys: Sequence[str]) -> None:
+        """Look ``keys`` up now, in blocks, so that later lookups of them (and of the ids at
+        their positions) cost a dict lookup: a retriever hands a new full version's tables the
+        ids its requests asked the old one about, and the hot ids stay hot across the swap."""
+        keys = keys[:MEMO_MAX]
+        for start in range(0, len(keys), REMEMBER_BLOCK):
+            block = keys[start : start + REMEMBER_BLOCK]
+            found = self._search(block)
+            self._positions.update(zip(block, found, strict=True))
+            self._ids.update((pos, key) for key, pos in zip(block, found, strict=True) if pos >= 0)
 
     def _search(self, keys: Sequence[str]) -> list[int]:
         """The position of each key, -1 where absent (no memo)."""
