@@ -417,6 +417,7 @@ class ServingState:
         """O(users changed since the full version): the base rows are never copied."""
         if not any(d.users.ids for d in deltas):
             return self.user_rows, self.user_overrides
+        self.user_rows.table.remember([user_id for d in deltas for user_id in d.users.ids])
         rows = self.user_rows.edited()
         overrides = dict(self.user_overrides)
         n_base_users = self.user_matrix.shape[0]
@@ -432,6 +433,7 @@ class ServingState:
         self, deltas: Sequence[DeltaSnapshot]
     ) -> tuple[LayeredIds, LayeredMap, dict[int, np.ndarray], frozenset[int], frozenset[int]]:
         """O(items changed since the full version): the base ids, map and vectors are shared."""
+        self.item_pos.table.remember([item_id for d in deltas for item_id in (*d.removed_items, *d.items.ids)])
         n_ids = len(self.item_ids)
         appended: list[str] = []
         item_pos = self.item_pos.edited()

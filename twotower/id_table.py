@@ -193,8 +193,12 @@ class IdTable(Sequence[str]):
     def remember(self, keys: Sequence[str]) -> None:
         """Look ``keys`` up now, in blocks, so that later lookups of them (and of the ids at
         their positions) cost a dict lookup: a retriever hands a new full version's tables the
-        ids its requests asked the old one about, and the hot ids stay hot across the swap."""
+        ids its requests asked the old one about, and the hot ids stay hot across the swap; a
+        delta's ids are looked up this way before it is applied one id at a time."""
         keys = keys[:MEMO_MAX]
+        if len(self._positions) + len(keys) > MEMO_MAX:
+            self._positions.clear()
+            self._ids.clear()
         for start in range(0, len(keys), REMEMBER_BLOCK):
             block = keys[start : start + REMEMBER_BLOCK]
             found = self._search(block)
