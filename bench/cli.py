@@ -86,6 +86,13 @@ def retriever_command(
         help="Write the swaps' versions before each run and only move the pointer during it "
         "(the swap alone, without writing 800 MB beside it at 1M items).",
     ),
+    probe_s: float = typer.Option(
+        0.0,
+        "--probe-s",
+        min=0,
+        help="After the other runs: one connection, a request every 5 ms at most, for this many seconds "
+        "while the --swaps versions (written first) are made current; counts requests over 30 and 100 ms.",
+    ),
     http_floor: bool = typer.Option(
         True,
         "--http-floor/--no-http-floor",
@@ -129,6 +136,7 @@ def retriever_command(
         open_rates=tuple(open_rates),
         open_swaps=open_swaps,
         prewrite_swaps=prewrite_swaps,
+        probe_s=probe_s,
         http_floor=http_floor,
     )
     typer.echo(write_report(run(opts), json_out))

@@ -24,7 +24,11 @@ What one run does:
    ``prewrite_swaps`` the versions are written before the run and only made current during it;
 7. with ``open_rates``: drives the retriever open-loop at each rate (no swaps), then, once it
    has stopped, a server that does nothing at the same rates (:mod:`bench.http_floor`): the
-   latency no server reaches below on this machine with this generator.
+   latency no server reaches below on this machine with this generator;
+8. with ``probe_s``: one connection sends a request every :data:`PROBE_INTERVAL_S` at most
+   while the ``swaps`` versions, written beforehand, are made current one after another: with
+   so little load, what a swap itself does to a request (the count of requests over 30 and
+   100 ms, beside p50/p99/max).
 
 Beside the latencies the report gives CPU milliseconds per request of each party (retriever
 processes, load generator, Redis, this process), read from /proc and ``INFO cpu`` around the
@@ -170,6 +174,8 @@ class RetrieverBenchOptions:
     """Write the swaps' versions into Redis before each run and only move the pointer during it:
     the swap as a retriever sees it, apart from the cost of writing a version (800 MB at 1M
     items, 3-6 s of a core between the writer and Redis: a publisher host's work)."""
+    probe_s: float = 0.0
+    """After the other runs: the swap probe for this many seconds (step 8 above; 0: none)."""
     http_floor: bool = True
     """With ``open_rates``: also drive a server that does nothing at the same rates, once the
     retriever has stopped (:mod:`bench.http_floor`)."""
@@ -706,6 +712,8 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                     _open_loop_phase(opts, rate, base_url, retriever.pid, client, swaps if opts.open_swaps else None)
                     for rate in opts.open_rates
                 ]
+                if opts.probe_s > 0:
+                    report["probe"] = _probe_phase(opts, base_url, swaps)
                 retriever.check_alive()
             if opts.open_rates and opts.http_floor:  # the retriever has stopped: the cores are free
                 log.info("measuring the HTTP floor (a server that does nothing) at the same rates")
@@ -752,6 +760,54 @@ def _swap_plan(swaps: SwapPublisher, opts: RetrieverBenchOptions) -> Sequence[tu
         log.info("writing the %d swap versions before the load", len(plan))
         return swaps.prewrite(plan)
     return plan
+
+
+PROBE_INTERVAL_S = 0.005
+PROBE_SLOW_MS = (30, 100)
+
+
+def _probe_phase(opts: RetrieverBenchOptions, base_url: str, swaps: SwapPublisher) -> dict[str, Any]:
+    """Step 8 of the module docstring: one connection, a request every PROBE_INTERVAL_S at most,
+    the ``swaps`` versions (written first) made current over the run."""
+    plan = swaps.prewrite(swaps.plan(opts.swaps, opts.swap_kinds))
+    published = len(swaps.records)
+    log.info("swap probe: %d versions made current over %.0f s", len(plan), opts.probe_s)
+    rng = np.random.default_rng(opts.seed + 11)
+    latencies_s: list[float] = []
+    errors = 0
+    before = scrape(f"{base_url}/metrics")
+    with httpx.Client(timeout=10.0) as http:
+        t0 = next_at = time.monotonic()
+        swaps.start(plan, swap_times(len(plan), opts.probe_s), t0)
+        while time.monotonic() - t0 < opts.probe_s:
+            next_at += PROBE_INTERVAL_S
+            params = {"user_id": f"u{int(rng.integers(0, opts.users))}", "k": opts.k}
+            started = time.perf_counter()
+            try:
+                ok = http.get(f"{base_url}/recommend", params=params).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies_s.append(time.perf_counter() - started)
+            else:
+                errors += 1
+            time.sleep(max(0.0, next_at - time.monotonic()))
+    swaps.join(600)
+    after = scrape(f"{base_url}/metrics")
+    ms = [x * 1000 for x in latencies_s]
+    report: dict[str, Any] = {
+        "seconds": opts.probe_s,
+        "requests": len(ms),
+        "errors": errors,
+        "p50_ms": round(percentile(ms, 50), 3) if ms else None,
+        "p99_ms": round(percentile(ms, 99), 3) if ms else None,
+        "max_ms": round(max(ms), 3) if ms else None,
+        **{f"over_{limit}_ms": sum(1 for x in ms if x > limit) for limit in PROBE_SLOW_MS},
+        "swaps_published": len(swaps.records) - published,
+        "swaps_applied_by_all_workers": _swaps_applied(before, after),
+    }
+    log.info("swap probe: %s", report)
+    return report
 
 
 def _open_loop_phase(

@@ -83,6 +83,7 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
         open_rates=(50.0,),
         open_swaps=True,
         prewrite_swaps=tool == "python",  # one run of each way to publish the swaps
+        probe_s=2.0,
     )
     report = run(opts, env={"REDIS_URL": redis_url})
     out = tmp_path / "retriever.json"
@@ -114,6 +115,11 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     assert floor_run["offered_qps"] == 50.0 and floor_run["errors"] == 0 and floor_run["qps"] > 0
     assert 0 < floor_run["p50_ms"] <= floor_run["p99_ms"]
     assert report["targets"]["open_loop"][0]["http_floor_p99_ms"] == floor_run["p99_ms"]
+    probe = report["probe"]  # the swap probe: one connection while the versions are made current
+    assert probe["requests"] > 0 and probe["errors"] == 0 and probe["swaps_published"] == 2
+    assert 0 < probe["p50_ms"] <= probe["p99_ms"] <= probe["max_ms"]
+    assert probe["requests"] >= probe["over_30_ms"] >= probe["over_100_ms"] >= 0
+    assert probe["swaps_applied_by_all_workers"] >= 1
 
 
 @pytest.mark.integration
