@@ -484,11 +484,13 @@ class SwapPublisher:
         the cost of writing the version beside it)."""
         out = []
         for kind, parts in plan:
-            self.parent = self.store.write(
-                kind, parts, None if kind == FULL else self.parent, trainer_seq=0, current=False
-            )
+            self.parent = self._write(kind, parts, trainer_seq=0, current=False)
             out.append((kind, self.parent))
         return out
+
+    def _write(self, kind: str, parts: dict[str, bytes], trainer_seq: int, current: bool = True) -> int:
+        """Store a version (a delta on the last one written or made current)."""
+        return self.store.write(kind, parts, None if kind == FULL else self.parent, trainer_seq, current=current)
 
     def start(self, plan: Sequence[tuple[str, dict[str, bytes] | int]], times_s: list[float], t0: float) -> None:
         """Publish the plan's versions at ``t0 + times_s`` (parts are written then; a version
@@ -506,9 +508,7 @@ class SwapPublisher:
                     self.store.make_current(parts)
                     version = parts
                 else:
-                    version = self.store.write(
-                        kind, parts, None if kind == FULL else self.parent, trainer_seq=len(self.records)
-                    )
+                    version = self._write(kind, parts, trainer_seq=len(self.records))
                 self.parent = version
                 if kind == FULL:
                     self.store.trim(keep_full=2)
@@ -754,10 +754,14 @@ def _swaps_applied(before: list[Sample], after: list[Sample], **labels: str) -> 
     return counter_increase(before, after, "twotower_retriever_swaps_total", **labels)
 
 
-def _swap_plan(swaps: SwapPublisher, opts: RetrieverBenchOptions) -> Sequence[tuple[str, dict[str, bytes] | int]]:
+def _swap_plan(
+    swaps: SwapPublisher, opts: RetrieverBenchOptions, prewrite: bool | None = None
+) -> Sequence[tuple[str, dict[str, bytes] | int]]:
+    """The ``opts.swaps`` versions to publish, written now when ``prewrite`` (default:
+    ``opts.prewrite_swaps``)."""
     plan = swaps.plan(opts.swaps, opts.swap_kinds)
-    if opts.prewrite_swaps:
-        log.info("writing the %d swap versions before the load", len(plan))
+    if opts.prewrite_swaps if prewrite is None else prewrite:
+        log.info("writing the %d swap versions before the run", len(plan))
         return swaps.prewrite(plan)
     return plan
 
@@ -769,7 +773,7 @@ PROBE_SLOW_MS = (30, 100)
 def _probe_phase(opts: RetrieverBenchOptions, base_url: str, swaps: SwapPublisher) -> dict[str, Any]:
     """Step 8 of the module docstring: one connection, a request every PROBE_INTERVAL_S at most,
     the ``swaps`` versions (written first) made current over the run."""
-    plan = swaps.prewrite(swaps.plan(opts.swaps, opts.swap_kinds))
+    plan = _swap_plan(swaps, opts, prewrite=True)
     published = len(swaps.records)
     log.info("swap probe: %d versions made current over %.0f s", len(plan), opts.probe_s)
     rng = np.random.default_rng(opts.seed + 11)

@@ -1,9 +1,9 @@
 """Reading a full version's big parts cheaply: no whole-part copies, and once per host.
 
-A full version's ``index``, ``items`` and ``users`` parts are hundreds of MB at 1M items. Reading them
-the plain way (:meth:`~twotower.snapshots.SnapshotStore.read_part`) joins the chunks into one
-bytes object (a copy of the whole part), and ``faiss.deserialize_index`` copies the index
-once more into the index's own arrays; and every worker process of a host reads, checks,
+A full version's ``index``, ``items`` and ``users`` parts are hundreds of MB at 1M items.
+Reading them the plain way (:meth:`~twotower.snapshots.SnapshotStore.read_part`) joins the
+chunks into one bytes object (a copy of the whole part), and ``faiss.deserialize_index`` copies
+the index once more into the index's own arrays; and every worker process of a host reads, checks,
 copies and decodes the same bytes (measured at 1M items: 4-5 s of CPU per worker).
 
 :class:`PartReader` reads the chunks (the keys of :class:`~twotower.snapshots.SnapshotLayout`)
@@ -18,10 +18,9 @@ the item vectors are one set of shared pages, and the index is read with
 ``faiss.IO_FLAG_MMAP_IFC``: its vectors are mapped, not copied (the graph of an HNSW index
 is still read into the process) — unless ``map_index`` is off, as it is with huge pages
 (:mod:`retriever.hugepages`): then each process reads the index from the file into its own
-memory. A file that
-is missing (removed by another worker's cleanup in between) is simply written again; nothing
-read from the directory is unpickled, and a file's name is its checksum, so only bytes that
-matched a version's meta are ever used.
+memory. A file that is missing (removed by another worker's cleanup in between) is simply
+written again; nothing read from the directory is unpickled, and a file's name is its
+checksum, so only bytes that matched a version's meta are ever used.
 """
 
 from __future__ import annotations

@@ -324,7 +324,7 @@ class RetrieverConfig(_Section):
     version published yet it accepts at once. 0: never wait."""
     parts_dir: str | None = None
     """Host-local directory where the worker processes of a host share the big parts of a full
-    version (item vectors, Faiss index; :mod:`retriever.parts`): the first worker to load a version
+    version (item vectors, user rows, Faiss index; :mod:`retriever.parts`): the first worker to load a version
     writes them there, checked, and the others map them instead of reading and decoding Redis.
     ``None`` (default): a per-user directory under ``/dev/shm`` when the host has one; ``""``: none
     (every worker reads Redis itself). Measured at 1M items: 4.1 to 4.9 s CPU per worker per full
