@@ -33,7 +33,9 @@ What one run does:
 Beside the latencies the report gives CPU milliseconds per request of each party (retriever
 processes, load generator, Redis, this process), read from /proc and ``INFO cpu`` around the
 measured load: on a shared machine those are steadier than wall-clock figures, and
-``qps_if_alone_estimate`` (cores / total CPU per request) says what they would allow.
+``qps_if_alone_estimate`` (cores / total CPU per request) says what they would allow. Each
+run's ``loop_lag`` counts the workers' event-loop checks that ran over 10 and 100 ms late
+(:mod:`retriever.loop_lag`): stalls inside the retriever's processes or of the whole machine.
 
 Nothing is asserted: the figures are reported as measured, with the machine they ran on.
 """
@@ -809,6 +811,7 @@ def _probe_phase(opts: RetrieverBenchOptions, base_url: str, swaps: SwapPublishe
         **{f"over_{limit}_ms": sum(1 for x in ms if x > limit) for limit in PROBE_SLOW_MS},
         "swaps_published": len(swaps.records) - published,
         "swaps_applied_by_all_workers": _swaps_applied(before, after),
+        "loop_lag": _loop_lag(before, after),
     }
     log.info("swap probe: %s", report)
     return report
@@ -911,6 +914,7 @@ def _http_report(
         "non_200": served - ok,
         "non_200_by_status": _by_status(before, after),
         "server_requests": served,
+        "loop_lag": _loop_lag(before, after),
     }
 
 
@@ -920,6 +924,23 @@ def _mean_swap_s(before: list[Sample], after: list[Sample]) -> float | None:
     count = counter_increase(before, after, name + "_count")
     total = metric_sum(after, name + "_sum") - metric_sum(before, name + "_sum")
     return round(total / count, 3) if count > 0 else None
+
+
+LOOP_LAG = "twotower_retriever_event_loop_lag_seconds"
+LOOP_LAG_LIMITS = (("over_10_ms", "0.01"), ("over_100_ms", "0.1"))
+"""Names in the report and the histogram buckets (``le`` labels) they count above."""
+
+
+def _loop_lag(before: list[Sample], after: list[Sample]) -> dict[str, int]:
+    """How often the workers' event loops ran late during a run (:mod:`retriever.loop_lag`),
+    summed over workers: stalls inside a worker's process, or of the whole machine, that every
+    request in flight on that worker waited out; a slow request with no late check beside it
+    was slow elsewhere (the client, the network, Redis)."""
+    checks = counter_increase(before, after, LOOP_LAG + "_count")
+    out = {"checks": checks}
+    for key, le in LOOP_LAG_LIMITS:
+        out[key] = checks - counter_increase(before, after, LOOP_LAG + "_bucket", le=le)
+    return out
 
 
 def _by_status(before: list[Sample], after: list[Sample]) -> dict[str, int]:

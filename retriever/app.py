@@ -64,6 +64,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
+from retriever.loop_lag import LoopLagMonitor
 from retriever.parts import PartReader, shared_directory
 from retriever.resp import RequestRedis, request_client
 from retriever.state import ServingState
@@ -314,9 +315,16 @@ class RetrieverService:
             parts=self.parts,
         )
         self._quiet_until = 0.0
+        check_ms = cfg.retriever.loop_lag_check_ms
+        self.loop_lag = (
+            LoopLagMonitor(check_ms / 1000.0, cfg.retriever.loop_lag_warn_ms / 1000.0) if check_ms > 0 else None
+        )
 
     def start(self) -> None:
+        """Start following snapshots and, on the running event loop, checking its lag."""
         self.watcher.start()
+        if self.loop_lag is not None:
+            self.loop_lag.start()
 
     async def first_load(self, timeout_s: float) -> None:
         """Wait until the watcher has loaded its first version, if one is published (at most
@@ -337,6 +345,8 @@ class RetrieverService:
             log.warning("no snapshot loaded within %.0f s of start: accepting requests (503 until one is)", timeout_s)
 
     async def stop(self) -> None:
+        if self.loop_lag is not None:
+            await self.loop_lag.stop()
         self.watcher.stop()
         self.parts.keep_only([])
         await self.redis.aclose()

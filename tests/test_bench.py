@@ -120,6 +120,10 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     assert 0 < probe["p50_ms"] <= probe["p99_ms"] <= probe["max_ms"]
     assert probe["requests"] >= probe["over_30_ms"] >= probe["over_100_ms"] >= 0
     assert probe["swaps_applied_by_all_workers"] >= 1
+    # the worker's event-loop lag checks (every 50 ms) counted in every run of 2 s
+    for run_report in (http, open_run, probe):
+        lag = run_report["loop_lag"]
+        assert lag["checks"] >= 10 and lag["checks"] >= lag["over_10_ms"] >= lag["over_100_ms"] >= 0
 
 
 @pytest.mark.integration

@@ -463,6 +463,11 @@ def test_metrics_endpoint(cfg: Config, store: SnapshotStore) -> None:
         assert client.get("/recommend", params={"user_id": "u0"}).status_code == 200
         assert client.get("/recommend", params={"user_id": "u0", "k": 0}).status_code == 400
         text = client.get("/metrics").text
+        # the worker's event loop is checked every retriever.loop_lag_check_ms (50 ms by default)
+        wait_for(
+            lambda: _metric(client.get("/metrics").text, "twotower_retriever_event_loop_lag_seconds_count")[0] >= 2,
+            "two event-loop lag checks",
+        )
     assert 'twotower_retriever_requests_total{status="200"}' in text
     assert 'twotower_retriever_requests_total{status="400"}' in text
     assert "twotower_retriever_latency_seconds_bucket" in text

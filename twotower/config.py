@@ -329,6 +329,12 @@ class RetrieverConfig(_Section):
     ``None`` (default): a per-user directory under ``/dev/shm`` when the host has one; ``""``: none
     (every worker reads Redis itself). Measured at 1M items: 4.1 to 4.9 s CPU per worker per full
     reload → 3.0 s for the first, 1.1 to 1.3 s for the others."""
+    loop_lag_check_ms: float = Field(default=50.0, ge=0)
+    """How often each worker checks how late its event loop runs (:mod:`retriever.loop_lag`: the
+    ``twotower_retriever_event_loop_lag_seconds`` histogram, the stalls every request in flight
+    waits out); 0: no checks."""
+    loop_lag_warn_ms: float = Field(default=100.0, gt=0)
+    """A check at least this late is logged as a warning (at most one line per 10 s)."""
     index_huge_pages: bool = True
     """Back the Faiss index with transparent huge pages (:mod:`retriever.hugepages`; Linux with
     glibc): ``twotower serve`` starts again with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` and each
