@@ -35,7 +35,8 @@ processes, load generator, Redis, this process), read from /proc and ``INFO cpu`
 measured load: on a shared machine those are steadier than wall-clock figures, and
 ``qps_if_alone_estimate`` (cores / total CPU per request) says what they would allow. Each
 run's ``loop_lag`` counts the workers' event-loop checks that ran over 10 and 100 ms late
-(:mod:`retriever.loop_lag`): stalls inside the retriever's processes or of the whole machine.
+(:mod:`retriever.loop_lag`): stalls inside the retriever's processes or of the whole machine;
+its ``gc`` the workers' garbage collections by generation (:mod:`retriever.gc_pauses`).
 
 Nothing is asserted: the figures are reported as measured, with the machine they ran on.
 """
@@ -812,6 +813,7 @@ def _probe_phase(opts: RetrieverBenchOptions, base_url: str, swaps: SwapPublishe
         "swaps_published": len(swaps.records) - published,
         "swaps_applied_by_all_workers": _swaps_applied(before, after),
         "loop_lag": _loop_lag(before, after),
+        "gc": _gc_pauses(before, after),
     }
     log.info("swap probe: %s", report)
     return report
@@ -915,6 +917,7 @@ def _http_report(
         "non_200_by_status": _by_status(before, after),
         "server_requests": served,
         "loop_lag": _loop_lag(before, after),
+        "gc": _gc_pauses(before, after),
     }
 
 
@@ -940,6 +943,23 @@ def _loop_lag(before: list[Sample], after: list[Sample]) -> dict[str, int]:
     out = {"checks": checks}
     for key, le in LOOP_LAG_LIMITS:
         out[key] = checks - counter_increase(before, after, LOOP_LAG + "_bucket", le=le)
+    return out
+
+
+GC_PAUSE = "twotower_retriever_gc_pause_seconds"
+
+
+def _gc_pauses(before: list[Sample], after: list[Sample]) -> dict[str, dict[str, float]]:
+    """The workers' garbage collections during a run (:mod:`retriever.gc_pauses`), by
+    generation: how many, their total seconds, and how many took over 10 ms."""
+    out = {}
+    for generation in ("0", "1", "2"):
+        count = counter_increase(before, after, GC_PAUSE + "_count", generation=generation)
+        total = metric_sum(after, GC_PAUSE + "_sum", generation=generation) - metric_sum(
+            before, GC_PAUSE + "_sum", generation=generation
+        )
+        under = counter_increase(before, after, GC_PAUSE + "_bucket", generation=generation, le="0.01")
+        out[f"gen{generation}"] = {"collections": count, "seconds": round(total, 4), "over_10_ms": count - under}
     return out
 
 

@@ -33,6 +33,7 @@ examined candidates cannot fill ``k`` under the cap the best capped-out items fi
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import math
@@ -64,6 +65,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
+from retriever.gc_pauses import GcPauseTimer, freeze_what_is_loaded
 from retriever.loop_lag import LoopLagMonitor
 from retriever.parts import PartReader, shared_directory
 from retriever.resp import RequestRedis, request_client
@@ -623,9 +625,14 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> RecommendFr
     faiss.omp_set_num_threads(1)
     sys.setswitchinterval(cfg.retriever.gil_switch_interval_ms / 1000.0)
     service = RetrieverService(cfg, watcher_poll_interval_s)
+    gc_timer = GcPauseTimer()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        gc_timer.install()
+        if cfg.retriever.gc_freeze:
+            frozen = freeze_what_is_loaded()
+            log.info("%d objects exempted from garbage collection (retriever.gc_freeze)", frozen)
         service.start()
         # accept connections only once the published version is loaded (uvicorn listens after
         # this returns; the other workers take the connections meanwhile)
@@ -635,6 +642,9 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> RecommendFr
             yield
         finally:
             await service.stop()
+            gc_timer.uninstall()
+            if cfg.retriever.gc_freeze:
+                gc.unfreeze()  # an app served in-process (tests) leaves the collector as it was
             if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
                 multiprocess.mark_process_dead(os.getpid())
 

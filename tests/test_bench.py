@@ -124,6 +124,9 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     for run_report in (http, open_run, probe):
         lag = run_report["loop_lag"]
         assert lag["checks"] >= 10 and lag["checks"] >= lag["over_10_ms"] >= lag["over_100_ms"] >= 0
+        collections = run_report["gc"]  # the workers' garbage collections, by generation
+        assert set(collections) == {"gen0", "gen1", "gen2"}
+        assert all(g["collections"] >= g["over_10_ms"] >= 0 and g["seconds"] >= 0 for g in collections.values())
 
 
 @pytest.mark.integration
