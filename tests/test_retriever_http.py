@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -397,6 +398,28 @@ def test_swaps_under_concurrent_requests_drop_nothing(cfg: Config, store: Snapsh
         versions = [version for _, version in slot]
         assert versions == sorted(versions)
     assert len({version for slot in results for _, version in slot}) > 5
+
+
+def test_watcher_frees_swapped_out_states_itself(store: SnapshotStore) -> None:
+    """A swapped-out state is freed by the watcher once no request holds it, never by the
+    request that drops it last (freeing a big index would hold up the worker's requests)."""
+    watcher = SnapshotWatcher(store, poll_interval_s=0.1)
+    publish_full(store, full_snapshot())
+    assert watcher.refresh() is True
+    held = watcher.state  # a request in flight across the swap holds the old state
+    old = weakref.ref(held)
+    v2 = publish_full(store, full_snapshot(seed=2))
+    assert watcher.refresh() is True and watcher.state.version == v2
+    del held  # the request ends: the watcher still holds the old state, nothing is freed here
+    assert old() is not None
+    assert watcher.refresh() is False  # the watcher's next check frees it, on its own thread
+    assert old() is None
+    # a state replaced by a delta (the new one shares most of its parts, not the state itself)
+    # goes the same way: kept through the swap, freed by the next check
+    replaced = weakref.ref(watcher.state)
+    publish_delta(store, empty_delta(items=Rows(["n1"], unit(np.ones((1, MODEL.dim))))), parent=v2)
+    assert watcher.refresh() is True
+    assert watcher.refresh() is False and replaced() is None
 
 
 def test_watcher_keeps_serving_through_bad_versions(cfg: Config, store: SnapshotStore) -> None:
