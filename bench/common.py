@@ -178,6 +178,33 @@ def redis_cpu_s(client: redis.Redis) -> float:
     return float(info.get("used_cpu_user", 0.0)) + float(info.get("used_cpu_sys", 0.0))
 
 
+def redis_slowlog_tip(client: redis.Redis) -> int:
+    """Id of the newest entry of Redis's slow log (-1 when it is empty)."""
+    entries = client.slowlog_get(1)
+    return int(entries[0]["id"]) if entries else -1
+
+
+def redis_slow_commands(client: redis.Redis, since_id: int) -> dict[str, dict[str, float]]:
+    """The commands Redis logged as slow (longer than its ``slowlog-log-slower-than``, 10 ms by
+    default) after entry ``since_id``, by command: how many, and the longest in ms. While one
+    runs, Redis serves no other client (the retrievers' request path among them)."""
+    out: dict[str, dict[str, float]] = {}
+    for entry in client.slowlog_get(SLOWLOG_READ):
+        if int(entry["id"]) <= since_id:
+            continue
+        command = entry["command"]
+        name = (command.decode(errors="replace") if isinstance(command, bytes) else str(command)).split(" ", 1)[0]
+        ms = entry["duration"] / 1000.0
+        seen = out.setdefault(name.upper(), {"count": 0, "max_ms": 0.0})
+        seen["count"] += 1
+        seen["max_ms"] = round(max(seen["max_ms"], ms), 1)
+    return out
+
+
+SLOWLOG_READ = 1024
+"""Slow-log entries read back (a Redis the bench starts keeps this many: ``slowlog-max-len``)."""
+
+
 # --- ports, services, waiting -------------------------------------------------------------------
 def free_ports(count: int) -> list[int]:
     """Distinct loopback ports nobody listens on (held open together so none repeats)."""

@@ -36,7 +36,9 @@ measured load: on a shared machine those are steadier than wall-clock figures, a
 ``qps_if_alone_estimate`` (cores / total CPU per request) says what they would allow. Each
 run's ``loop_lag`` counts the workers' event-loop checks that ran over 10 and 100 ms late
 (:mod:`retriever.loop_lag`): stalls inside the retriever's processes or of the whole machine;
-its ``gc`` the workers' garbage collections by generation (:mod:`retriever.gc_pauses`).
+its ``gc`` the workers' garbage collections by generation (:mod:`retriever.gc_pauses`); its
+``redis_slow`` the commands Redis logged as slow meanwhile (10 ms or more: no other client was
+served while one ran).
 
 Nothing is asserted: the figures are reported as measured, with the machine they ran on.
 """
@@ -68,6 +70,7 @@ import torch
 from bench import http_floor
 from bench.common import (
     HOST,
+    SLOWLOG_READ,
     DaemonProcess,
     Sample,
     counter_increase,
@@ -79,6 +82,8 @@ from bench.common import (
     metric_sum,
     percentile,
     redis_cpu_s,
+    redis_slow_commands,
+    redis_slowlog_tip,
     running,
     scrape,
     services,
@@ -634,6 +639,8 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
         prefix = f"bench-{uuid.uuid4().hex[:10]}"
         layout = SnapshotLayout(prefix)
         client = redis.Redis.from_url(endpoints.redis_url)
+        if not env.get("REDIS_URL"):  # our own Redis: keep every slow command of the runs
+            client.config_set("slowlog-max-len", SLOWLOG_READ)
         store = SnapshotStore(client, layout)
         retriever: DaemonProcess | None = None
         try:
@@ -690,6 +697,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 plan = _swap_plan(swaps, opts)
                 before = scrape(f"{base_url}/metrics")
                 cpu_before = _cpu_counters(retriever.pid, client)
+                slowlog_tip = redis_slowlog_tip(client)
                 t0 = time.monotonic()
                 swaps.start(plan, swap_times(opts.swaps, opts.duration_s), t0)
                 result = _load(tool, opts, base_url, opts.duration_s, workdir)
@@ -710,13 +718,14 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 except TimeoutError:
                     settled = False
                 after = scrape(f"{base_url}/metrics")
+                redis_slow = redis_slow_commands(client, slowlog_tip)
                 retriever.check_alive()
                 open_loop = [
                     _open_loop_phase(opts, rate, base_url, retriever.pid, client, swaps if opts.open_swaps else None)
                     for rate in opts.open_rates
                 ]
                 if opts.probe_s > 0:
-                    report["probe"] = _probe_phase(opts, base_url, swaps)
+                    report["probe"] = _probe_phase(opts, base_url, swaps, client)
                 retriever.check_alive()
             if opts.open_rates and opts.http_floor:  # the retriever has stopped: the cores are free
                 log.info("measuring the HTTP floor (a server that does nothing) at the same rates")
@@ -730,6 +739,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 delete_prefix(endpoints.redis_url, prefix)
 
     report["http"] = _http_report(result, before, after, opts, tool)
+    report["http"]["redis_slow"] = redis_slow
     report["cpu"] = _cpu_report(cpu_before, cpu_after, report["http"]["requests"], result["duration_us"] / 1e6)
     swaps_applied = _swaps_applied(before, after)
     report["swaps"] = {
@@ -773,7 +783,9 @@ PROBE_INTERVAL_S = 0.005
 PROBE_SLOW_MS = (30, 100)
 
 
-def _probe_phase(opts: RetrieverBenchOptions, base_url: str, swaps: SwapPublisher) -> dict[str, Any]:
+def _probe_phase(
+    opts: RetrieverBenchOptions, base_url: str, swaps: SwapPublisher, client: redis.Redis
+) -> dict[str, Any]:
     """Step 8 of the module docstring: one connection, a request every PROBE_INTERVAL_S at most,
     the ``swaps`` versions (written first) made current over the run."""
     plan = _swap_plan(swaps, opts, prewrite=True)
@@ -783,6 +795,7 @@ def _probe_phase(opts: RetrieverBenchOptions, base_url: str, swaps: SwapPublishe
     latencies_s: list[float] = []
     errors = 0
     before = scrape(f"{base_url}/metrics")
+    slowlog_tip = redis_slowlog_tip(client)
     with httpx.Client(timeout=10.0) as http:
         t0 = next_at = time.monotonic()
         swaps.start(plan, swap_times(len(plan), opts.probe_s), t0)
@@ -814,6 +827,7 @@ def _probe_phase(opts: RetrieverBenchOptions, base_url: str, swaps: SwapPublishe
         "swaps_applied_by_all_workers": _swaps_applied(before, after),
         "loop_lag": _loop_lag(before, after),
         "gc": _gc_pauses(before, after),
+        "redis_slow": redis_slow_commands(client, slowlog_tip),
     }
     log.info("swap probe: %s", report)
     return report
@@ -834,6 +848,7 @@ def _open_loop_phase(
     published = len(swaps.records) if swaps is not None else 0
     before = scrape(f"{base_url}/metrics")
     cpu_before = _cpu_counters(retriever_pid, client)
+    slowlog_tip = redis_slowlog_tip(client)
     if swaps is not None and plan:
         swaps.start(plan, swap_times(len(plan), opts.duration_s), time.monotonic())
     result = run_open_loop(base_url, rate, opts.duration_s, opts.users, opts.k, opts.seed + 7)
@@ -842,6 +857,7 @@ def _open_loop_phase(
         swaps.join(600)
     after = scrape(f"{base_url}/metrics")
     http = _http_report(result, before, after, opts, "open-loop")
+    http["redis_slow"] = redis_slow_commands(client, slowlog_tip)
     http.pop("concurrency")
     http.update(
         offered_qps=rate,

@@ -6,9 +6,9 @@ chunks into one bytes object (a copy of the whole part), and ``faiss.deserialize
 the index once more into the index's own arrays; and every worker process of a host reads, checks,
 copies and decodes the same bytes (measured at 1M items: 4-5 s of CPU per worker).
 
-:class:`PartReader` reads the chunks (the keys of :class:`~twotower.snapshots.SnapshotLayout`)
-a few at a time, hashing each as it arrives, into a buffer filled chunk by chunk, and checks
-size and SHA-256 exactly as ``read_part`` does.
+:class:`PartReader` reads the part in pieces (:meth:`~twotower.snapshots.SnapshotStore.iter_part`),
+hashing each as it arrives, into a buffer filled piece by piece, and checks size and SHA-256
+exactly as ``read_part`` does.
 
 With a ``directory`` (host-local, ideally tmpfs such as ``/dev/shm``) the buffer is a file
 named after the part's SHA-256: the first worker of the host that needs a part writes it
@@ -31,7 +31,7 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -43,9 +43,6 @@ from twotower.snapshots import SnapshotError, SnapshotStore, VersionMeta
 
 log = logging.getLogger(__name__)
 
-READ_BATCH = 2
-"""Chunks per round trip (as :mod:`twotower.snapshots`: one MGET of a whole big part would
-block the other Redis clients for most of a second)."""
 SHARED_ROOT = Path("/dev/shm")
 """Where :func:`shared_directory` puts the worker processes' shared files (tmpfs: memory the
 workers map, never written to a disk)."""
@@ -55,23 +52,6 @@ STALE_TEMP_S = 600.0
 
 Buffer = np.ndarray | mmap.mmap
 """A part's bytes: a read-only file mapping, or a uint8 array."""
-
-
-def _chunks(store: SnapshotStore, meta: VersionMeta, name: str) -> Iterator[bytes]:
-    """The part's chunks in order, a few per round trip.
-
-    Raises:
-        SnapshotError: the part or one of its chunks is missing.
-    """
-    if name not in meta.parts:
-        raise SnapshotError(f"version {meta.version} has no part {name!r}")
-    _, _, chunks = meta.parts[name]
-    keys = [store.layout.chunk(meta.version, name, i) for i in range(chunks)]
-    for i in range(0, chunks, READ_BATCH):
-        for value in store.redis.mget(keys[i : i + READ_BATCH]):
-            if value is None:
-                raise SnapshotError(f"version {meta.version} part {name!r} is missing chunks")
-            yield value
 
 
 def _corrupt(meta: VersionMeta, name: str) -> SnapshotError:
@@ -182,7 +162,7 @@ class PartReader:
         out = np.empty(size, dtype=np.uint8)
         hasher = hashlib.sha256()
         filled = 0
-        for chunk in _chunks(store, meta, name):
+        for chunk in store.iter_part(meta, name):
             if filled + len(chunk) > size:
                 raise _corrupt(meta, name)
             src = np.frombuffer(chunk, dtype=np.uint8)
@@ -210,7 +190,7 @@ class PartReader:
         written = 0
         try:
             with _create(tmp) as f:
-                for chunk in _chunks(store, meta, name):
+                for chunk in store.iter_part(meta, name):
                     hasher.update(chunk)
                     f.write(chunk)  # releases the GIL
                     written += len(chunk)

@@ -6,13 +6,23 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
+import redis
 from typer.testing import CliRunner
 
 from bench.cli import _parse_sets, app
-from bench.common import SystemOptions, live_system, percentile, summarize_s, write_report
+from bench.common import (
+    SystemOptions,
+    live_system,
+    percentile,
+    redis_slow_commands,
+    redis_slowlog_tip,
+    summarize_s,
+    write_report,
+)
 from bench.retriever import RetrieverBenchOptions, swap_times
 
 TOOLS = ["python", pytest.param("wrk", marks=pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed"))]
@@ -65,6 +75,28 @@ def test_checkpoint_bench_smoke(tmp_path: Path) -> None:
 
 
 # --- live smoke runs -----------------------------------------------------------------------------
+@pytest.mark.integration
+def test_redis_slow_commands_are_counted_by_name(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    key = f"slow-{uuid.uuid4().hex}"
+    tip = redis_slowlog_tip(client)
+    threshold = client.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]
+    client.config_set("slowlog-log-slower-than", 0)  # every command counts as slow
+    try:
+        client.set(key, "x")
+        client.get(key)
+        client.get(key)
+    finally:
+        client.config_set("slowlog-log-slower-than", threshold)
+        client.delete(key)
+        client.close()
+    client = redis.Redis.from_url(redis_url)
+    slow = redis_slow_commands(client, tip)
+    client.close()
+    assert slow["GET"]["count"] == 2 and slow["SET"]["count"] == 1  # only those after the tip
+    assert slow["GET"]["max_ms"] >= 0
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("tool", TOOLS)
 def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> None:
@@ -127,6 +159,8 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
         collections = run_report["gc"]  # the workers' garbage collections, by generation
         assert set(collections) == {"gen0", "gen1", "gen2"}
         assert all(g["collections"] >= g["over_10_ms"] >= 0 and g["seconds"] >= 0 for g in collections.values())
+        # commands Redis logged as slow meanwhile, by name (often none at this size)
+        assert all(c["count"] >= 1 and c["max_ms"] > 0 for c in run_report["redis_slow"].values())
 
 
 @pytest.mark.integration

@@ -125,6 +125,27 @@ def test_corrupted_or_missing_chunk_raises_snapshot_error(config: Config) -> Non
         client.close()
 
 
+def test_parts_are_read_in_bounded_pieces(config: Config) -> None:
+    """A part is read a piece per round trip, never more than ``read_piece_bytes`` at once
+    (a big reply holds up every other Redis client), whatever the chunk size it was written in."""
+    client = redis.Redis.from_url(config.redis.url)
+    store = SnapshotStore(client, SnapshotLayout(config.redis.key_prefix), chunk_bytes=1000, read_piece_bytes=300)
+    data = bytes(np.random.default_rng(3).integers(0, 256, 2_500, dtype=np.uint8))
+    try:
+        version = store.write(FULL, {"blob": data, "empty": b""}, None, 1)
+        meta = store.meta(version)
+        pieces = list(store.iter_part(meta, "blob"))
+        # chunks of 1000, 1000 and 500 bytes, each in pieces of at most 300
+        assert [len(p) for p in pieces] == [300, 300, 300, 100] * 2 + [300, 200]
+        assert b"".join(pieces) == data == store.read_part(meta, "blob")
+        assert store.read_part(meta, "empty") == b""
+        client.delete(store.layout.chunk(version, "blob", 2))
+        with pytest.raises(SnapshotError, match="missing chunks"):
+            list(store.iter_part(meta, "blob"))
+    finally:
+        client.close()
+
+
 # ---------------------------------------------------------------- the daemon's snapshot loop
 
 
