@@ -88,6 +88,16 @@ RELOAD_TURN_MAX_WAIT_S = 90.0
 """Longest wait for the reload turn; then the worker reloads anyway."""
 _RELEASE_TURN = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
+
+def _refcounts(items: list[object]) -> list[int]:
+    """``sys.getrefcount`` of each of ``items`` (counting the list's own reference)."""
+    return [sys.getrefcount(item) for item in items]
+
+
+_LISTED_ONLY = _refcounts([object()])[0]
+"""What :func:`_refcounts` says of an object nothing but its list refers to (measured, not
+assumed: it depends on how the interpreter counts the references of a loop and a call)."""
+
 _EXPECTED_ERRORS = (SnapshotError, BlobError, redis.RedisError, ValueError, RuntimeError)
 
 
@@ -247,8 +257,8 @@ class SnapshotWatcher:
         other reference to it (no request can take a new one: :attr:`state` points elsewhere),
         then drops it itself. Called at every refresh, i.e. at least every ``poll_interval_s``.
         """
-        # a state's references while checked: the list, the loop variable, getrefcount's argument
-        self._retired = [old for old in self._retired if sys.getrefcount(old) > 3]
+        retired = self._retired
+        self._retired = [old for old, n in zip(retired, _refcounts(retired), strict=True) if n > _LISTED_ONLY]
 
     def _build(self, target: int, state: ServingState | None) -> tuple[ServingState, str]:
         chain = self.store.chain(target)
