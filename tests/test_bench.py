@@ -94,7 +94,6 @@ def test_redis_slow_commands_are_counted_by_name(redis_url: str) -> None:
     slow = redis_slow_commands(client, tip)
     client.close()
     assert slow["GET"]["count"] == 2 and slow["SET"]["count"] == 1  # only those after the tip
-    assert slow["GET"]["max_ms"] >= 0
 
 
 @pytest.mark.integration

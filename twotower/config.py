@@ -339,9 +339,9 @@ class RetrieverConfig(_Section):
     """Exempt what a worker holds once its app is built (modules, the app: about 240,000 objects)
     from Python's garbage collections (``gc.freeze``, :mod:`retriever.gc_pauses`), whose oldest
     generation otherwise walks them all, about 100 ms during which the worker answers nothing.
-    Measured at 1M items (swap probe, 2 runs each): without it one such collection per run
-    (123 and 137 ms) and with it that run's slowest request (128 and 142 ms); with it none in 4
-    runs. Pauses are timed either way (``twotower_retriever_gc_pause_seconds``)."""
+    Measured at 1M items (swap probe): without it one such collection in each of 2 runs (123
+    and 137 ms), each time that run's slowest request (128 and 142 ms); with it none in 4 runs.
+    Pauses are timed either way (``twotower_retriever_gc_pause_seconds``)."""
     index_huge_pages: bool = True
     """Back the Faiss index with transparent huge pages (:mod:`retriever.hugepages`; Linux with
     glibc): ``twotower serve`` starts again with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` and each
