@@ -151,10 +151,13 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     assert 0 < probe["p50_ms"] <= probe["p99_ms"] <= probe["max_ms"]
     assert probe["requests"] >= probe["over_30_ms"] >= probe["over_100_ms"] >= 0
     assert probe["swaps_applied_by_all_workers"] >= 1
+    assert http["server_timed"]["count"] == http["server_requests"]  # both counted by the front door
     # the worker's event-loop lag checks (every 50 ms) counted in every run of 2 s
     for run_report in (http, open_run, probe):
         lag = run_report["loop_lag"]
-        assert lag["checks"] >= 10 and lag["checks"] >= lag["over_10_ms"] >= lag["over_100_ms"] >= 0
+        assert lag["count"] >= 10 and lag["count"] >= lag["over_10_ms"] >= lag["over_100_ms"] >= 0
+        timed = run_report["server_timed"]  # requests the retriever timed itself, over 5 and 10 ms
+        assert timed["count"] > 0 and timed["count"] >= timed["over_5_ms"] >= timed["over_10_ms"] >= 0
         collections = run_report["gc"]  # the workers' garbage collections, by generation
         assert set(collections) == {"gen0", "gen1", "gen2"}
         assert all(g["collections"] >= g["over_10_ms"] >= 0 and g["seconds"] >= 0 for g in collections.values())
