@@ -719,7 +719,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 except TimeoutError:
                     settled = False
                 after = scrape(f"{base_url}/metrics")
-                redis_slow = redis_slow_commands(client, slowlog_tip)
+                stalls = _stalls(before, after, client, slowlog_tip)
                 retriever.check_alive()
                 open_loop = [
                     _open_loop_phase(opts, rate, base_url, retriever.pid, client, swaps if opts.open_swaps else None)
@@ -740,7 +740,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 delete_prefix(endpoints.redis_url, prefix)
 
     report["http"] = _http_report(result, before, after, opts, tool)
-    report["http"]["redis_slow"] = redis_slow
+    report["http"].update(stalls)
     report["cpu"] = _cpu_report(cpu_before, cpu_after, report["http"]["requests"], result["duration_us"] / 1e6)
     swaps_applied = _swaps_applied(before, after)
     report["swaps"] = {
@@ -826,10 +826,7 @@ def _probe_phase(
         **{f"over_{limit}_ms": sum(1 for x in ms if x > limit) for limit in PROBE_SLOW_MS},
         "swaps_published": len(swaps.records) - published,
         "swaps_applied_by_all_workers": _swaps_applied(before, after),
-        "loop_lag": _loop_lag(before, after),
-        "gc": _gc_pauses(before, after),
-        "server_timed": _server_latency(before, after),
-        "redis_slow": redis_slow_commands(client, slowlog_tip),
+        **_stalls(before, after, client, slowlog_tip),
     }
     log.info("swap probe: %s", report)
     return report
@@ -859,7 +856,7 @@ def _open_loop_phase(
         swaps.join(600)
     after = scrape(f"{base_url}/metrics")
     http = _http_report(result, before, after, opts, "open-loop")
-    http["redis_slow"] = redis_slow_commands(client, slowlog_tip)
+    http.update(_stalls(before, after, client, slowlog_tip))
     http.pop("concurrency")
     http.update(
         offered_qps=rate,
@@ -934,9 +931,6 @@ def _http_report(
         "non_200": served - ok,
         "non_200_by_status": _by_status(before, after),
         "server_requests": served,
-        "loop_lag": _loop_lag(before, after),
-        "gc": _gc_pauses(before, after),
-        "server_timed": _server_latency(before, after),
     }
 
 
@@ -963,6 +957,17 @@ def _over(before: list[Sample], after: list[Sample], name: str, limits: Sequence
     for key, le in limits:
         out[key] = count - counter_increase(before, after, name + "_bucket", le=le)
     return out
+
+
+def _stalls(before: list[Sample], after: list[Sample], client: redis.Redis, slowlog_tip: int) -> dict[str, Any]:
+    """What stalled during a run, between two scrapes of the retriever's metrics and after the
+    slow-log entry ``slowlog_tip`` (see the module docstring)."""
+    return {
+        "loop_lag": _loop_lag(before, after),
+        "gc": _gc_pauses(before, after),
+        "server_timed": _server_latency(before, after),
+        "redis_slow": redis_slow_commands(client, slowlog_tip),
+    }
 
 
 def _loop_lag(before: list[Sample], after: list[Sample]) -> dict[str, int]:
