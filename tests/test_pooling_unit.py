@@ -65,7 +65,10 @@ def test_history_gradient_moves_rows_of_items_only_in_histories() -> None:
         state = _state(flag)
         clicks = _clicks()
         state.observe_clicks(clicks[:-4])  # every item has a row and sits in some history
-        state.items.emb[: len(state.items.ids)] = 0.1  # non-zero rows so gradients are informative
+        # distinct non-zero rows: with equal rows every item vector is the same, the softmax's pull
+        # on the user vector cancels exactly and no gradient reaches the history at all
+        n = len(state.items.ids)
+        state.items.emb[:n] = torch.randn(n, state.items.emb.shape[1], generator=torch.Generator().manual_seed(1))
         # one click whose history holds items the batch never clicks (and a single negative draw)
         examples = [(clicks[-1], [("i0", 1), ("i1", 2), ("i2", 3), ("i3", 4), ("i4", 5)])]
         before = state.items.emb.clone()
