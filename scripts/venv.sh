@@ -2,7 +2,8 @@
 # Create (or reuse) the project's virtualenv and print its path on stdout.
 #
 # The venv lives outside the clone, in ${TWOTOWER_CACHE_DIR:-~/.cache/twotower}/venv-<hash>, keyed
-# by a hash of pyproject.toml's dependency lists and the Python version: a dependency change builds a new one,
+# by a hash of pyproject.toml's dependency lists, constraints.txt (the exact versions installed) and the
+# Python version: a dependency change builds a new one,
 # anything else reuses it (the first install pulls torch and is big; pip's cache is kept).
 # The project itself is installed editable; if the venv last pointed at another clone, it is
 # re-pointed at this one (a few seconds, no downloads). All progress goes to stderr.
@@ -23,7 +24,9 @@ fi
 pyver="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 # Only the dependency lists matter for the key: editing the rest of pyproject.toml reuses the venv.
 deps="$("$python" -c 'import sys, tomllib, json; p = tomllib.load(open(sys.argv[1], "rb"))["project"]; print(json.dumps([p["dependencies"], p.get("optional-dependencies", {})], sort_keys=True))' "$root/pyproject.toml")"
-key="$( (echo "$deps"; echo "python=$pyver extras=$extras") | sha256sum | cut -c1-12)"
+# ... and the exact versions they resolve to (constraints.txt)
+constraints="$root/constraints.txt"
+key="$( (echo "$deps"; echo "python=$pyver extras=$extras"; grep -v '^#' "$constraints") | sha256sum | cut -c1-12)"
 venv="$cache/venv-$key"
 mkdir -p "$cache"
 
@@ -34,7 +37,7 @@ mkdir -p "$cache"
         rm -rf "$venv"
         "$python" -m venv "$venv"
         "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel >&2
-        "$venv/bin/python" -m pip install --progress-bar off -e "$root[$extras]" >&2
+        "$venv/bin/python" -m pip install --progress-bar off -c "$constraints" -e "$root[$extras]" >&2
         touch "$venv/.installed"
     fi
     # Re-point the editable install if it belongs to another clone (or was never made).
