@@ -99,6 +99,7 @@ from publisher.index import build_index, deserialize, index_kind, recall_at_k, s
 from publisher.serving_state import encode_history_entry
 from retriever import hugepages
 from retriever.state import ServingState
+from retriever.tracked_cache import EVENTS
 from twotower.blobs import Rows, pack_arrays, pack_rows
 from twotower.config import ModelConfig
 from twotower.model import TwoTower, dense_arrays
@@ -961,13 +962,24 @@ def _over(before: list[Sample], after: list[Sample], name: str, limits: Sequence
 
 def _stalls(before: list[Sample], after: list[Sample], client: redis.Redis, slowlog_tip: int) -> dict[str, Any]:
     """What stalled during a run, between two scrapes of the retriever's metrics and after the
-    slow-log entry ``slowlog_tip`` (see the module docstring)."""
+    slow-log entry ``slowlog_tip`` (see the module docstring); beside it, what the workers'
+    cache of users' Redis reads did (a miss costs the request a round trip)."""
     return {
         "loop_lag": _loop_lag(before, after),
         "gc": _gc_pauses(before, after),
         "server_timed": _server_latency(before, after),
         "redis_slow": redis_slow_commands(client, slowlog_tip),
+        "redis_cache": _redis_cache(before, after),
     }
+
+
+REDIS_CACHE = "twotower_retriever_redis_cache_total"
+
+
+def _redis_cache(before: list[Sample], after: list[Sample]) -> dict[str, int]:
+    """The workers' cached reads of users' histories and profiles during a run, by event
+    (:mod:`retriever.tracked_cache`; all zero with ``retriever.redis_cache_mb = 0``)."""
+    return {event: counter_increase(before, after, REDIS_CACHE, event=event) for event in EVENTS}
 
 
 def _loop_lag(before: list[Sample], after: list[Sample]) -> dict[str, int]:

@@ -14,7 +14,9 @@ Endpoints:
 
 Per request (an ``async`` handler on the event loop, no thread-pool hop): one batch of Redis
 commands (:mod:`retriever.resp`: a worker's requests share one connection) reads the user's
-stored history (all of it: ``LRANGE 0..publisher.history_max_len-1``) and profile; the user
+stored history (all of it: ``LRANGE 0..publisher.history_max_len-1``) and profile, unless the
+worker read them before and Redis has not reported them changed since
+(:mod:`retriever.tracked_cache`, ``retriever.redis_cache_mb``); the user
 vector is pooled from the newest ``model.history_len`` of those items the snapshot knows (plus
 any fresh history in a POST body); everything in the stored history and in ``exclude`` is left
 out of the results. Item details (category, title) come from a per-process
@@ -70,6 +72,7 @@ from retriever.loop_lag import LoopLagMonitor
 from retriever.parts import PartReader, shared_directory
 from retriever.resp import RequestRedis, request_client
 from retriever.state import ServingState
+from retriever.tracked_cache import EVENTS, TrackedCache
 from retriever.watcher import SnapshotWatcher
 from twotower.config import Config, load_config
 from twotower.daemon import setup_logging
@@ -100,6 +103,12 @@ MALFORMED = Counter(
     "twotower_retriever_malformed_values_total",
     "Redis values the retriever skipped because they did not decode (kind=history|profile).",
     ["kind"],
+)
+REDIS_CACHE = Counter(
+    "twotower_retriever_redis_cache_total",
+    "Cached reads of users' histories and profiles (retriever.redis_cache_mb) by event: hit, miss, "
+    "invalidated (Redis said the key changed), evicted (room), flushed (all, a connection ended).",
+    ["event"],
 )
 
 
@@ -271,6 +280,18 @@ def _decode_details(values: Sequence[bytes | None]) -> tuple[str | None, str | N
 _THREAD = threading.local()
 
 
+def _tracked_cache(cfg: Config) -> TrackedCache | None:
+    """The request path's cache of users' reads (``retriever.redis_cache_mb``; ``None``: off)."""
+    if cfg.retriever.redis_cache_mb <= 0:
+        return None
+    counters = {event: REDIS_CACHE.labels(event) for event in EVENTS}
+    return TrackedCache(
+        int(cfg.retriever.redis_cache_mb * 2**20),
+        cfg.retriever.redis_cache_max_age_s,
+        note=lambda event: counters[event].inc(),
+    )
+
+
 def _single_threaded_here() -> None:
     """Limit OpenMP (faiss) and torch to one thread *in the calling thread*.
 
@@ -295,8 +316,9 @@ class RetrieverService:
     def __init__(self, cfg: Config, watcher_poll_interval_s: float = 1.0) -> None:
         self.cfg = cfg
         self.layout = SnapshotLayout(cfg.redis.key_prefix)
-        # request path: one multiplexed connection per worker, used on the event loop only
-        self.redis: RequestRedis = request_client(cfg.redis.url, REQUEST_SOCKET_TIMEOUT_S)
+        # request path: one multiplexed connection per worker, used on the event loop only; users'
+        # histories and profiles cached until Redis reports them changed
+        self.redis: RequestRedis = request_client(cfg.redis.url, REQUEST_SOCKET_TIMEOUT_S, _tracked_cache(cfg))
         # category lookups of filtered requests run on a worker thread: a blocking client
         self.sync_redis = redis.Redis.from_url(
             cfg.redis.url, socket_timeout=REQUEST_SOCKET_TIMEOUT_S, socket_connect_timeout=REQUEST_SOCKET_TIMEOUT_S
@@ -456,7 +478,8 @@ class RetrieverService:
                 (
                     ("LRANGE", self.layout.history(user_id), 0, self.cfg.publisher.history_max_len - 1),
                     ("GET", self.layout.profile(user_id)),
-                )
+                ),
+                cached=True,
             )
         except (redis.RedisError, OSError) as exc:
             raise self._redis_failed(exc) from None

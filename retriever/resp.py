@@ -17,6 +17,16 @@ request path only reads); no complete answer within ``timeout_s`` is a
 to their requests), failing the other requests waiting on it too; an error reply is a
 :class:`redis.ResponseError`.
 
+With a :class:`~retriever.tracked_cache.TrackedCache`, the connection speaks RESP3 and turns
+Redis's key tracking on (``HELLO 3``, ``CLIENT TRACKING ON``): reads sent with ``cached=True``
+are answered from the cache while Redis has not reported their key changed; the invalidation
+push messages arrive on the same connection, in order with the replies, and are applied as they
+are parsed (the module docstring of :mod:`retriever.tracked_cache` says why that leaves no
+window for a stale reply). The cache is cleared whenever a tracking connection ends. A server
+that refuses ``HELLO 3`` (Redis before 6) is read uncached. RESP3 changes the reply type of
+some commands (a hash as a dict, for one); the request path reads lists, strings and HMGET
+arrays, which are the same in both.
+
 URLs: ``redis://`` and ``unix://`` with user, password and db. Anything else (``rediss://``,
 connection options in the query string) is served by :class:`RedisPyExecutor`, a thin wrapper
 around a ``redis.asyncio`` pipeline with the same interface (:func:`request_client` chooses).
@@ -25,6 +35,7 @@ around a ``redis.asyncio`` pipeline with the same interface (:func:`request_clie
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -34,24 +45,36 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
 
+from retriever.tracked_cache import MISSING, TrackedCache
+
+log = logging.getLogger(__name__)
+
 Command = Sequence[bytes | str | int | float]
+Fill = tuple[int, bytes, bytes]
+"""(index of a reply in its batch, the key it read, the packed command): a reply to keep."""
 
 
 class RequestRedis(Protocol):
     """What the request path needs of Redis: a batch of read commands in, their replies out."""
 
-    async def execute(self, commands: Sequence[Command]) -> list[Any]: ...
+    async def execute(self, commands: Sequence[Command], cached: bool = False) -> list[Any]: ...
 
     async def aclose(self) -> None: ...
 
 
-class _Waiter:
-    __slots__ = ("future", "remaining", "replies")
+def _key(command: Command) -> bytes:
+    key = command[1]
+    return key if isinstance(key, bytes) else str(key).encode()
 
-    def __init__(self, future: asyncio.Future[list[Any]], n: int) -> None:
+
+class _Waiter:
+    __slots__ = ("fills", "future", "remaining", "replies")
+
+    def __init__(self, future: asyncio.Future[list[Any]], n: int, fills: Sequence[Fill]) -> None:
         self.future = future
         self.remaining = n
         self.replies: list[Any] = []
+        self.fills = fills
 
 
 class _Connection(asyncio.Protocol):
@@ -62,6 +85,8 @@ class _Connection(asyncio.Protocol):
         self.waiters: deque[_Waiter] = deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.cache: TrackedCache | None = None
+        """Set once Redis tracks the keys this connection reads."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -78,6 +103,10 @@ class _Connection(asyncio.Protocol):
                 return
             if reply is False:
                 return
+            if isinstance(reply, hiredis.PushNotification):  # RESP3 out-of-band: not a reply
+                if self.cache is not None and len(reply) >= 2 and reply[0] == b"invalidate":
+                    self.cache.invalidate(reply[1])
+                continue
             if not waiters:  # a reply nobody asked for: the stream is out of step
                 self.fail(redis.ConnectionError("unexpected reply from redis"))
                 return
@@ -86,6 +115,10 @@ class _Connection(asyncio.Protocol):
             waiter.remaining -= 1
             if waiter.remaining == 0:
                 waiters.popleft()
+                if waiter.fills and self.cache is not None:  # now, before any later invalidation
+                    for index, key, packed in waiter.fills:
+                        if not isinstance(waiter.replies[index], redis.ResponseError):
+                            self.cache.put(key, packed, waiter.replies[index])
                 if not waiter.future.done():  # a timed-out waiter is already failed
                     waiter.future.set_result(waiter.replies)
 
@@ -93,8 +126,12 @@ class _Connection(asyncio.Protocol):
         self.fail(redis.ConnectionError(f"connection to redis lost: {exc or 'closed by the server'}"))
 
     def fail(self, exc: Exception) -> None:
-        """Close the connection and fail every waiting request with ``exc``."""
+        """Close the connection and fail every waiting request with ``exc``; forget what it cached
+        (the invalidations it would have received are lost with it)."""
         self.closed = True
+        if self.cache is not None:
+            self.cache.clear()
+            self.cache = None
         if self.transport is not None:
             self.transport.close()
         while self.waiters:
@@ -102,9 +139,11 @@ class _Connection(asyncio.Protocol):
             if not future.done():
                 future.set_exception(exc)
 
-    def send(self, payload: bytes, n: int, loop: asyncio.AbstractEventLoop) -> asyncio.Future[list[Any]]:
+    def send(
+        self, payload: bytes, n: int, loop: asyncio.AbstractEventLoop, fills: Sequence[Fill] = ()
+    ) -> asyncio.Future[list[Any]]:
         future: asyncio.Future[list[Any]] = loop.create_future()
-        self.waiters.append(_Waiter(future, n))
+        self.waiters.append(_Waiter(future, n, fills))
         assert self.transport is not None
         self.transport.write(payload)
         return future
@@ -125,16 +164,18 @@ class RespClient:
         password: str | None = None,
         path: str | None = None,
         timeout_s: float = 2.0,
+        cache: TrackedCache | None = None,
     ) -> None:
         self.host, self.port, self.path = host, port, path
         self.db, self.username, self.password = db, username, password
         self.timeout_s = timeout_s
+        self.cache = cache
         self._conn: _Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
 
     @classmethod
-    def from_url(cls, url: str, timeout_s: float = 2.0) -> RespClient:
+    def from_url(cls, url: str, timeout_s: float = 2.0, cache: TrackedCache | None = None) -> RespClient:
         """Raises: ValueError: a URL this client does not handle (TLS, connection options)."""
         kwargs = parse_url(url)
         connection_class = kwargs.pop("connection_class", None)
@@ -143,25 +184,52 @@ class RespClient:
         unknown = set(kwargs) - {"host", "port", "db", "username", "password", "path"}
         if unknown:
             raise ValueError(f"connection options {sorted(unknown)} are not handled by RespClient")
-        return cls(timeout_s=timeout_s, **kwargs)  # type: ignore[arg-type]
+        return cls(timeout_s=timeout_s, cache=cache, **kwargs)  # type: ignore[arg-type]
 
-    async def execute(self, commands: Sequence[Command]) -> list[Any]:
+    async def execute(self, commands: Sequence[Command], cached: bool = False) -> list[Any]:
         """Send ``commands`` at once; their replies in order.
+
+        With ``cached`` (read commands whose key is their first argument), replies the cache
+        holds are not asked for again, and those fetched are kept; the replies are then shared
+        with the cache and must not be modified.
 
         Raises:
             redis.ConnectionError: Redis unreachable, or the connection was lost meanwhile.
             redis.TimeoutError: no complete answer within ``timeout_s``.
             redis.ResponseError: Redis answered a command with an error.
         """
-        payload = b"".join(hiredis.pack_command(tuple(command)) for command in commands)
         loop = asyncio.get_running_loop()
+        conn = self._conn
+        if cached and conn is not None and conn.cache is not None and not conn.closed and self._loop is loop:
+            return await self._execute_cached(commands, conn.cache, loop)
+        payload = b"".join(hiredis.pack_command(tuple(command)) for command in commands)
+        return await self._send(payload, len(commands), loop, ())
+
+    async def _execute_cached(
+        self, commands: Sequence[Command], cache: TrackedCache, loop: asyncio.AbstractEventLoop
+    ) -> list[Any]:
+        packed = [hiredis.pack_command(tuple(command)) for command in commands]
+        keys = [_key(command) for command in commands]
+        replies = [cache.get(key, one) for key, one in zip(keys, packed, strict=True)]
+        missing = [i for i, reply in enumerate(replies) if reply is MISSING]
+        if not missing:
+            return replies
+        fills = [(j, keys[i], packed[i]) for j, i in enumerate(missing)]
+        fetched = await self._send(b"".join(packed[i] for i in missing), len(missing), loop, fills)
+        for j, i in enumerate(missing):
+            replies[i] = fetched[j]
+        return replies
+
+    async def _send(
+        self, payload: bytes, n: int, loop: asyncio.AbstractEventLoop, fills: Sequence[Fill]
+    ) -> list[Any]:
         conn = await self._ready(loop)
         if conn.transport is None or conn.transport.is_closing():  # broken meanwhile: reconnect once
             conn.fail(redis.ConnectionError("connection to redis closed"))
             conn = await self._ready(loop)
             if conn.transport is None or conn.transport.is_closing():
                 raise redis.ConnectionError("connection to redis closed")
-        future = conn.send(payload, len(commands), loop)
+        future = conn.send(payload, n, loop, fills)
         timer = loop.call_later(self.timeout_s, self._time_out, conn, future)
         try:
             replies = await future
@@ -227,7 +295,23 @@ class RespClient:
                 if isinstance(reply, redis.ResponseError):
                     conn.fail(redis.ConnectionError(f"connection setup failed: {reply}"))
                     raise redis.ConnectionError(f"redis refused the connection setup: {reply}")
+        if self.cache is not None:
+            await self._track(conn, loop, self.cache)
         return conn
+
+    async def _track(self, conn: _Connection, loop: asyncio.AbstractEventLoop, cache: TrackedCache) -> None:
+        """Switch ``conn`` to RESP3 and key tracking; leave it uncached if Redis refuses."""
+        for command in (("HELLO", 3), ("CLIENT", "TRACKING", "ON")):
+            try:
+                (reply,) = await conn.send(hiredis.pack_command(command), 1, loop)
+            except BaseException:
+                conn.fail(redis.ConnectionError("connection setup failed"))
+                raise
+            if isinstance(reply, redis.ResponseError):  # the connection stays usable, uncached
+                log.warning("redis refused %s (%s): the request path reads uncached", command[0], reply)
+                return
+        cache.clear()  # what an earlier connection cached may have changed unseen
+        conn.cache = cache
 
     async def aclose(self) -> None:
         if self._conn is not None:
@@ -236,12 +320,13 @@ class RespClient:
 
 
 class RedisPyExecutor:
-    """The same interface over a ``redis.asyncio`` client (URLs :class:`RespClient` does not handle)."""
+    """The same interface over a ``redis.asyncio`` client (URLs :class:`RespClient` does not
+    handle); it caches nothing."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
 
-    async def execute(self, commands: Sequence[Command]) -> list[Any]:
+    async def execute(self, commands: Sequence[Command], cached: bool = False) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
@@ -251,10 +336,11 @@ class RedisPyExecutor:
         await self.client.aclose()
 
 
-def request_client(url: str, timeout_s: float) -> RequestRedis:
-    """:class:`RespClient` for ``url`` when it handles it, else :class:`RedisPyExecutor`."""
+def request_client(url: str, timeout_s: float, cache: TrackedCache | None = None) -> RequestRedis:
+    """:class:`RespClient` for ``url`` when it handles it (with ``cache``), else
+    :class:`RedisPyExecutor`."""
     try:
-        return RespClient.from_url(url, timeout_s)
+        return RespClient.from_url(url, timeout_s, cache)
     except ValueError:
         client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         return RedisPyExecutor(client)

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from retriever.resp import RedisPyExecutor, RespClient, request_client
+from retriever.tracked_cache import TrackedCache
 
 
 def _free_port() -> int:
@@ -143,3 +144,83 @@ def test_urls_it_does_not_handle_go_to_redis_py() -> None:
     assert isinstance(request_client("unix:///tmp/redis.sock?db=1", 2.0), RespClient)
     assert isinstance(request_client("rediss://127.0.0.1:6379/0", 2.0), RedisPyExecutor)
     assert isinstance(request_client("redis://127.0.0.1:6379/0?socket_keepalive=true", 2.0), RedisPyExecutor)
+
+
+def test_cached_reads_follow_redis_invalidations(redis_url: str, keys) -> None:
+    """With a TrackedCache, repeated reads cost no round trip until another client changes the
+    key; a flush and a lost connection empty the cache. Another client's write is seen once its
+    invalidation has reached this client (pushed, so within about a round trip), hence _until."""
+    sync, prefix = keys
+    history, profile = f"{prefix}h0", f"{prefix}p0"
+    sync.rpush(history, b"a")
+    events: list[str] = []
+    cache = TrackedCache(1 << 20, 60.0, note=events.append)
+    reads = (("LRANGE", history, 0, 99), ("GET", profile))
+
+    async def main() -> None:
+        client = RespClient.from_url(redis_url, cache=cache)
+        try:
+            assert await client.execute(reads, cached=True) == [[b"a"], None]  # connects: nothing cached
+            assert await client.execute(reads, cached=True) == [[b"a"], None]  # now kept
+            before = events.count("hit")
+            for _ in range(5):
+                assert await client.execute(reads, cached=True) == [[b"a"], None]
+            assert events.count("hit") - before == 10  # both keys, five times, no round trip
+            calls = sync.info("commandstats")["cmdstat_lrange"]["calls"]
+            await client.execute(reads, cached=True)
+            assert sync.info("commandstats")["cmdstat_lrange"]["calls"] == calls
+
+            sync.lpush(history, b"b")  # another client's write: Redis pushes an invalidation
+            sync.set(profile, b"p")
+            assert await _until(client, reads, [[b"b", b"a"], b"p"])
+            assert events.count("invalidated") >= 1
+
+            sync.execute_command("FLUSHDB")  # invalidates everything
+            assert await _until(client, reads, [[], None])
+
+            sync.rpush(history, b"c")
+            assert await _until(client, reads, [[b"c"], None])
+            own = sync.client_list(_type="normal")
+            tracked = [c for c in own if "t" in c.get("flags", "")]
+            assert tracked, "the request connection tracks its keys"
+            for entry in tracked:
+                sync.client_kill_filter(_id=entry["id"])
+            # the killed connection's cache is gone; the next reads reconnect and are right
+            sync.rpush(history, b"d")
+            assert await _until(client, reads, [[b"c", b"d"], None])
+            assert "flushed" in events
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+async def _until(client: RespClient, reads: tuple, want: list, timeout_s: float = 5.0) -> bool:
+    """Read until the replies equal ``want`` (an invalidation is pushed, not instant): True when
+    they did within ``timeout_s``. Lost connections are retried, as the request path's caller would."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            if await client.execute(reads, cached=True) == want:
+                return True
+        except redis.ConnectionError:
+            pass
+        await asyncio.sleep(0.01)
+    return False
+
+
+def test_uncached_reads_on_a_tracking_connection_are_not_kept(redis_url: str, keys) -> None:
+    sync, prefix = keys
+    sync.set(f"{prefix}k", b"1")
+    events: list[str] = []
+
+    async def main() -> None:
+        client = RespClient.from_url(redis_url, cache=TrackedCache(1 << 20, 60.0, note=events.append))
+        try:
+            for _ in range(3):
+                assert await client.execute([("GET", f"{prefix}k")]) == [b"1"]
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+    assert events == []

@@ -342,6 +342,14 @@ class RetrieverConfig(_Section):
     Measured at 1M items (swap probe): without it one such collection in each of 2 runs (123
     and 137 ms), each time that run's slowest request (128 and 142 ms); with it none in 4 runs.
     Pauses are timed either way (``twotower_retriever_gc_pause_seconds``)."""
+    redis_cache_mb: float = Field(default=64.0, ge=0)
+    """Per worker, the users' stored histories and profiles it read from Redis, kept until Redis
+    reports the key changed (server-assisted client-side caching, :mod:`retriever.tracked_cache`):
+    a user asking again before their next click costs no Redis round trip. Invalidations arrive
+    on the request connection, in order with the replies, so a click is seen by the next request
+    as before. Least recently used entries go beyond this size; 0: read Redis on every request."""
+    redis_cache_max_age_s: float = Field(default=60.0, gt=0)
+    """Backstop: the longest a cached read is served, however quiet Redis is."""
     index_huge_pages: bool = True
     """Back the Faiss index with transparent huge pages (:mod:`retriever.hugepages`; Linux with
     glibc): ``twotower serve`` starts again with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` and each
