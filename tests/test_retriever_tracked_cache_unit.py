@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from retriever.tracked_cache import ENTRY_OVERHEAD_BYTES, MISSING, TrackedCache, reply_bytes
 
 
@@ -72,3 +74,54 @@ def test_an_entry_older_than_max_age_is_not_served() -> None:
     assert cache.get(b"k", b"GET k") == b"v"
     clock.now = 5.1
     assert cache.get(b"k", b"GET k") is MISSING
+
+
+class _Transport:
+    """Just enough of an asyncio transport for a _Connection fed by hand."""
+
+    def __init__(self) -> None:
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+INVALIDATE_K = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"
+REPLY_V = b"$1\r\nv\r\n"
+
+
+def _fed(data: bytes) -> tuple[TrackedCache, object]:
+    """A tracking connection with one read of key ``k`` in flight, then ``data`` arriving in one
+    chunk; the cache and the read's result."""
+    from retriever.resp import _Connection
+
+    loop = asyncio.new_event_loop()
+    try:
+        conn = _Connection()
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        conn.cache = TrackedCache(1 << 20, 60.0)
+        future = conn.send(b"GET k", 1, loop, fills=[(0, b"k", b"GET k")])
+        conn.data_received(data)
+        return conn.cache, future.result()
+    finally:
+        loop.close()
+
+
+def test_an_invalidation_after_a_reply_drops_it_even_in_the_same_chunk() -> None:
+    # Redis modified the key after answering: the reply must not stay cached
+    cache, result = _fed(REPLY_V + INVALIDATE_K)
+    assert result == [b"v"]
+    assert cache.get(b"k", b"GET k") is MISSING
+
+
+def test_an_invalidation_before_a_reply_leaves_the_newer_reply_cached() -> None:
+    # the invalidation was for an earlier read; the reply already holds the new value
+    cache, result = _fed(INVALIDATE_K + REPLY_V)
+    assert result == [b"v"]
+    assert cache.get(b"k", b"GET k") == b"v"
