@@ -10,7 +10,10 @@ What one run does:
    free port unless ``REDIS_URL`` is set), plus a recent history for every user and the
    details hash of every item, as the publisher would;
 3. measures the **compute floor** in this process: ``ServingState.user_vector`` + ``search``
-   on the same state the retriever will serve (one thread, as in a retriever worker);
+   on the same state the retriever will serve (one thread, as in a retriever worker), back to
+   back; with ``open_rates`` also the **paced floor**, the same work with the thread idle
+   between requests for one worker's share of the first open loop's interval, as a worker is
+   at that rate (colder caches: what a request's compute costs at low load);
 4. starts ``twotower serve --workers W`` as a subprocess and waits until every worker serves
    the snapshot;
 5. drives GET ``/recommend`` over loopback from a separate process — ``wrk`` with a Lua
@@ -118,6 +121,8 @@ DELTA_CHANGED_ITEMS = 200
 DELTA_NEW_ITEMS = 50
 DELTA_REMOVED_ITEMS = 10
 N_CATEGORIES = 50
+PACED_FLOOR_REQUESTS = 1_000
+"""Requests of the paced compute floor (measured with ``open_rates``; 10 s at 100/s per worker)."""
 
 WRK_SCRIPT = r"""
 -- one random user per request; a JSON summary on stdout when done
@@ -253,8 +258,12 @@ def compute_floor(
     requests: int,
     seed: int,
     max_seconds: float = 60.0,
+    pause_s: float = 0.0,
 ) -> dict[str, Any]:
     """User tower + search per request in this process, one thread (like a retriever worker).
+
+    With ``pause_s`` the thread sleeps that long between requests, as a worker idles between
+    the requests of an open loop: the same work then meets colder caches (the paced floor).
 
     Returns:
         p50/p90/p99/mean of the whole, and p50/p99 of each half, in milliseconds.
@@ -285,6 +294,8 @@ def compute_floor(
                 total.append((t2 - t0) * 1000)
             if time.monotonic() > deadline:
                 break
+            if pause_s > 0:
+                time.sleep(pause_s)
     finally:
         torch.set_num_threads(old_torch)
         faiss.omp_set_num_threads(old_omp)
@@ -658,6 +669,14 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
             state = ServingState.load(store, first)
             report["floor"] = compute_floor(state, histories, opts.k, opts.floor_requests, opts.seed)
             report["floor"]["huge_pages"] = hugepages.active()
+            if opts.open_rates:
+                # the same work paced as one worker's share of the first open loop (idle between requests)
+                pause_s = opts.workers / opts.open_rates[0]
+                paced = compute_floor(
+                    state, histories, opts.k, min(opts.floor_requests, PACED_FLOOR_REQUESTS), opts.seed, pause_s=pause_s
+                )
+                report["floor_paced"] = {**paced, "pause_ms": round(pause_s * 1000, 3)}
+                log.info("paced floor: %s", report["floor_paced"])
             del state
             log.info("floor: %s", report["floor"])
 

@@ -131,6 +131,8 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     assert http["non_200"] == 0  # a swap must never fail a request
     floor = report["floor"]
     assert 0 < floor["p50_ms"] <= floor["p99_ms"]
+    paced = report["floor_paced"]  # the same work with the thread idle between requests (open_rates)
+    assert 0 < paced["p50_ms"] <= paced["p99_ms"] and paced["pause_ms"] == 20.0  # 1 worker at 50/s
     assert report["swaps"]["published"] == 2 and report["swaps"]["publish_error"] is None
     assert report["swaps_done"] >= 1
     assert report["machine"]["nproc"] >= 1 and report["machine"]["cpu_model"]
