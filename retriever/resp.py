@@ -149,6 +149,16 @@ class _Connection(asyncio.Protocol):
         return future
 
 
+async def _setup(conn: _Connection, commands: Sequence[Command], loop: asyncio.AbstractEventLoop) -> list[Any]:
+    """Send a new connection's setup commands; their replies (errors included). A connection
+    that fails meanwhile is closed."""
+    try:
+        return await conn.send(b"".join(hiredis.pack_command(tuple(c)) for c in commands), len(commands), loop)
+    except BaseException:
+        conn.fail(redis.ConnectionError("connection setup failed"))
+        raise
+
+
 class RespClient:
     """A multiplexed asyncio Redis client for read commands (see the module docstring).
 
@@ -200,7 +210,7 @@ class RespClient:
         """
         loop = asyncio.get_running_loop()
         conn = self._conn
-        if cached and conn is not None and conn.cache is not None and not conn.closed and self._loop is loop:
+        if cached and conn is not None and conn.cache is not None and self._loop is loop:  # a closed one has none
             return await self._execute_cached(commands, conn.cache, loop)
         payload = b"".join(hiredis.pack_command(tuple(command)) for command in commands)
         return await self._send(payload, len(commands), loop, ())
@@ -285,13 +295,7 @@ class RespClient:
         if self.db:
             setup.append(("SELECT", self.db))
         if setup:
-            payload = b"".join(hiredis.pack_command(tuple(c)) for c in setup)
-            try:
-                replies = await conn.send(payload, len(setup), loop)
-            except BaseException:
-                conn.fail(redis.ConnectionError("connection setup failed"))
-                raise
-            for reply in replies:
+            for reply in await _setup(conn, setup, loop):
                 if isinstance(reply, redis.ResponseError):
                     conn.fail(redis.ConnectionError(f"connection setup failed: {reply}"))
                     raise redis.ConnectionError(f"redis refused the connection setup: {reply}")
@@ -300,17 +304,13 @@ class RespClient:
         return conn
 
     async def _track(self, conn: _Connection, loop: asyncio.AbstractEventLoop, cache: TrackedCache) -> None:
-        """Switch ``conn`` to RESP3 and key tracking; leave it uncached if Redis refuses."""
+        """Switch ``conn`` to RESP3 and key tracking; leave it uncached if Redis refuses. The
+        cache holds nothing of an earlier connection: :meth:`_Connection.fail` cleared it."""
         for command in (("HELLO", 3), ("CLIENT", "TRACKING", "ON")):
-            try:
-                (reply,) = await conn.send(hiredis.pack_command(command), 1, loop)
-            except BaseException:
-                conn.fail(redis.ConnectionError("connection setup failed"))
-                raise
+            (reply,) = await _setup(conn, [command], loop)
             if isinstance(reply, redis.ResponseError):  # the connection stays usable, uncached
                 log.warning("redis refused %s (%s): the request path reads uncached", command[0], reply)
                 return
-        cache.clear()  # what an earlier connection cached may have changed unseen
         conn.cache = cache
 
     async def aclose(self) -> None:
