@@ -98,6 +98,7 @@ def retriever_command(
         "--http-floor/--no-http-floor",
         help="With --open-rate: also drive a server that does nothing at the same rates (the HTTP floor).",
     ),
+    log_dir: Path | None = typer.Option(None, "--log-dir", help="Keep the retriever's log in this directory."),
     json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -138,6 +139,7 @@ def retriever_command(
         prewrite_swaps=prewrite_swaps,
         probe_s=probe_s,
         http_floor=http_floor,
+        log_dir=log_dir,
     )
     typer.echo(write_report(run(opts), json_out))
 

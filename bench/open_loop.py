@@ -32,6 +32,11 @@ LATE_S = 0.001
 """A request sent later than this after its scheduled time counts as late."""
 DRAIN_S = 30.0
 """After the schedule ends, how long the requests still queued or in flight may take."""
+SLOW_S = 0.02
+"""A request slower than this (from its scheduled time) is listed with its send time, so that a
+report can set the slow ones beside what happened then (a swap, a worker's log line)."""
+MAX_SLOW = 1_000
+"""At most this many slow requests are listed (the first ones)."""
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
@@ -57,6 +62,8 @@ async def _drive(
     latencies: list[float] = []
     service: list[float] = []
     errors = {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0}
+    slow: list[tuple[float, float, float]] = []
+    unix_offset = time.time() - time.perf_counter()
     late = 0
     idle = 0  # connections waiting for work
     workers: list[asyncio.Task[None]] = []
@@ -97,6 +104,9 @@ async def _drive(
             done = time.perf_counter()
             latencies.append((done - scheduled) * 1e6)
             service.append((done - sent) * 1e6)
+            if done - scheduled > SLOW_S and len(slow) < MAX_SLOW:
+                at = round(unix_offset + scheduled, 4)
+                slow.append((at, round((done - scheduled) * 1e3, 2), round((done - sent) * 1e3, 2)))
             if status != 200:
                 errors["status"] += 1
         if writer is not None:
@@ -139,6 +149,7 @@ async def _drive(
         **wrk_latencies(latencies),
         "from_send_p50_us": from_send["p50_us"],
         "from_send_p99_us": from_send["p99_us"],
+        "slow": slow,
     }
 
 
@@ -161,7 +172,8 @@ def run_open_loop(
 ) -> dict[str, Any]:
     """``rate`` GET /recommend per second for ``duration_s`` from a spawned process; wrk-like
     figures (latencies in microseconds from each request's scheduled time) plus ``scheduled``,
-    ``offered_rate``, ``late`` and ``connections``."""
+    ``offered_rate``, ``late``, ``connections`` and ``slow``: (Unix time of the scheduled send,
+    latency ms, latency from the actual send ms) of the requests over :data:`SLOW_S`."""
     if rate <= 0:
         raise ValueError("the open-loop rate must be positive")
     return spawned_result(

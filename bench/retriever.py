@@ -194,6 +194,8 @@ class RetrieverBenchOptions:
     http_floor: bool = True
     """With ``open_rates``: also drive a server that does nothing at the same rates, once the
     retriever has stopped (:mod:`bench.http_floor`)."""
+    log_dir: Path | None = None
+    """Keep the retriever's log (JSON lines, every worker's) in this directory after the run."""
 
 
 # --- the synthetic snapshot ---------------------------------------------------------------------
@@ -426,6 +428,8 @@ class SwapRecord:
     version: int
     at_s: float
     write_s: float
+    at_unix: float
+    """When it was published (Unix time, beside the open loop's ``slow`` requests and the workers' logs)."""
 
 
 class SwapPublisher:
@@ -525,6 +529,7 @@ class SwapPublisher:
                 if self._stop.wait(max(0.0, t0 + at - time.monotonic())):
                     return
                 started = time.monotonic()
+                started_unix = time.time()
                 if isinstance(parts, int):
                     self.store.make_current(parts)
                     version = parts
@@ -534,7 +539,13 @@ class SwapPublisher:
                 if kind == FULL:
                     self.store.trim(keep_full=2)
                 self.records.append(
-                    SwapRecord(kind, version, round(started - t0, 3), round(time.monotonic() - started, 3))
+                    SwapRecord(
+                        kind,
+                        version,
+                        at_s=round(started - t0, 3),
+                        write_s=round(time.monotonic() - started, 3),
+                        at_unix=round(started_unix, 3),
+                    )
                 )
                 log.info("published %s version %d at +%.1f s", kind, version, started - t0)
         except BaseException as exc:  # reported in the result; the load run goes on
@@ -756,6 +767,9 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 )
         finally:
             client.close()
+            if opts.log_dir is not None and (workdir / "retriever.log").exists():
+                opts.log_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy(workdir / "retriever.log", opts.log_dir / "retriever.log")
             if env.get("REDIS_URL"):  # a shared Redis: remove this run's keys
                 delete_prefix(endpoints.redis_url, prefix)
 
@@ -885,6 +899,7 @@ def _open_loop_phase(
         connections=result["connections"],
         from_send_p50_ms=round(result["from_send_p50_us"] / 1000, 3),
         from_send_p99_ms=round(result["from_send_p99_us"] / 1000, 3),
+        slow_requests=result["slow"],
     )
     if swaps is not None:
         http.update(
