@@ -337,6 +337,7 @@ class RetrieverService:
             watcher_poll_interval_s,
             on_swap=self.details.on_swap,
             parts=self.parts,
+            nice=cfg.retriever.reload_nice,
         )
         self._quiet_until = 0.0
         check_ms = cfg.retriever.loop_lag_check_ms

@@ -230,9 +230,7 @@ class RespClient:
             replies[i] = fetched[j]
         return replies
 
-    async def _send(
-        self, payload: bytes, n: int, loop: asyncio.AbstractEventLoop, fills: Sequence[Fill]
-    ) -> list[Any]:
+    async def _send(self, payload: bytes, n: int, loop: asyncio.AbstractEventLoop, fills: Sequence[Fill]) -> list[Any]:
         conn = await self._ready(loop)
         if conn.transport is None or conn.transport.is_closing():  # broken meanwhile: reconnect once
             conn.fail(redis.ConnectionError("connection to redis closed"))

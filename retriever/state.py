@@ -503,18 +503,6 @@ class ServingState:
             parent = meta.version
         return self.apply_deltas(deltas, metas[-1].version, metas[-1].created_ms)
 
-    def warm_from(self, old: ServingState) -> None:
-        """Look up in this state's id tables the ids requests asked ``old`` about (see
-        :meth:`IdTable.remember`): after a full reload the hot ids cost requests a dict lookup
-        from the first request on, not a search each. Runs on the watcher thread, before the
-        swap."""
-        for new_table, old_table in (
-            (self.item_pos.table, old.item_pos.table),
-            (self.user_rows.table, old.user_rows.table),
-        ):
-            if new_table is not old_table:
-                new_table.remember(old_table.asked())
-
     # --- serving ----------------------------------------------------------------------------
     @property
     def n_items(self) -> int:

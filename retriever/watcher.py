@@ -16,7 +16,12 @@ A whole load (not the first one) waits for this host's *reload turn*, a short-li
 so that the worker processes of one host reload a new full version one after another rather
 than all at once (each reload takes a core for seconds at 1M items; the others keep serving the
 old version meanwhile). The request thread's share of the GIL during a build comes from the
-worker's switch interval (``retriever.gil_switch_interval_ms``, set by the app).
+worker's switch interval (``retriever.gil_switch_interval_ms``, set by the app); its share of
+the CPU from the watcher thread's lower priority (``retriever.reload_nice``): most of a build is
+C code with the GIL released, which the kernel then runs on the time requests leave. A full
+load does not hand the new id tables the ids the old ones were asked about (an earlier version
+did, 0.2-0.6 s of GIL-holding Python per worker and reload at 1M items): requests fill them
+again at a few tens of microseconds per id the first time each is asked.
 
 Then it publishes the new state with one attribute assignment. The state swapped out stays
 with the watcher until no request holds it and is freed on the watcher thread (freeing a
@@ -29,6 +34,7 @@ counted, and the old state keeps serving; a version that failed is retried after
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 import threading
@@ -118,6 +124,8 @@ class SnapshotWatcher:
         parts: reads the big parts of a full version (see :mod:`retriever.parts`; give every
             worker of a host one directory so that they decode a full version once per host);
             default: from Redis into memory.
+        nice: added to the watcher thread's niceness when it starts (Linux threads have their
+            own; elsewhere, or when the system refuses, it runs at the process's priority).
     """
 
     def __init__(
@@ -128,8 +136,10 @@ class SnapshotWatcher:
         on_swap: SwapHook | None = None,
         stagger_reloads: bool = True,
         parts: PartReader | None = None,
+        nice: int = 0,
     ) -> None:
         self.store = store
+        self.nice = nice
         self.parts = parts if parts is not None else PartReader()
         self.on_swap = on_swap
         self.stagger_reloads = stagger_reloads
@@ -166,6 +176,8 @@ class SnapshotWatcher:
             self._thread = None
 
     def _run(self) -> None:
+        if self.nice:
+            lower_thread_priority(self.nice)
         pubsub = None
         while not self._stop.is_set():
             if pubsub is None:
@@ -271,7 +283,6 @@ class SnapshotWatcher:
         token = self._take_turn()
         try:
             new_state = ServingState.from_chain(self.store, chain, self.parts)
-            new_state.warm_from(state)
             # during the turn, so that no other worker of the host is reading a file meanwhile
             # (one that does anyway reads from Redis again)
             self.parts.keep_only(chain[:1])
@@ -316,6 +327,16 @@ class SnapshotWatcher:
             self._last_error = message
         else:
             log.debug("%s (again)", message)
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Add ``nice`` to the calling thread's niceness (Linux: ``setpriority`` on a thread id
+    applies to that thread alone). Logged and ignored where it cannot be done."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (AttributeError, OSError) as exc:
+        log.warning("cannot lower the snapshot watcher's priority: %s", exc)
 
 
 def _close(pubsub: redis.client.PubSub | None) -> None:

@@ -118,16 +118,16 @@ def test_remembered_lookups_give_the_same_answers_also_when_the_memo_overflows(
             assert table.ids_at(positions) == [ids[p] for p in positions]
 
 
-def test_a_new_table_remembers_what_the_old_one_was_asked() -> None:
+def test_remembered_keys_are_answered_without_a_search(monkeypatch: pytest.MonkeyPatch) -> None:
     ids = mixed_ids(3000)
-    old = IdTable.of(ids)
-    asked = [ids[j] for j in range(0, 3000, 11)] + ["gone"]
-    old.positions(asked)
-    assert set(old.asked()) == set(asked)
-    renumbered = [*ids[1500:], *ids[:1400], "fresh"]  # a later full version: other positions
-    new = IdTable.of(renumbered)
-    new.remember(old.asked())
-    assert set(new.asked()) == set(asked)
-    by_id = {item_id: pos for pos, item_id in enumerate(renumbered)}
-    assert new.positions(asked) == [by_id.get(k) for k in asked]
-    assert new.ids_at(list(range(0, len(renumbered), 7))) == renumbered[::7]
+    table = IdTable.of(ids)
+    keys = [ids[j] for j in range(0, 3000, 11)] + ["gone"]
+    table.remember(keys)
+
+    def no_search(self: IdTable, keys: list[str]) -> list[int]:
+        raise AssertionError(f"searched for {keys[:3]}")
+
+    monkeypatch.setattr(IdTable, "_search", no_search)
+    by_id = {item_id: pos for pos, item_id in enumerate(ids)}
+    assert table.positions(keys) == [by_id.get(k) for k in keys]
+    assert table.ids_at([by_id[k] for k in keys[:-1]]) == keys[:-1]  # and the ids at their positions

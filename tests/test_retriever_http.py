@@ -474,6 +474,22 @@ def test_watcher_keeps_serving_through_bad_versions(cfg: Config, store: Snapshot
         watcher.stop()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_the_watcher_thread_alone_runs_at_a_lower_priority(store: SnapshotStore) -> None:
+    """Reloads run on the time requests leave: the watcher's thread is niced, not the worker."""
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    watcher = SnapshotWatcher(store, poll_interval_s=0.1, nice=5)
+    watcher.start()
+    try:
+        assert watcher._thread is not None
+        tid = watcher._thread.native_id
+        assert tid is not None
+        wait_for(lambda: os.getpriority(os.PRIO_PROCESS, tid) == min(19, before + 5), "the watcher's nice value")
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    finally:
+        watcher.stop()
+
+
 def test_whole_reloads_take_turns_between_the_workers_of_a_host(cfg: Config, store: SnapshotStore) -> None:
     v1 = publish_full(store, full_snapshot())
     watcher = SnapshotWatcher(store, poll_interval_s=0.1)

@@ -422,15 +422,3 @@ def test_huge_page_tunable_joins_the_other_glibc_tunables() -> None:
     assert hugepages.active({"GLIBC_TUNABLES": kept})
     assert not hugepages.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert not hugepages.active({})
-
-
-def test_a_full_reload_keeps_the_ids_requests_asked_about_at_hand() -> None:
-    old = ServingState.from_full(meta(1), make_full(seed=0))
-    history = [(f"i{j}", NOW_MS - j) for j in range(5)]
-    old.search(old.user_vector("u1", history, None, NOW_MS), 5, {"i7"})
-    new = ServingState.from_full(meta(2), make_full(seed=1))
-    new.warm_from(old)
-    for table in ("item_pos", "user_rows"):
-        assert set(getattr(old, table).table.asked()) <= set(getattr(new, table).table.asked())
-    assert "u1" in new.user_rows.table.asked() and {"i0", "i7"} <= set(new.item_pos.table.asked())
-    assert [new.item_pos.get(f"i{j}") for j in range(N_ITEMS)] == list(range(N_ITEMS))

@@ -315,6 +315,17 @@ class RetrieverConfig(_Section):
     request thread for the GIL, and a request waits up to this long at each of its hand-overs;
     Python's default is 5 ms. Measured while reloading a 1M-item snapshot: 190 → 50 waits of the
     request thread longer than 5 ms. Costs nothing while the watcher is idle."""
+    reload_nice: int = Field(default=10, ge=0, le=19)
+    """Niceness of each worker's snapshot watcher thread (Linux: per thread; 0: as the worker).
+    The watcher reads, checks and builds new versions beside the request thread, most of it in
+    C with the GIL released (a full 1M-item version: about a second of a core per worker); with
+    a lower priority the kernel runs it on the time requests leave, and a request that wakes
+    preempts it. Under a load that takes every core, reloads take longer and a worker may skip
+    versions that arrive meanwhile (it always loads the newest). Measured at 1M items, open loop
+    at 200/s while 10 versions (5 full) are made current: p90 4.0-5.6 ms, p99 21-320 ms in 4 runs,
+    against p90 4.8-58 ms, p99 24-476 ms in 5 runs of the code before (no nice, and the hot-id
+    hand-over the watcher no longer does) interleaved with them (docs/BENCHMARKS.md, session
+    10); the closed loop's workers then applied 7-10 of the 20 worker swaps, against 18-20."""
     startup_wait_s: float = Field(default=60.0, ge=0)
     """How long a starting worker waits for its first snapshot load before it accepts connections,
     when a version is published already. Each worker of ``serve --workers N`` listens on its own

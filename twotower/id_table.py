@@ -186,15 +186,10 @@ class IdTable(Sequence[str]):
                 found[i] = memo[keys[i]] = pos
         return [pos if pos >= 0 else None for pos in found]
 
-    def asked(self) -> list[str]:
-        """The keys this table remembers answers for (the ids requests asked about lately)."""
-        return list(self._positions)
-
     def remember(self, keys: Sequence[str]) -> None:
         """Look ``keys`` up now, in blocks, so that later lookups of them (and of the ids at
-        their positions) cost a dict lookup: a retriever hands a new full version's tables the
-        ids its requests asked the old one about, and the hot ids stay hot across the swap; a
-        delta's ids are looked up this way before it is applied one id at a time."""
+        their positions) cost a dict lookup: a delta's ids are looked up this way before it is
+        applied one id at a time."""
         keys = keys[:MEMO_MAX]
         if len(self._positions) + len(keys) > MEMO_MAX:
             self._positions.clear()
