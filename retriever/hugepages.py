@@ -60,14 +60,21 @@ def reexec_with_huge_pages(environ: MutableMapping[str, str] = os.environ) -> No
     os.execv(sys.executable, sys.orig_argv)
 
 
-def anon_huge_page_bytes() -> int | None:
-    """Bytes of this process's memory backed by transparent huge pages (``AnonHugePages`` of
-    ``/proc/self/smaps_rollup``); ``None`` where the kernel does not say."""
+HUGE_PAGE_FIELDS = ("AnonHugePages:", "ShmemPmdMapped:", "FilePmdMapped:")
+"""The lines of ``smaps_rollup`` that count memory mapped by huge pages: the process's own, and
+files it maps from a tmpfs (or file system) with huge pages (:func:`retriever.parts.on_huge_page_tmpfs`)."""
+
+
+def huge_page_bytes() -> int | None:
+    """Bytes of this process's memory mapped by transparent huge pages (the
+    :data:`HUGE_PAGE_FIELDS` of ``/proc/self/smaps_rollup``); ``None`` where the kernel does not say."""
+    total, seen = 0, False
     try:
         with open(SMAPS_ROLLUP) as f:
             for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(HUGE_PAGE_FIELDS):
+                    total += int(line.split()[1]) * 1024
+                    seen = True
     except (OSError, ValueError, IndexError):
         return None
-    return None
+    return total if seen else None

@@ -15,12 +15,16 @@ named after the part's SHA-256: the first worker of the host that needs a part w
 there (to a temporary name, renamed into place only after its checksum matched), and every
 worker maps the file read-only. So the other workers skip Redis, the copy and the checksum,
 the item vectors are one set of shared pages, and the index is read with
-``faiss.IO_FLAG_MMAP_IFC``: its vectors are mapped, not copied (the graph of an HNSW index
-is still read into the process) — unless ``map_index`` is off, as it is with huge pages
-(:mod:`retriever.hugepages`): then each process reads the index from the file into its own
-memory. A file that is missing (removed by another worker's cleanup in between) is simply
-written again; nothing read from the directory is unpickled, and a file's name is its
-checksum, so only bytes that matched a version's meta are ever used.
+``faiss.IO_FLAG_MMAP_IFC``: its vectors and, for HNSW, its graph are mapped, not copied (1M
+items: 85 MB of the process's own memory against 580 MB) — unless ``map_index`` is off, as it
+is with huge pages (:mod:`retriever.hugepages`) on a directory without them: then each process
+reads the index from the file into its own memory. A tmpfs mounted with huge pages
+(:func:`on_huge_page_tmpfs`) has both: the file's pages are 2 MB, so the mapped index is
+searched as fast as the copy (measured at 1M items: p50 0.41-0.45 ms against 0.43-0.44, 4 KB
+pages 0.48-0.53), loads in 0.15 s and allocates nothing at a reload. A file that is missing
+(removed by another worker's cleanup in between) is simply written again; nothing read from
+the directory is unpickled, and a file's name is its checksum, so only bytes that matched a
+version's meta are ever used.
 """
 
 from __future__ import annotations
@@ -68,6 +72,39 @@ def shared_directory(redis_url: str, prefix: str, configured: str | None = None)
         return None
     key = hashlib.sha256(f"{redis_url}\n{prefix}".encode()).hexdigest()[:16]
     return SHARED_ROOT / f"twotower-retriever-{os.getuid()}" / key
+
+
+MOUNTS = Path("/proc/self/mounts")
+HUGE_TMPFS_OPTIONS = frozenset({"huge=always", "huge=within_size"})
+"""tmpfs mount options under which a file written in full is backed by 2 MB pages."""
+
+
+def on_huge_page_tmpfs(path: Path, mounts: str | None = None) -> bool:
+    """Whether ``path`` lies on a tmpfs mounted with huge pages (``huge=always`` or
+    ``huge=within_size``): files there are backed by 2 MB pages, so an index mapped from one is
+    searched as fast as one copied into huge-page memory, with one copy per host and no
+    allocation at a reload.
+
+    Args:
+        mounts: the text of ``/proc/self/mounts`` (read when ``None``; no such file: ``False``).
+    """
+    if mounts is None:
+        try:
+            mounts = MOUNTS.read_text()
+        except OSError:
+            return False
+    target = os.path.realpath(path)
+    best: tuple[int, bool] = (-1, False)
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best[0]:  # the innermost mount holds the path
+            huge = fields[2] == "tmpfs" and not HUGE_TMPFS_OPTIONS.isdisjoint(fields[3].split(","))
+            best = (len(point), huge)
+    return best[1]
 
 
 class PartReader:

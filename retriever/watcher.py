@@ -45,7 +45,7 @@ from collections.abc import Callable
 import redis
 from prometheus_client import Counter, Gauge, Histogram
 
-from retriever.hugepages import anon_huge_page_bytes
+from retriever.hugepages import huge_page_bytes
 from retriever.parts import PartReader
 from retriever.state import ServingState
 from twotower.blobs import BlobError
@@ -65,8 +65,8 @@ SNAPSHOT_CREATED = Gauge(
 )
 HUGE_PAGE_BYTES = Gauge(
     "twotower_retriever_huge_page_bytes",
-    "Memory of this retriever process backed by transparent huge pages after its last swap "
-    "(retriever.index_huge_pages; -1: the kernel does not say).",
+    "Memory of this retriever process mapped by transparent huge pages after its last swap, its own "
+    "and shared files' (retriever.index_huge_pages, retriever.parts_dir; -1: the kernel does not say).",
     multiprocess_mode="liveall",
 )
 SWAPS = Counter(
@@ -246,7 +246,7 @@ class SnapshotWatcher:
         SWAP_SECONDS.observe(elapsed)
         SNAPSHOT_VERSION.set(new_state.version)
         SNAPSHOT_CREATED.set(new_state.created_ms / 1000.0)
-        huge = anon_huge_page_bytes()
+        huge = huge_page_bytes()
         HUGE_PAGE_BYTES.set(-1 if huge is None else huge)
         log.info(
             "serving snapshot version %d (%s swap from %s in %.3f s, %d items, %d users)",

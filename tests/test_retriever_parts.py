@@ -93,3 +93,33 @@ def test_keep_only_without_a_directory_is_quiet(tmp_path: Path, caplog: pytest.L
     with caplog.at_level(logging.WARNING, logger="retriever.parts"):
         reader.keep_only([])
     assert caplog.records == []
+
+
+MOUNTS = """\
+sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
+/dev/vda / ext4 rw,relatime 0 0
+tmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0
+tmpfs /run/parts tmpfs rw,relatime,size=4194304k,mode=700,huge=within_size 0 0
+tmpfs /run/parts/plain tmpfs rw,relatime,huge=never 0 0
+tmpfs /srv/my\\040parts tmpfs rw,huge=always 0 0
+/dev/vdb /srv/disk ext4 rw,relatime 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "huge"),
+    [
+        ("/run/parts", True),
+        ("/run/parts/abc/def", True),
+        ("/run/parts/plain/abc", False),  # the innermost mount decides
+        ("/run/partsx", False),  # a name that merely starts like a mount point
+        ("/dev/shm/twotower", False),  # a tmpfs without huge pages
+        ("/srv/my parts/x", True),  # /proc/mounts escapes spaces
+        ("/srv/disk/x", False),
+        ("/tmp/x", False),
+    ],
+)
+def test_a_parts_directory_on_a_huge_page_tmpfs_is_recognised(path: str, huge: bool) -> None:
+    from retriever.parts import on_huge_page_tmpfs
+
+    assert on_huge_page_tmpfs(Path(path), MOUNTS) is huge

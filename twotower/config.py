@@ -368,7 +368,11 @@ class RetrieverConfig(_Section):
     items (HNSW): search p50 about a third lower; three A/B pairs over HTTP gave 1.13 / 1.70 /
     1.40 → 0.91 / 0.97 / 1.38 ms retriever CPU per request. The cost is one copy of the index per
     worker (0.7 GB of huge pages at 1M items) and about 1 s more per worker to load a full
-    version. ``false``: the index is mapped from the shared file (one copy per host)."""
+    version. ``false``: the index is mapped from the shared file (one copy per host). When
+    ``parts_dir`` is on a tmpfs mounted with ``huge=always`` or ``huge=within_size``
+    (:func:`retriever.parts.on_huge_page_tmpfs`; deploy/docker-compose.yml mounts one) the index
+    is mapped from there either way: huge pages, one copy per host, and a worker loads a 1M-item
+    full version in 0.15 s instead of 0.6-2.3 s (measured, docs/BENCHMARKS.md session 10)."""
 
 
 class SimulatorConfig(_Section):
