@@ -15,7 +15,9 @@ Other C libraries and systems ignore or lack the tunable: nothing happens there.
 
 A file mapping (the shared ``/dev/shm`` part files of :mod:`retriever.parts`) cannot get huge
 pages while tmpfs is mounted without ``huge=``, so with huge pages on each worker reads the
-index into its own memory instead of mapping it (``retriever.index_huge_pages``).
+index into its own memory instead of mapping it (``retriever.index_huge_pages``) — unless the
+parts directory is a tmpfs mounted with huge pages (:func:`retriever.parts.on_huge_page_tmpfs`):
+then the mapped file has them, and every worker maps the one copy.
 """
 
 from __future__ import annotations
