@@ -101,7 +101,7 @@ from bench.open_loop import run_open_loop
 from publisher.index import build_index, deserialize, index_kind, recall_at_k, sample_queries, serialize
 from publisher.serving_state import encode_history_entry
 from retriever import hugepages
-from retriever.parts import on_huge_page_tmpfs, shared_directory
+from retriever.parts import host_part_reader
 from retriever.state import ServingState
 from retriever.tracked_cache import EVENTS
 from twotower.blobs import Rows, pack_arrays, pack_rows
@@ -720,10 +720,10 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 huge = [s for s in scrape(f"{base_url}/metrics") if s.name == "twotower_retriever_huge_page_bytes"]
                 report["setup"]["worker_huge_page_bytes"] = [int(s.value) for s in huge]
                 # where the workers share a full version's parts, and whether they map the index
-                # from huge pages there (retriever.parts_dir; the same resolution as the workers')
-                parts_dir = shared_directory(endpoints.redis_url, prefix, load_config().retriever.parts_dir)
-                report["setup"]["parts_dir"] = str(parts_dir) if parts_dir is not None else None
-                report["setup"]["parts_on_huge_page_tmpfs"] = parts_dir is not None and on_huge_page_tmpfs(parts_dir)
+                # from there or copy it (the workers' own choice, retriever.parts.host_part_reader)
+                parts = host_part_reader(endpoints.redis_url, prefix, load_config().retriever)
+                report["setup"]["parts_dir"] = str(parts.directory) if parts.directory is not None else None
+                report["setup"]["index_mapped"] = parts.map_index
                 with httpx.Client(timeout=5.0) as http:
                     probe = http.get(f"{base_url}/recommend", params={"user_id": "u0", "k": opts.k})
                     if probe.status_code != 200 or len(probe.json()["items"]) != opts.k:

@@ -69,7 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from retriever.gc_pauses import GcPauseTimer, freeze_what_is_loaded
 from retriever.loop_lag import LoopLagMonitor
-from retriever.parts import PartReader, on_huge_page_tmpfs, shared_directory
+from retriever.parts import host_part_reader
 from retriever.resp import RequestRedis, request_client
 from retriever.state import ServingState
 from retriever.tracked_cache import EVENTS, TrackedCache
@@ -327,13 +327,8 @@ class RetrieverService:
         self._watcher_redis = redis.Redis.from_url(cfg.redis.url, socket_timeout=30.0, socket_connect_timeout=5.0)
         self.details = ItemDetailsCache()
         # the first worker of the host to load a full version leaves its big parts in a shared
-        # directory, the others map them (retriever.parts); the index too when the directory
-        # has huge pages of its own, or when the index is not to be copied into them
-        parts_dir = shared_directory(cfg.redis.url, cfg.redis.key_prefix, cfg.retriever.parts_dir)
-        self.parts = PartReader(
-            parts_dir,
-            map_index=not cfg.retriever.index_huge_pages or (parts_dir is not None and on_huge_page_tmpfs(parts_dir)),
-        )
+        # directory, the others map them (retriever.parts)
+        self.parts = host_part_reader(cfg.redis.url, cfg.redis.key_prefix, cfg.retriever)
         self.watcher = SnapshotWatcher(
             SnapshotStore(self._watcher_redis, self.layout),
             watcher_poll_interval_s,

@@ -43,6 +43,7 @@ import faiss
 import numpy as np
 
 from twotower.blobs import UNPACK_READ_SIZE
+from twotower.config import RetrieverConfig
 from twotower.snapshots import SnapshotError, SnapshotStore, VersionMeta
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,17 @@ def on_huge_page_tmpfs(path: Path, mounts: str | None = None) -> bool:
             huge = fields[2] == "tmpfs" and not HUGE_TMPFS_OPTIONS.isdisjoint(fields[3].split(","))
             best = (len(point), huge)
     return best[1]
+
+
+def host_part_reader(redis_url: str, prefix: str, cfg: RetrieverConfig) -> PartReader:
+    """The reader a retriever worker uses for the snapshots of one Redis and key prefix: through
+    the host's shared directory (``retriever.parts_dir``, :func:`shared_directory`), the index
+    mapped from it unless it is to be copied into the process's own huge pages
+    (``retriever.index_huge_pages``) and the directory has none of its own
+    (:func:`on_huge_page_tmpfs`)."""
+    directory = shared_directory(redis_url, prefix, cfg.parts_dir)
+    huge_directory = directory is not None and on_huge_page_tmpfs(directory)
+    return PartReader(directory, map_index=huge_directory or not cfg.index_huge_pages)
 
 
 class PartReader:

@@ -122,9 +122,9 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     report = json.loads(out.read_text())
 
     assert report["items"] == 2_000 and report["tool"] == tool
-    setup = report["setup"]  # where the workers shared the parts, and whether with huge pages
+    setup = report["setup"]  # where the workers shared the parts, and whether they mapped the index
     assert setup["parts_dir"] is None or Path(setup["parts_dir"]).is_absolute()
-    assert isinstance(setup["parts_on_huge_page_tmpfs"], bool)
+    assert isinstance(setup["index_mapped"], bool)
     assert report["index"]["kind"] == "flat" and report["index"]["recall_at_10"] == 1.0
     http = report["http"]
     for key in ("p50_ms", "p90_ms", "p99_ms", "qps", "requests", "errors", "non_200"):

@@ -123,3 +123,18 @@ def test_a_parts_directory_on_a_huge_page_tmpfs_is_recognised(path: str, huge: b
     from retriever.parts import on_huge_page_tmpfs
 
     assert on_huge_page_tmpfs(Path(path), MOUNTS) is huge
+
+
+def test_the_workers_reader_copies_the_index_into_huge_pages_only_from_a_directory_without_them(
+    tmp_path: Path,
+) -> None:
+    from retriever.parts import host_part_reader
+    from twotower.config import RetrieverConfig
+
+    shared = tmp_path / "parts"  # not a tmpfs with huge pages
+    copied = host_part_reader("redis://x", "p", RetrieverConfig(parts_dir=str(shared), index_huge_pages=True))
+    assert copied.directory == shared and copied.map_index is False
+    mapped = host_part_reader("redis://x", "p", RetrieverConfig(parts_dir=str(shared), index_huge_pages=False))
+    assert mapped.directory == shared and mapped.map_index is True
+    none = host_part_reader("redis://x", "p", RetrieverConfig(parts_dir=""))
+    assert none.directory is None  # every worker reads Redis itself
