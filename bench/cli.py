@@ -109,11 +109,11 @@ def retriever_command(
     many minutes (260 s on 2 idle threads, 16-26 min on a busy 2-core machine): pass
     --index-cache DIR to build it once and reuse it.
     """
-    from retriever.hugepages import reexec_with_huge_pages
+    from retriever import malloc
     from twotower.config import load_config
 
-    if load_config().retriever.index_huge_pages:
-        reexec_with_huge_pages()  # the in-process floor searches memory like the retriever's
+    # the in-process floor searches memory like the retriever's, and the retriever inherits them
+    malloc.reexec_with(malloc.wanted(load_config().retriever))
     _stop_on_sigterm()
     _setup_logging(verbose)
     from bench.common import write_report

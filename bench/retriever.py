@@ -100,7 +100,7 @@ from bench.common import (
 from bench.open_loop import run_open_loop
 from publisher.index import build_index, deserialize, index_kind, recall_at_k, sample_queries, serialize
 from publisher.serving_state import encode_history_entry
-from retriever import hugepages
+from retriever import malloc
 from retriever.parts import host_part_reader
 from retriever.state import ServingState
 from retriever.tracked_cache import EVENTS
@@ -680,7 +680,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
             log.info("measuring the compute floor in-process")
             state = ServingState.load(store, first)
             report["floor"] = compute_floor(state, histories, opts.k, opts.floor_requests, opts.seed)
-            report["floor"]["huge_pages"] = hugepages.active()
+            report["floor"]["huge_pages"] = malloc.active(malloc.HUGE_PAGES)
             if opts.open_rates:
                 # the same work paced as one worker's share of the first open loop (idle between requests)
                 pause_s = opts.workers / opts.open_rates[0]
@@ -724,6 +724,9 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 parts = host_part_reader(endpoints.redis_url, prefix, load_config().retriever)
                 report["setup"]["parts_dir"] = str(parts.directory) if parts.directory is not None else None
                 report["setup"]["index_mapped"] = parts.map_index
+                # the glibc tunables the workers run with (huge pages, freed memory kept): twotower
+                # serve starts again with these (its log says so), whatever the environment had
+                report["setup"]["glibc_tunables"] = malloc.wanted(load_config().retriever) if malloc.supported() else {}
                 with httpx.Client(timeout=5.0) as http:
                     probe = http.get(f"{base_url}/recommend", params={"user_id": "u0", "k": opts.k})
                     if probe.status_code != 200 or len(probe.json()["items"]) != opts.k:

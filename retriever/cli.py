@@ -10,7 +10,7 @@ import tempfile
 import typer
 import uvicorn
 
-from retriever.hugepages import reexec_with_huge_pages
+from retriever import malloc
 from retriever.workers import reuse_port_available, run_workers
 from twotower.config import load_config
 from twotower.daemon import setup_logging
@@ -32,8 +32,7 @@ def serve_command(
     SIGTERM stops gracefully: in-flight requests finish.
     """  # noqa: E501 (typer shows docstring lines as they are)
     cfg = load_config()
-    if cfg.retriever.index_huge_pages:
-        reexec_with_huge_pages()  # glibc reads the tunable at process start only
+    malloc.reexec_with(malloc.wanted(cfg.retriever))  # glibc reads its tunables at process start only
     setup_logging(cfg.observability, "retriever")
     host = cfg.retriever.host if host is None else host
     port = cfg.retriever.port if port is None else port
@@ -44,7 +43,15 @@ def serve_command(
         # multiprocess mode); the workers inherit the variable
         own_dir = tempfile.mkdtemp(prefix="twotower-retriever-metrics-")
         os.environ[MULTIPROC_ENV] = own_dir
-    log.info("retriever serving on http://%s:%d with %d worker(s)", host, port, workers)
+    tunables = os.environ.get(malloc.ENV, "")
+    log.info(
+        "retriever serving on http://%s:%d with %d worker(s), GLIBC_TUNABLES=%s",
+        host,
+        port,
+        workers,
+        tunables,
+        extra={"glibc_tunables": tunables},
+    )
     options = {
         "app": "retriever.app:app_from_env",
         "factory": True,

@@ -17,7 +17,7 @@ worker maps the file read-only. So the other workers skip Redis, the copy and th
 the item vectors are one set of shared pages, and the index is read with
 ``faiss.IO_FLAG_MMAP_IFC``: its vectors and, for HNSW, its graph are mapped, not copied (1M
 items: 85 MB of the process's own memory against 580 MB) — unless ``map_index`` is off, as it
-is with huge pages (:mod:`retriever.hugepages`) on a directory without them: then each process
+is with huge pages (:mod:`retriever.malloc`) on a directory without them: then each process
 reads the index from the file into its own memory. A tmpfs mounted with huge pages
 (:func:`on_huge_page_tmpfs`) has both: the file's pages are 2 MB, so the mapped index is
 searched as fast as the copy (measured at 1M items: p50 0.41-0.45 ms against 0.43-0.44, 4 KB
@@ -127,7 +127,7 @@ class PartReader:
             mode 0700); ``None``: each process reads every part from Redis into memory.
         map_index: map the index's vectors from the shared file (one copy per host); ``False``
             copies them into the process's own memory, which can be backed by huge pages
-            (``retriever.index_huge_pages``, :mod:`retriever.hugepages`).
+            (``retriever.index_huge_pages``, :mod:`retriever.malloc`).
     """
 
     def __init__(self, directory: Path | None = None, map_index: bool = True) -> None:

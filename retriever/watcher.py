@@ -45,7 +45,7 @@ from collections.abc import Callable
 import redis
 from prometheus_client import Counter, Gauge, Histogram
 
-from retriever.hugepages import huge_page_bytes
+from retriever.malloc import huge_page_bytes
 from retriever.parts import PartReader
 from retriever.state import ServingState
 from twotower.blobs import BlobError

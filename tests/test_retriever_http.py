@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from retriever import hugepages
+from retriever import malloc
 from retriever.app import NO_SNAPSHOT, RecommendFrontDoor, create_app
 from retriever.resp import RespClient
 from retriever.state import ServingState
@@ -571,26 +572,29 @@ def _thp_mode() -> str | None:
     return text[text.index("[") + 1 : text.index("]")] if "[" in text else None
 
 
-@pytest.mark.parametrize("huge_pages", [True, False])
-def test_serve_backs_the_index_with_huge_pages_when_configured(
-    cfg: Config, store: SnapshotStore, huge_pages: bool
+@pytest.mark.parametrize(("huge_pages", "retain"), [(True, True), (False, False)])
+def test_serve_runs_with_the_configured_malloc_tunables(
+    cfg: Config, store: SnapshotStore, huge_pages: bool, retain: bool
 ) -> None:
-    if not hugepages.supported() or _thp_mode() not in ("madvise", "always"):
+    if not malloc.supported() or _thp_mode() not in ("madvise", "always"):
         pytest.skip("needs Linux, glibc and transparent huge pages")
     if not huge_pages and _thp_mode() == "always":
         pytest.skip("with THP always on, memory gets huge pages whatever the retriever asks")
-    # an index of a few MB: glibc maps it on its own, so with the tunable it can take 2 MiB pages
+    # an index of a few MB: with the huge-page tunable glibc asks 2 MiB pages for it
     version = publish_full(store, full_snapshot(n_items=20_000))
     port = _free_port()
-    proc = _serve_process(cfg, port, 1, TWOTOWER_RETRIEVER__INDEX_HUGE_PAGES=str(huge_pages).lower())
+    proc = _serve_process(
+        cfg,
+        port,
+        1,
+        TWOTOWER_RETRIEVER__INDEX_HUGE_PAGES=str(huge_pages).lower(),
+        TWOTOWER_RETRIEVER__RETAIN_FREED_MEMORY=str(retain).lower(),
+    )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as client:
             wait_for(lambda: _answers(port), "the retriever to answer", deadline_s=90.0)
             wait_version(client, version)
             assert client.get("/recommend", params={"user_id": "u0"}).status_code == 200
-            # the same process (exec keeps the pid), started again with the tunable
-            environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
-            assert (b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ) is huge_pages
             (huge,) = _metric(client.get("/metrics").text, "twotower_retriever_huge_page_bytes")
             assert (huge > 0) is huge_pages, huge
     finally:
@@ -599,6 +603,11 @@ def test_serve_backs_the_index_with_huge_pages_when_configured(
     # uvicorn re-raises the SIGTERM it handled once it has shut down
     assert proc.returncode in (0, -signal.SIGTERM), output
     assert "Traceback" not in output, output
+    # the same process (exec keeps the pid) started again with the tunables, and logged them
+    (line,) = [json.loads(line) for line in output.splitlines() if '"glibc_tunables"' in line]
+    tunables = {"GLIBC_TUNABLES": line["glibc_tunables"]}
+    assert malloc.active(malloc.HUGE_PAGES, tunables) is huge_pages, line
+    assert malloc.active(malloc.RETAIN_FREED, tunables) is retain, line
 
 
 def test_serve_command_with_two_workers(cfg: Config, store: SnapshotStore) -> None:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import faiss
 import msgpack
 import numpy as np
 import pytest
 import torch
 
-from retriever import hugepages
+from retriever import malloc
 from retriever.app import HistoryEvent, _merge_history, decode_history, decode_profile
 from retriever.state import ServingState
 from twotower.blobs import BlobError, Rows
-from twotower.config import ModelConfig
+from twotower.config import ModelConfig, RetrieverConfig
 from twotower.model import TwoTower, context_matrix, dense_arrays, fit_features, pool_history
 from twotower.snapshot_parts import DeltaSnapshot, FullSnapshot
 from twotower.snapshots import FULL, SnapshotError, VersionMeta
@@ -414,11 +418,59 @@ def test_an_ivfpq_base_index_serves_and_takes_new_items_through_the_overlay() ->
     assert new.index is state.index
 
 
-def test_huge_page_tunable_joins_the_other_glibc_tunables() -> None:
-    assert hugepages.tunables_with_huge_pages(None) == "glibc.malloc.hugetlb=1"
-    assert hugepages.tunables_with_huge_pages("") == "glibc.malloc.hugetlb=1"
-    kept = hugepages.tunables_with_huge_pages("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0")
-    assert kept == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    assert hugepages.active({"GLIBC_TUNABLES": kept})
-    assert not hugepages.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
-    assert not hugepages.active({})
+def test_tunables_join_the_other_glibc_tunables() -> None:
+    huge = malloc.HUGE_PAGES
+    assert malloc.tunables_with(None, huge) == "glibc.malloc.hugetlb=1"
+    assert malloc.tunables_with("", huge) == "glibc.malloc.hugetlb=1"
+    kept = malloc.tunables_with("glibc.malloc.tcache_count=2:glibc.malloc.hugetlb=0", huge)
+    assert kept == "glibc.malloc.tcache_count=2:glibc.malloc.hugetlb=1"
+    assert malloc.active(huge, {"GLIBC_TUNABLES": kept})
+    assert not malloc.active(huge, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert not malloc.active(huge, {})
+    both = malloc.tunables_with("glibc.malloc.arena_max=4", {**huge, **malloc.RETAIN_FREED})
+    assert both.count("arena_max") == 1 and "glibc.malloc.arena_max=1" in both.split(":")
+    assert malloc.active(malloc.RETAIN_FREED, {"GLIBC_TUNABLES": both})
+    assert not malloc.active(malloc.RETAIN_FREED, {"GLIBC_TUNABLES": kept})
+
+
+def test_tunables_follow_the_retriever_config() -> None:
+    assert malloc.wanted(RetrieverConfig()) == {**malloc.HUGE_PAGES, **malloc.RETAIN_FREED}
+    assert malloc.wanted(RetrieverConfig(retain_freed_memory=False)) == malloc.HUGE_PAGES
+    assert malloc.wanted(RetrieverConfig(index_huge_pages=False)) == malloc.RETAIN_FREED
+    assert malloc.wanted(RetrieverConfig(index_huge_pages=False, retain_freed_memory=False)) == {}
+
+
+_FREE_IN_A_THREAD = """
+import threading
+import numpy as np
+
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 // 2**20
+
+def work():
+    before = rss_mb()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, allocated and freed by a thread, as the watcher does
+    del block
+    print(rss_mb() - before)
+
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_freed_memory_stays_in_the_process_with_the_tunables(retain: bool) -> None:
+    if not malloc.supported():
+        pytest.skip("glibc tunables need Linux with glibc")
+    env = {k: v for k, v in os.environ.items() if k != malloc.ENV}
+    if retain:
+        env[malloc.ENV] = malloc.tunables_with(None, malloc.RETAIN_FREED)
+    kept_mb = int(
+        subprocess.run(
+            [sys.executable, "-c", _FREE_IN_A_THREAD], env=env, capture_output=True, text=True, check=True
+        ).stdout
+    )
+    # with the tunables the freed 64 MiB are still resident (ready for the next version);
+    # without them glibc unmapped the block when it was freed
+    assert (kept_mb >= 60) is retain, kept_mb

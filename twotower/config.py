@@ -362,7 +362,7 @@ class RetrieverConfig(_Section):
     redis_cache_max_age_s: float = Field(default=60.0, gt=0)
     """Backstop: the longest a cached read is served, however quiet Redis is."""
     index_huge_pages: bool = True
-    """Back the Faiss index with transparent huge pages (:mod:`retriever.hugepages`; Linux with
+    """Back the Faiss index with transparent huge pages (:mod:`retriever.malloc`; Linux with
     glibc): ``twotower serve`` starts again with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` and each
     worker reads the index into its own memory rather than mapping the shared file. Measured at 1M
     items (HNSW): search p50 about a third lower; three A/B pairs over HTTP gave 1.13 / 1.70 /
@@ -373,6 +373,16 @@ class RetrieverConfig(_Section):
     (:func:`retriever.parts.on_huge_page_tmpfs`; deploy/docker-compose.yml mounts one) the index
     is mapped from there either way: huge pages, one copy per host, and a worker loads a 1M-item
     full version in 0.15 s instead of 0.6-2.3 s (measured, docs/BENCHMARKS.md session 10)."""
+    retain_freed_memory: bool = True
+    """Each worker keeps the memory it frees (an old version's index) and reads the next full
+    version into it (glibc tunables, :mod:`retriever.malloc`; Linux with glibc; ``twotower
+    serve`` starts again with them): no fresh page faults at a reload, and nothing handed back to
+    the kernel (on a virtual machine with free page reporting, to the host) in between. Measured
+    at 1M items, 10 swaps under a 200/s open loop, three interleaved pairs: p99 6.9-12.8 ms
+    against 24-364 ms, slowest request 19-52 ms against 141-482 ms (docs/BENCHMARKS.md session
+    11). The cost: a worker's resident memory stays at its high-water mark (two indexes' worth
+    during a swap: ~1.2 GB at 1M items) instead of falling between swaps. ``false``: glibc's
+    defaults."""
 
 
 class SimulatorConfig(_Section):
