@@ -721,12 +721,13 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 report["setup"]["worker_huge_page_bytes"] = [int(s.value) for s in huge]
                 # where the workers share a full version's parts, and whether they map the index
                 # from there or copy it (the workers' own choice, retriever.parts.host_part_reader)
-                parts = host_part_reader(endpoints.redis_url, prefix, load_config().retriever)
+                retriever_cfg = load_config().retriever
+                parts = host_part_reader(endpoints.redis_url, prefix, retriever_cfg)
                 report["setup"]["parts_dir"] = str(parts.directory) if parts.directory is not None else None
                 report["setup"]["index_mapped"] = parts.map_index
                 # the glibc tunables the workers run with (huge pages, freed memory kept): twotower
                 # serve starts again with these (its log says so), whatever the environment had
-                report["setup"]["glibc_tunables"] = malloc.wanted(load_config().retriever) if malloc.supported() else {}
+                report["setup"]["glibc_tunables"] = malloc.wanted(retriever_cfg) if malloc.supported() else {}
                 with httpx.Client(timeout=5.0) as http:
                     probe = http.get(f"{base_url}/recommend", params={"user_id": "u0", "k": opts.k})
                     if probe.status_code != 200 or len(probe.json()["items"]) != opts.k:
