@@ -98,7 +98,7 @@ from bench.common import (
     wrk_latencies,
 )
 from bench.open_loop import run_open_loop
-from publisher.index import build_index, deserialize, index_kind, recall_at_k, sample_queries, serialize
+from publisher.index import HNSW, build_index, deserialize, index_kind, recall_at_k, sample_queries, serialize
 from publisher.serving_state import encode_history_entry
 from retriever import malloc
 from retriever.parts import host_part_reader
@@ -595,14 +595,16 @@ def choose_tool(requested: str) -> str:
 def _index_for(vectors: np.ndarray, opts: RetrieverBenchOptions) -> tuple[bytes, dict[str, Any]]:
     """The serialized index over ``vectors`` and what to report about it (kind, build time, recall@10).
 
-    With ``opts.index_cache`` the bytes (and the build time they took) are kept in that
-    directory and reused by a later run with the same items, kind and seed: the vectors are
-    a pure function of those, and an HNSW build over 1M vectors takes many minutes.
+    HNSW stores its vectors as the publisher would (``publisher.hnsw_storage``). With
+    ``opts.index_cache`` the bytes (and the build time they took) are kept in that directory and
+    reused by a later run with the same items, kind, storage and seed: the vectors are a pure
+    function of those, and an HNSW build over 1M vectors takes many minutes.
     """
     ids = np.arange(len(vectors), dtype=np.int64)
+    storage = load_config().publisher.hnsw_storage
     cached = None
     if opts.index_cache is not None:
-        stem = opts.index_cache / f"index-{len(vectors)}-{opts.index_kind}-{opts.seed}"
+        stem = opts.index_cache / f"index-{len(vectors)}-{opts.index_kind}-{storage}-{opts.seed}"
         cached = (stem.with_suffix(".faiss"), stem.with_suffix(".json"))
     if cached is not None and cached[0].exists() and cached[1].exists():
         index_bytes = cached[0].read_bytes()
@@ -611,8 +613,10 @@ def _index_for(vectors: np.ndarray, opts: RetrieverBenchOptions) -> tuple[bytes,
         log.info("index read from %s", cached[0])
     else:
         started = time.perf_counter()
-        index = build_index(vectors, ids, opts.index_kind, recall_queries=0)
+        index = build_index(vectors, ids, opts.index_kind, hnsw_storage=storage, recall_queries=0)
         info = {"kind": index_kind(index), "build_s": round(time.perf_counter() - started, 2)}
+        if info["kind"] == HNSW:
+            info["hnsw_storage"] = storage
         index_bytes = serialize(index)
         if cached is not None:
             cached[0].parent.mkdir(parents=True, exist_ok=True)

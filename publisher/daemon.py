@@ -210,8 +210,9 @@ class PublisherDaemon(Daemon):
             cfg: the configuration.
             index_kind: Faiss index kind of full snapshots (see :func:`publisher.index.build_index`);
                 default ``publisher.index_kind``.
-            index_options: further ``build_index`` keyword arguments; ``exact_below`` and
-                ``ivfpq_above`` default to ``publisher.exact_below`` / ``publisher.ivfpq_above``.
+            index_options: further ``build_index`` keyword arguments; ``exact_below``,
+                ``ivfpq_above`` and ``hnsw_storage`` default to ``publisher.exact_below`` /
+                ``publisher.ivfpq_above`` / ``publisher.hnsw_storage``.
             catalog_replay_timeout_s: longest the startup replay of the catalogue topic may take.
         """
         super().__init__()
@@ -223,6 +224,7 @@ class PublisherDaemon(Daemon):
         self.index_options = {
             "exact_below": cfg.publisher.exact_below,
             "ivfpq_above": cfg.publisher.ivfpq_above,
+            "hnsw_storage": cfg.publisher.hnsw_storage,
             **(index_options or {}),
         }
         self.catalog_replay_timeout_s = catalog_replay_timeout_s

@@ -85,6 +85,18 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return out
 
 
+def _scores_from_codes(index: faiss.Index) -> bool:
+    """Whether ``index`` scores from compressed codes rather than the float vectors (HNSW over
+    float16 or quantized storage, IVF-PQ, scalar quantizers): its scores are then near, not
+    equal to, the cosines."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        return not isinstance(faiss.downcast_index(inner.storage), faiss.IndexFlat)
+    return isinstance(
+        inner, (faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer, faiss.IndexScalarQuantizer, faiss.IndexPQ)
+    )
+
+
 def _params_factory(index: faiss.Index) -> Callable[[faiss.IDSelector], faiss.SearchParameters]:
     """Search parameters carrying a selector, keeping the index's own efSearch / nprobe
     (typed parameters would otherwise reset them to faiss's defaults)."""
@@ -274,6 +286,9 @@ class ServingState:
             version (anything may have changed). Caches of item details key off it.
         numpy_user: the ``mean`` user tower's weights for :meth:`user_vector` (it runs in numpy;
             ``None`` with MIND, which runs in torch).
+        rescore: the base index scores from compressed codes (float16 HNSW, IVF-PQ): the hits it
+            returns are scored again against ``base_vectors``, so a result's score is its cosine
+            whatever the index stores, and the results are ordered by it.
     """
 
     version: int
@@ -296,6 +311,7 @@ class ServingState:
     base_filter: _BaseFilter | None
     search_params: Callable[[faiss.IDSelector], faiss.SearchParameters]
     changed_items: frozenset[str] | None = None
+    rescore: bool = False
     numpy_user: NumpyUserTower | None = None
 
     # --- building ---------------------------------------------------------------------------
@@ -358,6 +374,7 @@ class ServingState:
             base_filter=None,
             search_params=_params_factory(index),
             numpy_user=None if model.multi_interest else NumpyUserTower(cast(UserTower, model.user)),
+            rescore=_scores_from_codes(index),
         )
 
     def apply_delta(self, delta: DeltaSnapshot, version: int, created_ms: int | None = None) -> ServingState:
@@ -588,14 +605,22 @@ class ServingState:
         return self.numpy_user(id_row, fit_features(profile, cfg.profile_dim), pooled, ctx_row[0])
 
     def _search_one(
-        self, index: faiss.Index, query: np.ndarray, fetch: int, params: faiss.SearchParameters | None
+        self,
+        index: faiss.Index,
+        query: np.ndarray,
+        fetch: int,
+        params: faiss.SearchParameters | None,
+        vectors: np.ndarray | None = None,
     ) -> dict[int, float]:
-        """Position → best cosine over the query rows (``[Q, dim]``), ``fetch`` per row."""
+        """Position → best cosine over the query rows (``[Q, dim]``), ``fetch`` per row; with
+        ``vectors`` (indexed by position) the hits' scores are computed from them instead."""
         fetch = min(fetch, index.ntotal)
         if fetch <= 0:
             return {}
         distances, ids = index.search(query, fetch, params=params)
-        if index.metric_type == faiss.METRIC_L2:  # unit vectors: |u - v|^2 = 2 - 2 cos
+        if vectors is not None:  # [Q, fetch, dim] @ [Q, dim, 1]; a missing hit (-1) is dropped below
+            distances = np.matmul(vectors[np.maximum(ids, 0)], query[:, :, None])[..., 0]
+        elif index.metric_type == faiss.METRIC_L2:  # unit vectors: |u - v|^2 = 2 - 2 cos
             distances = 1.0 - distances / 2.0
         best: dict[int, float] = {}
         for row_ids, row_scores in zip(ids.tolist(), distances.tolist(), strict=True):
@@ -613,7 +638,7 @@ class ServingState:
         """
         # a fresh parameter object per call: IndexIDMap swaps its selector during a search
         params = self.search_params(self.base_filter.selector) if self.base_filter is not None else None
-        best = self._search_one(self.index, query, fetch, params)
+        best = self._search_one(self.index, query, fetch, params, self.base_vectors if self.rescore else None)
         if self.overlay is not None:
             for pos, score in self._search_one(self.overlay, query, fetch, None).items():
                 if score > best.get(pos, -np.inf):

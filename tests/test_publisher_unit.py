@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import pytest
@@ -107,9 +108,13 @@ def test_flat_index_is_exact_and_returns_ids() -> None:
     assert REGISTRY.get_sample_value("twotower_publisher_index_recall") == 1.0
 
 
-@pytest.mark.parametrize(("kind", "options", "tolerance"), [(ix.HNSW, {}, 0.95), (ix.IVF, {"nlist": 40}, 0.90)])
-def test_approximate_index_recall_against_exact(kind: str, options: dict[str, int], tolerance: float) -> None:
-    """Recall@10 on 4000 clustered unit vectors (d=32): HNSW (M=32, efSearch=64) ≥ 0.95;
+@pytest.mark.parametrize(
+    ("kind", "options", "tolerance"),
+    [(ix.HNSW, {}, 0.95), (ix.HNSW, {"hnsw_storage": ix.FLOAT32}, 0.95), (ix.IVF, {"nlist": 40}, 0.90)],
+)
+def test_approximate_index_recall_against_exact(kind: str, options: dict[str, Any], tolerance: float) -> None:
+    """Recall@10 on 4000 clustered unit vectors (d=32): HNSW (M=32, efSearch=64, float16 or
+    float32 vectors) ≥ 0.95;
     IVF with 40 lists (100 vectors per list) and nprobe=16 ≥ 0.90. (The default nlist of
     4·√n targets ≥ 100k vectors; on 4000 it would leave 16 vectors per list.)"""
     x = clustered(4000, 32)
@@ -120,6 +125,20 @@ def test_approximate_index_recall_against_exact(kind: str, options: dict[str, in
     assert recall >= tolerance, f"{kind} recall@10 {recall:.3f} below {tolerance}"
     gauge = REGISTRY.get_sample_value("twotower_publisher_index_recall")
     assert gauge is not None and gauge >= tolerance
+
+
+def test_hnsw_stores_float16_codes_by_default_and_float32_on_request() -> None:
+    import faiss
+
+    x = clustered(500, 16)
+    built = ix.build_index(x, np.arange(500), ix.HNSW, recall_queries=0)  # owns what is looked at below
+    default = faiss.downcast_index(built.index)
+    assert isinstance(default, faiss.IndexHNSWSQ)
+    assert faiss.downcast_index(default.storage).code_size == 2 * 16  # two bytes per dimension
+    built = ix.build_index(x, np.arange(500), ix.HNSW, hnsw_storage=ix.FLOAT32, recall_queries=0)
+    assert isinstance(faiss.downcast_index(built.index), faiss.IndexHNSWFlat)
+    with pytest.raises(ix.IndexBuildError, match="hnsw_storage"):
+        ix.build_index(x, np.arange(500), ix.HNSW, hnsw_storage="int4")
 
 
 def test_auto_picks_exact_below_threshold_and_large_kind_above() -> None:

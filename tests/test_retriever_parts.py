@@ -34,7 +34,7 @@ def results(state: ServingState) -> list[list[tuple[str, float]]]:
     return [state.search(q, 10) for q in queries]
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "idmap"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "hnsw-float16", "idmap"])
 def test_shared_directory_gives_the_same_state_and_skips_redis(store: SnapshotStore, tmp_path: Path, kind: str) -> None:
     version = store.write(FULL, encode_full(make_full(kind=kind)), None, 0)
     chain = store.chain(version)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from publisher import index as ix
 from retriever import malloc
 from retriever.app import HistoryEvent, _merge_history, decode_history, decode_profile
 from retriever.state import ServingState
@@ -45,6 +46,8 @@ def build_index(vectors: np.ndarray, kind: str) -> bytes:
     elif kind == "hnsw":
         index = faiss.index_factory(vectors.shape[1], "IDMap,HNSW16", faiss.METRIC_INNER_PRODUCT)
         index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+    elif kind == "hnsw-float16":  # as the publisher builds it by default
+        index = ix.build_index(vectors, np.arange(len(vectors)), ix.HNSW, hnsw_m=16, recall_queries=0)
     else:
         index = faiss.index_factory(vectors.shape[1], "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
         index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
@@ -230,8 +233,27 @@ def test_search_rejects_a_wrong_vector_shape(state: ServingState) -> None:
         state.search(np.zeros(3, dtype=np.float32), 5)
 
 
+@pytest.mark.parametrize("kind", ["hnsw", "hnsw-float16"])
+def test_scores_are_the_cosines_even_from_an_index_of_float16_codes(kind: str) -> None:
+    state = ServingState.from_full(meta(), make_full(kind=kind))
+    assert state.rescore is (kind == "hnsw-float16")
+    queries = unit(np.random.default_rng(3).standard_normal((20, CFG.dim)))
+    codes_off = 0.0
+    for q in queries:
+        top = state.search(q, 10)
+        exact = {item: float(state.item_vectors[state.item_pos[item]] @ q) for item, _ in top}
+        np.testing.assert_allclose([s for _, s in top], [exact[i] for i, _ in top], rtol=1e-5, atol=1e-6)
+        assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+        scores, ids = state.index.search(q[None], 10)
+        off = [abs(float(s) - float(state.item_vectors[pos] @ q)) for s, pos in zip(scores[0], ids[0], strict=True)]
+        codes_off = max(codes_off, *off)
+    # the index's own scores: exact from float32 vectors, near from float16 codes
+    assert (codes_off > 1e-6) is (kind == "hnsw-float16"), codes_off
+    assert codes_off < 5e-3
+
+
 # --- deltas -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["idmap", "flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["idmap", "flat", "ivf", "hnsw", "hnsw-float16"])
 def test_delta_adds_a_retrievable_item_and_leaves_the_old_state_alone(kind: str) -> None:
     old = ServingState.from_full(meta(), make_full(kind=kind))
     vec = old.user_vector("u0", [], None, NOW_MS)
@@ -254,7 +276,7 @@ def test_delta_adds_a_retrievable_item_and_leaves_the_old_state_alone(kind: str)
     assert not np.allclose(new.user_vector("u0", [("fresh", NOW_MS)], None, NOW_MS), vec)
 
 
-@pytest.mark.parametrize("kind", ["idmap", "flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["idmap", "flat", "ivf", "hnsw", "hnsw-float16"])
 def test_delta_replaces_a_changed_item_vector(kind: str) -> None:
     state = ServingState.from_full(meta(), make_full(kind=kind))
     vec = state.user_vector("u0", [], None, NOW_MS)
@@ -266,7 +288,7 @@ def test_delta_replaces_a_changed_item_vector(kind: str) -> None:
     got = moved.search(vec, N_ITEMS)
     assert got[0][0] == last and got[-1][0] == first  # the stale base vectors are masked out
     want = brute_force(moved, vec, N_ITEMS)
-    if kind == "hnsw":  # a filtered graph search asked for every item may miss one or two
+    if kind.startswith("hnsw"):  # a filtered graph search asked for every item may miss one or two
         assert len({i for i, _ in got}) >= N_ITEMS - 2
         want = [w for w in want if w[0] in {i for i, _ in got}]
     assert len({i for i, _ in got}) == len(want)
