@@ -156,8 +156,8 @@ def build_index(
         large_kind: ``hnsw`` or ``ivf``, what ``auto`` builds for large inputs.
         ivfpq_above: ``auto`` builds ``ivfpq`` from this many vectors on (``None``: never).
         hnsw_m: HNSW graph degree.
-        hnsw_storage: ``float16`` (half the memory, faster searches, scores within ~1e-3) or
-            ``float32`` (exact scores): how HNSW stores the vectors it compares.
+        hnsw_storage: how HNSW stores the vectors it compares: ``float16`` (half their memory,
+            a faster build, scores within ~1e-3) or ``float32`` (exact scores).
         ef_search: HNSW search beam width (stored in the index).
         ef_construction: HNSW build beam width.
         nlist: IVF list count; ``None`` means :func:`default_nlist`.
