@@ -592,16 +592,15 @@ def choose_tool(requested: str) -> str:
     return requested
 
 
-def _index_for(vectors: np.ndarray, opts: RetrieverBenchOptions) -> tuple[bytes, dict[str, Any]]:
+def _index_for(vectors: np.ndarray, opts: RetrieverBenchOptions, storage: str) -> tuple[bytes, dict[str, Any]]:
     """The serialized index over ``vectors`` and what to report about it (kind, build time, recall@10).
 
-    HNSW stores its vectors as the publisher would (``publisher.hnsw_storage``). With
+    HNSW stores its vectors as ``storage`` says (the publisher's ``publisher.hnsw_storage``). With
     ``opts.index_cache`` the bytes (and the build time they took) are kept in that directory and
     reused by a later run with the same items, kind, storage and seed: the vectors are a pure
     function of those, and an HNSW build over 1M vectors takes many minutes.
     """
     ids = np.arange(len(vectors), dtype=np.int64)
-    storage = load_config().publisher.hnsw_storage
     cached = None
     if opts.index_cache is not None:
         stem = opts.index_cache / f"index-{len(vectors)}-{opts.index_kind}-{storage}-{opts.seed}"
@@ -642,6 +641,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
     tool = choose_tool(opts.load_tool)
     machine_before = machine_info()
     cfg = ModelConfig()
+    config = load_config()  # the publisher's index storage, the retriever's parts and tunables
     rng = np.random.default_rng(opts.seed)
     options = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}
     report: dict[str, Any] = {"benchmark": "retriever", "items": opts.items, "options": options, "tool": tool}
@@ -649,7 +649,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
     log.info("generating %d item vectors and %d users", opts.items, opts.users)
     vectors = unit_rows(rng, opts.items, cfg.dim)
     item_ids = [f"i{j}" for j in range(opts.items)]
-    index_bytes, report["index"] = _index_for(vectors, opts)
+    index_bytes, report["index"] = _index_for(vectors, opts, config.publisher.hnsw_storage)
     log.info("index: %s", report["index"])
     full = FullSnapshot(
         cfg,
@@ -725,13 +725,12 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 report["setup"]["worker_huge_page_bytes"] = [int(s.value) for s in huge]
                 # where the workers share a full version's parts, and whether they map the index
                 # from there or copy it (the workers' own choice, retriever.parts.host_part_reader)
-                retriever_cfg = load_config().retriever
-                parts = host_part_reader(endpoints.redis_url, prefix, retriever_cfg)
+                parts = host_part_reader(endpoints.redis_url, prefix, config.retriever)
                 report["setup"]["parts_dir"] = str(parts.directory) if parts.directory is not None else None
                 report["setup"]["index_mapped"] = parts.map_index
                 # the glibc tunables the workers run with (huge pages, freed memory kept): twotower
                 # serve starts again with these (its log says so), whatever the environment had
-                report["setup"]["glibc_tunables"] = malloc.wanted(retriever_cfg) if malloc.supported() else {}
+                report["setup"]["glibc_tunables"] = malloc.wanted(config.retriever) if malloc.supported() else {}
                 with httpx.Client(timeout=5.0) as http:
                     probe = http.get(f"{base_url}/recommend", params={"user_id": "u0", "k": opts.k})
                     if probe.status_code != 200 or len(probe.json()["items"]) != opts.k:

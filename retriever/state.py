@@ -85,11 +85,16 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return out
 
 
+def _unwrapped(index: faiss.Index) -> faiss.Index:
+    """The index an id map wraps (the publisher's flat and HNSW indexes), else ``index`` itself."""
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
+
 def _scores_from_codes(index: faiss.Index) -> bool:
     """Whether ``index`` scores from compressed codes rather than the float vectors (HNSW over
     float16 or quantized storage, IVF-PQ, scalar quantizers): its scores are then near, not
     equal to, the cosines."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    inner = _unwrapped(index)
     if isinstance(inner, faiss.IndexHNSW):
         return not isinstance(faiss.downcast_index(inner.storage), faiss.IndexFlat)
     return isinstance(
@@ -100,7 +105,7 @@ def _scores_from_codes(index: faiss.Index) -> bool:
 def _params_factory(index: faiss.Index) -> Callable[[faiss.IDSelector], faiss.SearchParameters]:
     """Search parameters carrying a selector, keeping the index's own efSearch / nprobe
     (typed parameters would otherwise reset them to faiss's defaults)."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    inner = _unwrapped(index)
     if isinstance(inner, faiss.IndexHNSW):
         ef_search = inner.hnsw.efSearch
         return lambda sel: faiss.SearchParametersHNSW(sel=sel, efSearch=ef_search)

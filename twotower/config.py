@@ -384,7 +384,7 @@ class RetrieverConfig(_Section):
     version into it (glibc tunables, :mod:`retriever.malloc`; Linux with glibc; ``twotower
     serve`` starts again with them): no fresh page faults at a reload, and nothing handed back to
     the kernel (on a virtual machine with free page reporting, to the host) in between. Measured
-    at 1M items, 10 swaps under a 200/s open loop, three interleaved pairs: p99 6.9-12.8 ms
+    at 1M items, 10 swaps under a 200/s open loop, five interleaved pairs: p99 6.9-12.8 ms
     against 24-364 ms, slowest request 19-52 ms against 141-482 ms (docs/BENCHMARKS.md session
     11). The cost: a worker's resident memory stays at its high-water mark (two indexes' worth
     during a swap: ~1.2 GB at 1M items) instead of falling between swaps. ``false``: glibc's
