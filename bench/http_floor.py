@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from bench.common import HOST, cpu_jiffies, free_ports, latencies_ms, steal_pct, wait_until
-from bench.open_loop import run_open_loop
+from bench.open_loop import run_open_loop, sending_figures
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ def _summary(rate: float, duration_s: float, result: Mapping[str, Any]) -> dict[
         "qps": round(result["requests"] / duration_s, 1),
         "errors": sum(result[key] for key in ("connect", "read", "write", "status", "timeout")),
         **latencies_ms(result),
-        "from_send_p50_ms": round(result["from_send_p50_us"] / 1000, 3),
-        "from_send_p99_ms": round(result["from_send_p99_us"] / 1000, 3),
+        **sending_figures(result),
     }
 
 

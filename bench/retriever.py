@@ -97,7 +97,7 @@ from bench.common import (
     wait_until,
     wrk_latencies,
 )
-from bench.open_loop import run_open_loop
+from bench.open_loop import run_open_loop, sending_figures
 from publisher.index import HNSW, build_index, deserialize, index_kind, recall_at_k, sample_queries, serialize
 from publisher.serving_state import encode_history_entry
 from retriever import malloc
@@ -908,10 +908,8 @@ def _open_loop_phase(
     http.update(
         offered_qps=rate,
         scheduled=result["scheduled"],
-        late_sends=result["late"],
         connections=result["connections"],
-        from_send_p50_ms=round(result["from_send_p50_us"] / 1000, 3),
-        from_send_p99_ms=round(result["from_send_p99_us"] / 1000, 3),
+        **sending_figures(result),
         slow_requests=result["slow"],
     )
     if swaps is not None:

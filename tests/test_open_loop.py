@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -77,6 +78,7 @@ def test_every_scheduled_request_is_answered_or_counted(server: int) -> None:
     errors = sum(result[key] for key in ("connect", "read", "write", "timeout"))
     assert result["scheduled"] == 100
     assert result["requests"] + errors == 100
+    assert result["timer"] == ("timerfd" if sys.platform == "linux" else "loop")  # the schedule's timer
     assert result["read"] > 0  # u2's: the server closed the connection without answering
     assert result["status"] > 0  # u1's 503s are answered, and counted
     assert 1 < result["connections"] <= 8  # the most open at once: a closed one is replaced
