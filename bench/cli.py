@@ -86,6 +86,12 @@ def retriever_command(
         help="Write the swaps' versions before each run and only move the pointer during it "
         "(the swap alone, without writing 800 MB beside it at 1M items).",
     ),
+    fresh_full_parts: bool = typer.Option(
+        False,
+        "--fresh-full-parts",
+        help="Each swap's full version gets item rows and index bytes of its own (one value changed), "
+        "so it is read from Redis as a rebuilt version is (0.7 GB at 1M items); default: reused.",
+    ),
     probe_s: float = typer.Option(
         0.0,
         "--probe-s",
@@ -137,6 +143,7 @@ def retriever_command(
         open_rates=tuple(open_rates),
         open_swaps=open_swaps,
         prewrite_swaps=prewrite_swaps,
+        fresh_full_parts=fresh_full_parts,
         probe_s=probe_s,
         http_floor=http_floor,
         log_dir=log_dir,

@@ -22,9 +22,11 @@ What one run does:
 6. meanwhile publishes ``swaps`` new versions, alternating a delta (changed user rows,
    changed, new and removed items) and a full version (new dense weights and user rows; the
    item part and index bytes are reused, so it costs the retriever a whole reload without a
-   minutes-long HNSW rebuild here), and counts what the server answered with a status other
-   than 200 (its own Prometheus counter) and what the load generator saw fail; with
-   ``prewrite_swaps`` the versions are written before the run and only made current during it;
+   minutes-long HNSW rebuild here; with ``fresh_full_parts`` they are bytes of their own, one
+   value changed, so each full version is read from Redis as a rebuilt one is), and counts
+   what the server answered with a status other than 200 (its own Prometheus counter) and
+   what the load generator saw fail; with ``prewrite_swaps`` the versions are written before
+   the run and only made current during it;
 7. with ``open_rates``: drives the retriever open-loop at each rate (no swaps), then, once it
    has stopped, a server that does nothing at the same rates (:mod:`bench.http_floor`): the
    latency no server reaches below on this machine with this generator;
@@ -104,10 +106,10 @@ from retriever import malloc
 from retriever.parts import host_part_reader
 from retriever.state import ServingState
 from retriever.tracked_cache import EVENTS
-from twotower.blobs import Rows, pack_arrays, pack_rows
+from twotower.blobs import Rows, pack_arrays, pack_rows, unpack_rows
 from twotower.config import ModelConfig, load_config
 from twotower.model import TwoTower, dense_arrays
-from twotower.snapshot_parts import USERS, WEIGHTS, DeltaSnapshot, FullSnapshot, encode_delta, encode_full
+from twotower.snapshot_parts import INDEX, ITEMS, USERS, WEIGHTS, DeltaSnapshot, FullSnapshot, encode_delta, encode_full
 from twotower.snapshots import DELTA, FULL, SnapshotLayout, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -190,6 +192,12 @@ class RetrieverBenchOptions:
     """Write the swaps' versions into Redis before each run and only move the pointer during it:
     the swap as a retriever sees it, apart from the cost of writing a version (800 MB at 1M
     items, 3-6 s of a core between the writer and Redis: a publisher host's work)."""
+    fresh_full_parts: bool = False
+    """Give each swap's full version item rows and index bytes of its own (one vector changed
+    by a bit: a valid index, a new checksum), as a rebuilt version has: the first worker of the
+    host then reads them from Redis into the shared directory (0.7 GB at 1M items) and every
+    worker reads the index again. Without it the full versions reuse the first one's item and
+    index parts, which the workers find already shared."""
     probe_s: float = 0.0
     """After the other runs: the swap probe for this many seconds (step 8 above; 0: none)."""
     http_floor: bool = True
@@ -433,6 +441,37 @@ class SwapRecord:
     """When it was published (Unix time, beside the open loop's ``slow`` requests and the workers' logs)."""
 
 
+def _changed_rows(payload: bytes, i: int) -> bytes:
+    """A rows part like ``payload`` with one value of row ``i`` (modulo the rows) changed."""
+    rows = unpack_rows(payload)
+    matrix = np.array(rows.matrix)
+    matrix[i % len(matrix), 0] += 1e-3
+    return pack_rows(Rows(rows.ids, matrix))
+
+
+def _changed_index(data: bytes, i: int) -> bytes:
+    """A serialized index like ``data`` with the lowest bit of one byte of its stored codes
+    (vector ``i`` or so) flipped: a valid index of the same kind and size, other bytes.
+
+    Raises:
+        ValueError: the index keeps no flat codes (IVF lists, say).
+    """
+    index = deserialize(data)
+    inner = faiss.downcast_index(index)
+    while True:
+        if isinstance(inner, faiss.IndexIDMap | faiss.IndexIDMap2):
+            inner = faiss.downcast_index(inner.index)
+        elif getattr(inner, "storage", None) is not None:
+            inner = faiss.downcast_index(inner.storage)
+        else:
+            break
+    if not isinstance(inner, faiss.IndexFlatCodes):
+        raise ValueError(f"cannot change the codes of a {type(inner).__name__}")
+    codes = faiss.rev_swig_ptr(inner.codes.data(), inner.codes.size())  # the index's own bytes
+    codes[(i * inner.code_size) % len(codes)] ^= 1
+    return serialize(index)
+
+
 class SwapPublisher:
     """Writes the scheduled versions from a thread while the load runs."""
 
@@ -446,8 +485,10 @@ class SwapPublisher:
         first_version: int,
         seed: int,
         item_details: bool,
+        fresh_full_parts: bool = False,
     ) -> None:
         self.store = store
+        self.fresh_full_parts = fresh_full_parts
         self.full_parts = full_parts
         self.cfg = cfg
         self.n_users = n_users
@@ -465,6 +506,9 @@ class SwapPublisher:
         parts = dict(self.full_parts)
         parts[WEIGHTS] = pack_arrays(_model_weights(self.cfg, self.seed + 100 + i))
         parts[USERS] = pack_rows(_user_rows(self.rng, self.n_users, self.cfg.id_dim))
+        if self.fresh_full_parts:
+            parts[ITEMS] = _changed_rows(parts[ITEMS], i)
+            parts[INDEX] = _changed_index(parts[INDEX], i)
         return parts
 
     def _delta(self, i: int) -> dict[str, bytes]:
@@ -738,7 +782,17 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 if opts.warmup_s > 0:
                     _load(tool, opts, base_url, opts.warmup_s, workdir)
 
-                swaps = SwapPublisher(store, full_parts, cfg, opts.users, item_ids, first, opts.seed, opts.item_details)
+                swaps = SwapPublisher(
+                    store,
+                    full_parts,
+                    cfg,
+                    opts.users,
+                    item_ids,
+                    first,
+                    opts.seed,
+                    opts.item_details,
+                    opts.fresh_full_parts,
+                )
                 plan = _swap_plan(swaps, opts)
                 before = scrape(f"{base_url}/metrics")
                 cpu_before = _cpu_counters(retriever.pid, client)

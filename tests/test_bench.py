@@ -9,6 +9,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 from typer.testing import CliRunner
@@ -23,7 +24,9 @@ from bench.common import (
     summarize_s,
     write_report,
 )
-from bench.retriever import RetrieverBenchOptions, swap_times
+from bench.retriever import RetrieverBenchOptions, _changed_index, _changed_rows, swap_times
+from publisher.index import build_index, deserialize, serialize
+from twotower.blobs import Rows, pack_rows, unpack_rows
 
 TOOLS = ["python", pytest.param("wrk", marks=pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed"))]
 
@@ -50,6 +53,37 @@ def test_swap_times_fall_inside_the_load() -> None:
     assert len(times) == 10 and times == sorted(times)
     assert times[0] >= 2.0 and times[-1] <= 16.0
     assert swap_times(0, 20.0) == []
+
+
+@pytest.mark.parametrize(("kind", "storage"), [("flat", "float32"), ("hnsw", "float16"), ("hnsw", "float32")])
+def test_a_fresh_full_part_is_a_valid_index_with_other_bytes(kind: str, storage: str) -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((500, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    data = serialize(build_index(vectors, np.arange(500) * 3, kind, hnsw_storage=storage, recall_queries=0))
+    changed = _changed_index(data, 7)
+    assert len(changed) == len(data) and changed != data
+    assert sum(a != b for a, b in zip(changed, data, strict=True)) == 1  # one byte, one bit of it
+    before, after = deserialize(data), deserialize(changed)
+    assert after.ntotal == before.ntotal == 500
+    _, ids_before = before.search(vectors[:20], 5)
+    _, ids_after = after.search(vectors[:20], 5)
+    assert (ids_after[:, 0] == np.arange(20) * 3).all() and (ids_before[:, 0] == ids_after[:, 0]).all()
+    assert _changed_index(data, 8) != changed  # each full version its own bytes
+
+
+def test_a_fresh_rows_part_changes_one_value() -> None:
+    rows = Rows([f"i{j}" for j in range(10)], np.ones((10, 4), dtype=np.float32))
+    changed = unpack_rows(_changed_rows(pack_rows(rows), 13))
+    assert changed.ids == rows.ids
+    assert np.count_nonzero(changed.matrix != rows.matrix) == 1 and changed.matrix[3, 0] != 1.0
+
+
+def test_an_index_without_flat_codes_cannot_be_changed() -> None:
+    vectors = np.random.default_rng(0).standard_normal((2_000, 8)).astype(np.float32)
+    data = serialize(build_index(vectors, np.arange(2_000), "ivf", nlist=8, recall_queries=0))
+    with pytest.raises(ValueError, match="cannot change the codes"):
+        _changed_index(data, 0)
 
 
 def test_set_options_become_environment_variables() -> None:
@@ -114,6 +148,7 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
         open_rates=(50.0,),
         open_swaps=True,
         prewrite_swaps=tool == "python",  # one run of each way to publish the swaps
+        fresh_full_parts=tool == "python",  # and of full versions with item and index parts of their own
         probe_s=2.0,
     )
     report = run(opts, env={"REDIS_URL": redis_url})
@@ -143,7 +178,7 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     assert set(report["targets"]) >= {"p99_le_3ms", "qps_ge_1500", "p99_le_2x_floor", "zero_errors", "open_loop"}
     (open_run,) = report["open_loop"]  # every scheduled request is answered or counted as an error
     assert open_run["offered_qps"] == 50.0 and open_run["scheduled"] == open_run["requests"] + open_run["errors"]
-    assert open_run["requests"] > 0 and open_run["non_200"] == 0
+    assert open_run["requests"] > 0 and open_run["non_200"] == 0 and open_run["generator_timer"] in ("timerfd", "loop")
     assert 0 < open_run["p50_ms"] <= open_run["p99_ms"] and open_run["cpu"]["retriever_ms_per_request"] > 0
     # with --open-swaps the open loop ran under swaps too, and every worker applied some
     assert open_run["swaps_published"] == 2 and open_run["swaps_applied_by_all_workers"] >= 1
