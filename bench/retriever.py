@@ -970,6 +970,7 @@ def _open_loop_phase(
         http.update(
             swaps_published=len(swaps.records) - published,
             swaps_applied_by_all_workers=_swaps_applied(before, after),
+            swap_schedule=[asdict(r) for r in swaps.records[published:]],
         )
     log.info("open loop at %.0f/s: %s", rate, http)
     return {**http, "cpu": _cpu_report(cpu_before, cpu_after, http["requests"], result["duration_us"] / 1e6)}

@@ -182,6 +182,8 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     assert 0 < open_run["p50_ms"] <= open_run["p99_ms"] and open_run["cpu"]["retriever_ms_per_request"] > 0
     # with --open-swaps the open loop ran under swaps too, and every worker applied some
     assert open_run["swaps_published"] == 2 and open_run["swaps_applied_by_all_workers"] >= 1
+    assert [r["kind"] for r in open_run["swap_schedule"]] == ["delta", "full"]  # when each was published
+    assert all(r["at_unix"] > 0 for r in open_run["swap_schedule"])
     (floor_run,) = report["http_floor"]  # the do-nothing server, same generator and rate
     assert floor_run["offered_qps"] == 50.0 and floor_run["errors"] == 0 and floor_run["qps"] > 0
     assert 0 < floor_run["p50_ms"] <= floor_run["p99_ms"]
