@@ -12,9 +12,9 @@ omission); the same percentiles from the actual send time are given beside them 
 a free connection, and for a core to run the generator on, are the difference). The schedule
 is kept by a ``timerfd`` (:mod:`bench.deadline_timer`): the loop's own timers end a wait up to
 about a millisecond late (uvloop's, below a millisecond, early, so the generator spun), which
-counted in every latency. Requests go out over up to ``max_connections`` keep-alive connections, opened as
-needed; a request for which no connection is free waits (and that wait counts). ``late``
-counts requests sent more than 1 ms after their scheduled time.
+counted in every latency. Requests go out over up to ``max_connections`` keep-alive
+connections, opened as needed; a request for which no connection is free waits (and that wait
+counts). ``late`` counts requests sent more than 1 ms after their scheduled time.
 
 It runs in its own (spawned) process with an asyncio loop (uvloop when installed), so its
 CPU is counted with the load generator's, beside wrk's.

@@ -451,7 +451,8 @@ def _changed_rows(payload: bytes, i: int) -> bytes:
 
 def _changed_index(data: bytes, i: int) -> bytes:
     """A serialized index like ``data`` with the lowest bit of one byte of its stored codes
-    (vector ``i`` or so) flipped: a valid index of the same kind and size, other bytes.
+    flipped (the first byte of vector ``i``'s code, modulo the vectors): a valid index of the
+    same kind and size, other bytes.
 
     Raises:
         ValueError: the index keeps no flat codes (IVF lists, say).
