@@ -108,6 +108,7 @@ from retriever.state import ServingState
 from retriever.tracked_cache import EVENTS
 from twotower.blobs import Rows, pack_arrays, pack_rows, unpack_rows
 from twotower.config import ModelConfig, load_config
+from twotower.index_layout import vector_storage
 from twotower.model import TwoTower, dense_arrays
 from twotower.snapshot_parts import INDEX, ITEMS, USERS, WEIGHTS, DeltaSnapshot, FullSnapshot, encode_delta, encode_full
 from twotower.snapshots import DELTA, FULL, SnapshotLayout, SnapshotStore
@@ -458,14 +459,7 @@ def _changed_index(data: bytes, i: int) -> bytes:
         ValueError: the index keeps no flat codes (IVF lists, say).
     """
     index = deserialize(data)
-    inner = faiss.downcast_index(index)
-    while True:
-        if isinstance(inner, faiss.IndexIDMap | faiss.IndexIDMap2):
-            inner = faiss.downcast_index(inner.index)
-        elif getattr(inner, "storage", None) is not None:
-            inner = faiss.downcast_index(inner.storage)
-        else:
-            break
+    inner = vector_storage(index)
     if not isinstance(inner, faiss.IndexFlatCodes):
         raise ValueError(f"cannot change the codes of a {type(inner).__name__}")
     codes = faiss.rev_swig_ptr(inner.codes.data(), inner.codes.size())  # the index's own bytes

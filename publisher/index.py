@@ -57,6 +57,8 @@ import numpy as np
 from prometheus_client import Gauge
 from tqdm import tqdm
 
+from twotower.index_layout import unwrapped
+
 log = logging.getLogger(__name__)
 
 INDEX_RECALL = Gauge(
@@ -254,7 +256,7 @@ def build_index(
 
 def index_kind(index: faiss.Index) -> str:
     """``flat``, ``hnsw``, ``ivf`` or ``ivfpq`` for an index built here (also after deserializing)."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    inner = unwrapped(index)
     if isinstance(inner, faiss.IndexHNSW):
         return HNSW
     if isinstance(inner, faiss.IndexIVFPQ):

@@ -43,6 +43,7 @@ from retriever.parts import PartReader, deserialize_index
 from twotower.blobs import BlobError, Rows, pack_rows, unpack_rows_gently
 from twotower.config import ModelConfig
 from twotower.id_table import IdTable, IdTableError
+from twotower.index_layout import unwrapped, vector_storage
 from twotower.model import (
     CONTEXT_FEATURES_KEY,
     NumpyUserTower,
@@ -85,18 +86,13 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def _unwrapped(index: faiss.Index) -> faiss.Index:
-    """The index an id map wraps (the publisher's flat and HNSW indexes), else ``index`` itself."""
-    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-
-
 def _scores_from_codes(index: faiss.Index) -> bool:
     """Whether ``index`` scores from compressed codes rather than the float vectors (HNSW over
     float16 or quantized storage, IVF-PQ, scalar quantizers): its scores are then near, not
     equal to, the cosines."""
-    inner = _unwrapped(index)
+    inner = unwrapped(index)
     if isinstance(inner, faiss.IndexHNSW):
-        return not isinstance(faiss.downcast_index(inner.storage), faiss.IndexFlat)
+        return not isinstance(vector_storage(index), faiss.IndexFlat)
     return isinstance(
         inner, (faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer, faiss.IndexScalarQuantizer, faiss.IndexPQ)
     )
@@ -105,7 +101,7 @@ def _scores_from_codes(index: faiss.Index) -> bool:
 def _params_factory(index: faiss.Index) -> Callable[[faiss.IDSelector], faiss.SearchParameters]:
     """Search parameters carrying a selector, keeping the index's own efSearch / nprobe
     (typed parameters would otherwise reset them to faiss's defaults)."""
-    inner = _unwrapped(index)
+    inner = unwrapped(index)
     if isinstance(inner, faiss.IndexHNSW):
         ef_search = inner.hnsw.efSearch
         return lambda sel: faiss.SearchParametersHNSW(sel=sel, efSearch=ef_search)
