@@ -105,6 +105,7 @@ from publisher.serving_state import encode_history_entry
 from retriever import malloc
 from retriever.parts import host_part_reader
 from retriever.state import ServingState
+from retriever.thread_sched import thread_slice_us
 from retriever.tracked_cache import EVENTS
 from twotower.blobs import Rows, pack_arrays, pack_rows, unpack_rows
 from twotower.config import ModelConfig, load_config
@@ -616,6 +617,18 @@ def _served_versions(metrics_url: str) -> list[int]:
     ]
 
 
+def _request_thread_slices(serve_pid: int) -> list[int | None]:
+    """The kernel's time slice (µs) of each worker's request thread, ``None`` where it does not
+    say: the workers are the spawned children of ``twotower serve``, or the process itself when
+    it runs one, and each runs its event loop on its main thread (whose id is the pid)."""
+    try:
+        children = Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split()
+        workers = [int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    except OSError:
+        workers = []
+    return [thread_slice_us(pid) for pid in workers or [serve_pid]]
+
+
 def _all_workers_on(metrics_url: str, version: int, workers: int) -> bool:
     served = _served_versions(metrics_url)
     return len(served) >= workers and all(v == version for v in served)
@@ -770,6 +783,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 # the glibc tunables the workers run with (huge pages, freed memory kept): twotower
                 # serve starts again with these (its log says so), whatever the environment had
                 report["setup"]["glibc_tunables"] = malloc.wanted(config.retriever) if malloc.supported() else {}
+                report["setup"]["request_thread_slice_us"] = _request_thread_slices(retriever.pid)
                 with httpx.Client(timeout=5.0) as http:
                     probe = http.get(f"{base_url}/recommend", params={"user_id": "u0", "k": opts.k})
                     if probe.status_code != 200 or len(probe.json()["items"]) != opts.k:

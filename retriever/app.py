@@ -72,6 +72,7 @@ from retriever.loop_lag import LoopLagMonitor
 from retriever.parts import host_part_reader
 from retriever.resp import RequestRedis, request_client
 from retriever.state import ServingState
+from retriever.thread_sched import shorten_thread_slice
 from retriever.tracked_cache import EVENTS, TrackedCache
 from retriever.watcher import SnapshotWatcher
 from twotower.config import Config, load_config
@@ -650,6 +651,9 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> RecommendFr
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # the lifespan runs on the event loop's thread; the watcher, started below, inherits it
+        if cfg.retriever.request_slice_us:
+            shorten_thread_slice(cfg.retriever.request_slice_us)
         gc_timer.install()
         if cfg.retriever.gc_freeze:
             frozen = freeze_what_is_loaded()

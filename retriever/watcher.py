@@ -34,7 +34,6 @@ counted, and the old state keeps serving; a version that failed is retried after
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import sys
 import threading
@@ -48,6 +47,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from retriever.malloc import huge_page_bytes
 from retriever.parts import PartReader
 from retriever.state import ServingState
+from retriever.thread_sched import lower_thread_priority
 from twotower.blobs import BlobError
 from twotower.snapshots import SnapshotError, SnapshotStore
 
@@ -327,16 +327,6 @@ class SnapshotWatcher:
             self._last_error = message
         else:
             log.debug("%s (again)", message)
-
-
-def lower_thread_priority(nice: int) -> None:
-    """Add ``nice`` to the calling thread's niceness (Linux: ``setpriority`` on a thread id
-    applies to that thread alone). Logged and ignored where it cannot be done."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except (AttributeError, OSError) as exc:
-        log.warning("cannot lower the snapshot watcher's priority: %s", exc)
 
 
 def _close(pubsub: redis.client.PubSub | None) -> None:

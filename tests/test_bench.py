@@ -26,6 +26,7 @@ from bench.common import (
 )
 from bench.retriever import RetrieverBenchOptions, _changed_index, _changed_rows, swap_times
 from publisher.index import build_index, deserialize, serialize
+from retriever.thread_sched import thread_slice_us
 from twotower.blobs import Rows, pack_rows, unpack_rows
 
 TOOLS = ["python", pytest.param("wrk", marks=pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed"))]
@@ -160,6 +161,8 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     setup = report["setup"]  # where the workers shared the parts, and whether they mapped the index
     assert setup["parts_dir"] is None or Path(setup["parts_dir"]).is_absolute()
     assert isinstance(setup["index_mapped"], bool)
+    # one worker: its request thread's slice as the kernel reports it (the configured 100 µs)
+    assert setup["request_thread_slice_us"] == [None if thread_slice_us() is None else 100]
     assert report["index"]["kind"] == "flat" and report["index"]["recall_at_10"] == 1.0
     http = report["http"]
     for key in ("p50_ms", "p90_ms", "p99_ms", "qps", "requests", "errors", "non_200"):

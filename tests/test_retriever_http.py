@@ -32,6 +32,7 @@ from retriever import malloc
 from retriever.app import NO_SNAPSHOT, RecommendFrontDoor, create_app
 from retriever.resp import RespClient
 from retriever.state import ServingState
+from retriever.thread_sched import thread_slice_us
 from retriever.watcher import SnapshotWatcher
 from retriever.workers import bound_socket, reuse_port_available
 from twotower.blobs import Rows
@@ -608,6 +609,28 @@ def test_serve_runs_with_the_configured_malloc_tunables(
     tunables = {"GLIBC_TUNABLES": line["glibc_tunables"]}
     assert malloc.active(malloc.HUGE_PAGES, tunables) is huge_pages, line
     assert malloc.active(malloc.RETAIN_FREED, tunables) is retain, line
+
+
+def test_serve_gives_the_request_and_watcher_threads_the_configured_time_slice(
+    cfg: Config, store: SnapshotStore
+) -> None:
+    if thread_slice_us() is None:
+        pytest.skip("the kernel sets no per-thread time slice (Linux 6.12 and later)")
+    version = publish_full(store, full_snapshot())
+    port = _free_port()
+    # one worker: uvicorn runs the event loop on the main thread of the serving process
+    proc = _serve_process(cfg, port, 1, TWOTOWER_RETRIEVER__REQUEST_SLICE_US="300")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as client:
+            wait_for(lambda: _answers(port), "the retriever to answer", deadline_s=90.0)
+            wait_version(client, version)
+            others = {int(tid): thread_slice_us(int(tid)) for tid in os.listdir(f"/proc/{proc.pid}/task")}
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0].decode()
+    assert others.pop(proc.pid) == 300, output  # the request thread
+    assert 300 in others.values(), others  # the threads it starts afterwards: the snapshot watcher
+    assert "request thread's time slice: 300" in output, output
 
 
 def test_serve_command_with_two_workers(cfg: Config, store: SnapshotStore) -> None:

@@ -332,6 +332,18 @@ class RetrieverConfig(_Section):
     against p90 4.8-58 ms, p99 24-476 ms in 5 runs of the code before (no nice, and the hot-id
     hand-over the watcher no longer does) interleaved with them (docs/BENCHMARKS.md, session
     10); the closed loop's workers then applied 7-10 of the 20 worker swaps, against 18-20."""
+    request_slice_us: int = Field(default=100, ge=0, le=100_000)
+    """Time slice each worker asks the kernel for its request thread (the event loop), in
+    microseconds; the snapshot watcher's thread, started afterwards, inherits it (Linux 6.12 and
+    later: ``sched_setattr``, :mod:`retriever.thread_sched`; the kernel keeps it within
+    100 µs-100 ms; 0: the kernel's default, 1.4 ms on two cores). A thread that wakes preempts
+    the running one only if it asked for a shorter slice; with the default, a request that
+    arrives while Redis or another process has the core waits out the rest of that one's slice,
+    at each of the loop's wakes. Shares of the CPU do not change (the watcher stays niced,
+    ``reload_nice``). Measured at 1M items, open loop at 200/s during 10 swaps with full versions
+    read from Redis (docs/BENCHMARKS.md, session 13): p99 8.6-10.0 ms in 3 runs against
+    12.2-16.0 ms in 5 with the default, 4-11 requests over 20 ms against 19-36; with the
+    watcher alone back on the default slice, one run of 13.8 ms."""
     startup_wait_s: float = Field(default=60.0, ge=0)
     """How long a starting worker waits for its first snapshot load before it accepts connections,
     when a version is published already. Each worker of ``serve --workers N`` listens on its own
