@@ -2,10 +2,10 @@
 thread's shorter time slice (Linux; elsewhere both are logged and skipped).
 
 Linux's scheduler (EEVDF, since 6.6) gives each runnable thread a time slice and a virtual
-deadline one slice ahead. A thread that wakes preempts the running one only if its deadline
-comes first, and since 6.12 only if it asked for a *shorter* slice than the running thread's
-(``sched_setattr`` with ``sched_runtime`` for ``SCHED_OTHER``; 0.1-100 ms, any thread may ask it
-for itself). Otherwise it waits until the running thread's slice ends: by default 0.7 ms times
+deadline one slice ahead, and lets the running thread use up its slice: a thread that wakes
+preempts it before then only if it asked for a *shorter* slice (since 6.12: ``sched_setattr``
+with ``sched_runtime`` for ``SCHED_OTHER``; 0.1-100 ms, any thread may ask it for itself).
+Otherwise it waits until the running thread's slice ends: by default 0.7 ms times
 1 + log2(CPUs), 1.4 ms on two cores. A worker's event loop sleeps between requests and wakes
 for each one, and again for each Redis reply; on a host whose cores Redis, a reload or another
 process keep busy, every one of those wakes could wait out somebody's slice. A thread's slice

@@ -336,10 +336,10 @@ class RetrieverConfig(_Section):
     """Time slice each worker asks the kernel for its request thread (the event loop), in
     microseconds; the snapshot watcher's thread, started afterwards, inherits it (Linux 6.12 and
     later: ``sched_setattr``, :mod:`retriever.thread_sched`; the kernel keeps it within
-    100 µs-100 ms; 0: the kernel's default, 1.4 ms on two cores). A thread that wakes preempts
-    the running one only if it asked for a shorter slice; with the default, a request that
-    arrives while Redis or another process has the core waits out the rest of that one's slice,
-    at each of the loop's wakes. Shares of the CPU do not change (the watcher stays niced,
+    100 µs-100 ms; 0: the kernel's default, 1.4 ms on two cores). Before the running thread's
+    slice is used up, a thread that wakes preempts it only if it asked for a shorter slice; with
+    the default, a request that arrives while Redis or another process has the core waits out
+    the rest of that one's slice, at each of the loop's wakes. Shares of the CPU do not change (the watcher stays niced,
     ``reload_nice``). Measured at 1M items, open loop at 200/s during 10 swaps with full versions
     read from Redis (docs/BENCHMARKS.md, session 13): p99 8.6-12.8 ms in 5 runs against
     12.2-16.0 ms in 6 with the default, 4-11 requests over 20 ms against 15-36; with the
