@@ -341,9 +341,10 @@ class RetrieverConfig(_Section):
     the default, a request that arrives while Redis or another process has the core waits out
     the rest of that one's slice, at each of the loop's wakes. Shares of the CPU do not change (the watcher stays niced,
     ``reload_nice``). Measured at 1M items, open loop at 200/s during 10 swaps with full versions
-    read from Redis (docs/BENCHMARKS.md, session 13): p99 8.6-12.8 ms in 5 runs against
-    12.2-16.0 ms in 6 with the default, 4-11 requests over 20 ms against 15-36; with the
-    watcher alone back on the default slice, one run of 13.8 ms."""
+    read from Redis (docs/BENCHMARKS.md, session 13): p99 8.6-12.8 ms in 5 of 6 runs (23.1 ms
+    in the sixth, on a busier host) against 12.2-16.0 ms in 6 with the default, 4-11 requests
+    over 20 ms against 15-36; with the watcher alone back on the default slice, one run of
+    13.8 ms."""
     startup_wait_s: float = Field(default=60.0, ge=0)
     """How long a starting worker waits for its first snapshot load before it accepts connections,
     when a version is published already. Each worker of ``serve --workers N`` listens on its own
