@@ -295,6 +295,20 @@ def scrape(url: str, timeout_s: float = 5.0) -> list[Sample]:
     ]
 
 
+SNAPSHOT_VERSION = "twotower_retriever_snapshot_version"
+"""The retriever's gauge of the snapshot version each of its processes serves (0: none yet)."""
+
+
+def served_versions(metrics_url: str) -> dict[int | None, int]:
+    """The snapshot version each retriever process serves, by pid (``None``: a server of one
+    process, whose metrics carry no pid label); empty when its /metrics is unreachable."""
+    return {
+        int(s.labels["pid"]) if "pid" in s.labels else None: int(s.value)
+        for s in scrape(metrics_url)
+        if s.name == SNAPSHOT_VERSION
+    }
+
+
 def metric_sum(samples: Sequence[Sample], name: str, **labels: str) -> float:
     """Sum of the samples called ``name`` whose labels include ``labels``."""
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))

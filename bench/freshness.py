@@ -57,6 +57,7 @@ from bench.common import (
     metric_sum,
     run_on_live_system,
     scrape,
+    served_versions,
     summarize_s,
 )
 from publisher.serving_state import decode_history_entry
@@ -171,10 +172,6 @@ class Probe:
     """Unix time of the click (the clock's start)."""
 
 
-def _served_versions(base_url: str) -> list[int]:
-    return [int(s.value) for s in scrape(f"{base_url}/metrics") if s.name == "twotower_retriever_snapshot_version"]
-
-
 def _top_in_category(http: httpx.Client, base_url: str, user: str, category: str) -> list[str]:
     status, body = http_json(http, f"{base_url}/recommend", user_id=user, k=10, category=category)
     if status != 200:
@@ -247,7 +244,7 @@ def probe_once(
                     probe.rows_published_s = max(0.0, (change.created_ms - wall0_ms) / 1000)
                     break
         if probe.params_version is not None and math.isinf(probe.params_s):
-            served = _served_versions(base_url)
+            served = list(served_versions(f"{base_url}/metrics").values())
             if served and min(served) >= probe.params_version:
                 probe.params_s = time.perf_counter() - t0
         if math.isfinite(probe.history_s) and math.isfinite(probe.params_s):

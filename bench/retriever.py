@@ -92,6 +92,7 @@ from bench.common import (
     redis_slowlog_tip,
     running,
     scrape,
+    served_versions,
     services,
     session_cpu_s,
     spawned_result,
@@ -611,26 +612,16 @@ def swap_times(swaps: int, duration_s: float) -> list[float]:
 
 
 # --- the run ------------------------------------------------------------------------------------
-def _served_versions(metrics_url: str) -> list[int]:
-    return [
-        int(s.value) for s in scrape(metrics_url) if s.name == "twotower_retriever_snapshot_version" and s.value > 0
-    ]
-
-
-def _request_thread_slices(serve_pid: int) -> list[int | None]:
+def _request_thread_slices(metrics_url: str, serve_pid: int) -> list[int | None]:
     """The kernel's time slice (µs) of each worker's request thread, ``None`` where it does not
-    say: the workers are the spawned children of ``twotower serve``, or the process itself when
-    it runs one, and each runs its event loop on its main thread (whose id is the pid)."""
-    try:
-        children = Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split()
-        workers = [int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
-    except OSError:
-        workers = []
-    return [thread_slice_us(pid) for pid in workers or [serve_pid]]
+    say. The workers are the processes the metrics name, or ``twotower serve`` itself when it
+    runs one; each runs its event loop on its main thread, whose id is the pid."""
+    pids = [pid for pid in served_versions(metrics_url) if pid is not None]
+    return [thread_slice_us(pid) for pid in sorted(pids) or [serve_pid]]
 
 
 def _all_workers_on(metrics_url: str, version: int, workers: int) -> bool:
-    served = _served_versions(metrics_url)
+    served = [v for v in served_versions(metrics_url).values() if v > 0]
     return len(served) >= workers and all(v == version for v in served)
 
 
@@ -783,7 +774,9 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 # the glibc tunables the workers run with (huge pages, freed memory kept): twotower
                 # serve starts again with these (its log says so), whatever the environment had
                 report["setup"]["glibc_tunables"] = malloc.wanted(config.retriever) if malloc.supported() else {}
-                report["setup"]["request_thread_slice_us"] = _request_thread_slices(retriever.pid)
+                report["setup"]["request_thread_slice_us"] = _request_thread_slices(
+                    f"{base_url}/metrics", retriever.pid
+                )
                 with httpx.Client(timeout=5.0) as http:
                     probe = http.get(f"{base_url}/recommend", params={"user_id": "u0", "k": opts.k})
                     if probe.status_code != 200 or len(probe.json()["items"]) != opts.k:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 _SCHED_ATTR_SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}
 """``sched_setattr`` and ``sched_getattr`` by machine (Linux)."""
+_SETATTR, _GETATTR = 0, 1
 _SCHED_OTHER = 0
 
 
@@ -46,8 +47,8 @@ class _SchedAttr(ctypes.Structure):
     ]
 
 
-def _sched_attr_call(name: str, attr: _SchedAttr, tid: int) -> None:
-    """``sched_setattr`` or ``sched_getattr`` (``name``) of thread ``tid`` (0: the caller).
+def _sched_syscall(which: int, *args: object) -> None:
+    """``sched_setattr`` (``which``: ``_SETATTR``) or ``sched_getattr`` (``_GETATTR``) with ``args``.
 
     Raises:
         OSError: not Linux on a known machine, or the kernel refused.
@@ -56,11 +57,7 @@ def _sched_attr_call(name: str, attr: _SchedAttr, tid: int) -> None:
     if calls is None:
         raise OSError(f"no sched_setattr here ({platform.system()} {platform.machine()})")
     libc = ctypes.CDLL(None, use_errno=True)
-    if name == "set":
-        failed = libc.syscall(calls[0], tid, ctypes.byref(attr), 0)
-    else:
-        failed = libc.syscall(calls[1], tid, ctypes.byref(attr), ctypes.sizeof(attr), 0)
-    if failed:
+    if libc.syscall(calls[which], *args):
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno))
 
@@ -70,7 +67,7 @@ def thread_slice_us(tid: int = 0) -> int | None:
     ``None`` where it does not say (not Linux, a kernel before 6.12, another policy)."""
     attr = _SchedAttr()
     try:
-        _sched_attr_call("get", attr, tid)
+        _sched_syscall(_GETATTR, tid, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     except OSError:
         return None
     if attr.sched_policy != _SCHED_OTHER or attr.sched_runtime == 0:
@@ -97,7 +94,7 @@ def shorten_thread_slice(slice_us: int) -> int | None:
         sched_runtime=slice_us * 1000,
     )
     try:
-        _sched_attr_call("set", attr, 0)
+        _sched_syscall(_SETATTR, 0, ctypes.byref(attr), 0)  # thread 0: the caller
     except OSError as exc:
         log.warning("cannot set the request thread's time slice: %s", exc)
         return None
