@@ -108,6 +108,26 @@ def test_merger_safe_offsets_and_replay_skip() -> None:
     assert restarted.push(tp, 10, 5_000, "x") is True
     assert restarted.push(tp, 11, 1_000, "y") is False
     assert restarted.safe_offsets() == {tp: 10}
+    # record 10 is still held, so a checkpoint now must list 11 again: a crash after it and a
+    # second restart from offset 10 must skip 11 once more
+    assert restarted.applied_above() == {tp: [11]}
+    again = EventTimeMerger(allowance_ms=1_000)
+    again.skip_on_replay(restarted.applied_above())
+    assert again.push(tp, 11, 1_000, "y") is False
+
+
+def test_merger_keeps_skips_not_yet_read_again_in_its_checkpoint() -> None:
+    """A checkpoint written right after a restart, before any record is read again, lists the
+    offsets applied above the safe one, until the safe offset passes them."""
+    tp = ("events", 0)
+    restarted = EventTimeMerger(allowance_ms=0)
+    restarted.skip_on_replay({tp: [11, 12]})
+    assert restarted.applied_above() == {tp: [11, 12]}
+    assert restarted.push(tp, 10, 5_000, "x") is True
+    assert restarted.push(tp, 11, 1_000, "y") is False
+    assert restarted.applied_above() == {tp: [11, 12]}  # 10 held: safe offset 10
+    restarted.pop_ready(force=True)
+    assert restarted.applied_above() == {tp: [12]}  # safe offset 12 (one past 11): 11 pruned
 
 
 def test_merger_releases_at_once_when_every_partition_has_moved_past_a_record() -> None:

@@ -57,8 +57,14 @@ class EventTimeMerger:
         return len(self._heap)
 
     def skip_on_replay(self, applied_above: dict[Partition, list[int]]) -> None:
-        """Offsets already applied before a restart (from the checkpoint): never release them again."""
+        """Offsets already applied before a restart (from the checkpoint): never release them again.
+
+        They stay listed in :meth:`applied_above` until the safe offset passes them, so that a
+        checkpoint written before they are read again (or while an older record is held) keeps
+        them, and a second restart skips them too."""
         self._skip = {tp: set(offs) for tp, offs in applied_above.items()}
+        for tp, offs in applied_above.items():
+            self._released_above[tp].update(offs)
 
     def push(self, tp: Partition, offset: int, ts_ms: int, value: Any) -> bool:
         """Hold a record; False if it was applied before the restart and is skipped."""
