@@ -41,7 +41,7 @@ from evaluation.metrics import PolicyMetrics, Series, hit
 from evaluation.protocol import Event, Protocol, World, utc_day, warmup_size
 from evaluation.two_tower import WarmStart, click, utc_date
 from trainer.nightly import run_nightly
-from trainer.stream import partition_key
+from trainer.stream import APPLIED_ABOVE, partition_key
 from twotower import checkpoint, infra
 from twotower.config import Config
 from twotower.demo import free_port
@@ -207,7 +207,7 @@ def _bootstrap_checkpoint(cfg: Config, warmup: list[Event], epochs: int, events_
         consumer.close()
     state.seq += 1
     offsets = {partition_key((tp.topic, tp.partition)): int(end) for tp, end in ends.items()}
-    checkpoint.save(Path(cfg.trainer.state_dir), state.to_checkpoint(offsets, {"applied_above": {}}))
+    checkpoint.save(Path(cfg.trainer.state_dir), state.to_checkpoint(offsets, {APPLIED_ABOVE: {}}))
     log.info("bootstrapped the trainer on %d warm-up events (%d epochs)", len(warmup), epochs)
 
 

@@ -85,3 +85,24 @@ def test_load_base_takes_the_newest_base_of_an_earlier_date(tmp_path: Path) -> N
     assert rerun is not None and rerun["date"] == "2024-03-09"
     assert torch.equal(rerun["users"]["emb"], torch.tensor([[1.0, 0, 0, 0]]))
     assert handoff.load_base(tmp_path, "2024-03-09") is None
+
+
+def test_a_handoff_older_than_the_state_s_dense_weights_is_discarded(tmp_path: Path) -> None:
+    """A nightly handed its result to a streaming trainer that stopped before merging it, and a
+    later retrain owned the state meanwhile: the old handoff must not go over the newer weights."""
+    live = _state({"a": [1, 0, 0, 0]})
+    before, after = copy.deepcopy(live), copy.deepcopy(live)
+    with torch.no_grad():
+        after.model.item.category.weight.fill_(1.0)
+    after.users.emb[after.users.row("a")] += 1.0
+    handoff.write(tmp_path, "2024-03-10", before, after)
+    with torch.no_grad():  # the owning retrain of the 11th
+        live.model.item.category.weight.fill_(2.0)
+    live.users.emb[live.users.row("a")] += 1.0
+    live.dense_version += 1
+    live.nightly_done.append("2024-03-11")
+    assert handoff.merge_pending(live, tmp_path)  # handled: discarded
+    assert float(live.model.item.category.weight[0, 0]) == 2.0
+    assert torch.equal(live.users.emb[live.users.row("a")], torch.tensor([2.0, 1, 1, 1]))
+    assert live.nightly_done == ["2024-03-11"] and live.dense_version == 1
+    assert not (tmp_path / handoff.FILENAME).exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import shutil
 import threading
@@ -170,6 +171,28 @@ def test_nightly_does_not_recount_what_a_stopped_streaming_trainer_applied(confi
     ckpt = checkpoint.load(cfg.trainer.state_dir)
     assert _counts(ckpt) == (40, 40)
     assert ckpt.histories.as_dict() == _expected_histories(clicks, 5)
+
+
+def test_nightly_owning_the_state_first_merges_a_handoff_left_waiting(config: Config) -> None:
+    """The nightly of DAY handed over to a streaming trainer that stopped before merging it; the
+    nightly of the next day, owning the state, merges it first and retrains on top of it."""
+    cfg = _small(config)
+    state_dir = Path(cfg.trainer.state_dir)
+    start, _ = day_bounds_ms(DAY, "UTC")
+    _produce(cfg, _catalog() + _clicks("b", 30, start + 86_400_000 + 1_000))
+    state = TrainerState(cfg.model, cfg.trainer)
+    checkpoint.save(state_dir, state.to_checkpoint({}))
+    retrained = copy.deepcopy(state)
+    with torch.no_grad():
+        retrained.model.item.category.weight.fill_(0.5)
+    handoff.write(state_dir, DAY.isoformat(), state, retrained)
+
+    assert run_nightly(cfg, DAY + dt.timedelta(days=1), progress=False).status == "trained"
+    ckpt = checkpoint.load(state_dir)
+    assert ckpt is not None
+    assert ckpt.extra["nightly_done"] == [DAY.isoformat(), (DAY + dt.timedelta(days=1)).isoformat()]
+    assert ckpt.dense_version == 2  # the merged retrain, then this one
+    assert not (state_dir / handoff.FILENAME).exists()
 
 
 def test_streaming_trainer_started_after_nightly_only_days_does_not_count_them_again(config: Config) -> None:

@@ -60,6 +60,7 @@ def write(state_dir: Path, date: str, before: TrainerState, after: TrainerState)
     items, item_deltas, item_accum = row_changes(before.items, after.items)
     payload = {
         "date": date,
+        "base_dense_version": before.dense_version,
         "dense": {k: v.detach().clone() for k, v in after.model.state_dict().items()},
         "dense_optimizer": after.dense_optimizer.state_dict(),
         "users": users,
@@ -101,13 +102,27 @@ def apply(state: TrainerState, payload: dict) -> None:
 
 
 def merge_pending(state: TrainerState, state_dir: Path) -> bool:
-    """Apply a waiting handoff file, if any; True if one was applied."""
+    """Apply a waiting handoff file, if any; True if one was handled (merged or discarded).
+
+    A handoff is discarded when its date is already merged, or when the state's dense weights
+    are no longer those the nightly started from (``base_dense_version``): a later retrain owned
+    the state meanwhile (:func:`trainer.nightly.run_nightly` merges a waiting handoff before it
+    retrains, so this is a handoff written after that), and merging would put older dense
+    weights over newer ones and add row changes the state already holds."""
     path = state_dir / FILENAME
     if not path.exists():
         return False
     payload = torch.load(path, map_location="cpu", weights_only=True)
+    base = payload.get("base_dense_version", state.dense_version)  # older handoffs have none
     if payload["date"] in state.nightly_done:
         log.info("nightly %s already merged; discarding its handoff", payload["date"])
+    elif base != state.dense_version:
+        log.warning(
+            "nightly %s retrained dense version %d but the state is at %d; discarding its handoff",
+            payload["date"],
+            base,
+            state.dense_version,
+        )
     else:
         apply(state, payload)
         log.info("merged nightly retrain of %s (dense version %d)", payload["date"], state.dense_version)

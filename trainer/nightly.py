@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from trainer import handoff
 from trainer.state import TrainerState
-from trainer.stream import NIGHTLY_COUNTED, StateLock, parse_partition_key
+from trainer.stream import APPLIED_ABOVE, NIGHTLY_COUNTED, StateLock, parse_partition_key
 from twotower import checkpoint
 from twotower.config import Config, KafkaConfig
 from twotower.events import CLICK, CatalogItem, Interaction, Profile, SchemaError, decode
@@ -160,7 +160,7 @@ def applied_by_checkpoint(ckpt: checkpoint.Checkpoint | None, topic: str) -> Cal
     if ckpt is None:
         return lambda partition, offset: False
     below = {p: off for (t, p), off in _by_partition(ckpt.offsets).items() if t == topic}
-    above = {p: set(offs) for (t, p), offs in _by_partition(ckpt.extra.get("applied_above", {})).items() if t == topic}
+    above = {p: set(offs) for (t, p), offs in _by_partition(ckpt.extra.get(APPLIED_ABOVE, {})).items() if t == topic}
     return lambda partition, offset: offset < below.get(partition, 0) or offset in above.get(partition, ())
 
 
@@ -261,6 +261,13 @@ def run_nightly(cfg: Config, date: dt.date, force: bool = False, progress: bool 
         topics = ensure_topics(cfg.kafka)
         ckpt = checkpoint.load(state_dir)
         state = TrainerState.from_checkpoint(ckpt, cfg.trainer) if ckpt else TrainerState(cfg.model, cfg.trainer)
+        if own_state and handoff.merge_pending(state, state_dir):
+            # a streaming trainer stopped before merging an earlier retrain: merge it as it would
+            # have, before this one starts from the state
+            state.seq += 1
+            carried = {k: v for k, v in (ckpt.extra if ckpt else {}).items() if k in (APPLIED_ABOVE, NIGHTLY_COUNTED)}
+            checkpoint.save(state_dir, state.to_checkpoint(ckpt.offsets if ckpt else {}, carried))
+            ckpt = checkpoint.load(state_dir)
         if day in state.nightly_done and not force:
             log.info("nightly %s already done: skipping", day)
             return NightlyResult(day, "skipped")
@@ -305,7 +312,7 @@ def run_nightly(cfg: Config, date: dt.date, force: bool = False, progress: bool 
             state.seq += 1
             offsets = ckpt.offsets if ckpt else {}
             extra = {
-                "applied_above": ckpt.extra.get("applied_above", {}) if ckpt else {},
+                APPLIED_ABOVE: ckpt.extra.get(APPLIED_ABOVE, {}) if ckpt else {},
                 # the event-time range whose records this run counted: a streaming trainer that
                 # later replays the topic from ``offsets`` must not count them again
                 NIGHTLY_COUNTED: counted_ranges(ckpt, day_bounds_ms(date, cfg.trainer.schedule_timezone), first_run),

@@ -63,6 +63,9 @@ ROW_UPDATE_SECONDS = Histogram(
 )
 BUFFERED = Gauge("twotower_trainer_buffered", "Records held for event-time ordering")
 
+APPLIED_ABOVE = "applied_above"
+"""Checkpoint ``extra`` key: per partition, offsets at or above the checkpoint's offset that its
+state already holds (:meth:`trainer.ordering.EventTimeMerger.applied_above`): a restart skips them."""
 NIGHTLY_COUNTED = "nightly_counted_ms"
 """Checkpoint ``extra`` key: ``[start_ms, end_ms)`` event-time ranges (days) whose interactions a
 nightly run that owned the state counted beyond the checkpoint's offsets (:mod:`trainer.nightly`).
@@ -157,7 +160,7 @@ class StreamTrainer(Daemon):
         else:
             self.state = TrainerState.from_checkpoint(ckpt, self.tcfg)
             self.resume_offsets = {parse_partition_key(k): v for k, v in ckpt.offsets.items()}
-            applied = ckpt.extra.get("applied_above", {})
+            applied = ckpt.extra.get(APPLIED_ABOVE, {})
             self.merger.skip_on_replay({parse_partition_key(k): v for k, v in applied.items()})
             self.nightly_counted = [(int(a), int(b)) for a, b in ckpt.extra.get(NIGHTLY_COUNTED, [])]
             log.info("resumed from checkpoint seq %d (%d offsets)", ckpt.seq, len(ckpt.offsets))
@@ -345,7 +348,7 @@ class StreamTrainer(Daemon):
         offsets = {**{partition_key(tp): off for tp, off in self.resume_offsets.items()}}
         offsets.update({partition_key(tp): off for tp, off in safe.items()})
         extra = {
-            "applied_above": {partition_key(tp): offs for tp, offs in applied.items()},
+            APPLIED_ABOVE: {partition_key(tp): offs for tp, offs in applied.items()},
             NIGHTLY_COUNTED: [list(r) for r in self.nightly_counted],
         }
         checkpoint.save(self.state_dir, state.to_checkpoint(offsets, extra))
