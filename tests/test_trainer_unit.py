@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from trainer.id_table import IdTable
-from trainer.losses import candidate_log_q, popularity_distribution, sampled_softmax_loss
+from trainer.losses import candidate_log_q, popularity_distribution, sample_with_replacement, sampled_softmax_loss
 from trainer.ordering import EventTimeMerger
 from trainer.state import TrainerState
 from trainer.stream import StreamTrainer, checkpoint_wait_s
 from twotower import checkpoint
 from twotower.config import Config, ModelConfig, TrainerConfig
-from twotower.events import CatalogItem, Interaction
+from twotower.events import CLICK, CatalogItem, Interaction
 
 # --- ID tables ---------------------------------------------------------------------------
 
@@ -184,6 +186,35 @@ def test_popularity_distribution_power() -> None:
     assert p[0] / p[1] == pytest.approx(16**0.75)
     q = candidate_log_q(torch.tensor([0.5, 0.5]), torch.tensor([0.9, 0.1]), 10, 10)
     assert torch.allclose(q, torch.log(torch.tensor([14.0, 6.0])))
+
+
+def test_sample_with_replacement_follows_the_probabilities_over_any_number_of_rows() -> None:
+    generator = torch.Generator().manual_seed(0)
+    draws = sample_with_replacement(torch.tensor([0.5, 0.0, 0.25, 0.25]), 40_000, generator)
+    freq = torch.bincount(draws, minlength=4).double() / 40_000
+    assert freq[1] == 0  # probability 0: never drawn
+    assert torch.allclose(freq, torch.tensor([0.5, 0.0, 0.25, 0.25], dtype=torch.float64), atol=0.01)
+    many = torch.zeros(2**24 + 8)  # more rows than torch.multinomial accepts
+    many[3] = many[-1] = 1.0
+    assert set(sample_with_replacement(many, 1_000, generator).tolist()) == {3, 2**24 + 7}
+
+
+def test_log_q_of_a_candidate_without_a_count_is_that_of_one_observation() -> None:
+    """A clicked item not admitted yet (no row, no count) is still a candidate of its batch: its
+    log Q must be that of one click, not the floor's log(1e-12), which would boost its logit."""
+    state = TrainerState(ModelConfig(dim=8, id_dim=4), TrainerConfig(admission_min_count=2, min_extra_negatives=4))
+
+    def click(user: str, item: str, ts: int) -> Interaction:
+        return Interaction(f"{user}{item}{ts}", f"r{user}{ts}", user, item, CLICK, 0, ts)
+
+    state.observe_clicks([click("u0", "a", 1), click("u0", "a", 2), click("u0", "b", 3), click("u0", "b", 4)])
+    batch = [click("u1", "a", 10), click("u2", "new", 11)]
+    state.observe_clicks(batch)
+    assert state.items.row("new") < 0  # seen once: not admitted
+    ids, _, log_q = state._candidates(batch)
+    total = int(state.items.count.sum())
+    by_id = dict(zip(ids, log_q.tolist(), strict=True))
+    assert by_id["new"] >= math.log(1.0 / total) - 1e-6  # at least one click in `total`, in a batch of 2
 
 
 # --- the learning step --------------------------------------------------------------------

@@ -187,6 +187,18 @@ def popularity_distribution(counts: torch.Tensor, power: float = 0.75) -> torch.
     return weights / total
 
 
+def sample_with_replacement(probs: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` indices drawn with replacement from ``probs`` (non-negative, not all zero): by the
+    inverse of the cumulative distribution, so any number of categories works
+    (``torch.multinomial`` refuses more than 2^24, fewer rows than a table of tens of millions
+    of items has). Indices of probability 0 are never drawn."""
+    cdf = probs.to(torch.float64).cumsum(0)
+    draws = torch.rand(n, dtype=torch.float64, generator=generator) * cdf[-1]
+    picked = torch.searchsorted(cdf, draws, right=True)  # the first index whose cdf exceeds the draw
+    last = int((probs > 0).nonzero()[-1])  # a draw rounded up to the total falls on the last row drawn
+    return picked.clamp_(max=last)
+
+
 def candidate_log_inclusion(
     click_prob: torch.Tensor,
     sample_prob: torch.Tensor,

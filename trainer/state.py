@@ -38,6 +38,7 @@ from trainer.losses import (
     info_nce_loss,
     popularity_distribution,
     retrieval_loss,
+    sample_with_replacement,
 )
 from trainer.pooling import history_columns, pool_views, pooling_matrix
 from twotower.checkpoint import Catalog, Checkpoint, HardNegatives, Histories, Profiles, gather_rows
@@ -373,9 +374,7 @@ class TrainerState:
             pick = torch.randperm(len(hard), generator=self.generator)[:hard_target].sort().values.tolist()
             hard = [hard[i] for i in pick]
         n_pop = n_extra - len(hard) if has_pop else 0
-        sampled_rows = (
-            torch.multinomial(sample_p, n_pop, replacement=True, generator=self.generator).tolist() if n_pop else []
-        )
+        sampled_rows = sample_with_replacement(sample_p, n_pop, self.generator).tolist() if n_pop else []
         cand_ids: list[str] = []
         col: dict[str, int] = {}
         for item in [c.item_id for c in clicks] + hard + [self.items.ids[r] for r in sampled_rows]:
@@ -390,10 +389,16 @@ class TrainerState:
         samp_p = torch.zeros(len(cand_ids), dtype=torch.float64)
         click_p[known] = counts[cand_rows[known]].to(torch.float64) / total
         samp_p[known] = sample_p[cand_rows[known]]
+        # A candidate's source offered it at least once: an item clicked in the batch without a
+        # count (not admitted yet, or its row expired) or a hard negative whose count expired
+        # would otherwise get q = 0, and the floor's log(1e-12) would add 27.6 to its logit.
+        click_p[positive_cols] = click_p[positive_cols].clamp(min=1.0 / float(total))
         hard_p = None
         if hard:
             hard_total = max(self.hard_total, 1)
             hard_p = torch.tensor([self.hard_counts.get(i, 0) / hard_total for i in cand_ids], dtype=torch.float64)
+            hard_cols = torch.tensor([col[i] for i in hard])
+            hard_p[hard_cols] = hard_p[hard_cols].clamp(min=1.0 / hard_total)
         mode = self.tcfg.logq_correction
         if mode == "none":
             return cand_ids, positive_cols, None
