@@ -24,6 +24,7 @@ number of seconds or milliseconds since the epoch, told apart by magnitude: valu
 least ``1e11`` (:data:`MS_THRESHOLD`) are milliseconds, smaller ones seconds. ``1e11`` seconds
 is the year 5138 and ``1e11`` ms is March 1973, so the rule is only wrong for
 millisecond times before March 1973; pass ``time_unit="ms"`` (or ``"s"``/``"iso"``) to force one.
+Times after the year 9999 are rejected: microseconds and nanoseconds must be converted to ms.
 Fractional seconds are kept to the millisecond. Negative times are rejected.
 
 Errors are :class:`ValueError` naming the file and, for a bad row, its line number.
@@ -39,6 +40,8 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
+
+from twotower.events import MAX_TS_MS
 
 FORMATS = ("movielens-100k", "movielens-csv", "csv")
 TIME_UNITS = ("auto", "s", "ms", "iso")
@@ -124,6 +127,11 @@ def parse_timestamp(text: str, unit: str = "auto") -> int:
         ms = round(value) if is_ms else round(value * 1000)
     if ms < 0:
         raise ValueError(f"timestamp {text!r} is before 1970")
+    if ms > MAX_TS_MS:
+        raise ValueError(
+            f"timestamp {text!r} is after the year 9999 as {'ms' if unit != 's' else 'seconds'}"
+            " (microseconds or nanoseconds? convert them to ms)"
+        )
     return int(ms)
 
 

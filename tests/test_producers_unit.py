@@ -252,6 +252,8 @@ def test_parse_timestamp(text: str, unit: str, expected: int) -> None:
         ("-5", "auto", "before 1970"),
         ("", "auto", "empty timestamp"),
         ("1", "days", "time unit must be one of"),
+        ("1760000000000000", "auto", "after the year 9999"),  # microseconds
+        ("1760000000000000000", "ms", "after the year 9999"),  # nanoseconds
     ],
 )
 def test_parse_timestamp_errors(text: str, unit: str, message: str) -> None:

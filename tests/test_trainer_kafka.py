@@ -13,6 +13,7 @@ import time
 import msgpack
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from trainer.nightly import day_bounds_ms, load_day, run_nightly
 from trainer.stream import StreamTrainer
@@ -119,19 +120,34 @@ def test_killed_trainer_resumes_without_loss_or_double_apply(config: Config, tmp
 
 def test_malformed_message_goes_to_dead_letter_topic(config: Config) -> None:
     cfg = _fast(config)
-    _produce(cfg, _clicks(50, 1_700_000_000_000), raw=[b"\xc1not msgpack", msgpack.packb({"v": 1, "kind": "nope"})])
+    topics = Topics(cfg.kafka.topic_prefix)
+    kinds = [msgpack.packb({"v": 1, "kind": kind}) for kind in ("nope", "x1")]
+    # as large as the producer sends: the letter around it would not fit, so its payload is cut
+    producer = make_producer(cfg.kafka)
+    full = b"\xc1" + b"x" * (producer.config["max_request_size"] - 200)
+    producer.close()
+    counted = {code: _dead_letters(topics.events, code) for code in ("not_msgpack", "unknown_kind")}
+    _produce(cfg, _clicks(50, 1_700_000_000_000), raw=[b"\xc1not msgpack", *kinds, full])
     _run_in_process(cfg)
     ckpt = checkpoint.load(cfg.trainer.state_dir)
     assert ckpt is not None and int(ckpt.items.count.sum()) == 50  # the daemon went on
-    topics = Topics(cfg.kafka.topic_prefix)
     consumer = make_consumer(cfg.kafka, None, consumer_timeout_ms=5_000)
     consumer.subscribe([Topics.dlq(topics.events)])
-    letters = [msgpack.unpackb(m.value) for m in consumer]
+    letters = sorted((msgpack.unpackb(m.value) for m in consumer), key=lambda letter: letter["offset"])
     consumer.close()
-    reasons = sorted(letter["reason"] for letter in letters)
-    assert len(letters) == 2
-    assert reasons[0].startswith("not msgpack") and "unknown record kind" in reasons[1]
-    assert {letter["payload"] for letter in letters} == {b"\xc1not msgpack", msgpack.packb({"v": 1, "kind": "nope"})}
+    assert [letter["code"] for letter in letters] == ["not_msgpack", "unknown_kind", "unknown_kind", "not_msgpack"]
+    assert letters[0]["reason"].startswith("not msgpack") and "unknown record kind 'x1'" in letters[2]["reason"]
+    assert [letter["payload"] for letter in letters[:3]] == [b"\xc1not msgpack", *kinds]
+    assert not any(letter["truncated"] for letter in letters[:3])
+    cut = letters[3]
+    assert cut["truncated"] and cut["payload_bytes"] == len(full) and cut["payload"] == full[: len(cut["payload"])]
+    # counted by rule, not by message text (whose values would make a metric series each)
+    assert _dead_letters(topics.events, "not_msgpack") - counted["not_msgpack"] == 2
+    assert _dead_letters(topics.events, "unknown_kind") - counted["unknown_kind"] == 2
+
+
+def _dead_letters(topic: str, code: str) -> float:
+    return REGISTRY.get_sample_value("twotower_dead_letters_total", {"topic": topic, "reason": code}) or 0.0
 
 
 def test_nightly_reads_exactly_one_day_and_is_idempotent(config: Config) -> None:

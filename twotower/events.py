@@ -29,10 +29,25 @@ CLICK = "click"
 INTERACTION_TYPES = (IMPRESSION, CLICK)
 MAX_ID_LEN = 256
 MAX_FEATURES = 4096
+MAX_TS_MS = 253_402_300_799_999
+"""The last millisecond of the year 9999 (UTC): a later ``ts_ms`` is a unit mistake (microseconds
+or nanoseconds), and one such event would move the trainer's event-time clock past every row's
+expiry."""
 
 
 class SchemaError(ValueError):
-    """A record that does not follow the schema; the message says why."""
+    """A record that does not follow the schema; the message says why, ``code`` which rule it
+    broke (one of :data:`SCHEMA_ERROR_CODES`: a fixed set, fit for a metric label)."""
+
+    def __init__(self, message: str, code: str = "bad_value") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+SCHEMA_ERROR_CODES = (
+    "tombstone", "not_msgpack", "not_a_map", "schema_version", "unknown_kind", "missing_field",
+    "unknown_field", "bad_value",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +100,18 @@ def _id(value: Any, name: str) -> str:
     return text
 
 
-def _int(value: Any, name: str, low: int = 0) -> int:
+def _int(value: Any, name: str, low: int = 0, high: int = 2**63 - 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SchemaError(f"{name} must be an integer, got {type(value).__name__}")
     if value < low:
         raise SchemaError(f"{name} must be >= {low}, got {value}")
+    if value > high:
+        raise SchemaError(f"{name} must be <= {high}, got {value}")
     return value
+
+
+def _ts_ms(value: Any) -> int:
+    return _int(value, "ts_ms", high=MAX_TS_MS)
 
 
 def _floats(value: Any, name: str) -> list[float]:
@@ -109,10 +130,10 @@ def _floats(value: Any, name: str) -> list[float]:
 def _fields(raw: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...]) -> None:
     missing = [k for k in required if k not in raw]
     if missing:
-        raise SchemaError(f"missing field(s): {', '.join(missing)}")
+        raise SchemaError(f"missing field(s): {', '.join(missing)}", "missing_field")
     unknown = sorted(set(raw) - set(required) - set(optional) - {"v", "kind"})
     if unknown:
-        raise SchemaError(f"unknown field(s): {', '.join(unknown)}")
+        raise SchemaError(f"unknown field(s): {', '.join(unknown)}", "unknown_field")
 
 
 def from_dict(raw: Any) -> Record:
@@ -122,9 +143,9 @@ def from_dict(raw: Any) -> Record:
         SchemaError: with the first problem found.
     """
     if not isinstance(raw, dict):
-        raise SchemaError(f"a record must be a map, got {type(raw).__name__}")
+        raise SchemaError(f"a record must be a map, got {type(raw).__name__}", "not_a_map")
     if raw.get("v") != SCHEMA_VERSION:
-        raise SchemaError(f"unsupported schema version {raw.get('v')!r} (expected {SCHEMA_VERSION})")
+        raise SchemaError(f"unsupported schema version {raw.get('v')!r} (expected {SCHEMA_VERSION})", "schema_version")
     kind = raw.get("kind")
     if kind == "interaction":
         _fields(raw, ("event_id", "request_id", "user_id", "item_id", "type", "position", "ts_ms"), ("context",))
@@ -140,7 +161,7 @@ def from_dict(raw: Any) -> Record:
             item_id=_id(raw["item_id"], "item_id"),
             type=raw["type"],
             position=_int(raw["position"], "position"),
-            ts_ms=_int(raw["ts_ms"], "ts_ms"),
+            ts_ms=_ts_ms(raw["ts_ms"]),
             context=context,
         )
     if kind == "catalog":
@@ -152,7 +173,7 @@ def from_dict(raw: Any) -> Record:
             item_id=_id(raw["item_id"], "item_id"),
             category=_id(raw["category"], "category"),
             features=_floats(raw["features"], "features"),
-            ts_ms=_int(raw["ts_ms"], "ts_ms"),
+            ts_ms=_ts_ms(raw["ts_ms"]),
             title=title,
         )
     if kind == "profile":
@@ -160,9 +181,9 @@ def from_dict(raw: Any) -> Record:
         return Profile(
             user_id=_id(raw["user_id"], "user_id"),
             features=_floats(raw["features"], "features"),
-            ts_ms=_int(raw["ts_ms"], "ts_ms"),
+            ts_ms=_ts_ms(raw["ts_ms"]),
         )
-    raise SchemaError(f"unknown record kind {kind!r}")
+    raise SchemaError(f"unknown record kind {kind!r}", "unknown_kind")
 
 
 def to_dict(record: Record) -> dict[str, Any]:
@@ -190,11 +211,11 @@ def decode(payload: bytes | None) -> Record:
         SchemaError: not msgpack, or not a valid record.
     """
     if payload is None:
-        raise SchemaError("empty payload (tombstone)")
+        raise SchemaError("empty payload (tombstone)", "tombstone")
     try:
         raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise SchemaError(f"not msgpack: {exc}") from None
+        raise SchemaError(f"not msgpack: {exc}", "not_msgpack") from None
     return from_dict(raw)
 
 
@@ -204,9 +225,28 @@ def record_key(record: Record) -> bytes:
     return key.encode()
 
 
-def dead_letter(payload: bytes | None, reason: str, topic: str, partition: int, offset: int) -> bytes:
-    """The msgpack body of a dead letter: the raw bytes plus why and where they came from."""
+def dead_letter(
+    payload: bytes | None, error: SchemaError, topic: str, partition: int, offset: int, keep: int | None = None
+) -> bytes:
+    """The msgpack body of a dead letter: the raw bytes plus why and where they came from.
+
+    Args:
+        keep: keep only the first ``keep`` bytes of the payload (for a payload too large to be
+            sent again with the letter around it); ``payload_bytes`` gives its full size, and
+            ``truncated`` says whether bytes were left out.
+    """
+    size = len(payload) if payload is not None else 0
+    truncated = payload is not None and keep is not None and size > keep
     return msgpack.packb(
-        {"payload": payload, "reason": reason, "topic": topic, "partition": partition, "offset": offset},
+        {
+            "payload": payload[:keep] if truncated and payload is not None else payload,
+            "payload_bytes": size,
+            "truncated": truncated,
+            "reason": str(error),
+            "code": error.code,
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+        },
         use_bin_type=True,
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
 from kafka.structs import TopicPartition
 from prometheus_client import Counter
 
@@ -24,8 +24,13 @@ from twotower.events import Record, SchemaError, dead_letter, decode, encode, re
 log = logging.getLogger(__name__)
 
 DEAD_LETTERS = Counter(
-    "twotower_dead_letters_total", "Malformed messages sent to a dead-letter topic", ["topic", "reason"]
+    "twotower_dead_letters_total",
+    "Malformed messages sent to a dead-letter topic, by the schema rule they broke",
+    ["topic", "reason"],
 )
+DEAD_LETTER_KEEP_BYTES = 65_536
+"""How much of a payload a dead letter keeps when the whole payload and the letter around it do
+not fit in one message."""
 
 
 @dataclass(frozen=True)
@@ -213,10 +218,21 @@ class RecordDecoder:
         try:
             return decode(message.value)
         except SchemaError as exc:
-            reason = str(exc)
-            body = dead_letter(message.value, reason, message.topic, message.partition, message.offset)
-            # Wait for the ack: the caller commits the offset afterwards, so the letter must exist.
-            self._producer.send(Topics.dlq(message.topic), key=message.key, value=body).get(timeout=30)
-            DEAD_LETTERS.labels(message.topic, reason.split(":")[0][:60]).inc()
-            log.warning("dead-lettered %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason)
+            self._send_letter(message, exc)
+            DEAD_LETTERS.labels(message.topic, exc.code).inc()
+            log.warning("dead-lettered %s[%d]@%d: %s", message.topic, message.partition, message.offset, exc)
             return None
+
+    def _send_letter(self, message, error: SchemaError) -> None:
+        """Send the letter and wait for the ack (the caller commits the offset afterwards, so the
+        letter must exist). A payload that fills a whole message leaves no room for the letter
+        around it: that one is sent again with the payload cut to :data:`DEAD_LETTER_KEEP_BYTES`
+        (and marked so) rather than failing the daemon on it at every restart."""
+        where = (message.topic, message.partition, message.offset)
+        try:
+            body = dead_letter(message.value, error, *where)
+            self._producer.send(Topics.dlq(message.topic), key=message.key, value=body).get(timeout=30)
+        except MessageSizeTooLargeError as exc:
+            log.warning("dead letter of %s[%d]@%d too large (%s): payload cut", *where, exc)
+            body = dead_letter(message.value, error, *where, keep=DEAD_LETTER_KEEP_BYTES)
+            self._producer.send(Topics.dlq(message.topic), key=message.key, value=body).get(timeout=30)
