@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from trainer import nightly
 from trainer.id_table import IdTable
 from trainer.losses import candidate_log_q, popularity_distribution, sample_with_replacement, sampled_softmax_loss
 from trainer.ordering import EventTimeMerger
@@ -15,7 +17,8 @@ from trainer.state import TrainerState
 from trainer.stream import StreamTrainer, checkpoint_wait_s
 from twotower import checkpoint
 from twotower.config import Config, ModelConfig, TrainerConfig
-from twotower.events import CLICK, CatalogItem, Interaction
+from twotower.events import CLICK, CatalogItem, Interaction, encode
+from twotower.kafka_io import Topics
 
 # --- ID tables ---------------------------------------------------------------------------
 
@@ -359,3 +362,24 @@ def test_full_checkpoints_are_spaced_out_with_row_updates_between(
         assert checkpoint.row_updates(state_dir) == []
     else:
         assert state.seq == seq
+
+
+def test_nightly_applies_each_catalogue_item_s_last_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A catalogue topic not compacted yet holds older versions of an item before its current one."""
+    cfg = Config()
+    state = TrainerState(cfg.model, cfg.trainer)
+    state.apply_catalog(CatalogItem("kept", "c", [1.0], 1))
+    stamped = int(state.items.updated_seq[state.items.row("kept")])
+    state.seq += 5
+    versions = [
+        CatalogItem("i1", "old-cat", [1.0], 1),
+        CatalogItem("kept", "c", [1.0], 2),  # the same as the state holds
+        CatalogItem("i1", "new-cat", [9.0], 3),
+    ]
+    topics = Topics()
+    messages = {topics.catalog: [SimpleNamespace(value=encode(v)) for v in versions]}
+    monkeypatch.setattr(nightly, "read_topic_range", lambda _cfg, topic, _a, _b: iter(messages.get(topic, [])))
+    nightly.load_side_topics(cfg, topics, state)
+    category, content = state.catalog["i1"]
+    assert category == state.categories["new-cat"] and content[0] == 9.0
+    assert int(state.items.updated_seq[state.items.row("kept")]) == stamped  # unchanged: not stamped again

@@ -201,7 +201,12 @@ def count_clicks(state: TrainerState, clicks: list[Interaction]) -> None:
 
 
 def load_side_topics(cfg: Config, topics: Topics, state: TrainerState) -> None:
-    """Apply the (compacted) catalogue and profile topics, so a cold start knows every item."""
+    """Apply the (compacted) catalogue and profile topics, so a cold start knows every item.
+
+    A key's last record is its current version (a topic not compacted yet still holds older
+    ones); a catalogue item is applied only if it changes what the state holds, so unchanged
+    items keep their rows' update stamps."""
+    items: dict[str, CatalogItem] = {}
     for topic in (topics.catalog, topics.profiles):
         for message in read_topic_range(cfg.kafka, topic, None, None):
             try:
@@ -209,10 +214,12 @@ def load_side_topics(cfg: Config, topics: Topics, state: TrainerState) -> None:
             except SchemaError:
                 continue
             if isinstance(record, CatalogItem):
-                if record.item_id not in state.catalog:
-                    state.apply_catalog(record)
+                items[record.item_id] = record
             elif isinstance(record, Profile):
                 state.apply_profile(record)
+    for item in items.values():
+        if state.catalog_differs(item):
+            state.apply_catalog(item)
 
 
 def build_examples(

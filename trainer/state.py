@@ -143,6 +143,15 @@ class TrainerState:
         row = self.items.add(item.item_id, item.ts_ms, self.next_seq)
         self.items.updated_seq[row] = self.next_seq
 
+    def catalog_differs(self, item: CatalogItem) -> bool:
+        """Whether applying ``item`` would change the state's catalogue (a new item, or another
+        category or other content features than the state holds for it)."""
+        held = self.catalog.get(item.item_id)
+        if held is None:
+            return True
+        cat = self.categories.get(item.category)
+        return cat != held[0] or not np.array_equal(fit_features(item.features, self.model_cfg.content_dim), held[1])
+
     def apply_profile(self, profile: Profile) -> None:
         self.profiles[profile.user_id] = fit_features(profile.features, self.model_cfg.profile_dim)
 
