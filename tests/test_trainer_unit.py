@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
+import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +17,7 @@ from trainer.id_table import IdTable
 from trainer.losses import candidate_log_q, popularity_distribution, sample_with_replacement, sampled_softmax_loss
 from trainer.ordering import EventTimeMerger
 from trainer.state import TrainerState
-from trainer.stream import StreamTrainer, checkpoint_wait_s
+from trainer.stream import StateLock, StreamTrainer, checkpoint_wait_s
 from twotower import checkpoint
 from twotower.config import Config, ModelConfig, TrainerConfig
 from twotower.events import CLICK, CatalogItem, Interaction, encode
@@ -383,3 +386,18 @@ def test_nightly_applies_each_catalogue_item_s_last_version(monkeypatch: pytest.
     category, content = state.catalog["i1"]
     assert category == state.categories["new-cat"] and content[0] == 9.0
     assert int(state.items.updated_seq[state.items.row("kept")]) == stamped  # unchanged: not stamped again
+
+
+def test_a_second_nightly_run_waits_for_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = Config().with_overrides({"trainer": {"state_dir": str(tmp_path)}})
+    runs: list[dt.date] = []
+    monkeypatch.setattr(nightly, "_run_nightly", lambda _cfg, date, *_: runs.append(date))
+    first = StateLock(tmp_path, nightly.NIGHTLY_LOCK)  # a run in progress
+    assert first.acquire(blocking=False)
+    second = threading.Thread(target=nightly.run_nightly, args=(cfg, dt.date(2024, 3, 10)))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive() and not runs  # waiting, not training beside the first
+    first.release()
+    second.join(timeout=10)
+    assert runs == [dt.date(2024, 3, 10)]

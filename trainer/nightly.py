@@ -52,6 +52,8 @@ from twotower.events import CLICK, CatalogItem, Interaction, Profile, SchemaErro
 from twotower.kafka_io import Topics, ensure_topics, make_consumer
 
 log = logging.getLogger(__name__)
+NIGHTLY_LOCK = "nightly.lock"
+"""The lock file that lets one nightly run at a time work on a state directory."""
 T = TypeVar("T")
 
 
@@ -259,7 +261,21 @@ def retrain(state: TrainerState, examples: list, seed: int, batch_size: int, pro
 
 
 def run_nightly(cfg: Config, date: dt.date, force: bool = False, progress: bool = True) -> NightlyResult:
-    """Retrain on ``date`` and publish the result as the next full version (via checkpoint or handoff)."""
+    """Retrain on ``date`` and publish the result as the next full version (via checkpoint or
+    handoff). One run at a time per state directory (:data:`NIGHTLY_LOCK`): a second one, from
+    the scheduler or the command line, waits for the first and then finds its date done."""
+    state_dir = Path(cfg.trainer.state_dir)
+    runs = StateLock(state_dir, NIGHTLY_LOCK)
+    if not runs.acquire(blocking=False):
+        log.info("another nightly run on %s is in progress: waiting for it", state_dir)
+        runs.acquire(blocking=True)
+    try:
+        return _run_nightly(cfg, date, force, progress)
+    finally:
+        runs.release()
+
+
+def _run_nightly(cfg: Config, date: dt.date, force: bool, progress: bool) -> NightlyResult:
     day = date.isoformat()
     state_dir = Path(cfg.trainer.state_dir)
     lock = StateLock(state_dir)

@@ -89,11 +89,12 @@ def parse_partition_key(key: str) -> Partition:
 
 
 class StateLock:
-    """An exclusive lock on a state directory: one writer of the checkpoint at a time."""
+    """An exclusive lock on a state directory: one writer of the checkpoint at a time (``name``:
+    the lock file; another name is another lock, e.g. :data:`trainer.nightly.NIGHTLY_LOCK`)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, name: str = "trainer.lock") -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = state_dir / "trainer.lock"
+        self.path = state_dir / name
         self._fh: Any = None
 
     def acquire(self, blocking: bool) -> bool:
