@@ -72,6 +72,19 @@ def test_id_table_state_round_trip() -> None:
     assert again.observe("c", 6, 2) >= 0  # pending count survived the round trip
 
 
+def test_ids_pending_admission_are_bounded_least_recently_seen_first() -> None:
+    table = IdTable(dim=2, admission_min_count=3, max_pending=3)
+    for key in ("a", "b", "c"):
+        assert table.observe(key, ts_ms=1, seq=1) == -1
+    table.observe("a", ts_ms=2, seq=1)  # seen again: now the most recent
+    table.observe("d", ts_ms=3, seq=1)  # a fourth: b, seen least recently, is forgotten
+    assert table.pending == {"c": 1, "a": 2, "d": 1}
+    assert table.observe("a", ts_ms=4, seq=1) >= 0  # a's sightings were kept: admitted at its third
+    for i in range(10_000):  # a stream of one-off ids
+        table.observe(f"once{i}", ts_ms=5, seq=1)
+    assert len(table.pending) == 3
+
+
 # --- event-time merge ---------------------------------------------------------------------
 
 

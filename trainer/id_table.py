@@ -22,13 +22,19 @@ class IdTable:
         dim: row width.
         admission_min_count: observations needed before an ID gets a row.
         capacity: initial number of slots (doubles when full).
+        max_pending: IDs seen but not admitted yet that are remembered; beyond it the ones
+            seen least recently are forgotten (a stream of one-off IDs must not grow memory
+            without bound, which admission is there to save).
     """
 
-    def __init__(self, dim: int, admission_min_count: int = 1, capacity: int = 1024) -> None:
+    def __init__(
+        self, dim: int, admission_min_count: int = 1, capacity: int = 1024, max_pending: int = 1_000_000
+    ) -> None:
         if admission_min_count < 1:
             raise ValueError("admission_min_count must be >= 1")
         self.dim = dim
         self.admission_min_count = admission_min_count
+        self.max_pending = max_pending
         self.ids: list[str | None] = []
         self.index: dict[str, int] = {}
         self.pending: dict[str, int] = {}
@@ -111,9 +117,11 @@ class IdTable:
         """
         row = self.index.get(key)
         if row is None:
-            seen = self.pending.get(key, 0) + 1
+            seen = self.pending.pop(key, 0) + 1  # popped and put back: the dict is in order of last sighting
             if seen < self.admission_min_count:
                 self.pending[key] = seen
+                if len(self.pending) > self.max_pending:
+                    del self.pending[next(iter(self.pending))]
                 return -1
             self.pending[key] = seen - 1
             row = self.add(key, ts_ms, seq)
@@ -204,11 +212,11 @@ class IdTable:
         )
 
     @classmethod
-    def from_state(cls, state: TableState, admission_min_count: int) -> IdTable:
+    def from_state(cls, state: TableState, admission_min_count: int, max_pending: int = 1_000_000) -> IdTable:
         """Rebuild a table whose rows are in ``state`` order (row i = ``state.ids[i]``)."""
         n = len(state.ids)
         dim = state.emb.shape[1] if state.emb.ndim == 2 else 0
-        table = cls(dim, admission_min_count, capacity=max(n, 1024))
+        table = cls(dim, admission_min_count, capacity=max(n, 1024), max_pending=max_pending)
         if state.emb.shape != (n, dim):
             raise ValueError(f"table state has {n} ids but rows of shape {tuple(state.emb.shape)}")
         table.ids = list(state.ids)

@@ -102,8 +102,9 @@ class TrainerState:
             self.model = TwoTower(model_cfg)
         self.model.requires_grad_(False)
         self.model.eval()
-        self.users = IdTable(model_cfg.id_dim, trainer_cfg.admission_min_count)
-        self.items = IdTable(model_cfg.id_dim, trainer_cfg.admission_min_count)
+        admission = trainer_cfg.admission_min_count, trainer_cfg.admission_max_pending
+        self.users = IdTable(model_cfg.id_dim, admission[0], max_pending=admission[1])
+        self.items = IdTable(model_cfg.id_dim, admission[0], max_pending=admission[1])
         self.catalog = CatalogColumns(model_cfg.content_dim)
         self.categories: dict[str, int] = {}
         self.profiles = ProfileColumns(model_cfg.profile_dim)
@@ -552,8 +553,8 @@ class TrainerState:
         filled = load_dense_state(state.model, ckpt.dense)
         state.model.requires_grad_(False)
         state.model.eval()
-        state.users = IdTable.from_state(ckpt.users, trainer_cfg.admission_min_count)
-        state.items = IdTable.from_state(ckpt.items, trainer_cfg.admission_min_count)
+        state.users = IdTable.from_state(ckpt.users, trainer_cfg.admission_min_count, trainer_cfg.admission_max_pending)
+        state.items = IdTable.from_state(ckpt.items, trainer_cfg.admission_min_count, trainer_cfg.admission_max_pending)
         extra = ckpt.extra
         state.categories = dict(extra.get("category_index", {}))
         mcfg = state.model_cfg

@@ -193,6 +193,9 @@ class TrainerConfig(_Section):
     """Event-time allowance for out-of-order events when merging partitions."""
     admission_min_count: int = Field(default=1, ge=1)
     """An ID gets its own row once seen this many times."""
+    admission_max_pending: int = Field(default=1_000_000, ge=1)
+    """With ``admission_min_count`` above 1: how many IDs seen but not admitted yet each table
+    remembers (per table; the least recently seen are forgotten beyond it)."""
     row_ttl_days: float | None = Field(default=None, gt=0)
     """Rows unseen for this many days of event time are expired: the row is freed and an expired
     item leaves the index (it returns with its next catalogue event or click). ``None`` (default):
