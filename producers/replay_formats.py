@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from twotower.events import MAX_TS_MS
+from twotower.events import MAX_TS_MS, check_id
 
 FORMATS = ("movielens-100k", "movielens-csv", "csv")
 TIME_UNITS = ("auto", "s", "ms", "iso")
@@ -75,13 +75,14 @@ def normalize_id(text: str) -> str:
     """An ID as written, stripped, with a float-formatted integer's fraction removed (``"12.0"`` → ``"12"``).
 
     Raises:
-        ValueError: the ID is empty.
+        ValueError: the ID is empty, or one the event schema refuses (too long, NUL): found while
+            reading, before any event of the file is sent.
     """
     text = text.strip()
     if not text:
         raise ValueError("empty id")
     match = _FLOAT_INT.match(text)
-    return sys.intern(match.group(1) if match else text)
+    return sys.intern(check_id(match.group(1) if match else text, "id"))
 
 
 def parse_timestamp(text: str, unit: str = "auto") -> int:

@@ -345,6 +345,13 @@ def test_csv_bad_rows_name_their_line(tmp_path: Path) -> None:
     path = write(tmp_path, "user,item,time\nu1, ,1\n")
     with pytest.raises(ValueError, match=r"log\.csv:2: empty id"):
         read_csv_rows(path, user_col="user", item_col="item", time_col="time")
+    # ids the event schema refuses fail the read, before the replayer sends any event
+    path = write(tmp_path, "user,item,time\nu1,i1,1\nu2," + "i" * 257 + ",2\n")
+    with pytest.raises(ValueError, match=r"log\.csv:3: id must have 1\.\.256 characters"):
+        read_csv_rows(path, user_col="user", item_col="item", time_col="time")
+    path = write(tmp_path, "user,item,time\nu1,i1,1\nu\x002,i2,2\n")
+    with pytest.raises(ValueError, match=r"log\.csv:3: id must not contain NUL"):
+        read_csv_rows(path, user_col="user", item_col="item", time_col="time")
     with pytest.raises(ValueError, match="empty file"):
         read_csv_rows(write(tmp_path, "\n"), user_col="user", item_col="item", time_col="time")
 

@@ -89,7 +89,9 @@ Record = Interaction | CatalogItem | Profile
 _KIND = {Interaction: "interaction", CatalogItem: "catalog", Profile: "profile"}
 
 
-def _id(value: Any, name: str) -> str:
+def check_id(value: Any, name: str) -> str:
+    """``value`` as an id the schema accepts (a string or integer of 1..:data:`MAX_ID_LEN`
+    characters, no NUL), or :class:`SchemaError` saying why not."""
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise SchemaError(f"{name} must be a string or integer, got {type(value).__name__}")
     text = str(value)
@@ -155,10 +157,10 @@ def from_dict(raw: Any) -> Record:
         if not isinstance(context, dict):
             raise SchemaError("context must be a map")
         return Interaction(
-            event_id=_id(raw["event_id"], "event_id"),
-            request_id=_id(raw["request_id"], "request_id"),
-            user_id=_id(raw["user_id"], "user_id"),
-            item_id=_id(raw["item_id"], "item_id"),
+            event_id=check_id(raw["event_id"], "event_id"),
+            request_id=check_id(raw["request_id"], "request_id"),
+            user_id=check_id(raw["user_id"], "user_id"),
+            item_id=check_id(raw["item_id"], "item_id"),
             type=raw["type"],
             position=_int(raw["position"], "position"),
             ts_ms=_ts_ms(raw["ts_ms"]),
@@ -170,8 +172,8 @@ def from_dict(raw: Any) -> Record:
         if not isinstance(title, str):
             raise SchemaError("title must be a string")
         return CatalogItem(
-            item_id=_id(raw["item_id"], "item_id"),
-            category=_id(raw["category"], "category"),
+            item_id=check_id(raw["item_id"], "item_id"),
+            category=check_id(raw["category"], "category"),
             features=_floats(raw["features"], "features"),
             ts_ms=_ts_ms(raw["ts_ms"]),
             title=title,
@@ -179,7 +181,7 @@ def from_dict(raw: Any) -> Record:
     if kind == "profile":
         _fields(raw, ("user_id", "features", "ts_ms"), ())
         return Profile(
-            user_id=_id(raw["user_id"], "user_id"),
+            user_id=check_id(raw["user_id"], "user_id"),
             features=_floats(raw["features"], "features"),
             ts_ms=_ts_ms(raw["ts_ms"]),
         )
