@@ -185,6 +185,10 @@ class TwoTowerPolicy(Policy):
         self.base: dict[str, Any] | None = None
         """The rows of the last nightly (or of the bootstrap) when ``trainer.nightly_from_base``."""
         self._handoff_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._last_day: tuple[int, list[Interaction]] = (-1, [])
+        """The last day retrained and its clicks: ``train nightly`` reads the day before back to
+        complete the histories a busy day pushed out of the streaming state
+        (:func:`trainer.nightly.build_examples`)."""
 
     # --- publishing -------------------------------------------------------------------------
     def _publish_full(self, now_ms: int) -> None:
@@ -239,6 +243,7 @@ class TwoTowerPolicy(Policy):
             while self.batches:
                 self._learn_batch(self.batches.pop(0))
             self._nightly_handoff(date.isoformat(), clicks, day, seed)
+            self._last_day = day, clicks
         else:
             state = self.state
             apply_item_side(state, self.warm_start.item_side, ((e.item, e.ts_ms) for e in events))
@@ -265,7 +270,8 @@ class TwoTowerPolicy(Policy):
         after = copy.deepcopy(self.state)
         if self.base is not None:
             handoff.rebase(after, self.base)
-        examples = build_examples(after, clicks, day_start_ms(day))
+        earlier = self._last_day[1] if self._last_day[0] == day - 1 else []
+        examples = build_examples(after, clicks, day_start_ms(day), earlier)
         self.nightly_losses.append(retrain(after, examples, seed, self.tcfg.batch_size, progress=False))
         if self.base is not None:
             self.base = handoff.base_of(after, date)

@@ -144,8 +144,8 @@ def test_nightly_owning_the_state_counts_each_day_once(config: Config, monkeypat
     seen: list[list[tuple[str, int]]] = []
     build = nightly.build_examples
 
-    def spy(state: TrainerState, clicks: list[Interaction], day_start_ms: int) -> list:
-        out = build(state, clicks, day_start_ms)
+    def spy(state: TrainerState, clicks: list[Interaction], day_start_ms: int, earlier: Any = ()) -> list:
+        out = build(state, clicks, day_start_ms, earlier)
         seen.extend(h for _, h in out)
         return out
 
@@ -193,6 +193,38 @@ def test_nightly_owning_the_state_first_merges_a_handoff_left_waiting(config: Co
     assert ckpt.extra["nightly_done"] == [DAY.isoformat(), (DAY + dt.timedelta(days=1)).isoformat()]
     assert ckpt.dense_version == 2  # the merged retrain, then this one
     assert not (state_dir / handoff.FILENAME).exists()
+
+
+def test_nightly_completes_the_pre_day_history_a_busy_day_pushed_out(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streaming trainer saw the day before and the day: a user's history (5 long) holds only
+    the day's last clicks. The nightly's first example of the day must still see the 5 clicks
+    before the day, read back from the day before."""
+    cfg = _small(config)
+    start, _ = day_bounds_ms(DAY, "UTC")
+    before = _clicks("p", 7, start - 8 * 3_600_000, users=1)  # the day before: u0's 7 clicks
+    during = _clicks("d", 9, start + 1_000, users=1)  # the day: 9 more, pushing them all out
+    _produce(cfg, _catalog() + before + during)
+    for _ in range(3):  # a restart resumes where the last one stopped (on a cold broker the first
+        _stream_until_idle(cfg)  # fetch can take longer than the idle time)
+        ckpt = checkpoint.load(cfg.trainer.state_dir)
+        if ckpt is not None and _counts(ckpt) == (16, 16):
+            break
+    assert ckpt is not None and _counts(ckpt) == (16, 16)
+    assert all(ts >= start for _, ts in ckpt.histories.as_dict()["u0"])
+    seen: list[list[tuple[str, int]]] = []
+    build = nightly.build_examples
+
+    def spy(state: TrainerState, clicks: list[Interaction], day_start_ms: int, earlier: Any = ()) -> list:
+        out = build(state, clicks, day_start_ms, earlier)
+        seen.extend(h for _, h in out)
+        return out
+
+    monkeypatch.setattr(nightly, "build_examples", spy)
+    assert run_nightly(cfg, DAY, progress=False).examples == 9
+    assert seen[0] == _expected_histories(before, 5)["u0"]
+    assert seen[3] == _expected_histories(before + during[:3], 5)["u0"]
 
 
 def test_streaming_trainer_started_after_nightly_only_days_does_not_count_them_again(config: Config) -> None:

@@ -34,7 +34,7 @@ import datetime as dt
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -224,18 +224,45 @@ def load_side_topics(cfg: Config, topics: Topics, state: TrainerState) -> None:
             state.apply_catalog(item)
 
 
+def users_short_of_pre_day_history(state: TrainerState, day_start_ms: int) -> set[str]:
+    """Users whose history from before the day the state may no longer hold in full: their
+    history is at its length and holds fewer entries from before the day (clicks since the day
+    began pushed the older ones out; a shorter history never lost any)."""
+    hist_len = state.model_cfg.history_len
+    out = set()
+    for user, history in state.histories.items():
+        if len(history) >= hist_len and sum(t < day_start_ms for _, t in history) < hist_len:
+            out.add(user)
+    return out
+
+
 def build_examples(
-    state: TrainerState, clicks: list[Interaction], day_start_ms: int
+    state: TrainerState, clicks: list[Interaction], day_start_ms: int, earlier: Iterable[Interaction] = ()
 ) -> list[tuple[Interaction, list[tuple[str, int]]]]:
     """Each click with the history its user had just before it, replayed in event order.
 
-    Histories start from what the state remembers from before the day; every ID seen gets a
-    row (the nightly job sees the whole day, so it needs no admission filter).
+    Histories start from what the state remembers from before the day, completed from
+    ``earlier`` (clicks before the day, in event order) for the users
+    :func:`users_short_of_pre_day_history` names: their entries older than the oldest the
+    state still holds. Every ID seen gets a row (the nightly job sees the whole day, so it needs
+    no admission filter).
     """
     hist_len = state.model_cfg.history_len
     histories = {
         u: deque(((i, t) for i, t in h if t < day_start_ms), maxlen=hist_len) for u, h in state.histories.items()
     }
+    short = users_short_of_pre_day_history(state, day_start_ms)
+    lost: dict[str, list[tuple[str, int]]] = {}
+    for click in earlier:
+        if click.user_id not in short:
+            continue
+        held = histories[click.user_id]
+        oldest = held[0][1] if held else day_start_ms
+        pair = (click.item_id, click.ts_ms)
+        if click.ts_ms < oldest or (click.ts_ms == oldest and pair not in held):
+            lost.setdefault(click.user_id, []).append(pair)
+    for user, pairs in lost.items():
+        histories[user] = deque([*pairs, *histories[user]], maxlen=hist_len)
     seq = state.next_seq
     out = []
     for click in clicks:
@@ -318,7 +345,10 @@ def _run_nightly(cfg: Config, date: dt.date, force: bool, progress: bool) -> Nig
             log.info("no clicks on %s: nothing to retrain", day)
             return NightlyResult(day, "empty")
         start_ms, _ = day_bounds_ms(date, cfg.trainer.schedule_timezone)
-        examples = build_examples(state, clicks, start_ms)  # from the histories before the day
+        earlier: list[Interaction] = []
+        if users_short_of_pre_day_history(state, start_ms):  # one day back completes what the state lost
+            earlier = [r for *_, r in load_day_records(cfg, topics, date - dt.timedelta(days=1)) if r.type == CLICK]
+        examples = build_examples(state, clicks, start_ms, earlier)  # from the histories before the day
         if own_state:
             # No streaming trainer counts these clicks: count them once here, as it would have
             # (ID counts and histories for tomorrow; before the retrain, so that its sampler and
