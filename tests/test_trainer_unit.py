@@ -218,6 +218,13 @@ def test_sample_with_replacement_follows_the_probabilities_over_any_number_of_ro
     assert set(sample_with_replacement(many, 1_000, generator).tolist()) == {3, 2**24 + 7}
 
 
+def test_sample_with_replacement_maps_a_draw_rounded_up_to_the_total_on_the_last_row_it_can_draw(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch, "rand", lambda n, dtype, generator: torch.ones(n, dtype=dtype))
+    assert sample_with_replacement(torch.tensor([0.0, 0.5, 0.5, 0.0]), 2).tolist() == [2, 2]
+
+
 def test_log_q_of_a_candidate_without_a_count_is_that_of_one_observation() -> None:
     """A clicked item not admitted yet (no row, no count) is still a candidate of its batch: its
     log Q must be that of one click, not the floor's log(1e-12), which would boost its logit."""

@@ -195,8 +195,10 @@ def sample_with_replacement(probs: torch.Tensor, n: int, generator: torch.Genera
     cdf = probs.to(torch.float64).cumsum(0)
     draws = torch.rand(n, dtype=torch.float64, generator=generator) * cdf[-1]
     picked = torch.searchsorted(cdf, draws, right=True)  # the first index whose cdf exceeds the draw
-    last = int((probs > 0).nonzero()[-1])  # a draw rounded up to the total falls on the last row drawn
-    return picked.clamp_(max=last)
+    beyond = picked >= len(cdf)  # a draw rounded up to the total: the last row that can be drawn
+    if bool(beyond.any()):
+        picked[beyond] = int((probs > 0).nonzero()[-1])
+    return picked
 
 
 def candidate_log_inclusion(

@@ -102,9 +102,10 @@ class TrainerState:
             self.model = TwoTower(model_cfg)
         self.model.requires_grad_(False)
         self.model.eval()
-        admission = trainer_cfg.admission_min_count, trainer_cfg.admission_max_pending
-        self.users = IdTable(model_cfg.id_dim, admission[0], max_pending=admission[1])
-        self.items = IdTable(model_cfg.id_dim, admission[0], max_pending=admission[1])
+        self.users, self.items = (
+            IdTable(model_cfg.id_dim, trainer_cfg.admission_min_count, max_pending=trainer_cfg.admission_max_pending)
+            for _ in range(2)
+        )
         self.catalog = CatalogColumns(model_cfg.content_dim)
         self.categories: dict[str, int] = {}
         self.profiles = ProfileColumns(model_cfg.profile_dim)
