@@ -116,6 +116,20 @@ def _learned(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sizes
 
 
+def _example_histories(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, int]]]:
+    """Records the history of each example the nightly builds, in the order it builds them."""
+    seen: list[list[tuple[str, int]]] = []
+    build = nightly.build_examples
+
+    def spy(state: TrainerState, clicks: list[Interaction], day_start_ms: int, earlier: Any = ()) -> list:
+        out = build(state, clicks, day_start_ms, earlier)
+        seen.extend(h for _, h in out)
+        return out
+
+    monkeypatch.setattr(nightly, "build_examples", spy)
+    return seen
+
+
 # --- counting the day's clicks once -------------------------------------------------------------------
 
 
@@ -141,15 +155,7 @@ def test_nightly_owning_the_state_counts_each_day_once(config: Config, monkeypat
     assert _counts(again) == (40, 40) and again.histories.as_dict() == ckpt.histories.as_dict()
 
     # the next day's examples start from the histories of the day before
-    seen: list[list[tuple[str, int]]] = []
-    build = nightly.build_examples
-
-    def spy(state: TrainerState, clicks: list[Interaction], day_start_ms: int, earlier: Any = ()) -> list:
-        out = build(state, clicks, day_start_ms, earlier)
-        seen.extend(h for _, h in out)
-        return out
-
-    monkeypatch.setattr(nightly, "build_examples", spy)
+    seen = _example_histories(monkeypatch)
     assert run_nightly(cfg, DAY + dt.timedelta(days=1), progress=False).examples == 30
     assert seen[0] == _expected_histories(day1, 5)[day2[0].user_id]
     later = checkpoint.load(cfg.trainer.state_dir)
@@ -213,15 +219,7 @@ def test_nightly_completes_the_pre_day_history_a_busy_day_pushed_out(
             break
     assert ckpt is not None and _counts(ckpt) == (16, 16)
     assert all(ts >= start for _, ts in ckpt.histories.as_dict()["u0"])
-    seen: list[list[tuple[str, int]]] = []
-    build = nightly.build_examples
-
-    def spy(state: TrainerState, clicks: list[Interaction], day_start_ms: int, earlier: Any = ()) -> list:
-        out = build(state, clicks, day_start_ms, earlier)
-        seen.extend(h for _, h in out)
-        return out
-
-    monkeypatch.setattr(nightly, "build_examples", spy)
+    seen = _example_histories(monkeypatch)
     assert run_nightly(cfg, DAY, progress=False).examples == 9
     assert seen[0] == _expected_histories(before, 5)["u0"]
     assert seen[3] == _expected_histories(before + during[:3], 5)["u0"]
