@@ -99,6 +99,16 @@ def test_round_trip_restores_every_part_of_the_state(tmp_path: Path) -> None:
     _assert_same_state(state, TrainerState.from_checkpoint(loaded, state.tcfg))
 
 
+def test_saving_removes_temporary_files_a_dead_writer_left(tmp_path: Path) -> None:
+    """A forced exit mid-write leaves its temporary file; the next save (one writer) removes it."""
+    (tmp_path / "checkpoint.tmp.99999").write_bytes(b"half a checkpoint")
+    checkpoint.row_updates_dir(tmp_path).mkdir()
+    (checkpoint.row_updates_dir(tmp_path) / ".000000000007.tmp.99999").write_bytes(b"half a row update")
+    checkpoint.save(tmp_path, _state().to_checkpoint({}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.FILENAME, checkpoint.ROW_UPDATES_DIR]
+    assert list(checkpoint.row_updates_dir(tmp_path).iterdir()) == []
+
+
 def test_an_empty_state_round_trips(tmp_path: Path) -> None:
     state = TrainerState(ModelConfig(dim=8, id_dim=4, hidden=16), TrainerConfig())
     checkpoint.save(tmp_path, state.to_checkpoint({}))

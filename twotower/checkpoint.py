@@ -254,7 +254,7 @@ def save(state_dir: str | Path, ckpt: Checkpoint) -> Path:
     """Write atomically (temp file + fsync + rename, then fsync of the directory)."""
     target = path_in(state_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".tmp.{os.getpid()}")
+    tmp = target.with_name(f"{target.stem}.tmp.{os.getpid()}")  # the pattern _remove_temp_files removes
     data = encode(ckpt)
     try:
         with open(tmp, "wb") as fh:
@@ -271,7 +271,16 @@ def save(state_dir: str | Path, ckpt: Checkpoint) -> Path:
     finally:
         os.close(dir_fd)
     prune_row_updates(state_dir)  # one writer: every row update on disk predates this state
+    _remove_temp_files(state_dir)
     return target
+
+
+def _remove_temp_files(state_dir: str | Path) -> None:
+    """Delete the temporary files of writers that died before renaming them (a forced exit):
+    with one writer, any left beside a checkpoint just written is one of those."""
+    left = [*Path(state_dir).glob(f"{Path(FILENAME).stem}.tmp.*"), *row_updates_dir(state_dir).glob(".*.tmp.*")]
+    for path in left:
+        path.unlink(missing_ok=True)
 
 
 def load(state_dir: str | Path) -> Checkpoint | None:
@@ -320,7 +329,7 @@ def save_row_update(state_dir: str | Path, update: Checkpoint) -> Path:
     folder = row_updates_dir(state_dir)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{update.seq:012d}.pt"
-    tmp = folder / f".{update.seq:012d}.tmp.{os.getpid()}"
+    tmp = folder / f".{update.seq:012d}.tmp.{os.getpid()}"  # the pattern _remove_temp_files removes
     try:
         torch.save(encode(update), tmp)
         os.replace(tmp, target)
