@@ -62,6 +62,23 @@ def test_a_malformed_record_names_the_rule_it_broke(raw: Any, code: str, message
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("features", "message"),
+    [
+        ([float("nan")], "finite numbers only"),
+        ([1e39], r"within ±1e\+09"),  # finite here, infinite in the float32 towers
+        ([-2e9], r"within ±1e\+09"),
+    ],
+)
+def test_features_must_stay_finite_in_float32(features: list[float], message: str) -> None:
+    raw = to_dict(CatalogItem("i1", "c1", [0.0], 1))
+    raw["features"] = features
+    with pytest.raises(SchemaError, match=message):
+        from_dict(raw)
+    raw["features"] = [1e9, -1e9]
+    assert from_dict(raw) == CatalogItem("i1", "c1", [1e9, -1e9], 1)
+
+
 def test_undecodable_payloads() -> None:
     with pytest.raises(SchemaError) as caught:
         decode(b"\xc1not msgpack")

@@ -29,6 +29,10 @@ CLICK = "click"
 INTERACTION_TYPES = (IMPRESSION, CLICK)
 MAX_ID_LEN = 256
 MAX_FEATURES = 4096
+MAX_FEATURE_ABS = 1e9
+"""Feature values are bounded so that the float32 towers stay finite: a value near float32's
+limit (3.4e38) gave an item an infinite, then NaN, vector, and no index can be built with it.
+Features are meant to be normalised; nothing sensible is lost above a billion."""
 MAX_TS_MS = 253_402_300_799_999
 """The last millisecond of the year 9999 (UTC): a later ``ts_ms`` is a unit mistake (microseconds
 or nanoseconds), and one such event would move the trainer's event-time clock past every row's
@@ -125,6 +129,8 @@ def _floats(value: Any, name: str) -> list[float]:
     for x in value:
         if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
             raise SchemaError(f"{name} must hold finite numbers only")
+        if abs(x) > MAX_FEATURE_ABS:
+            raise SchemaError(f"{name} must hold numbers within ±{MAX_FEATURE_ABS:g}, got {x!r}")
         out.append(float(x))
     return out
 
