@@ -37,15 +37,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import json
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 import faiss
@@ -55,6 +57,8 @@ import orjson
 import redis
 import torch
 from fastapi import FastAPI, HTTPException, Query
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -77,11 +81,14 @@ from retriever.tracked_cache import EVENTS, TrackedCache
 from retriever.watcher import SnapshotWatcher
 from twotower.config import Config, load_config
 from twotower.daemon import setup_logging
+from twotower.events import MAX_FEATURE_ABS, MAX_ID_LEN, MAX_TS_MS
 from twotower.snapshots import SnapshotLayout, SnapshotStore
 
 log = logging.getLogger(__name__)
 
 NO_SNAPSHOT = "no snapshot published yet"
+_K_TEXT = re.compile(r"-?[0-9]{1,9}")
+"""A ``k`` the GET fast path parses itself (anything else goes through FastAPI's validation)."""
 DETAILS_TTL_S = 60.0
 """Backstop: how long a process trusts item details it read from Redis even without a new
 version (the watcher invalidates them on every swap that may have changed them)."""
@@ -92,7 +99,11 @@ REQUEST_SOCKET_TIMEOUT_S = 2.0
 """Redis socket timeout on the request path (fail fast rather than hang a request)."""
 MAX_LIST_LEN = 10_000
 """Longest history / exclude / category / profile list a request may send."""
-MAX_USER_ID_LEN = 256
+MAX_USER_ID_LEN = MAX_ID_LEN
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)]
+"""An id as the event schema bounds it."""
+Feature = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_FEATURE_ABS, le=MAX_FEATURE_ABS)]
+"""A profile or context value as the event schema bounds features: finite in the float32 tower."""
 
 REQUESTS = Counter("twotower_retriever_requests_total", "Recommendation requests by HTTP status.", ["status"])
 LATENCY = Histogram(
@@ -118,8 +129,8 @@ class HistoryEvent(BaseModel):
     """A fresh interaction the client knows of (Redis may not have it yet)."""
 
     model_config = ConfigDict(extra="forbid")
-    item_id: str = Field(min_length=1)
-    ts_ms: int | None = None
+    item_id: Id
+    ts_ms: int | None = Field(default=None, ge=0, le=MAX_TS_MS)
     """Event time in ms; default: now."""
 
 
@@ -130,14 +141,14 @@ class RecommendRequest(BaseModel):
     user_id: str = Field(min_length=1, max_length=MAX_USER_ID_LEN)
     k: int | None = None
     """Items to return; default ``retriever.default_k``, at most ``retriever.max_k``."""
-    history: list[str | HistoryEvent] = Field(default_factory=list, max_length=MAX_LIST_LEN)
+    history: list[Id | HistoryEvent] = Field(default_factory=list, max_length=MAX_LIST_LEN)
     """Fresh interactions (item ids, or ``{item_id, ts_ms}``), merged with the stored history."""
-    profile: list[float] | None = Field(default=None, max_length=MAX_LIST_LEN)
+    profile: list[Feature] | None = Field(default=None, max_length=MAX_LIST_LEN)
     """Profile features; overrides the stored profile."""
-    context: list[float] | None = Field(default=None, max_length=MAX_LIST_LEN)
+    context: list[Feature] | None = Field(default=None, max_length=MAX_LIST_LEN)
     """The request's dense context vector (``model.context_dim`` values); default zeros."""
-    exclude: list[str] = Field(default_factory=list, max_length=MAX_LIST_LEN)
-    category: list[str] | None = Field(default=None, max_length=MAX_LIST_LEN)
+    exclude: list[Id] = Field(default_factory=list, max_length=MAX_LIST_LEN)
+    category: list[Id] | None = Field(default=None, max_length=MAX_LIST_LEN)
     """Only items of these categories."""
     diversity: bool = False
 
@@ -175,6 +186,7 @@ def decode_history(entries: Sequence[bytes]) -> list[tuple[str, int]]:
             and isinstance(value[0], str)
             and isinstance(value[1], int)
             and not isinstance(value[1], bool)
+            and 0 <= value[1] <= MAX_TS_MS
         ):
             out.append((value[0], value[1]))
         else:
@@ -190,10 +202,23 @@ def decode_profile(raw: bytes | None) -> list[float] | None:
         value = msgpack.unpackb(raw, raw=False)
     except (ValueError, msgpack.UnpackException):
         value = None
-    if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    if isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= MAX_FEATURE_ABS for v in value
+    ):  # abs(nan) <= bound is False: NaN is refused with the rest
         return [float(v) for v in value]
     MALFORMED.labels(kind="profile").inc()
     return None
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` if plain JSON can carry it, else its ``repr``."""
+    try:
+        json.dumps(value, allow_nan=False)  # refuses NaN and infinities, as the response does
+    except ValueError:
+        return repr(value)
+    except TypeError:  # not JSON as it is: left to FastAPI's encoder
+        pass
+    return value
 
 
 def _split(csv: str | None) -> list[str]:
@@ -552,8 +577,8 @@ def fast_query(query_string: bytes) -> tuple[str, int | None, list[str], list[st
     if user_id is None or not 1 <= len(user_id) <= MAX_USER_ID_LEN:
         return None
     k_text = args.get("k")
-    if k_text is not None and not (k_text.isascii() and k_text.lstrip("-").isdigit()):
-        return None
+    if k_text is not None and not _K_TEXT.fullmatch(k_text):
+        return None  # FastAPI's route answers it (422, or 400 for a number out of range)
     diversity = _FAST_BOOLS.get(args.get("diversity", "false"))
     if diversity is None:
         return None
@@ -679,6 +704,13 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> RecommendFr
         lifespan=lifespan,
     )
     app.state.service = service
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: object, exc: RequestValidationError) -> Response:
+        """422 with FastAPI's usual detail; a refused input JSON cannot carry (a NaN or infinity
+        sent in a body) is written as its ``repr`` instead of failing the answer with a 500."""
+        detail = [{**e, "input": _json_safe(e["input"])} if "input" in e else e for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=422)
 
     # response_model documents the body; the handlers return pre-serialised JSON, which
     # FastAPI passes through without validating or re-encoding it

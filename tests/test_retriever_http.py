@@ -293,6 +293,12 @@ def test_the_whole_stored_history_is_excluded_the_newest_pooled(cfg: Config, sto
         ("POST", {"user_id": "u0", "history": [{"ts_ms": 1}]}, 422, "item_id"),
         ("POST", {"user_id": "u0", "profile": ["x"]}, 422, "profile"),
         ("POST", b"{not json", 422, "JSON"),
+        ("GET", {"user_id": "u0", "k": "--5"}, 422, "integer"),  # the fast path once took it for a number
+        ("GET", {"user_id": "u0", "k": "9" * 5000}, 422, "integer"),  # beyond int()'s digit limit
+        ("POST", {"user_id": "u0", "history": [{"item_id": "i1", "ts_ms": 10**20}]}, 422, "ts_ms"),
+        ("POST", {"user_id": "u0", "profile": [1e39]}, 422, "profile"),  # infinite in float32
+        ("POST", b'{"user_id": "u0", "context": [NaN]}', 422, "context"),
+        ("POST", {"user_id": "u0", "exclude": ["x" * 257]}, 422, "exclude"),
     ],
 )
 def test_bad_requests_get_clear_4xx(
