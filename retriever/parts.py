@@ -149,7 +149,11 @@ class PartReader:
         """
         if self.directory is None:
             return self._read_memory(store, meta, name)
-        return self._map(self._file(store, meta, name))
+        try:
+            return self._map(self._file(store, meta, name))
+        except OSError as exc:
+            self._not_shared(name, exc)
+            return self._read_memory(store, meta, name)
 
     def read_index(self, store: SnapshotStore, meta: VersionMeta, name: str) -> faiss.Index:
         """The Faiss index stored in the part (its vectors mapped from the shared file, when
@@ -160,7 +164,11 @@ class PartReader:
         """
         if self.directory is None:
             return deserialize_index(self._read_memory(store, meta, name))
-        path = self._file(store, meta, name)
+        try:
+            path = self._file(store, meta, name)
+        except OSError as exc:
+            self._not_shared(name, exc)
+            return deserialize_index(self._read_memory(store, meta, name))
         if self.map_index:
             try:
                 return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
@@ -203,6 +211,11 @@ class PartReader:
         if not keep:
             with contextlib.suppress(OSError):
                 self.directory.rmdir()  # a worker writing meanwhile recreates it
+
+    def _not_shared(self, name: str, exc: OSError) -> None:
+        """A part the directory cannot hold or give back (full, unwritable, the file removed by
+        another worker's cleanup between two calls) is read into this process instead."""
+        log.warning("cannot share part %s through %s (%s): reading it into this process", name, self.directory, exc)
 
     # --- the two buffers ----------------------------------------------------------------------
     def _read_memory(self, store: SnapshotStore, meta: VersionMeta, name: str) -> np.ndarray:

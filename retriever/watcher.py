@@ -104,7 +104,7 @@ _LISTED_ONLY = _refcounts([object()])[0]
 """What :func:`_refcounts` says of an object nothing but its list refers to (measured, not
 assumed: it depends on how the interpreter counts the references of a loop and a call)."""
 
-_EXPECTED_ERRORS = (SnapshotError, BlobError, redis.RedisError, ValueError, RuntimeError)
+_EXPECTED_ERRORS = (SnapshotError, BlobError, redis.RedisError, ValueError, RuntimeError, OSError)
 
 
 class SnapshotWatcher:
@@ -182,7 +182,11 @@ class SnapshotWatcher:
         while not self._stop.is_set():
             if pubsub is None:
                 pubsub = self._subscribe()
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as exc:  # the thread must outlive any one failure, or the worker serves stale
+                log.exception("snapshot refresh failed")
+                self._note_error(f"snapshot refresh failed: {exc!r}")
             try:
                 if pubsub is not None:
                     # any message (or the timeout) triggers a check of the pointer

@@ -445,6 +445,29 @@ def test_watcher_frees_swapped_out_states_itself(store: SnapshotStore) -> None:
     assert watcher.refresh() is False and replaced() is None
 
 
+def test_the_watcher_thread_outlives_an_unexpected_failure(
+    store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any exception of a refresh is logged and counted, and the thread goes on watching: a dead
+    watcher would leave its worker on a stale version (or none) for good."""
+    watcher = SnapshotWatcher(store, poll_interval_s=0.05, retry_failed_s=0.0)
+    build = watcher._build
+    monkeypatch.setattr(watcher, "_build", lambda *args: (_ for _ in ()).throw(KeyError("surprise")))
+    version = publish_full(store, full_snapshot())
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while watcher.errors < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert watcher.errors >= 2 and watcher.state is None  # failed, and tried again
+        monkeypatch.setattr(watcher, "_build", build)
+        while (watcher.state is None or watcher.state.version != version) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert watcher.state is not None and watcher.state.version == version
+    finally:
+        watcher.stop()
+
+
 def test_watcher_keeps_serving_through_bad_versions(cfg: Config, store: SnapshotStore) -> None:
     watcher = SnapshotWatcher(store, poll_interval_s=0.1, retry_failed_s=60.0)
     assert watcher.refresh() is False and watcher.state is None  # nothing published: waits quietly

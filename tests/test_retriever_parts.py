@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import uuid
@@ -13,6 +14,7 @@ import pytest
 import redis
 from test_retriever_unit import CFG, make_full, unit
 
+from retriever import parts
 from retriever.parts import PartReader
 from retriever.state import BIG_PARTS, ServingState
 from twotower.snapshot_parts import INDEX, encode_full
@@ -54,6 +56,22 @@ def test_shared_directory_gives_the_same_state_and_skips_redis(store: SnapshotSt
     assert results(second) == want
     assert np.array_equal(second.base_vectors, plain.base_vectors)
     assert not second.base_vectors.flags.writeable
+
+
+def test_a_directory_that_cannot_hold_a_part_falls_back_to_memory(
+    store: SnapshotStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full tmpfs (or any write error) costs the sharing, not the version."""
+    version = store.write(FULL, encode_full(make_full(kind="hnsw")), None, 0)
+    chain = store.chain(version)
+
+    def full(path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(parts, "_create", full)
+    state = ServingState.from_chain(store, chain, PartReader(tmp_path / "shared"))
+    assert results(state) == results(ServingState.from_chain(store, chain))
+    assert os.listdir(tmp_path / "shared") == []
 
 
 @pytest.mark.parametrize("shared", [False, True])
