@@ -74,7 +74,8 @@ class _Waiter:
         self.future = future
         self.remaining = n
         self.replies: list[Any] = []
-        self.fills = fills
+        self.fills = {index: (key, packed) for index, key, packed in fills}
+        """By reply index: the key and packed command of each reply to keep."""
 
 
 class _Connection(asyncio.Protocol):
@@ -111,14 +112,17 @@ class _Connection(asyncio.Protocol):
                 self.fail(redis.ConnectionError("unexpected reply from redis"))
                 return
             waiter = waiters[0]
+            if waiter.fills and self.cache is not None:
+                # kept now, as it is parsed: an invalidation Redis sends after this reply (a
+                # write that followed the read, even one arriving before the batch's next reply)
+                # is parsed after it and drops it
+                fill = waiter.fills.get(len(waiter.replies))
+                if fill is not None and not isinstance(reply, redis.ResponseError):
+                    self.cache.put(fill[0], fill[1], reply)
             waiter.replies.append(reply)
             waiter.remaining -= 1
             if waiter.remaining == 0:
                 waiters.popleft()
-                if waiter.fills and self.cache is not None:  # now, before any later invalidation
-                    for index, key, packed in waiter.fills:
-                        if not isinstance(waiter.replies[index], redis.ResponseError):
-                            self.cache.put(key, packed, waiter.replies[index])
                 if not waiter.future.done():  # a timed-out waiter is already failed
                     waiter.future.set_result(waiter.replies)
 

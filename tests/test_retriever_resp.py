@@ -7,12 +7,13 @@ import socket
 import uuid
 from collections.abc import Iterator
 
+import hiredis
 import msgpack
 import pytest
 import redis
 
-from retriever.resp import RedisPyExecutor, RespClient, request_client
-from retriever.tracked_cache import TrackedCache
+from retriever.resp import RedisPyExecutor, RespClient, _Connection, request_client
+from retriever.tracked_cache import MISSING, TrackedCache
 
 
 def _free_port() -> int:
@@ -114,6 +115,37 @@ def test_no_answer_is_a_timeout_for_every_waiting_request() -> None:
         for writer in accepted:
             writer.close()
         await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_invalidation_between_two_replies_of_a_batch_drops_the_first() -> None:
+    """Redis ran the batch's first read, another client then wrote its key, and the invalidation
+    came before the batch's second reply: the first reply must not stay cached (it was kept only
+    once the whole batch had arrived, after the invalidation had found nothing to drop)."""
+
+    class Transport:
+        def write(self, _data: bytes) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    async def main() -> None:
+        cache = TrackedCache(1 << 20, 60.0)
+        conn = _Connection()
+        conn.connection_made(Transport())  # type: ignore[arg-type]
+        conn.cache = cache
+        history = hiredis.pack_command(("LRANGE", "h:u1", 0, 99))
+        profile = hiredis.pack_command(("GET", "p:u1"))
+        fills = [(0, b"h:u1", history), (1, b"p:u1", profile)]
+        batch = conn.send(history + profile, 2, asyncio.get_running_loop(), fills)
+        conn.data_received(b"*1\r\n$3\r\nold\r\n")  # LRANGE's reply
+        conn.data_received(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$4\r\nh:u1\r\n")  # h:u1 written since
+        conn.data_received(b"$-1\r\n")  # GET's reply
+        assert await batch == [[b"old"], None]
+        assert cache.get(b"h:u1", history) is MISSING
+        assert cache.get(b"p:u1", profile) is None  # kept: no invalidation followed it
 
     asyncio.run(main())
 
