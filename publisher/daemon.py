@@ -500,19 +500,21 @@ class PublisherDaemon(Daemon):
                 raise RuntimeError("no published version to append a delta to")
             if self._last.dense_version is None:  # recovered, and the weights matched: remember it
                 self._last = replace(self._last, dense_version=ckpt.dense_version)
-            self._adopt(ckpt, model)
+            after = self._after(ckpt)
+            owned, removed = after
             version = None
             if kind == DELTA:
-                pending = [self._catalog[i] for i in self._pending if i in self._catalog and i not in self._removed]
-                delta = delta_snapshot(
-                    ckpt, self._last.trainer_seq, extra_items=pending, model=model, owned=self._owned
-                )
+                pending = [self._catalog[i] for i in self._pending if i in self._catalog and i not in removed]
+                delta = delta_snapshot(ckpt, self._last.trainer_seq, extra_items=pending, model=model, owned=owned)
                 if is_empty(delta):
                     self._last = replace(self._last, trainer_seq=ckpt.seq)
                     log.debug("checkpoint %d changes nothing", ckpt.seq)
                 else:
                     version = self._write_delta_locked(store, delta, ckpt.seq, started)
                     self._pending.difference_update(delta.items.ids)
+            # only once written: a write that fails leaves the checkpoint to the next poll (adopted
+            # first, it counted as published and its rows were never sent)
+            self._adopt(ckpt, model, after)
             if aside and self._compaction is None:
                 self._compaction = self._start_compaction(ckpt, model, extras)
             flushed = self._flush_pending_locked(store)
@@ -602,9 +604,10 @@ class PublisherDaemon(Daemon):
         owned = set(ckpt.items.ids) if ckpt.base_seq is None else (self._owned - gone) | set(ckpt.items.ids)
         return owned, (self._removed | gone) - owned
 
-    def _adopt(self, ckpt: Checkpoint, model: TwoTower) -> None:
-        """Make ``ckpt``'s model, vocabulary, rows and removals the current ones (caller holds the lock)."""
-        self._owned, self._removed = self._after(ckpt)
+    def _adopt(self, ckpt: Checkpoint, model: TwoTower, after: tuple[set[str], set[str]] | None = None) -> None:
+        """Make ``ckpt``'s model, vocabulary, rows and removals the current ones (caller holds the
+        lock; ``after``: :meth:`_after` of ``ckpt``, when the caller has it already)."""
+        self._owned, self._removed = after if after is not None else self._after(ckpt)
         self._pending -= self._removed
         self._model = model
         self._vocab = category_indices(ckpt.categories, model.cfg.n_categories)

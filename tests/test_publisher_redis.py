@@ -391,6 +391,31 @@ def test_row_updates_become_deltas_until_the_next_full_checkpoint(config: Config
     assert decode_delta(read_parts(store, v7)[-1]).users.ids == ["u2"]
 
 
+def test_a_delta_whose_write_failed_is_published_by_the_next_poll(
+    config: Config, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis error while a row update's delta is written must leave the row update to the next
+    poll: counted as published, its rows were never sent."""
+    cfg = config.with_overrides({"publisher": {"full_every": 1000}})
+    daemon = PublisherDaemon(cfg)
+    daemon.recover(store)
+    save(cfg, seq=1)
+    v1 = daemon.poll_checkpoint(store)
+    save_row_update(cfg, seq=2, base_seq=1, user_rows=[], item_rows=[0], seed=3)
+    write = store.write
+
+    def hiccup(*args: object, **kwargs: object) -> int:
+        raise redis.ConnectionError("injected: the connection dropped")
+
+    monkeypatch.setattr(store, "write", hiccup)
+    with pytest.raises(redis.ConnectionError):
+        daemon.poll_checkpoint(store)
+    monkeypatch.setattr(store, "write", write)
+    v2 = daemon.poll_checkpoint(store)
+    assert v2 is not None and store.meta(v2).kind == DELTA and store.meta(v2).parent == v1
+    assert decode_delta(read_parts(store, v2)[-1]).items.ids == ["i0"]
+
+
 def test_trim_keeps_the_newest_full_versions(config: Config, store: SnapshotStore) -> None:
     cfg = config.with_overrides({"publisher": {"full_every": 1, "keep_versions": 2, "full_build_max_share": 0}})
     daemon = PublisherDaemon(cfg)
