@@ -435,6 +435,18 @@ def test_trim_keeps_the_newest_full_versions(config: Config, store: SnapshotStor
     assert store.chain(store.current_version() or 0)[0].version == fulls[-1]
     read_parts(store, store.current_version() or 0)  # the served chain is intact
 
+    # a trim stopped between a version's meta and its listing: the next one finishes it
+    oldest = stored[0]
+    store.redis.unlink(store.layout.meta(oldest))
+    for seq in range(8, 11):
+        save(cfg, seq=seq, item_updated=[seq] * 6)
+        assert daemon.poll_checkpoint(store) is not None
+        if daemon._compaction is not None:
+            finish_aside(daemon, store)
+    assert oldest not in [int(v) for v in store.redis.zrange(store.layout.versions, 0, -1)]
+    assert not store.redis.keys(f"{store.layout.prefix}:snap:v:{oldest}:*")
+    read_parts(store, store.current_version() or 0)
+
 
 def test_cli_status_and_rollback(config: Config, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TWOTOWER_REDIS__URL", config.redis.url)

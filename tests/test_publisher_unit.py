@@ -27,7 +27,7 @@ from twotower.config import Config, ModelConfig
 from twotower.events import CatalogItem
 from twotower.model import TwoTower
 from twotower.snapshot_parts import decode_delta, decode_full, encode_delta, encode_full
-from twotower.snapshots import DELTA, FULL
+from twotower.snapshots import DELTA, FULL, SnapshotLayout
 
 MODEL = ModelConfig(dim=8, id_dim=4, hidden=16, n_categories=4, content_dim=3, profile_dim=2, history_len=5)
 
@@ -436,3 +436,8 @@ def test_note_catalog_marks_new_and_changed_content_only_items() -> None:
     assert daemon._pending == {"new", "served"}
     assert set(daemon._catalog) == {"owned", "served", "new"}
     assert daemon.health()["status"] == "starting"
+
+
+def test_a_versions_keys_pattern_escapes_the_prefixs_glob_characters() -> None:
+    assert SnapshotLayout("tt").version_keys(3) == "tt:snap:v:3:*"
+    assert SnapshotLayout("a*b[1]?").version_keys(3) == "a\\*b\\[1\\]\\?:snap:v:3:*"

@@ -26,6 +26,7 @@ new full version before the deltas copied onto it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field
 import redis
 
 from twotower.blobs import BlobError, checksum
+
+log = logging.getLogger(__name__)
 
 FULL = "full"
 DELTA = "delta"
@@ -71,6 +74,11 @@ class SnapshotLayout:
 
     def chunk(self, version: int, part: str, index: int) -> str:
         return f"{self.prefix}:snap:v:{version}:part:{part}:{index}"
+
+    def version_keys(self, version: int) -> str:
+        """A ``SCAN MATCH`` pattern of every key of one version (the prefix's glob characters escaped)."""
+        prefix = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
+        return f"{prefix}:snap:v:{version}:*"
 
     def history(self, user_id: str) -> str:
         return f"{self.prefix}:hist:{user_id}"
@@ -230,14 +238,21 @@ class SnapshotStore:
             The deleted version numbers.
         """
         versions = [int(v) for v in self.redis.zrange(self.layout.versions, 0, -1)]
-        fulls = [v for v in versions if self.meta(v).kind == FULL]
+        metas: dict[int, VersionMeta] = {}
+        for v in versions:
+            try:
+                metas[v] = self.meta(v)
+            except SnapshotError:  # listed without its meta: a trim stopped half-way, finish it
+                self._delete_leftovers(v)
+        fulls = [v for v, meta in metas.items() if meta.kind == FULL]
         if len(fulls) <= keep_full:
             return []
         cutoff = fulls[-keep_full]
         current = self.current_version()
-        doomed = [v for v in versions if v < cutoff and (current is None or v < self.meta(current).base)]
+        current_base = None if current is None else (metas[current] if current in metas else self.meta(current)).base
+        doomed = [v for v in metas if v < cutoff and (current_base is None or v < current_base)]
         for v in doomed:
-            meta = self.meta(v)
+            meta = metas[v]
             keys = [self.layout.chunk(v, n, i) for n, (_, _, c) in meta.parts.items() for i in range(c)]
             # one key per command: freeing a value takes Redis time, during which it serves no
             # other client (one DEL of a 1M-item version's chunks held them all for 30-70 ms;
@@ -245,9 +260,16 @@ class SnapshotStore:
             # though on a busy machine some still take tens of ms
             for key in keys:
                 self.redis.unlink(key)
-            self.redis.unlink(self.layout.meta(v))
-            self.redis.zrem(self.layout.versions, str(v))
+            self.redis.unlink(self.layout.meta(v))  # then the listing: stopped before it, the next
+            self.redis.zrem(self.layout.versions, str(v))  # trim finds the version without meta
         return doomed
+
+    def _delete_leftovers(self, version: int) -> None:
+        """Delete what is left of a listed version whose meta is gone, then unlist it."""
+        log.warning("version %d is listed without its meta (a trim was interrupted): deleting its keys", version)
+        for key in self.redis.scan_iter(match=self.layout.version_keys(version), count=1000):
+            self.redis.unlink(key)
+        self.redis.zrem(self.layout.versions, str(version))
 
     # --- reading -------------------------------------------------------------------------
     def current_version(self) -> int | None:
