@@ -223,7 +223,10 @@ class SnapshotStore:
                     break
                 except redis.WatchError:
                     continue
-        self.redis.publish(lay.channel, str(version))
+        try:
+            self.redis.publish(lay.channel, str(version))
+        except redis.RedisError as exc:  # the pointer has moved: retrievers also poll it
+            log.warning("version %d is current, but its notice was not sent (%s)", version, exc)
 
     def rollback(self, version: int) -> None:
         """Point retrievers back to a stored version (checked complete first)."""
