@@ -99,6 +99,17 @@ def test_full_and_delta_round_trip_through_the_store(store: SnapshotStore) -> No
     assert served_items(store, v2)[0] == set(full.items.ids)
 
 
+def test_a_notice_that_cannot_be_sent_leaves_the_version_current(
+    store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def down(*args: object) -> int:
+        raise redis.ConnectionError("injected: no notice")
+
+    monkeypatch.setattr(store.redis, "publish", down)
+    version = store.write(FULL, encode_full(full_snapshot(make_checkpoint(seq=3))), None, 3)
+    assert store.current_version() == version  # written, current, and no exception
+
+
 def test_corrupted_or_missing_chunk_raises_snapshot_error(config: Config) -> None:
     client = redis.Redis.from_url(config.redis.url)
     store = SnapshotStore(client, SnapshotLayout(config.redis.key_prefix), chunk_bytes=1024)
