@@ -34,6 +34,7 @@ import hashlib
 import logging
 import mmap
 import os
+import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -108,6 +109,29 @@ def on_huge_page_tmpfs(path: Path, mounts: str | None = None) -> bool:
     return best[1]
 
 
+def is_private(directory: Path) -> bool:
+    """Whether no other user (root aside) can put or replace a file in ``directory``: it is a
+    real directory of this user that no one else may write to, and each directory above it
+    belongs to this user or root and is writable by others only with the sticky bit (as
+    ``/dev/shm`` and ``/tmp`` are). A file found there is trusted on its name and size, so a
+    directory another local user made first (say under ``/dev/shm``) must not be used."""
+    uid = os.getuid()
+    path = directory.absolute()
+    for level, current in enumerate([path, *path.parents]):
+        try:
+            st = os.lstat(current)
+        except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode):  # a symlink included
+            return False
+        others_write = st.st_mode & 0o022
+        if level == 0 and (st.st_uid != uid or others_write):
+            return False
+        if level > 0 and (st.st_uid not in (uid, 0) or (others_write and not st.st_mode & stat.S_ISVTX)):
+            return False
+    return True
+
+
 def host_part_reader(redis_url: str, prefix: str, cfg: RetrieverConfig) -> PartReader:
     """The reader a retriever worker uses for the snapshots of one Redis and key prefix: through
     the host's shared directory (``retriever.parts_dir``, :func:`shared_directory`), the index
@@ -134,7 +158,11 @@ class PartReader:
         self.directory = directory
         self.map_index = map_index
         if directory is not None:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for missing in reversed([d for d in (directory, *directory.parents) if not d.exists()]):
+                missing.mkdir(mode=0o700, exist_ok=True)  # parents too: whatever the umask, only ours
+            if not is_private(directory):
+                log.warning("%s is not private to this user: every part is read from Redis instead", directory)
+                self.directory = None
 
     def _path(self, meta: VersionMeta, name: str) -> Path:
         assert self.directory is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +104,20 @@ def test_keep_only_removes_other_versions_files(store: SnapshotStore, tmp_path: 
     assert not (tmp_path / "shared").exists()
     ServingState.from_chain(store, store.chain(new), reader)  # the directory is made again
     assert len(os.listdir(tmp_path / "shared")) == len(BIG_PARTS)
+
+
+def test_a_directory_others_can_write_to_is_not_used(tmp_path: Path) -> None:
+    """A shared file is trusted on its name and size: a directory another user could write to
+    (or made first, or links elsewhere) is not used, and each worker reads Redis itself."""
+    assert PartReader(tmp_path / "a" / "b").directory == tmp_path / "a" / "b"
+    assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o700  # made private, whatever the umask
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir(mode=0o700)
+    os.chmod(open_to_all, 0o777)
+    assert PartReader(open_to_all).directory is None
+    assert PartReader(open_to_all / "inside").directory is None  # its parent is not safe either
+    (tmp_path / "link").symlink_to(tmp_path / "a" / "b")
+    assert PartReader(tmp_path / "link").directory is None
 
 
 def test_keep_only_without_a_directory_is_quiet(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
