@@ -628,8 +628,11 @@ class PublisherDaemon(Daemon):
             self._served = set(snap.items.ids)
             self._adopt(ckpt, model)
             # Items served meanwhile through content-only deltas on the old chain (or that
-            # arrived during the build) are not in this full version: publish them again.
-            self._pending = {i for i in self._catalog if i not in self._served}
+            # arrived during the build) are not in this full version: publish them again; and so
+            # are content-only items whose catalogue entry changed during the build (built from
+            # the entry before).
+            changed = {it.item_id for it in extras if self._catalog.get(it.item_id, it) is not it}
+            self._pending = {i for i in self._catalog if i not in self._served} | (changed - self._owned)
             self._record(FULL, version, started)
             self._last_full_cost = (time.perf_counter() - started, time.monotonic())
             log.info(

@@ -485,7 +485,9 @@ def test_cli_status_and_rollback(config: Config, store: SnapshotStore, monkeypat
     assert store.current_version() == v1
 
 
-def test_new_catalog_items_get_content_only_deltas(config: Config, store: SnapshotStore) -> None:
+def test_new_catalog_items_get_content_only_deltas(
+    config: Config, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     daemon = PublisherDaemon(config)
     new = CatalogItem("fresh", "music", [0.5, 0.1, 0.9], 10, "Fresh")
     assert daemon.note_catalog([new]) == 1
@@ -516,6 +518,27 @@ def test_new_catalog_items_get_content_only_deltas(config: Config, store: Snapsh
     v4 = daemon.poll_checkpoint(store)
     assert v4 is not None and store.meta(v4).kind == FULL
     assert {"fresh", "later"} <= set(decode_full(read_parts(store, v4)[0]).items.ids)
+    assert daemon.flush_pending(store) is None  # nothing left to send
+
+    # an item's catalogue entry changes while a full version is built from the entry before
+    changed = CatalogItem("later", "games", [0.9], 12)
+    real_full_snapshot = publisher_daemon.full_snapshot
+
+    def change_during_build(*args: object, **kwargs: object) -> object:
+        snap = real_full_snapshot(*args, **kwargs)  # type: ignore[arg-type]
+        assert daemon.note_catalog([changed]) == 1
+        return snap
+
+    monkeypatch.setattr(publisher_daemon, "full_snapshot", change_during_build)
+    checkpoint.save(config.trainer.state_dir, make_checkpoint(seq=4, dense_version=3, seed=5))
+    v5 = daemon.poll_checkpoint(store)  # the full version, then the item again: built from an old entry
+    assert v5 is not None and store.meta(v5).kind == DELTA
+    parent = store.meta(v5).parent
+    assert parent is not None and store.meta(parent).kind == FULL
+    again = decode_delta(read_parts(store, v5)[1])
+    assert again.items.ids == ["later"]
+    expected = content_only_vectors(daemon._model, daemon._vocab, [changed])
+    np.testing.assert_allclose(again.items.matrix, expected.matrix, atol=1e-6)
 
 
 def test_queue_writes_history_items_and_profiles(config: Config) -> None:
