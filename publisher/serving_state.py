@@ -21,8 +21,9 @@ item needs a content-only vector (see :class:`publisher.daemon.PublisherDaemon`)
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -144,12 +145,23 @@ class ServingStateWriter:
         self.layout = SnapshotLayout(cfg.redis.key_prefix)
         self.topics = Topics(cfg.kafka.topic_prefix)
         self.redis = client if client is not None else redis.Redis.from_url(cfg.redis.url)
-        self.producer = producer if producer is not None else make_producer(cfg.kafka, client_id="twotower-publisher")
-        self.consumer = make_consumer(cfg.kafka, cfg.publisher.group_id, client_id="twotower-publisher")
-        # Partitions start from the group's committed offsets (the last batch written to Redis).
-        self.assigner = PartitionAssigner(
-            self.consumer, [self.topics.events, self.topics.catalog, self.topics.profiles]
-        )
+        built: list[Callable[[], object]] = [] if client is not None else [self.redis.close]
+        try:  # a Kafka outage fails this, and the caller retries: close what was built each time
+            if producer is None:
+                producer = make_producer(cfg.kafka, client_id="twotower-publisher")
+                built.append(lambda: self.producer.close(timeout=5))
+            self.producer = producer
+            self.consumer = make_consumer(cfg.kafka, cfg.publisher.group_id, client_id="twotower-publisher")
+            built.append(lambda: self.consumer.close(autocommit=False))
+            # Partitions start from the group's committed offsets (the last batch written to Redis).
+            self.assigner = PartitionAssigner(
+                self.consumer, [self.topics.events, self.topics.catalog, self.topics.profiles]
+            )
+        except BaseException:
+            for close in reversed(built):
+                with contextlib.suppress(Exception):
+                    close()
+            raise
         self.decoder = RecordDecoder(self.producer)
 
     def poll_once(self, timeout_ms: int = 200) -> BatchResult:

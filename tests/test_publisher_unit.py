@@ -8,9 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from kafka.errors import KafkaError
 from prometheus_client import REGISTRY
 
 from publisher import index as ix
+from publisher import serving_state
 from publisher.build import (
     category_indices,
     content_only_vectors,
@@ -441,3 +443,22 @@ def test_note_catalog_marks_new_and_changed_content_only_items() -> None:
 def test_a_versions_keys_pattern_escapes_the_prefixs_glob_characters() -> None:
     assert SnapshotLayout("tt").version_keys(3) == "tt:snap:v:3:*"
     assert SnapshotLayout("a*b[1]?").version_keys(3) == "a\\*b\\[1\\]\\?:snap:v:3:*"
+
+
+def test_a_serving_state_writer_that_cannot_start_closes_what_it_opened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving loop retries the writer while Kafka is down: a failed start must not leave
+    a producer (and its thread) behind each time."""
+    closed: list[str] = []
+
+    class Producer:
+        def close(self, timeout: float | None = None) -> None:
+            closed.append("producer")
+
+    def no_kafka(*args: object, **kwargs: object) -> object:
+        raise KafkaError("injected: no broker")
+
+    monkeypatch.setattr(serving_state, "make_producer", lambda *a, **k: Producer())
+    monkeypatch.setattr(serving_state, "make_consumer", no_kafka)
+    with pytest.raises(KafkaError):
+        serving_state.ServingStateWriter(Config())
+    assert closed == ["producer"]
