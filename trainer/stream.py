@@ -115,7 +115,8 @@ class StateLock:
 
 
 class StreamTrainer(Daemon):
-    """The streaming trainer daemon. ``max_idle_s`` stops it after that long without records (tests)."""
+    """The streaming trainer daemon. ``max_idle_s`` stops it after that long without records,
+    once it has read every partition to its end (tests)."""
 
     name = "trainer-stream"
 
@@ -213,7 +214,7 @@ class StreamTrainer(Daemon):
             if now - self.last_checkpoint >= self.checkpoint_wait_s:
                 self.checkpoint()
                 self._report_lag()
-            if self.max_idle_s is not None and self.assigner.assigned and idle >= self.max_idle_s:
+            if self.max_idle_s is not None and idle >= self.max_idle_s and self._caught_up():
                 log.info("idle for %.1f s: stopping", idle)
                 break
 
@@ -360,6 +361,16 @@ class StreamTrainer(Daemon):
                 self.consumer.commit(commits)
             except KafkaError as exc:  # the state on disk is authoritative; the next commit catches up
                 log.warning("offset commit failed (state is safe on disk): %s", exc)
+
+    def _caught_up(self) -> bool:
+        """Whether every assigned partition has answered a fetch and been read to its end (a
+        slow first fetch on a busy machine is not idleness)."""
+        assignment = self.consumer.assignment()
+        for tp in assignment:
+            high = self.consumer.highwater(tp)
+            if high is None or self.consumer.position(tp) < high:
+                return False
+        return bool(assignment)
 
     def _report_lag(self) -> None:
         total = 0
