@@ -110,6 +110,28 @@ def test_a_notice_that_cannot_be_sent_leaves_the_version_current(
     assert store.current_version() == version  # written, current, and no exception
 
 
+def test_a_failed_write_leaves_nothing_no_trim_would_find(
+    store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parts = encode_full(full_snapshot(make_checkpoint(seq=3)))
+
+    def dropped(*args: object, **kwargs: object) -> None:
+        raise redis.ConnectionError("injected: the pointer could not be moved")
+
+    monkeypatch.setattr(store, "_point_to", dropped)
+    with pytest.raises(redis.ConnectionError):
+        store.write(FULL, parts, None, 3)
+    failed = int(store.redis.get(store.layout.seq) or 0)
+    assert failed > 0 and not store.redis.keys(f"{store.layout.prefix}:snap:v:{failed}:*")
+    monkeypatch.undo()
+
+    # written while a newer version is current: kept, and listed, so a trim finds it
+    store.redis.set(store.layout.current, 1_000_000)
+    older = store.write(FULL, parts, None, 3)
+    assert store.current_version() == 1_000_000
+    assert store.redis.zscore(store.layout.versions, str(older)) == older
+
+
 def test_corrupted_or_missing_chunk_raises_snapshot_error(config: Config) -> None:
     client = redis.Redis.from_url(config.redis.url)
     store = SnapshotStore(client, SnapshotLayout(config.redis.key_prefix), chunk_bytes=1024)

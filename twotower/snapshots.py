@@ -193,10 +193,26 @@ class SnapshotStore:
         pipe.hset(lay.meta(version), mapping=meta)
         if not current:
             pipe.zadd(lay.versions, {str(version): version})
-        pipe.execute()
-        if current:
-            self._point_to(version, forward_only=True)
+        try:
+            pipe.execute()
+            if current:
+                self._point_to(version, forward_only=True)
+        except BaseException:
+            self._forget(version)
+            raise
         return version
+
+    def _forget(self, version: int) -> None:
+        """After a write failed: delete what it stored of ``version``, unless it got listed or
+        made current (then a trim deletes it in its turn). Unlisted, no trim would ever see it,
+        and each retry of a full version would leave hundreds of MB behind."""
+        try:
+            if self.current_version() == version or self.redis.zscore(self.layout.versions, str(version)) is not None:
+                return
+            for key in self.redis.scan_iter(match=self.layout.version_keys(version), count=1000):
+                self.redis.unlink(key)
+        except redis.RedisError as exc:
+            log.warning("version %d failed to write, and what it stored could not be deleted: %s", version, exc)
 
     def make_current(self, version: int) -> None:
         """Move the pointer to a version stored with ``current=False`` (never back to an older one)."""
@@ -215,7 +231,10 @@ class SnapshotStore:
                     current = pipe.get(lay.current)
                     if forward_only and current is not None and int(current) > version:
                         pipe.unwatch()
-                        return  # a newer version is already current; never go back silently
+                        # a newer version is already current; never go back silently (listed,
+                        # so that a trim deletes it in its turn)
+                        self.redis.zadd(lay.versions, {str(version): version})
+                        return
                     pipe.multi()
                     pipe.set(lay.current, version)
                     pipe.zadd(lay.versions, {str(version): version})
