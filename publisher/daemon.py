@@ -490,7 +490,7 @@ class PublisherDaemon(Daemon):
             if aside:
                 kind = DELTA
             extras: list[CatalogItem] = []
-            if kind == FULL or (aside and self._compaction is None):  # content-only items, re-embedded
+            if kind == FULL:  # content-only items, re-embedded
                 _, removed = self._after(ckpt)
                 extras = [it for i, it in self._catalog.items() if i not in removed]
         if kind == FULL:
@@ -516,6 +516,9 @@ class PublisherDaemon(Daemon):
             # first, it counted as published and its rows were never sent)
             self._adopt(ckpt, model, after)
             if aside and self._compaction is None:
+                # the content-only items as of now (the serving loop may have published some
+                # since the section above): the deltas after this point are carried over
+                extras = [it for i, it in self._catalog.items() if i not in self._removed]
                 self._compaction = self._start_compaction(ckpt, model, extras)
             flushed = self._flush_pending_locked(store)
         return flushed or version

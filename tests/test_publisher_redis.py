@@ -341,6 +341,44 @@ def test_a_full_version_built_aside_carries_the_deltas_published_meanwhile(
     assert v1 is not None
 
 
+def test_a_compaction_keeps_a_content_only_item_published_just_before_it_starts(
+    config: Config, store: SnapshotStore
+) -> None:
+    """The serving loop publishes a new item's content-only delta while the snapshot loop is
+    between its two sections of planning a compaction: the full version built aside must
+    still serve the item (the delta is before the compaction, so it is not carried over)."""
+    cfg = config.with_overrides({"publisher": {"full_every": 1, "full_build_max_share": 0}})
+    daemon = PublisherDaemon(cfg)
+    daemon.recover(store)
+    save(cfg, seq=1)
+    daemon.poll_checkpoint(store)
+    save(cfg, seq=2, user_updated=[2, 1, 1, 1, 1], item_updated=[1, 1, 1, 1, 1, 1])
+    daemon.poll_checkpoint(store)
+    fresh = CatalogItem("fresh", "music", [0.5, 0.1, 0.9], 10)
+    real_lock = daemon._lock
+
+    class ServingTurnBeforeSecondSection:
+        entered = 0
+
+        def __enter__(self) -> None:
+            self.entered += 1
+            if self.entered == 2:  # between publish_checkpoint's two sections
+                assert daemon.note_catalog([fresh]) == 1 and daemon.flush_pending(store) is not None
+            real_lock.__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            real_lock.__exit__(*exc)
+
+    daemon._lock = ServingTurnBeforeSecondSection()  # type: ignore[assignment]
+    save(cfg, seq=3, user_updated=[2, 3, 1, 1, 1], item_updated=[1, 1, 1, 1, 1, 1])
+    ckpt = checkpoint.load(cfg.trainer.state_dir)
+    assert ckpt is not None
+    daemon.publish_checkpoint(store, ckpt)  # a delta now, the full version aside
+    daemon._lock = real_lock
+    tip = finish_aside(daemon, store)
+    assert "fresh" in _served_state(store, tip)[0]
+
+
 def save_row_update(
     cfg: Config, seq: int, base_seq: int, user_rows: list[int], item_rows: list[int], **kwargs: object
 ) -> None:
