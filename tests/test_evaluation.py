@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from evaluation.cli import load_events
 from evaluation.metrics import PolicyMetrics, Series, ndcg
-from evaluation.policies import ItemKNNStream, Policy, PopularityPolicy, top_unseen
+from evaluation.policies import ALSNightly, ItemKNNStream, Policy, PopularityPolicy, fold_in_user, top_unseen
 from evaluation.protocol import MS_PER_DAY, Event, Protocol, World
 from evaluation.replay import Step, Warmed, make_policies, prequential, run
 from evaluation.two_tower import TwoTowerPolicy
@@ -432,3 +433,35 @@ def test_two_tower_policies_learn_an_items_catalogue_record_at_its_first_event(t
                 assert known <= {e.item for e in events[: step.index]}
     for policy in policies:
         assert set(policy.state.catalog) > warm  # later items arrived too
+
+
+def test_als_fold_in_solves_the_fits_own_equations_for_a_user() -> None:
+    """Folding a user's items into fixed item factors gives what implicit computes for that
+    user from the same item factors (``recalculate_user``)."""
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    matrix = sp.csr_matrix((rng.random((30, 40)) < 0.15).astype(np.float32))
+    model = AlternatingLeastSquares(
+        factors=8, regularization=0.05, alpha=2.0, iterations=5, random_state=0, num_threads=1
+    )
+    with threadpool_limits(1):
+        model.fit(matrix, show_progress=False)
+    items = np.asarray(model.item_factors, dtype=np.float64)
+    for user in range(5):
+        row = matrix[user]
+        want = np.asarray(model.recalculate_user(user, row)).ravel()
+        got = fold_in_user(items.astype(np.float32), items.T @ items, row.indices.tolist(), 2.0, 0.05)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_als_scores_a_user_first_seen_after_its_last_fit_on_their_history() -> None:
+    world, policy = World(Protocol()), ALSNightly(factors=4, iterations=3)
+    for k in range(40):
+        world.observe(Event(f"u{k % 8}", f"i{k % 10}", k * 1_000))
+    policy.bootstrap([], world)
+    world.observe(Event("newcomer", "i1", 50_000))
+    world.observe(Event("newcomer", "i3", 51_000))
+    got = policy.recommend("newcomer", 52_000, world, 5)
+    assert len(got) == 5 and not {"i1", "i3"} & set(got)
