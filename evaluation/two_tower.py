@@ -50,7 +50,7 @@ from typing import Any
 
 from evaluation.catalog import ItemSide
 from evaluation.policies import Policy
-from evaluation.protocol import Event, World, day_start_ms
+from evaluation.protocol import Event, World, day_start_ms, utc_day
 from publisher.build import delta_snapshot, full_snapshot, is_empty, model_from_checkpoint
 from retriever.state import ServingState
 from trainer import handoff
@@ -185,6 +185,8 @@ class TwoTowerPolicy(Policy):
         self.base: dict[str, Any] | None = None
         """The rows of the last nightly (or of the bootstrap) when ``trainer.nightly_from_base``."""
         self._handoff_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._warmup_tail: tuple[int, int] = (-1, 0)
+        """The warm-up's last day and how many of its events fall on it (counted by the warm-up)."""
         self._last_day: tuple[int, list[Interaction]] = (-1, [])
         """The last day retrained and its clicks: ``train nightly`` reads the day before back to
         complete the histories a busy day pushed out of the streaming state
@@ -223,6 +225,8 @@ class TwoTowerPolicy(Policy):
     # --- protocol hooks ---------------------------------------------------------------------
     def bootstrap(self, warmup: Sequence[Event], world: World) -> None:
         self.state = self.warm_start.state(warmup)
+        last = utc_day(warmup[-1].ts_ms) if warmup else -1
+        self._warmup_tail = last, sum(1 for e in warmup if utc_day(e.ts_ms) == last)
         if self.streaming and self.tcfg.nightly_from_base:
             self.base = handoff.base_of(self.state, "bootstrap")
         self.state.seq += 1
@@ -243,21 +247,28 @@ class TwoTowerPolicy(Policy):
             while self.batches:
                 self._learn_batch(self.batches.pop(0))
             self._nightly_handoff(date.isoformat(), clicks, day, seed)
-            self._last_day = day, clicks
         else:
             state = self.state
             apply_item_side(state, self.warm_start.item_side, ((e.item, e.ts_ms) for e in events))
             # as ``train nightly`` owning the state: examples from the histories before the day,
-            # then the day's clicks counted once, before the retrain
-            examples = build_examples(state, clicks, day_start_ms(day))
-            count_clicks(state, clicks)
+            # then the day's clicks counted once, before the retrain (the warm-up counted the
+            # first ones of the day the warm-up ends in, as a checkpoint's offsets would say)
+            examples = build_examples(state, clicks, day_start_ms(day), self._day_before(day))
+            counted = self._warmup_tail[1] if self._warmup_tail[0] == day else 0
+            count_clicks(state, clicks[counted:])
             self.nightly_losses.append(retrain(state, examples, seed, self.tcfg.batch_size, progress=False))
             state.dense_version += 1
             state.nightly_done.append(date.isoformat())
             state.seq += 1
+        self._last_day = day, clicks
         self.retrains += 1
         self._timed("nightly", started)
         self._publish_full(events[-1].ts_ms)
+
+    def _day_before(self, day: int) -> list[Interaction]:
+        """The clicks of the day before ``day``, if it was retrained (what ``train nightly``
+        reads back to complete histories a busy day pushed out of the state)."""
+        return self._last_day[1] if self._last_day[0] == day - 1 else []
 
     def _nightly_handoff(self, date: str, clicks: list[Interaction], day: int, seed: int) -> None:
         """``train nightly`` beside a running streaming trainer: train a copy, hand the change over."""
@@ -270,8 +281,7 @@ class TwoTowerPolicy(Policy):
         after = copy.deepcopy(self.state)
         if self.base is not None:
             handoff.rebase(after, self.base)
-        earlier = self._last_day[1] if self._last_day[0] == day - 1 else []
-        examples = build_examples(after, clicks, day_start_ms(day), earlier)
+        examples = build_examples(after, clicks, day_start_ms(day), self._day_before(day))
         self.nightly_losses.append(retrain(after, examples, seed, self.tcfg.batch_size, progress=False))
         if self.base is not None:
             self.base = handoff.base_of(after, date)

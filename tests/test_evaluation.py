@@ -465,3 +465,21 @@ def test_als_scores_a_user_first_seen_after_its_last_fit_on_their_history() -> N
     world.observe(Event("newcomer", "i3", 51_000))
     got = policy.recommend("newcomer", 52_000, world, 5)
     assert len(got) == 5 and not {"i1", "i3"} & set(got)
+
+
+def test_the_nightly_only_policy_counts_the_warm_ups_last_day_once(tmp_path: Path) -> None:
+    """The warm-up ends inside a day: the warm-up counted its first events; the day's nightly
+    counts the rest only, as ``train nightly`` skips what a checkpoint already holds."""
+    day0 = 10_000 * MS_PER_DAY
+    events = [Event("u0", "i0", day0 + 1), Event("u0", "i1", day0 + 2)]
+    events += [Event("u1", f"i{k}", day0 + 3 + k) for k in range(2, 10)]
+    events.append(Event("u2", "i9", day0 + MS_PER_DAY + 5))  # the next day: the first nightly runs
+    protocol = Protocol(seed=0)
+    names = ["two_tower_nightly", "two_tower_streaming"]
+    policies = make_policies(names, protocol, TINY_MODEL, tiny_trainer(tmp_path), 1)
+    for _ in prequential(events, policies, protocol):
+        pass
+    nightly, streaming = (p.state for p in policies)  # type: ignore[attr-defined]
+    assert nightly is not None and streaming is not None
+    assert nightly.histories["u0"] == streaming.histories["u0"] == [("i0", day0 + 1), ("i1", day0 + 2)]
+    assert int(nightly.users.count[nightly.users.row("u0")]) == 2
