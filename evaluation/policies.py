@@ -85,8 +85,10 @@ def top_unseen(scores: np.ndarray, item_ids: Sequence[str], seen: set[str] | fro
         return []
     fetch = min(m, n + len(seen))
     if fetch < m:
-        part = np.argpartition(-scores, fetch - 1)[:fetch]
-        # stable order among the chosen: by score, then index
+        cut = scores[np.argpartition(-scores, fetch - 1)[fetch - 1]]
+        # every item scoring at least the cut: argpartition picks among items tied at the cut
+        # arbitrarily, and the index order must decide between them
+        part = np.flatnonzero(scores >= cut)
         part = part[np.lexsort((part, -scores[part]))]
     else:
         part = np.lexsort((np.arange(m), -scores))

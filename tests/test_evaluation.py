@@ -145,6 +145,9 @@ def test_seen_items_are_excluded_and_short_lists_filled_from_popularity() -> Non
     assert recs == ["x", "y"] and filled == 1  # z was seen; x deduplicated; y from popularity; nothing left
     assert world.popular(3, world.seen_by("me")) == ["y", "x"]
     assert top_unseen(np.array([0.1, 0.9, 0.5, 0.9]), ["a", "b", "c", "d"], {"b"}, 2) == ["d", "c"]
+    # ties at the cut go by index too (the partial sort picks among them at random)
+    tied = [f"x{i}" for i in range(31)]
+    assert top_unseen(np.array([1.0] * 30 + [2.0]), tied, set(), 3) == ["x30", "x0", "x1"]
 
 
 def test_history_delay_hides_recent_interactions_from_pooling_not_from_exclusion() -> None:
