@@ -5,7 +5,9 @@ docstring. Values come from, lowest precedence first:
 
 1. the defaults below,
 2. a TOML file named by ``--config`` or ``TWOTOWER_CONFIG``,
-3. environment variables ``TWOTOWER_<SECTION>__<FIELD>`` (e.g. ``TWOTOWER_TRAINER__LR=0.05``),
+3. environment variables ``TWOTOWER_<SECTION>__<FIELD>`` (e.g.
+   ``TWOTOWER_TRAINER__STREAM_LR=0.05``; ``TWOTOWER_CONFIG``, ``TWOTOWER_CACHE_DIR`` and
+   ``TWOTOWER_EXTRAS`` are not settings),
 4. the two conventional shortcuts ``KAFKA_BOOTSTRAP`` and ``REDIS_URL``.
 
 Unknown keys are rejected with an error naming them (kafka-python shows the cost of
@@ -435,7 +437,7 @@ class SimulatorConfig(_Section):
 class ObservabilityConfig(_Section):
     log_format: str = Field(default="json", pattern="^(json|text)$")
     """json for one JSON object per line, text for humans."""
-    log_level: str = "INFO"
+    log_level: str = Field(default="INFO", pattern="(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     """Root log level."""
     metrics_port: int = Field(default=0, ge=0, le=65535)
     """Port of /metrics and /health for daemons without their own HTTP server; 0 disables."""
@@ -470,6 +472,9 @@ class Config(_Section):
 
 
 ENV_PREFIX = "TWOTOWER_"
+NOT_SETTINGS = frozenset({"TWOTOWER_CONFIG", "TWOTOWER_CACHE_DIR", "TWOTOWER_EXTRAS"})
+"""``TWOTOWER_`` variables that are not settings: the config file's path, and the launcher's
+cache directory and extras (``scripts/venv.sh``, :func:`twotower.infra.cache_dir`)."""
 
 
 def _deep_update(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
@@ -483,7 +488,7 @@ def _deep_update(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
 def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
     layer: dict[str, Any] = {}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         parts = name[len(ENV_PREFIX) :].lower().split("__")
         if len(parts) != 2 or not all(parts):

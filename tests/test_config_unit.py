@@ -1,0 +1,42 @@
+"""twotower.config: defaults, a TOML file and the environment, in that order (no services)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from twotower.config import ConfigError, load_config
+
+
+def test_the_environment_overrides_the_file_and_keeps_its_other_settings(tmp_path: Path) -> None:
+    path = tmp_path / "twotower.toml"
+    path.write_text('[model]\ndim = 32\nhistory_len = 7\n\n[kafka]\nbootstrap = "file:9092"\n')
+    cfg = load_config(path, env={"TWOTOWER_MODEL__DIM": "48", "KAFKA_BOOTSTRAP": "env:9092"})
+    assert cfg.model.dim == 48 and cfg.model.history_len == 7  # the file's sibling kept
+    assert cfg.kafka.bootstrap == "env:9092"
+
+
+def test_the_launchers_own_variables_are_not_settings() -> None:
+    """scripts/venv.sh and the local infra read TWOTOWER_CACHE_DIR and TWOTOWER_EXTRAS: with
+    either set, every command once failed to read its configuration."""
+    cfg = load_config(env={"TWOTOWER_CACHE_DIR": "/tmp/cache", "TWOTOWER_EXTRAS": "test", "TWOTOWER_MODEL__DIM": "16"})
+    assert cfg.model.dim == 16
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TWOTOWER_MODELDIM": "16"}, "must look like TWOTOWER_<SECTION>__<FIELD>"),
+        ({"TWOTOWER_MODEL__NOPE": "1"}, "model.nope"),
+        ({"TWOTOWER_MODEL__DIM": "many"}, "model.dim"),
+        ({"TWOTOWER_OBSERVABILITY__LOG_LEVEL": "verbose"}, "observability.log_level"),
+    ],
+)
+def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(env=env)
+
+
+def test_log_levels_are_accepted_in_any_case() -> None:
+    assert load_config(env={"TWOTOWER_OBSERVABILITY__LOG_LEVEL": "debug"}).observability.log_level == "debug"
