@@ -78,14 +78,22 @@ class ShutdownFlag:
 
 
 def install_signal_handlers(flag: ShutdownFlag) -> None:
-    """First SIGTERM/SIGINT sets ``flag``; a second one exits at once."""
+    """First SIGTERM/SIGINT sets ``flag``; a second one exits at once.
+
+    The signals are counted here, not read off the flag: a daemon sets its own flag when a loop
+    fails, and the supervisor's one SIGTERM must still get a clean shutdown. The flag is set from
+    a thread of its own: the handler runs on the main thread, which may hold the flag's lock
+    (inside ``wait``) at that moment, and setting it there would deadlock."""
+    received = 0
 
     def handler(signum: int, _frame: Any) -> None:
-        if flag.is_set():
+        nonlocal received
+        received += 1
+        if received > 1:
             log.warning("second signal %s: exiting now", signal.Signals(signum).name)
             os._exit(1)
         log.info("signal %s: shutting down", signal.Signals(signum).name)
-        flag.set()
+        threading.Thread(target=flag.set, name="shutdown-signal", daemon=True).start()
 
     for sig in HANDLED_SIGNALS:
         signal.signal(sig, handler)
