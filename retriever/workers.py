@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import uvicorn
+from prometheus_client import multiprocess
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,13 @@ def bound_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def forget_metrics(pid: int | None) -> None:
+    """Drop a worker's live gauges from the shared metrics (multiprocess mode): a worker that
+    crashed never ran its own shutdown, and its last snapshot version, say, stayed exported."""
+    if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)
+
+
 def _exit_with(parent: int) -> None:
     """Stop this worker (gracefully) once its supervisor is gone, even if it was killed."""
     while os.getppid() == parent:
@@ -93,7 +101,10 @@ def run_workers(host: str, port: int, workers: int, options: dict[str, Any]) -> 
         process.start()
         return process, time.monotonic()
 
-    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def on_signal(*_: object) -> None:  # set from a thread: the main thread may hold the event's lock
+        threading.Thread(target=stopping.set, name="stop-signal", daemon=True).start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     slots = [start() for _ in range(workers)]
     log.info("retriever workers %s, one SO_REUSEPORT socket each", [p.pid for p, _ in slots])
     try:
@@ -101,6 +112,7 @@ def run_workers(host: str, port: int, workers: int, options: dict[str, Any]) -> 
             for i, (process, started) in enumerate(slots):
                 if not process.is_alive() and time.monotonic() - started >= RESTART_DELAY_S:
                     log.warning("retriever worker %d exited (code %s): starting another", process.pid, process.exitcode)
+                    forget_metrics(process.pid)
                     slots[i] = start()
             stopping.wait(0.2)
     finally:
@@ -114,5 +126,6 @@ def run_workers(host: str, port: int, workers: int, options: dict[str, Any]) -> 
                 log.warning("retriever worker %d did not stop within %.0f s: killing it", process.pid, STOP_TIMEOUT_S)
                 process.kill()
                 process.join()
+            forget_metrics(process.pid)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -703,8 +703,10 @@ def test_serve_command_with_two_workers(cfg: Config, store: SnapshotStore) -> No
             assert 'twotower_retriever_requests_total{status="200"}' in text
             assert "twotower_retriever_snapshot_version{pid=" in text  # multiprocess mode
 
-            # a worker that dies is replaced (connections it held are lost with it)
-            os.kill(int(next(iter(served_by_pid()))), signal.SIGKILL)
+            # a worker that dies is replaced (connections it held are lost with it), and its
+            # gauges leave the metrics (it never ran its own shutdown)
+            killed = next(iter(served_by_pid()))
+            os.kill(int(killed), signal.SIGKILL)
 
             def replaced() -> bool:
                 try:
@@ -712,13 +714,13 @@ def test_serve_command_with_two_workers(cfg: Config, store: SnapshotStore) -> No
                         text = fresh.get("/metrics").text
                 except httpx.TransportError:
                     return False
-                served = [
-                    sample.value
+                served = {
+                    sample.labels["pid"]: sample.value
                     for family in text_string_to_metric_families(text)
                     for sample in family.samples
                     if sample.name == "twotower_retriever_snapshot_version"
-                ]  # the killed worker's gauge file stays: three pids once the new one serves
-                return len(served) == 3 and all(v == version for v in served)
+                }
+                return len(served) == 2 and killed not in served and all(v == version for v in served.values())
 
             wait_for(replaced, "a replacement worker serving the version", deadline_s=90.0)
             for _ in range(10):
