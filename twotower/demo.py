@@ -194,11 +194,14 @@ def run_demo(duration_s: float, rate: float | None, state_root: Path, console: C
     run_dir = (state_root / run_id).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     infra_dir = state_root / "infra"
-    started_infra = not any(s.running for s in infra.status(infra_dir).values())
-    console.print(f"[bold]bringing up Kafka and Redis[/bold] (state in {infra_dir}) …")
-    endpoints = infra.up(infra_dir)
+    running_before = {name for name, service in infra.status(infra_dir).items() if service.running}
+    # a SIGTERM (a timeout, a cancelled job) ends the demo through its cleanup below: its
+    # daemons and services run in sessions of their own and would outlive it
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_signal)
     daemons: dict[str, Daemon] = {}
     try:
+        console.print(f"[bold]bringing up Kafka and Redis[/bold] (state in {infra_dir}) …")
+        endpoints = infra.up(infra_dir)
         env = dict(os.environ)
         env.update(
             {
@@ -259,10 +262,19 @@ def run_demo(duration_s: float, rate: float | None, state_root: Path, console: C
         summary["ok"] = ok
         return (0 if ok else 1), summary
     finally:
-        for daemon in daemons.values():
-            daemon.stop(timeout_s=10)  # already stopped after a normal run; this covers failures
-        if started_infra:
-            infra.down(infra_dir)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup is not to be cut short
+        try:
+            for daemon in daemons.values():
+                daemon.stop(timeout_s=10)  # already stopped after a normal run; this covers failures
+            started = [name for name in infra.SERVICES if name not in running_before]
+            if started:  # only what this run started (a service that failed to start included)
+                infra.down(infra_dir, services=started)
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _watch(daemons: dict[str, Daemon], duration_s: float, console: Console) -> dict:

@@ -1,0 +1,47 @@
+"""The demo's cleanup: what it started, it stops, however it ends (no services)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+from twotower import demo, infra
+
+
+@pytest.mark.parametrize(("running_before", "stopped"), [((), ["kafka", "redis"]), (("kafka",), ["redis"])])
+def test_a_demo_that_fails_to_start_stops_what_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, running_before: tuple[str, ...], stopped: list[str]
+) -> None:
+    downs: list[list[str]] = []
+
+    def up(*args: object, **kwargs: object) -> None:
+        raise infra.InfraError("redis: port taken")  # Kafka started, Redis did not
+
+    states = {name: SimpleNamespace(running=name in running_before) for name in infra.SERVICES}
+    monkeypatch.setattr(infra, "status", lambda _dir: states)
+    monkeypatch.setattr(infra, "up", up)
+    monkeypatch.setattr(infra, "down", lambda _dir, services: downs.append(list(services)))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(infra.InfraError):
+        demo.run_demo(1.0, None, tmp_path, Console(quiet=True))
+    assert downs == [stopped]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_sigterm_during_the_demo_runs_its_cleanup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    downs: list[list[str]] = []
+
+    def up(*args: object, **kwargs: object) -> None:
+        signal.raise_signal(signal.SIGTERM)  # a timeout while the services start
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(infra, "status", lambda _dir: {n: SimpleNamespace(running=False) for n in infra.SERVICES})
+    monkeypatch.setattr(infra, "up", up)
+    monkeypatch.setattr(infra, "down", lambda _dir, services: downs.append(list(services)))
+    with pytest.raises(SystemExit) as exited:
+        demo.run_demo(1.0, None, tmp_path, Console(quiet=True))
+    assert exited.value.code == 128 + signal.SIGTERM and downs == [["kafka", "redis"]]
