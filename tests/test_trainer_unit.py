@@ -421,3 +421,21 @@ def test_a_second_nightly_run_waits_for_the_first(tmp_path: Path, monkeypatch: p
     first.release()
     second.join(timeout=10)
     assert runs == [dt.date(2024, 3, 10)]
+
+
+def test_a_nightly_stops_between_batches_when_asked_and_keeps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state, clicks = _toy()
+    examples = [(c, []) for c in clicks(64, 0)]
+    asked = iter([False, False, True])
+    with pytest.raises(nightly.NightlyStopped):
+        nightly.retrain(state, examples, seed=0, batch_size=16, progress=False, should_stop=lambda: next(asked))
+
+    def stopped(*args: object) -> None:
+        raise nightly.NightlyStopped
+
+    monkeypatch.setattr(nightly, "_run_nightly", stopped)
+    cfg = Config().with_overrides({"trainer": {"state_dir": str(tmp_path)}})
+    assert nightly.run_nightly(cfg, dt.date(2024, 3, 10), should_stop=lambda: True).status == "stopped"
+    assert StateLock(tmp_path, nightly.NIGHTLY_LOCK).acquire(blocking=False)  # released

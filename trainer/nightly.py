@@ -61,7 +61,8 @@ T = TypeVar("T")
 class NightlyResult:
     date: str
     status: str
-    """``trained``, ``skipped`` (date done before) or ``empty`` (no events that day)."""
+    """``trained``, ``skipped`` (date done before), ``empty`` (no events that day) or ``stopped``
+    (a shutdown during the retrain; nothing kept)."""
     examples: int = 0
     mean_loss: float = 0.0
     handed_over: bool = False
@@ -274,35 +275,65 @@ def build_examples(
     return out
 
 
-def retrain(state: TrainerState, examples: list, seed: int, batch_size: int, progress: bool) -> float:
-    """One shuffled epoch over towers and rows; returns the mean loss."""
+class NightlyStopped(Exception):
+    """A stop was asked for during a retrain: nothing of it is kept."""
+
+
+def retrain(
+    state: TrainerState,
+    examples: list,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+    should_stop: Callable[[], bool] | None = None,
+) -> float:
+    """One shuffled epoch over towers and rows; returns the mean loss.
+
+    Raises:
+        NightlyStopped: ``should_stop`` said so between two batches.
+    """
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     state.generator.manual_seed(seed)
     losses = []
     batches = range(0, len(order), batch_size)
     for start in tqdm(batches, desc="nightly retrain", unit="batch", disable=not progress):
+        if should_stop is not None and should_stop():
+            raise NightlyStopped
         batch = [examples[i] for i in order[start : start + batch_size]]
         losses.append(state.learn(batch, dense=True).loss)
     return sum(losses) / max(len(losses), 1)
 
 
-def run_nightly(cfg: Config, date: dt.date, force: bool = False, progress: bool = True) -> NightlyResult:
+def run_nightly(
+    cfg: Config,
+    date: dt.date,
+    force: bool = False,
+    progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+) -> NightlyResult:
     """Retrain on ``date`` and publish the result as the next full version (via checkpoint or
     handoff). One run at a time per state directory (:data:`NIGHTLY_LOCK`): a second one, from
-    the scheduler or the command line, waits for the first and then finds its date done."""
+    the scheduler or the command line, waits for the first and then finds its date done.
+    ``should_stop`` (a daemon's shutdown) ends the retrain between two batches, keeping nothing
+    of it: status ``stopped``, and the date is retrained at the next run."""
     state_dir = Path(cfg.trainer.state_dir)
     runs = StateLock(state_dir, NIGHTLY_LOCK)
     if not runs.acquire(blocking=False):
         log.info("another nightly run on %s is in progress: waiting for it", state_dir)
         runs.acquire(blocking=True)
     try:
-        return _run_nightly(cfg, date, force, progress)
+        return _run_nightly(cfg, date, force, progress, should_stop)
+    except NightlyStopped:
+        log.info("nightly %s stopped before it finished: nothing kept", date.isoformat())
+        return NightlyResult(date.isoformat(), "stopped")
     finally:
         runs.release()
 
 
-def _run_nightly(cfg: Config, date: dt.date, force: bool, progress: bool) -> NightlyResult:
+def _run_nightly(
+    cfg: Config, date: dt.date, force: bool, progress: bool, should_stop: Callable[[], bool] | None
+) -> NightlyResult:
     day = date.isoformat()
     state_dir = Path(cfg.trainer.state_dir)
     lock = StateLock(state_dir)
@@ -355,7 +386,7 @@ def _run_nightly(cfg: Config, date: dt.date, force: bool, progress: bool) -> Nig
             # logQ see the same counts as beside a streaming trainer, which counted them itself).
             count_clicks(state, [r for r in unseen if r.type == CLICK])
         seed = cfg.trainer.seed * 1_000_003 + date.toordinal()
-        mean_loss = retrain(state, examples, seed, cfg.trainer.batch_size, progress)
+        mean_loss = retrain(state, examples, seed, cfg.trainer.batch_size, progress, should_stop)
         log.info("nightly %s: %d examples, mean loss %.4f", day, len(examples), mean_loss)
         if cfg.trainer.nightly_from_base:
             handoff.write_base(state_dir, handoff.base_of(state, day))

@@ -43,7 +43,7 @@ class Scheduler(Daemon):
     def run_once(self) -> None:
         date = yesterday(self.cfg.trainer.schedule_timezone)
         try:
-            result = run_nightly(self.cfg, date, progress=False)
+            result = run_nightly(self.cfg, date, progress=False, should_stop=self.shutdown_flag.is_set)
             RUNS.labels(result.status).inc()
             log.info("nightly %s: %s", result.date, result.status, extra={"examples": result.examples})
         except Exception:
