@@ -127,73 +127,76 @@ def run_live(
     run_dir = (settings.state_root / run_id).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     infra_dir = settings.state_root / "infra"
-    started_infra = not any(s.running for s in infra.status(infra_dir).values())
-    endpoints = infra.up(infra_dir)
-    prefix = f"live-{run_id}"
-    cfg = base_cfg.with_overrides(
-        {
-            "kafka": {"bootstrap": endpoints.kafka_bootstrap, "topic_prefix": f"{prefix}-"},
-            "redis": {"url": endpoints.redis_url, "key_prefix": prefix},
-            "trainer": {"state_dir": run_dir / "trainer", "group_id": f"{prefix}-trainer", "seed": protocol.seed},
-            "publisher": {"group_id": f"{prefix}-publisher"},
+    with infra.running(infra_dir) as endpoints:  # stops at the end what it started
+        prefix = f"live-{run_id}"
+        cfg = base_cfg.with_overrides(
+            {
+                "kafka": {"bootstrap": endpoints.kafka_bootstrap, "topic_prefix": f"{prefix}-"},
+                "redis": {"url": endpoints.redis_url, "key_prefix": prefix},
+                "trainer": {
+                    "state_dir": run_dir / "trainer",
+                    "group_id": f"{prefix}-trainer",
+                    "seed": protocol.seed,
+                    "schedule_timezone": "UTC",  # the protocol's days are UTC days
+                },
+                "publisher": {"group_id": f"{prefix}-publisher"},
+            }
+        )
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP": cfg.kafka.bootstrap,
+            "REDIS_URL": cfg.redis.url,
+            "TWOTOWER_KAFKA__TOPIC_PREFIX": cfg.kafka.topic_prefix,
+            "TWOTOWER_REDIS__KEY_PREFIX": cfg.redis.key_prefix,
+            "TWOTOWER_TRAINER__STATE_DIR": str(cfg.trainer.state_dir),
+            "TWOTOWER_TRAINER__GROUP_ID": cfg.trainer.group_id,
+            "TWOTOWER_TRAINER__SEED": str(protocol.seed),
+            "TWOTOWER_TRAINER__SCHEDULE_TIMEZONE": "UTC",
+            "TWOTOWER_PUBLISHER__GROUP_ID": cfg.publisher.group_id,
+            "TWOTOWER_OBSERVABILITY__LOG_FORMAT": "json",
         }
-    )
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP": cfg.kafka.bootstrap,
-        "REDIS_URL": cfg.redis.url,
-        "TWOTOWER_KAFKA__TOPIC_PREFIX": cfg.kafka.topic_prefix,
-        "TWOTOWER_REDIS__KEY_PREFIX": cfg.redis.key_prefix,
-        "TWOTOWER_TRAINER__STATE_DIR": str(cfg.trainer.state_dir),
-        "TWOTOWER_TRAINER__GROUP_ID": cfg.trainer.group_id,
-        "TWOTOWER_TRAINER__SEED": str(protocol.seed),
-        "TWOTOWER_PUBLISHER__GROUP_ID": cfg.publisher.group_id,
-        "TWOTOWER_OBSERVABILITY__LOG_FORMAT": "json",
-    }
-    daemons: list[DaemonProcess] = []
-    try:
-        topics = ensure_topics(cfg.kafka)
-        n_warm = warmup_size(len(events), protocol.warmup_fraction)
-        warmup = list(events[:n_warm])
-        producer = make_producer(cfg.kafka, client_id="twotower-live", linger_ms=5)
+        daemons: list[DaemonProcess] = []
         try:
-            for index, event in enumerate(warmup):
-                send_record(producer, topics.events, click(event, index))
-            producer.flush(timeout=120)
-            _bootstrap_checkpoint(cfg, warmup, settings.bootstrap_epochs, topics.events)
+            topics = ensure_topics(cfg.kafka)
+            n_warm = warmup_size(len(events), protocol.warmup_fraction)
+            warmup = list(events[:n_warm])
+            producer = make_producer(cfg.kafka, client_id="twotower-live", linger_ms=5)
+            try:
+                for index, event in enumerate(warmup):
+                    send_record(producer, topics.events, click(event, index))
+                producer.flush(timeout=120)
+                _bootstrap_checkpoint(cfg, warmup, settings.bootstrap_epochs, topics.events)
 
-            retriever_port = free_port()
-            health: list[tuple[DaemonProcess, str]] = []
-            for name, args in (
-                ("trainer", ["train", "stream"]),
-                ("publisher", ["publish"]),
-                ("retriever", ["serve", "--port", str(retriever_port)]),
-            ):
-                port = retriever_port if name == "retriever" else free_port()
-                daemon = DaemonProcess(name, args, run_dir / "logs" / f"{name}.log")
-                proc_env = dict(env)
-                if name != "retriever":
-                    proc_env["TWOTOWER_OBSERVABILITY__METRICS_PORT"] = str(port)
-                daemon.start(proc_env)
-                daemons.append(daemon)
-                health.append((daemon, f"http://127.0.0.1:{port}/health"))
-            # the trainer and publisher must be consuming, not just answering, before the first event
-            wait_healthy(health[:2], settings.startup_timeout_s, ready=True)
-            wait_healthy(health[2:], settings.startup_timeout_s)
-            base_url = f"http://127.0.0.1:{retriever_port}"
-            with httpx.Client(base_url=base_url, timeout=10.0) as http:
-                _settle(cfg, topics.events, http, settings.settle_timeout_s, daemons)
-                run = _score_and_feed(events, n_warm, protocol, settings, cfg, producer, http, daemons, on_event)
+                retriever_port = free_port()
+                health: list[tuple[DaemonProcess, str]] = []
+                for name, args in (
+                    ("trainer", ["train", "stream"]),
+                    ("publisher", ["publish"]),
+                    ("retriever", ["serve", "--port", str(retriever_port)]),
+                ):
+                    port = retriever_port if name == "retriever" else free_port()
+                    daemon = DaemonProcess(name, args, run_dir / "logs" / f"{name}.log")
+                    proc_env = dict(env)
+                    if name != "retriever":
+                        proc_env["TWOTOWER_OBSERVABILITY__METRICS_PORT"] = str(port)
+                    daemon.start(proc_env)
+                    daemons.append(daemon)
+                    health.append((daemon, f"http://127.0.0.1:{port}/health"))
+                # the trainer and publisher must be consuming, not just answering, before the first event
+                wait_healthy(health[:2], settings.startup_timeout_s, ready=True)
+                wait_healthy(health[2:], settings.startup_timeout_s)
+                base_url = f"http://127.0.0.1:{retriever_port}"
+                with httpx.Client(base_url=base_url, timeout=10.0) as http:
+                    _settle(cfg, topics.events, http, settings.settle_timeout_s, daemons)
+                    run = _score_and_feed(events, n_warm, protocol, settings, cfg, producer, http, daemons, on_event)
+            finally:
+                producer.close(timeout=10)
+            run.seconds = time.perf_counter() - started
+            run.logs = str(run_dir / "logs")
+            return run
         finally:
-            producer.close(timeout=10)
-        run.seconds = time.perf_counter() - started
-        run.logs = str(run_dir / "logs")
-        return run
-    finally:
-        for daemon in reversed(daemons):
-            daemon.stop(timeout_s=20)
-        if started_infra:
-            infra.down(infra_dir)
+            for daemon in reversed(daemons):
+                daemon.stop(timeout_s=20)
 
 
 def _bootstrap_checkpoint(cfg: Config, warmup: list[Event], epochs: int, events_topic: str) -> None:

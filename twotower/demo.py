@@ -30,7 +30,7 @@ from rich.live import Live
 from rich.table import Table
 
 from twotower import infra
-from twotower.config import KafkaConfig, load_config
+from twotower.config import Config, KafkaConfig, load_config
 from twotower.kafka_io import Topics, ensure_topics, make_consumer
 from twotower.processes import DaemonProcess, wait_healthy
 
@@ -194,83 +194,93 @@ def run_demo(duration_s: float, rate: float | None, state_root: Path, console: C
     run_dir = (state_root / run_id).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     infra_dir = state_root / "infra"
-    running_before = {name for name, service in infra.status(infra_dir).items() if service.running}
     # a SIGTERM (a timeout, a cancelled job) ends the demo through its cleanup below: its
     # daemons and services run in sessions of their own and would outlive it
     previous_handler = signal.signal(signal.SIGTERM, _exit_on_signal)
     daemons: dict[str, Daemon] = {}
     try:
         console.print(f"[bold]bringing up Kafka and Redis[/bold] (state in {infra_dir}) …")
-        endpoints = infra.up(infra_dir)
-        env = dict(os.environ)
-        env.update(
-            {
-                "KAFKA_BOOTSTRAP": endpoints.kafka_bootstrap,
-                "REDIS_URL": endpoints.redis_url,
-                "TWOTOWER_KAFKA__TOPIC_PREFIX": f"demo-{run_id}-",
-                "TWOTOWER_REDIS__KEY_PREFIX": f"demo-{run_id}",
-                "TWOTOWER_TRAINER__STATE_DIR": str(run_dir / "trainer"),
-                "TWOTOWER_OBSERVABILITY__LOG_FORMAT": "json",
-            }
-        )
-        topics_cfg = cfg.with_overrides(
-            {"kafka": {"bootstrap": endpoints.kafka_bootstrap, "topic_prefix": env["TWOTOWER_KAFKA__TOPIC_PREFIX"]}}
-        )
-        ensure_topics(topics_cfg.kafka)
-        retriever_port = free_port()
-        retriever_url = f"http://127.0.0.1:{retriever_port}"
-        for name, args in DAEMONS.items():
-            port = retriever_port if name == "retriever" else free_port()
-            extra_args = list(args)
-            if name == "retriever":
-                extra_args += ["--port", str(port)]
-            if name == "simulator":
-                extra_args += ["--retriever-url", retriever_url]
-                if rate is not None:
-                    extra_args += ["--rate", str(rate)]
-            daemons[name] = Daemon(
-                name,
-                extra_args,
-                run_dir / "logs" / f"{name}.log",
-                metrics_url=f"http://127.0.0.1:{port}/metrics",
-                health_url=f"http://127.0.0.1:{port}/health",
-            )
-            proc_env = dict(env)
-            if name != "retriever":
-                proc_env["TWOTOWER_OBSERVABILITY__METRICS_PORT"] = str(port)
-            if name == "simulator":
-                # the stream starts once every other daemon answers, so --duration is all traffic
-                wait_healthy([(d, d.health_url) for n, d in daemons.items() if n != "simulator"], STARTUP_TIMEOUT_S)
-            daemons[name].start(proc_env)
-        wait_healthy([(daemons["simulator"], daemons["simulator"].health_url)], STARTUP_TIMEOUT_S)
-        console.print(f"all daemons up; logs in {run_dir / 'logs'}")
-        summary = _watch(daemons, duration_s, console)
-        summary["events_produced"] = count_records(topics_cfg.kafka, Topics(topics_cfg.kafka.topic_prefix).events)
-        # uvicorn re-raises the SIGTERM it handled after its graceful shutdown: that exit is clean too.
-        clean = (0, None, -signal.SIGTERM)
-        failed = [n for n, d in daemons.items() if d.process is not None and d.process.returncode not in clean]
-        summary["daemons_failed"] = failed
-        summary["logs"] = str(run_dir / "logs")
-        ok = (
-            summary["events_produced"] > 0
-            and summary["events_trained"] > 0
-            and summary["snapshots_published"] > 0
-            and summary["recommendations_served"] > 0
-            and summary["served_hit_rate"] > summary["random_hit_rate"]
-            and not failed
-        )
-        summary["ok"] = ok
-        return (0 if ok else 1), summary
+        with infra.running(infra_dir) as endpoints:  # stops at the end what it started
+            try:
+                return _run_stages(cfg, endpoints, run_id, run_dir, daemons, duration_s, rate, console)
+            finally:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup is not to be cut short
+                for daemon in daemons.values():
+                    daemon.stop(timeout_s=10)  # already stopped after a normal run; this covers failures
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup is not to be cut short
-        try:
-            for daemon in daemons.values():
-                daemon.stop(timeout_s=10)  # already stopped after a normal run; this covers failures
-            started = [name for name in infra.SERVICES if name not in running_before]
-            if started:  # only what this run started (a service that failed to start included)
-                infra.down(infra_dir, services=started)
-        finally:
-            signal.signal(signal.SIGTERM, previous_handler)
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _run_stages(
+    cfg: Config,
+    endpoints: infra.Endpoints,
+    run_id: str,
+    run_dir: Path,
+    daemons: dict[str, Daemon],
+    duration_s: float,
+    rate: float | None,
+    console: Console,
+) -> tuple[int, dict]:
+    """Start every daemon into ``daemons`` (the caller stops them), run the stream, summarise."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "KAFKA_BOOTSTRAP": endpoints.kafka_bootstrap,
+            "REDIS_URL": endpoints.redis_url,
+            "TWOTOWER_KAFKA__TOPIC_PREFIX": f"demo-{run_id}-",
+            "TWOTOWER_REDIS__KEY_PREFIX": f"demo-{run_id}",
+            "TWOTOWER_TRAINER__STATE_DIR": str(run_dir / "trainer"),
+            "TWOTOWER_OBSERVABILITY__LOG_FORMAT": "json",
+        }
+    )
+    topics_cfg = cfg.with_overrides(
+        {"kafka": {"bootstrap": endpoints.kafka_bootstrap, "topic_prefix": env["TWOTOWER_KAFKA__TOPIC_PREFIX"]}}
+    )
+    ensure_topics(topics_cfg.kafka)
+    retriever_port = free_port()
+    retriever_url = f"http://127.0.0.1:{retriever_port}"
+    for name, args in DAEMONS.items():
+        port = retriever_port if name == "retriever" else free_port()
+        extra_args = list(args)
+        if name == "retriever":
+            extra_args += ["--port", str(port)]
+        if name == "simulator":
+            extra_args += ["--retriever-url", retriever_url]
+            if rate is not None:
+                extra_args += ["--rate", str(rate)]
+        daemons[name] = Daemon(
+            name,
+            extra_args,
+            run_dir / "logs" / f"{name}.log",
+            metrics_url=f"http://127.0.0.1:{port}/metrics",
+            health_url=f"http://127.0.0.1:{port}/health",
+        )
+        proc_env = dict(env)
+        if name != "retriever":
+            proc_env["TWOTOWER_OBSERVABILITY__METRICS_PORT"] = str(port)
+        if name == "simulator":
+            # the stream starts once every other daemon answers, so --duration is all traffic
+            wait_healthy([(d, d.health_url) for n, d in daemons.items() if n != "simulator"], STARTUP_TIMEOUT_S)
+        daemons[name].start(proc_env)
+    wait_healthy([(daemons["simulator"], daemons["simulator"].health_url)], STARTUP_TIMEOUT_S)
+    console.print(f"all daemons up; logs in {run_dir / 'logs'}")
+    summary = _watch(daemons, duration_s, console)
+    summary["events_produced"] = count_records(topics_cfg.kafka, Topics(topics_cfg.kafka.topic_prefix).events)
+    # uvicorn re-raises the SIGTERM it handled after its graceful shutdown: that exit is clean too.
+    clean = (0, None, -signal.SIGTERM)
+    failed = [n for n, d in daemons.items() if d.process is not None and d.process.returncode not in clean]
+    summary["daemons_failed"] = failed
+    summary["logs"] = str(run_dir / "logs")
+    ok = (
+        summary["events_produced"] > 0
+        and summary["events_trained"] > 0
+        and summary["snapshots_published"] > 0
+        and summary["recommendations_served"] > 0
+        and summary["served_hit_rate"] > summary["random_hit_rate"]
+        and not failed
+    )
+    summary["ok"] = ok
+    return (0 if ok else 1), summary
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

@@ -723,6 +723,20 @@ def down(
                 _stop(state, name, timeout_s)
 
 
+@contextlib.contextmanager
+def running(state_dir: Path | str = DEFAULT_STATE_DIR) -> Iterator[Endpoints]:
+    """:func:`up` for the length of a block; when the block ends, however it ends, :func:`down`
+    the services this call started (those that were running before stay up, and so does one
+    the environment names)."""
+    before = {name for name, service in status(state_dir).items() if service.running}
+    try:
+        yield up(state_dir)
+    finally:
+        started = [name for name in SERVICES if name not in before]
+        if started:  # a service that failed to start included: up() leaves none half-started
+            down(state_dir, services=started)
+
+
 def status(state_dir: Path | str = DEFAULT_STATE_DIR) -> dict[str, ServiceStatus]:
     """The state of each service of ``state_dir`` (``running`` is False if it was never started)."""
     state = Path(state_dir).resolve()
