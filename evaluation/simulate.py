@@ -20,6 +20,7 @@ preferences (no closed loop), so every policy faces the same log.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -98,17 +99,19 @@ def generate(world_cfg: SimulatorConfig, spec: SimulationSpec) -> SimulatedLog:
     n_events = round(spec.days * spec.events_per_day)
     dt_s = 86_400 / spec.events_per_day
     clicked: list[set[int]] = [set() for _ in range(world.n_users)]
-    day_ago = world.user_latent.copy()
-    snapshot_day = 0
+    # the users' interests a day earlier: hourly snapshots, the oldest kept no younger than 24 h
+    snapshots: deque[tuple[float, np.ndarray]] = deque([(0.0, world.user_latent.copy())])
     events: list[Event] = []
     truth: dict[int, Truth] = {}
     for index in range(n_events):
         if index:
             world.advance(dt_s)
             world.maybe_new_items()
-        day = int(world.now_s // 86_400)
-        if day != snapshot_day:
-            day_ago, snapshot_day = world.user_latent.copy(), day
+        if world.now_s - snapshots[-1][0] >= 3_600:
+            snapshots.append((world.now_s, world.user_latent.copy()))
+        while len(snapshots) > 1 and snapshots[1][0] <= world.now_s - 86_400:
+            snapshots.popleft()
+        day_ago = snapshots[0][1]  # 24-25 h ago (since the start, on the first day)
         user = world.pick_user()
         seen = clicked[user]
         if index % spec.truth_every == 0:

@@ -33,6 +33,24 @@ def test_generated_log_is_deterministic_sorted_and_day_aligned() -> None:
     assert other.events != a.events
 
 
+def test_drift_is_measured_over_the_last_day_not_since_midnight() -> None:
+    """Every user drifts at the same rate: a day into the log, the angle over the last day is
+    about the same just after midnight as just before it (measured since midnight, it fell to
+    zero at each midnight)."""
+    log = generate(WORLD, SPEC)
+
+    def mean_drift(start_h: float, end_h: float) -> float:
+        window = [
+            truth.drift
+            for index, truth in log.truth.items()
+            if start_h * 3_600_000 <= log.events[index].ts_ms - START_MS < end_h * 3_600_000
+        ]
+        return float(np.mean(window))
+
+    before, after = mean_drift(44, 48), mean_drift(48, 52)
+    assert before > 0 and after > 0.7 * before
+
+
 def test_truth_is_the_users_best_unseen_items_at_that_moment() -> None:
     log = generate(WORLD, SPEC)
     seen: dict[str, set[str]] = {}
