@@ -40,3 +40,12 @@ def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: 
 
 def test_log_levels_are_accepted_in_any_case() -> None:
     assert load_config(env={"TWOTOWER_OBSERVABILITY__LOG_LEVEL": "debug"}).observability.log_level == "debug"
+
+
+def test_a_row_lifetime_can_be_set_back_to_never_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "twotower.toml"
+    path.write_text("[trainer]\nrow_ttl_days = 30\n")
+    assert load_config(path, env={}).trainer.row_ttl_days == 30
+    assert load_config(path, env={"TWOTOWER_TRAINER__ROW_TTL_DAYS": "never"}).trainer.row_ttl_days is None
+    with pytest.raises(ConfigError, match="row_ttl_days"):
+        load_config(env={"TWOTOWER_TRAINER__ROW_TTL_DAYS": "-1"})

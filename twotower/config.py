@@ -20,9 +20,9 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -130,6 +130,14 @@ def stored_model_config(data: Mapping[str, Any]) -> ModelConfig:
     return ModelConfig.model_validate({"recent_len": 0, **data})
 
 
+def _never_is_none(value: Any) -> Any:
+    """``"never"``, ``"none"`` or ``""`` as ``None``: how the environment, whose values are text,
+    says "no limit"."""
+    if isinstance(value, str) and value.strip().lower() in ("", "none", "never"):
+        return None
+    return value
+
+
 class TrainerConfig(_Section):
     state_dir: Path = Path("var/trainer")
     """Where checkpoints (weights + ID tables + Kafka offsets, written together) live."""
@@ -198,7 +206,7 @@ class TrainerConfig(_Section):
     admission_max_pending: int = Field(default=1_000_000, ge=1)
     """With ``admission_min_count`` above 1: how many IDs seen but not admitted yet each table
     remembers (per table; the least recently seen are forgotten beyond it)."""
-    row_ttl_days: float | None = Field(default=None, gt=0)
+    row_ttl_days: Annotated[float | None, BeforeValidator(_never_is_none)] = Field(default=None, gt=0)
     """Rows unseen for this many days of event time are expired: the row is freed and an expired
     item leaves the index (it returns with its next catalogue event or click). ``None`` (default):
     rows never expire by age. Expiry trades recall for memory, and what "stale" means depends on
