@@ -14,6 +14,7 @@ whose supervisor is gone (even killed with SIGKILL) stops by itself within a sec
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
@@ -35,6 +36,8 @@ STOP_TIMEOUT_S = 30.0
 RESTART_DELAY_S = 1.0
 """Least time between two starts of the same worker slot (a worker that cannot start is not
 restarted in a tight loop)."""
+PORT_WAIT_S = 15.0
+"""How long a starting retriever waits for another server on its port to stop before giving up."""
 
 
 def reuse_port_available() -> bool:
@@ -84,15 +87,32 @@ def _worker(host: str, port: int, options: dict[str, Any]) -> None:
     uvicorn.Server(uvicorn.Config(host=host, port=port, backlog=BACKLOG, **options)).run(sockets=[sock])
 
 
-def run_workers(host: str, port: int, workers: int, options: dict[str, Any]) -> None:
+def serving_already(host: str, port: int) -> bool:
+    """Whether a server accepts connections on ``(host, port)`` (a wildcard host: on loopback)."""
+    target = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    try:
+        with socket.create_connection((target, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def run_workers(host: str, port: int, workers: int, options: dict[str, Any], port_wait_s: float = PORT_WAIT_S) -> None:
     """Run ``workers`` processes serving ``options`` (``uvicorn.Config`` keyword arguments, the
     app given as an import string) on ``(host, port)`` until SIGTERM or SIGINT.
 
     Raises:
-        OSError: the address cannot be bound with ``SO_REUSEPORT`` (checked before any worker
-            starts).
+        OSError: the address cannot be bound with ``SO_REUSEPORT``, or another server still
+            accepts connections there after ``port_wait_s`` (checked before any worker starts).
     """
     bound_socket(host, port).close()  # a clear error here rather than workers dying in a loop
+    # SO_REUSEPORT lets a second retriever of the same user bind beside a running one and take
+    # a share of its connections: refuse instead (waiting a little for one that is stopping)
+    deadline = time.monotonic() + port_wait_s
+    while serving_already(host, port):
+        if time.monotonic() >= deadline:
+            raise OSError(errno.EADDRINUSE, f"{host}:{port} is already served by another process")
+        time.sleep(0.5)
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
 

@@ -34,7 +34,7 @@ from retriever.resp import RespClient
 from retriever.state import ServingState
 from retriever.thread_sched import thread_slice_us
 from retriever.watcher import SnapshotWatcher
-from retriever.workers import bound_socket, reuse_port_available
+from retriever.workers import bound_socket, reuse_port_available, run_workers, serving_already
 from twotower.blobs import Rows
 from twotower.config import Config, ModelConfig
 from twotower.model import TwoTower, dense_arrays
@@ -765,6 +765,23 @@ def test_worker_sockets_share_a_port_only_with_reuse_port() -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_a_second_retriever_on_a_served_port_refuses_to_start() -> None:
+    """With SO_REUSEPORT a second retriever of the same user could bind beside a running one
+    and take a share of its connections."""
+    if not reuse_port_available():
+        pytest.skip("SO_REUSEPORT balancing is Linux-only")
+    port = _free_port()
+    running = bound_socket("127.0.0.1", port)
+    running.listen()
+    try:
+        assert serving_already("127.0.0.1", port) and serving_already("0.0.0.0", port)
+        with pytest.raises(OSError, match="already served"):
+            run_workers("0.0.0.0", port, 1, {}, port_wait_s=0.5)
+    finally:
+        running.close()
+    assert not serving_already("127.0.0.1", port)
 
 
 def test_workers_stop_when_their_supervisor_is_killed(cfg: Config) -> None:
