@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import typer
 import uvicorn
@@ -18,6 +19,16 @@ from twotower.daemon import setup_logging
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def clear_metrics_dir(path: Path) -> int:
+    """Delete the metric files an earlier run left in a multiprocess directory you gave
+    (``PROMETHEUS_MULTIPROC_DIR``; prometheus_client needs it empty at start, or the counters of
+    earlier runs add to this one's); how many there were."""
+    stale = list(path.glob("*.db"))
+    for file in stale:
+        file.unlink(missing_ok=True)
+    return len(stale)
 
 
 def serve_command(
@@ -43,6 +54,10 @@ def serve_command(
         # multiprocess mode); the workers inherit the variable
         own_dir = tempfile.mkdtemp(prefix="twotower-retriever-metrics-")
         os.environ[MULTIPROC_ENV] = own_dir
+    elif workers > 1:
+        cleared = clear_metrics_dir(Path(os.environ[MULTIPROC_ENV]))
+        if cleared:
+            log.info("removed %d metric files of an earlier run from %s", cleared, os.environ[MULTIPROC_ENV])
     tunables = os.environ.get(malloc.ENV, "")
     log.info(
         "retriever serving on http://%s:%d with %d worker(s), GLIBC_TUNABLES=%s",

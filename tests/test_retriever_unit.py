@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import faiss
 import msgpack
@@ -15,6 +16,7 @@ import torch
 from publisher import index as ix
 from retriever import malloc
 from retriever.app import HistoryEvent, _merge_history, decode_history, decode_profile
+from retriever.cli import clear_metrics_dir
 from retriever.state import ServingState
 from twotower.blobs import BlobError, Rows
 from twotower.config import ModelConfig, RetrieverConfig
@@ -496,3 +498,10 @@ def test_freed_memory_stays_in_the_process_with_the_tunables(retain: bool) -> No
     # with the tunables the freed 64 MiB are still resident (ready for the next version);
     # without them glibc unmapped the block when it was freed
     assert (kept_mb >= 60) is retain, kept_mb
+
+
+def test_a_given_metrics_directory_is_cleared_of_an_earlier_runs_files(tmp_path: Path) -> None:
+    for name in ("counter_123.db", "gauge_liveall_456.db", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert clear_metrics_dir(tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
