@@ -225,16 +225,20 @@ def load_side_topics(cfg: Config, topics: Topics, state: TrainerState) -> None:
             state.apply_catalog(item)
 
 
+def _may_have_lost_pre_day(n_held: int, n_before_day: int, hist_len: int) -> bool:
+    """A history at its length holding fewer entries from before the day may have lost some
+    (clicks since the day began pushed the older ones out); a shorter one never lost any."""
+    return n_held >= hist_len and n_before_day < hist_len
+
+
 def users_short_of_pre_day_history(state: TrainerState, day_start_ms: int) -> set[str]:
-    """Users whose history from before the day the state may no longer hold in full: their
-    history is at its length and holds fewer entries from before the day (clicks since the day
-    began pushed the older ones out; a shorter history never lost any)."""
+    """Users whose history from before the day the state may no longer hold in full."""
     hist_len = state.model_cfg.history_len
-    out = set()
-    for user, history in state.histories.items():
-        if len(history) >= hist_len and sum(t < day_start_ms for _, t in history) < hist_len:
-            out.add(user)
-    return out
+    return {
+        user
+        for user, history in state.histories.items()
+        if _may_have_lost_pre_day(len(history), sum(t < day_start_ms for _, t in history), hist_len)
+    }
 
 
 def build_examples(
@@ -249,10 +253,13 @@ def build_examples(
     no admission filter).
     """
     hist_len = state.model_cfg.history_len
-    histories = {
-        u: deque(((i, t) for i, t in h if t < day_start_ms), maxlen=hist_len) for u, h in state.histories.items()
-    }
-    short = users_short_of_pre_day_history(state, day_start_ms)
+    histories: dict[str, deque[tuple[str, int]]] = {}
+    short = set()  # users_short_of_pre_day_history, in the same pass
+    for user, history in state.histories.items():
+        before = [(i, t) for i, t in history if t < day_start_ms]
+        histories[user] = deque(before, maxlen=hist_len)
+        if _may_have_lost_pre_day(len(history), len(before), hist_len):
+            short.add(user)
     lost: dict[str, list[tuple[str, int]]] = {}
     for click in earlier:
         if click.user_id not in short:
@@ -348,7 +355,6 @@ def _run_nightly(
             state.seq += 1
             carried = {k: v for k, v in (ckpt.extra if ckpt else {}).items() if k in (APPLIED_ABOVE, NIGHTLY_COUNTED)}
             checkpoint.save(state_dir, state.to_checkpoint(ckpt.offsets if ckpt else {}, carried))
-            ckpt = checkpoint.load(state_dir)
         if day in state.nightly_done and not force:
             log.info("nightly %s already done: skipping", day)
             return NightlyResult(day, "skipped")

@@ -102,10 +102,9 @@ class TrainerState:
             self.model = TwoTower(model_cfg)
         self.model.requires_grad_(False)
         self.model.eval()
-        self.users, self.items = (
-            IdTable(model_cfg.id_dim, trainer_cfg.admission_min_count, max_pending=trainer_cfg.admission_max_pending)
-            for _ in range(2)
-        )
+        admission, max_pending = trainer_cfg.admission_min_count, trainer_cfg.admission_max_pending
+        self.users = IdTable(model_cfg.id_dim, admission, max_pending=max_pending)
+        self.items = IdTable(model_cfg.id_dim, admission, max_pending=max_pending)
         self.catalog = CatalogColumns(model_cfg.content_dim)
         self.categories: dict[str, int] = {}
         self.profiles = ProfileColumns(model_cfg.profile_dim)

@@ -209,8 +209,7 @@ class SnapshotStore:
         try:
             if self.current_version() == version or self.redis.zscore(self.layout.versions, str(version)) is not None:
                 return
-            for key in self.redis.scan_iter(match=self.layout.version_keys(version), count=1000):
-                self.redis.unlink(key)
+            self._unlink_version_keys(version)
         except redis.RedisError as exc:
             log.warning("version %d failed to write, and what it stored could not be deleted: %s", version, exc)
 
@@ -271,7 +270,7 @@ class SnapshotStore:
             return []
         cutoff = fulls[-keep_full]
         current = self.current_version()
-        current_base = None if current is None else (metas[current] if current in metas else self.meta(current)).base
+        current_base = None if current is None else (metas.get(current) or self.meta(current)).base
         doomed = [v for v in metas if v < cutoff and (current_base is None or v < current_base)]
         for v in doomed:
             meta = metas[v]
@@ -289,9 +288,14 @@ class SnapshotStore:
     def _delete_leftovers(self, version: int) -> None:
         """Delete what is left of a listed version whose meta is gone, then unlist it."""
         log.warning("version %d is listed without its meta (a trim was interrupted): deleting its keys", version)
+        self._unlink_version_keys(version)
+        self.redis.zrem(self.layout.versions, str(version))
+
+    def _unlink_version_keys(self, version: int) -> None:
+        """Delete every key of ``version`` found by name (for a version whose meta, which lists
+        its chunks, may be missing); one key per command, as :meth:`trim` does."""
         for key in self.redis.scan_iter(match=self.layout.version_keys(version), count=1000):
             self.redis.unlink(key)
-        self.redis.zrem(self.layout.versions, str(version))
 
     # --- reading -------------------------------------------------------------------------
     def current_version(self) -> int | None:
