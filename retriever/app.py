@@ -79,6 +79,7 @@ from retriever.state import ServingState
 from retriever.thread_sched import shorten_thread_slice
 from retriever.tracked_cache import EVENTS, TrackedCache
 from retriever.watcher import SnapshotWatcher
+from retriever.workers import MULTIPROC_ENV
 from twotower.config import Config, load_config
 from twotower.daemon import setup_logging
 from twotower.events import MAX_FEATURE_ABS, MAX_ID_LEN, MAX_TS_MS
@@ -695,7 +696,7 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> RecommendFr
             gc_timer.uninstall()
             if cfg.retriever.gc_freeze:
                 gc.unfreeze()  # an app served in-process (tests) leaves the collector as it was
-            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            if os.environ.get(MULTIPROC_ENV):
                 multiprocess.mark_process_dead(os.getpid())
 
     app = FastAPI(
@@ -760,7 +761,7 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> RecommendFr
     @app.get("/metrics")
     def metrics() -> Response:
         """Prometheus exposition (all workers' metrics in multiprocess mode)."""
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if os.environ.get(MULTIPROC_ENV):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         else:

@@ -12,13 +12,11 @@ import typer
 import uvicorn
 
 from retriever import malloc
-from retriever.workers import reuse_port_available, run_workers
+from retriever.workers import MULTIPROC_ENV, reuse_port_available, run_workers
 from twotower.config import load_config
 from twotower.daemon import setup_logging
 
 log = logging.getLogger(__name__)
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def clear_metrics_dir(path: Path) -> int:

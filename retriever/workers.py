@@ -36,6 +36,8 @@ STOP_TIMEOUT_S = 30.0
 RESTART_DELAY_S = 1.0
 """Least time between two starts of the same worker slot (a worker that cannot start is not
 restarted in a tight loop)."""
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Set, the workers' metrics are shared through files there (prometheus_client multiprocess mode)."""
 PORT_WAIT_S = 15.0
 """How long a starting retriever waits for another server on its port to stop before giving up."""
 
@@ -69,7 +71,7 @@ def bound_socket(host: str, port: int) -> socket.socket:
 def forget_metrics(pid: int | None) -> None:
     """Drop a worker's live gauges from the shared metrics (multiprocess mode): a worker that
     crashed never ran its own shutdown, and its last snapshot version, say, stayed exported."""
-    if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if pid is not None and os.environ.get(MULTIPROC_ENV):
         multiprocess.mark_process_dead(pid)
 
 
