@@ -539,9 +539,11 @@ class RetrieverService:
 def _merge_history(
     fresh: Sequence[str | HistoryEvent], stored: list[tuple[str, int]], now_ms: int
 ) -> list[tuple[str, int]]:
-    """Fresh (request) and stored (Redis) interactions, newest first, exact duplicates once."""
+    """Fresh (request) and stored (Redis) interactions, newest first by event time (ties in
+    the order given), exact duplicates once. Redis holds a history in arrival order, which a
+    late or replayed event breaks; the trainer's is in event time."""
     if not fresh:
-        return stored
+        return stored if _newest_first(stored) else sorted(stored, key=lambda pair: -pair[1])
     merged: list[tuple[str, int]] = []
     for event in fresh:
         if isinstance(event, str):
@@ -552,6 +554,10 @@ def _merge_history(
     merged.extend(pair for pair in stored if pair not in seen)
     merged.sort(key=lambda pair: -pair[1])
     return merged
+
+
+def _newest_first(history: Sequence[tuple[str, int]]) -> bool:
+    return all(a[1] >= b[1] for a, b in itertools.pairwise(history))
 
 
 _FAST_KEYS = frozenset({"user_id", "k", "exclude", "category", "diversity"})
