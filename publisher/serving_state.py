@@ -16,7 +16,9 @@ commit replays the batch (item and profile writes are idempotent; a click may th
 twice in a history).
 
 The catalogue items of each batch are handed back to the caller, which decides whether an
-item needs a content-only vector (see :class:`publisher.daemon.PublisherDaemon`).
+item needs a content-only vector (see :class:`publisher.daemon.PublisherDaemon`), before the
+offsets are committed when it asks to (``before_commit``): a crash cannot lose an item's
+listing between the commit and its vector.
 """
 
 from __future__ import annotations
@@ -164,12 +166,19 @@ class ServingStateWriter:
             raise
         self.decoder = RecordDecoder(self.producer)
 
-    def poll_once(self, timeout_ms: int = 200) -> BatchResult:
+    def poll_once(
+        self, timeout_ms: int = 200, before_commit: Callable[[BatchResult], None] | None = None
+    ) -> BatchResult:
         """Poll one batch, apply it to Redis in one transaction, then commit its offsets.
 
+        Args:
+            timeout_ms: longest wait for a batch.
+            before_commit: called with a batch's result once Redis has it, before its offsets
+                are committed (not for an empty poll); what it raises fails the batch.
+
         Raises:
-            Exception: whatever Kafka or Redis raised; the consumer was rewound to the start
-                of the batch first, so calling again retries it.
+            Exception: whatever Kafka, Redis or ``before_commit`` raised; the consumer was
+                rewound to the start of the batch first, so calling again retries it.
         """
         self.assigner.refresh()
         batch = self.consumer.poll(timeout_ms=timeout_ms)
@@ -192,10 +201,12 @@ class ServingStateWriter:
             result = queue_writes(pipe, self.layout, records, self.cfg.publisher.history_max_len)
             if len(pipe):
                 pipe.execute()
+            result.messages, result.dead_letters = count, dead
+            if before_commit is not None:
+                before_commit(result)
         except Exception:
             self._rewind(firsts)
             raise
-        result.messages, result.dead_letters = count, dead
         HISTORY_WRITES.inc(result.clicks)
         for kind, n in (
             ("click", result.clicks),
