@@ -160,6 +160,7 @@ def full_snapshot(
     ckpt: Checkpoint,
     *,
     extra_items: Iterable[CatalogItem] = (),
+    withheld_items: Iterable[str] = (),
     model: TwoTower | None = None,
     index_kind: str = "auto",
     index_options: Mapping[str, Any] | None = None,
@@ -170,6 +171,8 @@ def full_snapshot(
         ckpt: the trainer checkpoint.
         extra_items: catalogue items to serve with content-only vectors; ids the checkpoint
             has a row for are ignored.
+        withheld_items: catalogue items left out as expired, recorded in the snapshot for a
+            restarted publisher (see :data:`twotower.snapshot_parts.WITHHELD_ITEMS`).
         model: the towers built from ``ckpt`` (built here when ``None``).
         index_kind: passed to :func:`publisher.index.build_index`.
         index_options: further keyword arguments of ``build_index``.
@@ -191,6 +194,7 @@ def full_snapshot(
         users=users,
         items=items,
         index=serialize(index),
+        withheld_items=list(withheld_items),
     )
 
 

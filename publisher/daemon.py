@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from kafka import TopicPartition
@@ -56,9 +56,9 @@ from publisher.build import (
     is_empty,
     model_from_checkpoint,
 )
-from publisher.serving_state import ServingStateWriter
+from publisher.serving_state import BatchResult, ServingStateWriter
 from twotower import checkpoint
-from twotower.blobs import BlobError, Rows, checksum, unpack_rows
+from twotower.blobs import BlobError, Rows, checksum, unpack_rows, unpack_strings
 from twotower.checkpoint import Checkpoint
 from twotower.config import Config
 from twotower.daemon import Daemon
@@ -69,6 +69,7 @@ from twotower.snapshot_parts import (
     ITEMS,
     MODEL_CONFIG,
     WEIGHTS,
+    WITHHELD_ITEMS,
     DeltaSnapshot,
     FullSnapshot,
     decode_delta,
@@ -172,8 +173,19 @@ def weight_checksums(model: TwoTower) -> tuple[str, str]:
     return checksum(parts[WEIGHTS]), checksum(parts[MODEL_CONFIG])
 
 
-def served_items(store: SnapshotStore, version: int) -> tuple[set[str], list[VersionMeta]]:
-    """Item ids served by ``version`` (its chain applied) and the chain's metas.
+class Served(NamedTuple):
+    """What a version serves, as a restarted publisher needs it."""
+
+    items: set[str]
+    """Item ids served (the chain applied)."""
+    withheld: set[str]
+    """Items left out because the trainer expired them: the full version's ``withheld_items``
+    and the deltas' removals, less the items a later delta served again."""
+    chain: list[VersionMeta]
+
+
+def served_items(store: SnapshotStore, version: int) -> Served:
+    """What ``version`` serves (its chain applied), and the chain's metas.
 
     Raises:
         SnapshotError: a version of the chain is missing or corrupt.
@@ -181,14 +193,19 @@ def served_items(store: SnapshotStore, version: int) -> tuple[set[str], list[Ver
     """
     chain = store.chain(version)
     items: set[str] = set()
+    withheld: set[str] = set()
     for meta in chain:
         if meta.kind == FULL:
             items = set(unpack_rows(store.read_part(meta, ITEMS)).ids)
+            withheld = set()  # full versions written before the part existed have none
+            if WITHHELD_ITEMS in meta.parts:
+                withheld = set(unpack_strings(store.read_part(meta, WITHHELD_ITEMS)))
         else:
             delta = decode_delta(store.read_parts(meta))
             items |= set(delta.items.ids)
             items -= set(delta.removed_items)
-    return items, chain
+            withheld = (withheld | set(delta.removed_items)) - set(delta.items.ids)
+    return Served(items, withheld, chain)
 
 
 class PublisherDaemon(Daemon):
@@ -270,7 +287,7 @@ class PublisherDaemon(Daemon):
         ensure_topics(self.cfg.kafka)
         self.replay_catalog()
         with self._lock:
-            self._pending = {i for i in self._catalog if i not in self._served}
+            self._pending = {i for i in self._catalog if i not in self._served and i not in self._removed}
         log.info(
             "publisher state: version %s, %d served items, %d catalogue items, %d pending",
             self._last.version if self._last else None,
@@ -359,7 +376,8 @@ class PublisherDaemon(Daemon):
         if current is None:
             return
         try:
-            served, chain = served_items(store, current)
+            served = served_items(store, current)
+            chain = served.chain
             base = chain[0]
             last = Published(
                 version=current,
@@ -374,15 +392,17 @@ class PublisherDaemon(Daemon):
             return
         with self._lock:
             self._last = last
-            self._served = served
+            self._served = served.items
+            self._removed = served.withheld
         LAST_VERSION.set(current)
         log.info(
-            "recovered version %d (trainer seq %d, %d deltas since full %d, %d items)",
+            "recovered version %d (trainer seq %d, %d deltas since full %d, %d items, %d withheld as expired)",
             current,
             last.trainer_seq,
             last.deltas_since_full,
             base.version,
-            len(served),
+            len(served.items),
+            len(served.withheld),
         )
 
     def replay_catalog(self) -> int:
@@ -450,12 +470,19 @@ class PublisherDaemon(Daemon):
             return version
         for seq, path in checkpoint.row_updates(self.state_dir):
             with self._lock:
-                done = max(self._ckpt_seq or 0, self._last.trainer_seq if self._last is not None else 0)
-            if seq <= done:  # read before, or published before a restart
+                read = self._ckpt_seq or 0
+                published = self._last.trainer_seq if self._last is not None else 0
+            if seq <= read:
                 continue
             update = checkpoint.load_row_update(path)
             if update is None or update.base_seq != self._full_seq:
                 break  # a newer full checkpoint superseded it: the next poll reads that one
+            if seq <= published:
+                # published before a restart: nothing to send, but which items it gave rows
+                # (the trainer's now, not content-only) and which it expired still counts
+                with self._lock:
+                    self._adopt_items(update)
+                continue
             version = self.publish_checkpoint(store, update) or version
         return version
 
@@ -490,11 +517,11 @@ class PublisherDaemon(Daemon):
             if aside:
                 kind = DELTA
             extras: list[CatalogItem] = []
+            withheld: list[str] = []
             if kind == FULL:  # content-only items, re-embedded
-                _, removed = self._after(ckpt)
-                extras = [it for i, it in self._catalog.items() if i not in removed]
+                extras, withheld = self._catalog_split(self._after(ckpt)[1])
         if kind == FULL:
-            return self._publish_full(store, ckpt, model, extras, started)
+            return self._publish_full(store, ckpt, model, extras, withheld, started)
         with self._lock:
             if self._last is None:  # plan_publish returns FULL without a last version; nothing else clears it
                 raise RuntimeError("no published version to append a delta to")
@@ -518,12 +545,13 @@ class PublisherDaemon(Daemon):
             if aside and self._compaction is None:
                 # the content-only items as of now (the serving loop may have published some
                 # since the section above): the deltas after this point are carried over
-                extras = [it for i, it in self._catalog.items() if i not in self._removed]
-                self._compaction = self._start_compaction(ckpt, model, extras)
+                self._compaction = self._start_compaction(ckpt, model, *self._catalog_split(self._removed))
             flushed = self._flush_pending_locked(store)
         return flushed or version
 
-    def _start_compaction(self, ckpt: Checkpoint, model: TwoTower, extras: list[CatalogItem]) -> _Compaction:
+    def _start_compaction(
+        self, ckpt: Checkpoint, model: TwoTower, extras: list[CatalogItem], withheld: list[str]
+    ) -> _Compaction:
         """Build the full version of ``ckpt`` on a thread of its own (caller holds the lock, and has
         just published ``ckpt`` as a delta: the served chain is at ``ckpt`` now)."""
         job = _Compaction(ckpt.seq, ckpt.dense_version, time.perf_counter())
@@ -531,7 +559,12 @@ class PublisherDaemon(Daemon):
         def build() -> None:
             try:
                 snap = full_snapshot(
-                    ckpt, extra_items=extras, model=model, index_kind=self.index_kind, index_options=self.index_options
+                    ckpt,
+                    extra_items=extras,
+                    withheld_items=withheld,
+                    model=model,
+                    index_kind=self.index_kind,
+                    index_options=self.index_options,
                 )
                 job.parts = encode_full(snap)
             except Exception as exc:  # reported (and dropped) by _finish_compaction
@@ -607,20 +640,41 @@ class PublisherDaemon(Daemon):
         owned = set(ckpt.items.ids) if ckpt.base_seq is None else (self._owned - gone) | set(ckpt.items.ids)
         return owned, (self._removed | gone) - owned
 
+    def _catalog_split(self, removed: set[str]) -> tuple[list[CatalogItem], list[str]]:
+        """The catalogue items a full version serves (content-only where the trainer has no row)
+        and those it withholds as expired, given the ``removed`` ids (caller holds the lock)."""
+        extras = [it for i, it in self._catalog.items() if i not in removed]
+        return extras, sorted(i for i in self._catalog if i in removed)
+
     def _adopt(self, ckpt: Checkpoint, model: TwoTower, after: tuple[set[str], set[str]] | None = None) -> None:
         """Make ``ckpt``'s model, vocabulary, rows and removals the current ones (caller holds the
         lock; ``after``: :meth:`_after` of ``ckpt``, when the caller has it already)."""
-        self._owned, self._removed = after if after is not None else self._after(ckpt)
-        self._pending -= self._removed
+        self._adopt_items(ckpt, after)
         self._model = model
         self._vocab = category_indices(ckpt.categories, model.cfg.n_categories)
+
+    def _adopt_items(self, ckpt: Checkpoint, after: tuple[set[str], set[str]] | None = None) -> None:
+        """Make ``ckpt``'s owned and removed items the current ones, and ``ckpt`` the last read."""
+        self._owned, self._removed = after if after is not None else self._after(ckpt)
+        self._pending -= self._removed
         self._ckpt_seq = ckpt.seq
 
     def _publish_full(
-        self, store: SnapshotStore, ckpt: Checkpoint, model: TwoTower, extras: list[CatalogItem], started: float
+        self,
+        store: SnapshotStore,
+        ckpt: Checkpoint,
+        model: TwoTower,
+        extras: list[CatalogItem],
+        withheld: list[str],
+        started: float,
     ) -> int:
         snap = full_snapshot(
-            ckpt, extra_items=extras, model=model, index_kind=self.index_kind, index_options=self.index_options
+            ckpt,
+            extra_items=extras,
+            withheld_items=withheld,
+            model=model,
+            index_kind=self.index_kind,
+            index_options=self.index_options,
         )
         parts = encode_full(snap)
         with self._lock:
@@ -740,13 +794,18 @@ class PublisherDaemon(Daemon):
         store = SnapshotStore(client, self.layout)
         holder: list[ServingStateWriter] = []
 
-        def step() -> None:
-            if not holder:
-                holder.append(ServingStateWriter(self.cfg))
-            result = holder[0].poll_once(timeout_ms=200)
+        def publish_listed(result: BatchResult) -> None:
+            # before the batch's offsets are committed: a crash in between replays the batch
             if result.catalog:
                 self.note_catalog(result.catalog)
             if self._pending:
+                self.flush_pending(store)
+
+        def step() -> None:
+            if not holder:
+                holder.append(ServingStateWriter(self.cfg))
+            holder[0].poll_once(timeout_ms=200, before_commit=publish_listed)
+            if self._pending:  # items listed before a model or a version existed
                 self.flush_pending(store)
 
         try:

@@ -96,7 +96,7 @@ def test_full_and_delta_round_trip_through_the_store(store: SnapshotStore) -> No
     back_delta = decode_delta(delta_parts)
     assert back_delta.users.ids == ["u1"] and back_delta.items.ids == ["i4"]
     np.testing.assert_array_equal(back_delta.items.matrix, delta.items.matrix)
-    assert served_items(store, v2)[0] == set(full.items.ids)
+    assert served_items(store, v2).items == set(full.items.ids)
 
 
 def test_a_notice_that_cannot_be_sent_leaves_the_version_current(
@@ -462,6 +462,68 @@ def test_row_updates_become_deltas_until_the_next_full_checkpoint(config: Config
     assert decode_delta(read_parts(store, v7)[-1]).users.ids == ["u2"]
 
 
+def test_a_restarted_publisher_knows_the_items_row_updates_gave_rows(config: Config, store: SnapshotStore) -> None:
+    """An item the trainer first gave a row in a row update published before a restart stays
+    the trainer's: a catalogue change does not replace its trained vector with a content-only one."""
+    cfg = config.with_overrides({"publisher": {"full_every": 100}})
+    daemon = PublisherDaemon(cfg)
+    daemon.recover(store)
+    save(cfg, seq=1, item_categories=(1, 1, 2, 2, 3))  # i0..i4
+    assert daemon.poll_checkpoint(store) is not None
+    save_row_update(cfg, seq=2, base_seq=1, user_rows=[], item_rows=[5])  # i5: a new trainer row
+    v2 = daemon.poll_checkpoint(store)
+    assert v2 is not None and decode_delta(read_parts(store, v2)[-1]).items.ids == ["i5"]
+
+    daemon = PublisherDaemon(cfg)
+    daemon.recover(store)
+    assert daemon.poll_checkpoint(store) is None and store.current_version() == v2
+    assert "i5" in daemon._owned
+    assert daemon.note_catalog([CatalogItem("i5", "games", [0.3, 0.3, 0.3], 12)]) == 0
+    assert daemon.flush_pending(store) is None and store.current_version() == v2
+
+
+def test_a_restarted_publisher_does_not_serve_again_an_item_the_trainer_expired(
+    config: Config, store: SnapshotStore
+) -> None:
+    """The full version records the catalogue items it withholds as expired: a restarted
+    publisher replays the whole catalogue topic, and the trainer's checkpoint keeps only its
+    newest removals."""
+    cfg = kafka_config(config, full_every=100)
+    topics = ensure_topics(cfg.kafka)
+    five = (1, 1, 2, 2, 3)
+    listed = CatalogItem("i5", "games", [0.3, 0.3, 0.3], 12)
+    daemon = PublisherDaemon(cfg)
+    daemon.recover(store)
+    save(cfg, seq=1)  # i0..i5
+    assert daemon.poll_checkpoint(store) is not None
+    assert daemon.note_catalog([listed]) == 0  # the trainer's
+    save(cfg, seq=2, item_categories=five, removed=[(2, "i5")])  # i5 expired
+    v2 = daemon.poll_checkpoint(store)
+    assert v2 is not None and decode_delta(read_parts(store, v2)[-1]).removed_items == ["i5"]
+    save(cfg, seq=3, dense_version=2, seed=4, item_categories=five, removed=[(2, "i5")])  # new weights
+    v3 = daemon.poll_checkpoint(store)
+    assert v3 is not None and store.meta(v3).kind == FULL
+    full = decode_full(read_parts(store, v3)[0])
+    assert "i5" not in full.items.ids and full.withheld_items == ["i5"]
+
+    save(cfg, seq=4, dense_version=2, seed=4, item_categories=five)  # the removal is no longer listed
+    producer = patient_producer(cfg)
+    try:
+        send(producer, topics.catalog, listed)
+    finally:
+        producer.close()
+    daemon = PublisherDaemon(cfg)
+    daemon.startup()  # recovers, then replays the catalogue topic
+    assert daemon._catalog == {"i5": listed} and daemon._removed == {"i5"} and not daemon._pending
+    assert daemon.poll_checkpoint(store) is None and daemon.flush_pending(store) is None
+    assert store.current_version() == v3 and "i5" not in served_items(store, v3).items
+    # listed again after the restart: served again, content-only
+    assert daemon.note_catalog([replace(listed, ts_ms=13)]) == 1
+    v5 = daemon.flush_pending(store)
+    assert v5 is not None and decode_delta(read_parts(store, v5)[-1]).items.ids == ["i5"]
+    assert served_items(store, v5).withheld == set()
+
+
 def test_a_delta_whose_write_failed_is_published_by_the_next_poll(
     config: Config, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -688,6 +750,43 @@ def test_serving_state_writer_turns_clicks_into_history_and_dead_letters_garbage
         client.close()
 
 
+def test_a_batch_is_committed_only_after_before_commit_returns(config: Config) -> None:
+    """The publisher publishes a listed item's vector before the listing's offset is committed:
+    a crash in between (here, ``before_commit`` failing and the writer gone) replays it."""
+    config = kafka_config(config)
+    topics = ensure_topics(config.kafka)
+    producer = patient_producer(config)
+    writer = ServingStateWriter(config)
+    item = CatalogItem("listed", "games", [0.1, 0.2, 0.3], 7)
+    try:
+        send(producer, topics.catalog, item)
+
+        def crash(result: object) -> None:
+            raise RuntimeError("gone before the item's vector was published")
+
+        def failed() -> bool:
+            try:
+                writer.poll_once(timeout_ms=200, before_commit=crash)
+            except RuntimeError:
+                return True
+            return False
+
+        wait_for(failed, 60, "the listing's batch")
+        writer.close()
+        writer = ServingStateWriter(config)
+        got: list[CatalogItem] = []
+
+        def listed() -> bool:
+            got.extend(writer.poll_once(timeout_ms=200, before_commit=lambda result: None).catalog)
+            return bool(got)
+
+        wait_for(listed, 60, "the listing again")
+        assert got == [item]
+    finally:
+        writer.close()
+        producer.close()
+
+
 def test_daemon_end_to_end_new_item_retrievable_within_two_seconds(config: Config, store: SnapshotStore) -> None:
     cfg = kafka_config(config, poll_interval_s=0.1)
     topics = ensure_topics(cfg.kafka)
@@ -712,7 +811,7 @@ def test_daemon_end_to_end_new_item_retrievable_within_two_seconds(config: Confi
 
         def served() -> bool:
             current = store.current_version()
-            return current is not None and item.item_id in served_items(store, current)[0]
+            return current is not None and item.item_id in served_items(store, current).items
 
         wait_for(served, 10, "the new item in the served chain")
         elapsed = time.monotonic() - started

@@ -2,6 +2,7 @@
 
 A **full** version has every part below except ``removed_items``; a **delta** has
 ``users`` and ``items`` (only the changed or new rows) and ``removed_items``.
+Retrievers read only the parts they serve from; ``withheld_items`` is the publisher's.
 
 * ``model_config``: the :class:`~twotower.config.ModelConfig` the weights belong to (msgpack map).
 * ``weights``: the dense weights of both towers (:func:`twotower.blobs.pack_arrays`).
@@ -14,11 +15,15 @@ A **full** version has every part below except ``removed_items``; a **delta** ha
 * ``index``: ``faiss.serialize_index`` bytes of an index over ``items`` whose ids are
   the row positions in ``items``.
 * ``removed_items``: ids of items gone since the parent version.
+* ``withheld_items``: catalogue items a full version leaves out because the trainer expired
+  them (and no catalogue event listed them again since): a restarted publisher reads them
+  back, so that it does not serve them again from the catalogue topic it replays. Optional
+  (full versions written before it existed have none).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
@@ -33,6 +38,7 @@ USERS = "users"
 ITEMS = "items"
 INDEX = "index"
 REMOVED_ITEMS = "removed_items"
+WITHHELD_ITEMS = "withheld_items"
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class FullSnapshot:
     users: Rows
     items: Rows
     index: bytes
+    withheld_items: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ def encode_full(snap: FullSnapshot) -> dict[str, bytes]:
         USERS: pack_rows(snap.users),
         ITEMS: pack_rows(snap.items),
         INDEX: snap.index,
+        WITHHELD_ITEMS: pack_strings(snap.withheld_items),
     }
 
 
@@ -76,6 +84,7 @@ def decode_full(parts: dict[str, bytes]) -> FullSnapshot:
         users=unpack_rows(parts[USERS]),
         items=unpack_rows(parts[ITEMS]),
         index=parts[INDEX],
+        withheld_items=_unpack_strings(parts[WITHHELD_ITEMS]) if WITHHELD_ITEMS in parts else [],
     )
 
 
