@@ -17,7 +17,7 @@ from trainer.id_table import IdTable
 from trainer.losses import candidate_log_q, popularity_distribution, sample_with_replacement, sampled_softmax_loss
 from trainer.ordering import EventTimeMerger
 from trainer.state import TrainerState
-from trainer.stream import StateLock, StreamTrainer, checkpoint_wait_s
+from trainer.stream import CountedRange, StateLock, StreamTrainer, checkpoint_wait_s
 from twotower import checkpoint
 from twotower.config import Config, ModelConfig, TrainerConfig
 from twotower.events import CLICK, CatalogItem, Interaction, encode
@@ -439,3 +439,20 @@ def test_a_nightly_stops_between_batches_when_asked_and_keeps_nothing(
     cfg = Config().with_overrides({"trainer": {"state_dir": str(tmp_path)}})
     assert nightly.run_nightly(cfg, dt.date(2024, 3, 10), should_stop=lambda: True).status == "stopped"
     assert StateLock(tmp_path, nightly.NIGHTLY_LOCK).acquire(blocking=False)  # released
+
+
+def test_a_counted_range_covers_the_offsets_the_nightly_read_of_its_day() -> None:
+    day = (1_000, 2_000)
+    ranges = nightly.counted_ranges(None, day, [(0, 5, None), (0, 9, None), (2, 4, None)], "ev", True)  # type: ignore[list-item]
+    assert ranges == [[1_000, 2_000, {"ev:0": [5, 9], "ev:2": [4, 4]}]]
+    counted = CountedRange.from_extra(ranges[0])
+    assert counted.covers(("ev", 0), 5, 1_000) and counted.covers(("ev", 0), 9, 1_999)
+    assert not counted.covers(("ev", 0), 10, 1_500)  # arrived after the nightly's read
+    assert not counted.covers(("ev", 1), 0, 1_500)  # a partition where it read none of the day
+    assert not counted.covers(("ev", 0), 7, 2_000)  # another day
+    assert counted.to_extra() == ranges[0]
+    older = CountedRange.from_extra([1_000, 2_000])  # written before offsets were recorded: the whole day
+    assert older.covers(("ev", 1), 10**9, 1_000) and older.to_extra() == [1_000, 2_000]
+    ckpt = SimpleNamespace(extra={nightly.NIGHTLY_COUNTED: [[1_000, 2_000]]})
+    assert nightly.counted_ranges(ckpt, day, [], "ev", True) == [[1_000, 2_000]]  # type: ignore[arg-type]
+    assert nightly.counted_ranges(ckpt, (2_000, 3_000), [], "ev", False) == [[1_000, 2_000]]  # type: ignore[arg-type]

@@ -22,9 +22,10 @@ Counting: the state's ID counts (popularity sampler, logQ, admission) and histor
 include every click exactly once. Beside a running streaming trainer, it counts them. When the
 nightly owns the state (no streaming trainer), it counts the day's clicks itself, once: not
 those the checkpoint's offsets say a streaming trainer applied before it stopped, and none on
-a forced rerun of a date already done. It records the day's event-time range in the checkpoint,
-so that a streaming trainer started later, which replays the topic from the checkpoint's offsets,
-skips that day's interactions instead of counting them again.
+a forced rerun of a date already done. It records the day and the offsets it read in the
+checkpoint (:class:`trainer.stream.CountedRange`), so that a streaming trainer started later,
+which replays the topic from the checkpoint's offsets, skips those interactions instead of
+counting them again, and counts and learns the day's interactions that arrived after the read.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from kafka import TopicPartition
@@ -45,7 +46,7 @@ from tqdm import tqdm
 
 from trainer import handoff
 from trainer.state import TrainerState
-from trainer.stream import APPLIED_ABOVE, NIGHTLY_COUNTED, StateLock, parse_partition_key
+from trainer.stream import APPLIED_ABOVE, NIGHTLY_COUNTED, CountedRange, StateLock, parse_partition_key
 from twotower import checkpoint
 from twotower.config import Config, KafkaConfig
 from twotower.events import CLICK, CatalogItem, Interaction, Profile, SchemaError, decode
@@ -174,12 +175,24 @@ def _by_partition(keyed: dict[str, T]) -> dict[tuple[str, int], T]:
 MAX_COUNTED_RANGES = 1_000
 
 
-def counted_ranges(ckpt: checkpoint.Checkpoint | None, day: tuple[int, int], counted: bool) -> list[list[int]]:
-    """The checkpoint's counted ranges, plus ``day`` if this run counted it (newest kept)."""
-    ranges = [list(r) for r in (ckpt.extra.get(NIGHTLY_COUNTED, []) if ckpt else [])]
-    if counted and list(day) not in ranges:
-        ranges.append(list(day))
-    return ranges[-MAX_COUNTED_RANGES:]
+def counted_ranges(
+    ckpt: checkpoint.Checkpoint | None,
+    day: tuple[int, int],
+    records: Iterable[tuple[int, int, Interaction]],
+    topic: str,
+    counted: bool,
+) -> list[list[Any]]:
+    """The checkpoint's counted ranges (:data:`NIGHTLY_COUNTED`), plus ``day`` if this run counted
+    it, with the span of offsets of the day's ``records`` (partition, offset, record) it read from
+    ``topic`` in each partition (newest ``MAX_COUNTED_RANGES`` kept)."""
+    ranges = [CountedRange.from_extra(r) for r in (ckpt.extra.get(NIGHTLY_COUNTED, []) if ckpt else [])]
+    if counted and all((r.start_ms, r.end_ms) != day for r in ranges):
+        spans: dict[tuple[str, int], tuple[int, int]] = {}
+        for partition, offset, _ in records:
+            first, last = spans.get((topic, partition), (offset, offset))
+            spans[(topic, partition)] = (min(first, offset), max(last, offset))
+        ranges.append(CountedRange(day[0], day[1], spans))
+    return [r.to_extra() for r in ranges[-MAX_COUNTED_RANGES:]]
 
 
 def count_clicks(state: TrainerState, clicks: list[Interaction]) -> None:
@@ -403,9 +416,11 @@ def _run_nightly(
             offsets = ckpt.offsets if ckpt else {}
             extra = {
                 APPLIED_ABOVE: ckpt.extra.get(APPLIED_ABOVE, {}) if ckpt else {},
-                # the event-time range whose records this run counted: a streaming trainer that
-                # later replays the topic from ``offsets`` must not count them again
-                NIGHTLY_COUNTED: counted_ranges(ckpt, day_bounds_ms(date, cfg.trainer.schedule_timezone), first_run),
+                # the records this run counted: a streaming trainer that later replays the topic
+                # from ``offsets`` must not count them again (but counts those that arrive later)
+                NIGHTLY_COUNTED: counted_ranges(
+                    ckpt, day_bounds_ms(date, cfg.trainer.schedule_timezone), records, topics.events, first_run
+                ),
             }
             checkpoint.save(state_dir, state.to_checkpoint(offsets, extra))
             return NightlyResult(day, "trained", len(examples), mean_loss)

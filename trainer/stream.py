@@ -13,7 +13,8 @@ it finds.
 
 A nightly retrain running beside it hands over its result through a file (see
 :mod:`trainer.handoff`); the streaming trainer merges it between micro-batches. Interactions of
-days a nightly run counted while it owned the state (:data:`NIGHTLY_COUNTED`) are skipped.
+days a nightly run counted while it owned the state (:data:`NIGHTLY_COUNTED`) are skipped, unless
+they arrived after the nightly read them (:class:`CountedRange`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +69,48 @@ APPLIED_ABOVE = "applied_above"
 """Checkpoint ``extra`` key: per partition, offsets at or above the checkpoint's offset that its
 state already holds (:meth:`trainer.ordering.EventTimeMerger.applied_above`): a restart skips them."""
 NIGHTLY_COUNTED = "nightly_counted_ms"
-"""Checkpoint ``extra`` key: ``[start_ms, end_ms)`` event-time ranges (days) whose interactions a
-nightly run that owned the state counted beyond the checkpoint's offsets (:mod:`trainer.nightly`).
-Replaying the topic from those offsets, the streaming trainer skips interactions in them."""
+"""Checkpoint ``extra`` key: the :class:`CountedRange` of each day whose interactions a nightly run
+that owned the state counted beyond the checkpoint's offsets (:mod:`trainer.nightly`). Replaying
+the topic from those offsets, the streaming trainer skips the interactions they cover."""
+
+
+@dataclass(frozen=True)
+class CountedRange:
+    """The interactions of one day a nightly run that owned the state counted.
+
+    The nightly reads the events topic once, and sees every interaction of the day from the first
+    to the last it found in each partition; one that arrived after its read lies beyond the last
+    (or in a partition where it found none) and is the streaming trainer's to count and learn.
+    """
+
+    start_ms: int
+    end_ms: int
+    """The day: ``[start_ms, end_ms)`` of event time."""
+    offsets: dict[Partition, tuple[int, int]] | None
+    """Per partition, the first and last offset of the day's interactions the nightly read;
+    ``None`` (checkpoints written before offsets were recorded): every interaction of the day."""
+
+    def covers(self, tp: Partition, offset: int, ts_ms: int) -> bool:
+        """Whether the nightly counted the interaction at ``offset`` of ``tp`` with time ``ts_ms``."""
+        if not self.start_ms <= ts_ms < self.end_ms:
+            return False
+        if self.offsets is None:
+            return True
+        span = self.offsets.get(tp)
+        return span is not None and span[0] <= offset <= span[1]
+
+    def to_extra(self) -> list[Any]:
+        """The checkpoint's form: ``[start_ms, end_ms, {partition key: [first, last]}]``."""
+        if self.offsets is None:
+            return [self.start_ms, self.end_ms]
+        return [self.start_ms, self.end_ms, {partition_key(tp): list(span) for tp, span in self.offsets.items()}]
+
+    @classmethod
+    def from_extra(cls, raw: list[Any]) -> CountedRange:
+        offsets = None
+        if len(raw) > 2:
+            offsets = {parse_partition_key(k): (int(a), int(b)) for k, (a, b) in raw[2].items()}
+        return cls(int(raw[0]), int(raw[1]), offsets)
 
 
 def checkpoint_wait_s(took_s: float, interval_s: float, max_share: float) -> float:
@@ -147,8 +188,8 @@ class StreamTrainer(Daemon):
         """Row updates were written since the last full checkpoint (a full one is owed even if idle)."""
         self.last_record = time.monotonic()
         self.assigner: PartitionAssigner | None = None
-        self.nightly_counted: list[tuple[int, int]] = []
-        """Event-time ranges a nightly run that owned the state counted (see :func:`_route`)."""
+        self.nightly_counted: list[CountedRange] = []
+        """Days a nightly run that owned the state counted (see :func:`_route`)."""
 
     # --- lifecycle ---------------------------------------------------------------------
     def startup(self) -> None:
@@ -164,7 +205,7 @@ class StreamTrainer(Daemon):
             self.resume_offsets = {parse_partition_key(k): v for k, v in ckpt.offsets.items()}
             applied = ckpt.extra.get(APPLIED_ABOVE, {})
             self.merger.skip_on_replay({parse_partition_key(k): v for k, v in applied.items()})
-            self.nightly_counted = [(int(a), int(b)) for a, b in ckpt.extra.get(NIGHTLY_COUNTED, [])]
+            self.nightly_counted = [CountedRange.from_extra(r) for r in ckpt.extra.get(NIGHTLY_COUNTED, [])]
             log.info("resumed from checkpoint seq %d (%d offsets)", ckpt.seq, len(ckpt.offsets))
         # Row updates after the full checkpoint are not a resume point (Kafka replays their events):
         # number above them, so a publisher that saw them reads what follows as newer. They stay
@@ -245,7 +286,7 @@ class StreamTrainer(Daemon):
             self.merger.mark_done(tp, message.offset)
             return
         if isinstance(record, Interaction):
-            if self.nightly_counted and any(a <= record.ts_ms < b for a, b in self.nightly_counted):
+            if self.nightly_counted and any(r.covers(tp, message.offset, record.ts_ms) for r in self.nightly_counted):
                 # replayed from before a nightly run that owned the state: it counted (and learned) it
                 EVENTS.labels("counted_by_nightly").inc()
                 self.merger.mark_done(tp, message.offset)
@@ -351,7 +392,7 @@ class StreamTrainer(Daemon):
         offsets.update({partition_key(tp): off for tp, off in safe.items()})
         extra = {
             APPLIED_ABOVE: {partition_key(tp): offs for tp, offs in applied.items()},
-            NIGHTLY_COUNTED: [list(r) for r in self.nightly_counted],
+            NIGHTLY_COUNTED: [r.to_extra() for r in self.nightly_counted],
         }
         checkpoint.save(self.state_dir, state.to_checkpoint(offsets, extra))
         CHECKPOINTS.inc()
