@@ -558,15 +558,7 @@ class PublisherDaemon(Daemon):
 
         def build() -> None:
             try:
-                snap = full_snapshot(
-                    ckpt,
-                    extra_items=extras,
-                    withheld_items=withheld,
-                    model=model,
-                    index_kind=self.index_kind,
-                    index_options=self.index_options,
-                )
-                job.parts = encode_full(snap)
+                job.parts = encode_full(self._build_full(ckpt, model, extras, withheld))
             except Exception as exc:  # reported (and dropped) by _finish_compaction
                 job.error = exc
             finally:
@@ -659,6 +651,19 @@ class PublisherDaemon(Daemon):
         self._pending -= self._removed
         self._ckpt_seq = ckpt.seq
 
+    def _build_full(
+        self, ckpt: Checkpoint, model: TwoTower, extras: list[CatalogItem], withheld: list[str]
+    ) -> FullSnapshot:
+        """The full version of ``ckpt`` serving ``extras`` besides its rows (no lock needed)."""
+        return full_snapshot(
+            ckpt,
+            extra_items=extras,
+            withheld_items=withheld,
+            model=model,
+            index_kind=self.index_kind,
+            index_options=self.index_options,
+        )
+
     def _publish_full(
         self,
         store: SnapshotStore,
@@ -668,14 +673,7 @@ class PublisherDaemon(Daemon):
         withheld: list[str],
         started: float,
     ) -> int:
-        snap = full_snapshot(
-            ckpt,
-            extra_items=extras,
-            withheld_items=withheld,
-            model=model,
-            index_kind=self.index_kind,
-            index_options=self.index_options,
-        )
+        snap = self._build_full(ckpt, model, extras, withheld)
         parts = encode_full(snap)
         with self._lock:
             self._compaction = None  # a full version built aside for the old weights is of no use now
