@@ -323,6 +323,24 @@ def test_history_columns_behave_as_bounded_deques() -> None:
     assert HistoryColumns.from_columns(cols, 2) == {u: list(h)[-2:] for u, h in ref.items()}  # newest kept
 
 
+def test_a_late_click_takes_its_place_in_a_history_by_event_time() -> None:
+    """As the retriever orders a stored history: a click released after newer ones (late) is not
+    the newest, and one older than a full history holds is not kept."""
+    rng = np.random.default_rng(1)
+    for trial in range(2000):
+        length = int(rng.integers(1, 6))
+        hist, ref = HistoryColumns(length), []
+        for _ in range(int(rng.integers(0, 15))):
+            item, ts = f"i{rng.integers(0, 9)}", int(rng.integers(0, 20))
+            hist.append("u", item, ts)
+            ref = sorted([*ref, (item, ts)], key=lambda entry: entry[1])[-length:]  # stable: after equal times
+            assert hist["u"] == ref, trial
+    hist = HistoryColumns(3)
+    for item, ts in [("a", 10), ("b", 30), ("c", 20), ("d", 5), ("e", 30)]:
+        hist.append("u", item, ts)
+    assert hist["u"] == [("c", 20), ("b", 30), ("e", 30)]
+
+
 def _plain(histories: dict[str, deque[tuple[str, int]]]) -> dict[str, list[tuple[str, int]]]:
     return {u: list(h) for u, h in histories.items()}
 
@@ -333,7 +351,7 @@ def test_history_times_are_rebased_then_widened_as_their_span_grows(tmp_path: Pa
     for n, ts in enumerate([1_700_000_000_000, 1_700_000_000_000 - 2**31, 1_700_000_000_000 + 2**31, 5]):
         user = f"u{n % 2}"
         hist.append(user, "i", ts)
-        ref.setdefault(user, deque(maxlen=2)).append(("i", ts))
+        ref[user] = deque(sorted([*ref.get(user, ()), ("i", ts)], key=lambda entry: entry[1]), maxlen=2)
         assert hist == _plain(ref) and HistoryColumns.from_columns(hist.to_columns(), 2) == _plain(ref)
         expect_int32 = n < 2  # the span passes 2^32 ms at the third time
         assert (hist.times.dtype == np.int32) == expect_int32

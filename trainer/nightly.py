@@ -202,18 +202,10 @@ def count_clicks(state: TrainerState, clicks: list[Interaction]) -> None:
     This is what the streaming trainer does with every click before it learns; a nightly run that
     owns the state does it for the day's clicks no streaming trainer applied, so that the next
     day's histories and the negative sampler's and logQ's counts include them. Histories stay in
-    event-time order even when the state had already seen later clicks of the user.
+    event-time order even when the state had already seen later clicks of the user (a history
+    takes each click in its place).
     """
-    if not clicks:
-        return
-    before = {c.user_id: list(state.histories.get(c.user_id, ())) for c in clicks}
     state.observe_clicks(clicks)
-    added: dict[str, list[tuple[str, int]]] = {}
-    for click in clicks:
-        added.setdefault(click.user_id, []).append((click.item_id, click.ts_ms))
-    for user, new in added.items():
-        merged = sorted(before[user] + new, key=lambda entry: entry[1])
-        state.histories[user] = deque(merged, maxlen=state.model_cfg.history_len)
 
 
 def load_side_topics(cfg: Config, topics: Topics, state: TrainerState) -> None:

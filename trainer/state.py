@@ -714,7 +714,8 @@ class HistoryColumns(_SlotKeyed, MutableMapping[str, list[tuple[str, int]]]):
         self.size[slot] = 0
 
     def append(self, user: str, item: str, ts_ms: int) -> None:
-        """Add a click to the user's history, dropping the oldest beyond ``length``."""
+        """Add a click to the user's history in its place by event time (after clicks of the same
+        time; a late click is not taken for the newest), dropping the oldest beyond ``length``."""
         offset = ts_ms - self.ts_base
         if not INT32_MIN <= offset <= INT32_MAX:
             self._fit(ts_ms, ts_ms)
@@ -722,13 +723,19 @@ class HistoryColumns(_SlotKeyed, MutableMapping[str, list[tuple[str, int]]]):
         slot = self._slot(user)
         n = int(self.size[slot])
         items, ts = self.codes[slot], self.times[slot]
+        pos = n if n == 0 or offset >= ts[n - 1] else int(np.searchsorted(ts[:n], offset, side="right"))
         if n == self.length:
-            items[:-1] = items[1:]
-            ts[:-1] = ts[1:]
-            n -= 1
-        items[n] = self._code(item)
-        ts[n] = offset
-        self.size[slot] = n + 1
+            if pos == 0:
+                return  # older than every click held: not among the newest
+            items[: pos - 1] = items[1:pos]  # drop the oldest
+            ts[: pos - 1] = ts[1:pos]
+            pos -= 1
+        else:
+            items[pos + 1 : n + 1] = items[pos:n]
+            ts[pos + 1 : n + 1] = ts[pos:n]
+            self.size[slot] = n + 1
+        items[pos] = self._code(item)
+        ts[pos] = offset
 
     def _fit(self, low_ms: int, high_ms: int) -> None:
         """Make times ``low_ms`` … ``high_ms`` representable: rebase the int32 offsets to the
