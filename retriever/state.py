@@ -575,8 +575,8 @@ class ServingState:
         Args:
             user_id: the user; an id without a row gets an all-zero ID row.
             history: ``(item_id, ts_ms)`` interactions, newest first; the newest
-                ``history_len`` items this state knows are pooled (unknown ones are skipped
-                before the cut, as the trainer has a row for every item it pools).
+                ``history_len`` are pooled, skipping items this state has no vector for (the
+                trainer holds the same newest ``history_len``).
             profile: profile features (cut or zero-padded), or ``None`` for zeros.
             now_ms: the time the history decays towards (event-time ms); also the request time
                 of the context's time features.
@@ -584,7 +584,10 @@ class ServingState:
                 ``model.context_dim``), or ``None`` for zeros.
         """
         cfg = self.model_config
-        positions, stamps = self._known_history(history, cfg.history_len)
+        recent = history[: cfg.history_len]
+        found = self.item_pos.get_many([item_id for item_id, _ in recent])
+        positions = [pos for pos in found if pos is not None]
+        stamps = [ts_ms for pos, (_, ts_ms) in zip(found, recent, strict=True) if pos is not None]
         id_row = self.user_id_row(user_id)
         if id_row is None:
             id_row = np.zeros(cfg.id_dim, dtype=np.float32)
@@ -602,22 +605,6 @@ class ServingState:
         # the mean tower's forward pass in numpy, without torch's per-op overhead (built with the state)
         assert self.numpy_user is not None
         return self.numpy_user(id_row, fit_features(profile, cfg.profile_dim), pooled, ctx_row[0])
-
-    def _known_history(self, history: Sequence[tuple[str, int]], length: int) -> tuple[list[int], list[int]]:
-        """Positions and timestamps of the newest ``length`` items of ``history`` (newest first)
-        this state knows; looked up a window at a time, so a history of known items costs one."""
-        positions: list[int] = []
-        stamps: list[int] = []
-        start = 0
-        while len(positions) < length and start < len(history):
-            window = history[start : start + length - len(positions)]
-            found = self.item_pos.get_many([item_id for item_id, _ in window])
-            for pos, (_, ts_ms) in zip(found, window, strict=True):
-                if pos is not None:
-                    positions.append(pos)
-                    stamps.append(ts_ms)
-            start += len(window)
-        return positions, stamps
 
     def _search_one(
         self,

@@ -144,16 +144,6 @@ def test_user_vector_skips_unknown_items_and_pools_only_history_len(state: Servi
     assert not np.allclose(base, state.user_vector("u0", [], None, NOW_MS))
 
 
-def test_user_vector_pools_history_len_known_items_past_unknown_ones(state: ServingState) -> None:
-    """Unknown items (not served, or not published yet) are dropped before the cut, not after:
-    the trainer, which has a row for every item it pools, pools the newest history_len."""
-    known = [("i1", NOW_MS - 10), ("i2", NOW_MS - 20), ("i3", NOW_MS - 30), ("i4", NOW_MS - 40)]
-    mixed = [("zz", NOW_MS), known[0], ("yy", NOW_MS - 15), *known[1:], ("i9", NOW_MS - 50)]
-    np.testing.assert_allclose(
-        state.user_vector("u0", mixed, None, NOW_MS), state.user_vector("u0", known, None, NOW_MS), atol=1e-6
-    )
-
-
 def test_recent_view_takes_the_newest_history_items(state: ServingState, snap: FullSnapshot) -> None:
     """Serving reads histories newest first, the trainer oldest first: the recent view must take the
     same (newest) items either way."""
