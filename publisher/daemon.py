@@ -254,6 +254,11 @@ class PublisherDaemon(Daemon):
         """Catalogue items that need a content-only vector published (new or changed)."""
         self._removed: set[str] = set()
         """Items the trainer expired and no catalogue event revived since."""
+        self._caught_up = False
+        """The snapshot loop has read the checkpoint and row updates once (:meth:`poll_checkpoint`)."""
+        self._revived: set[str] = set()
+        """Items listed again after an expiry, until their vector is published (or they leave
+        ``_pending`` otherwise): see :meth:`listings_safe`."""
         self._model: TwoTower | None = None
         self._vocab: dict[str, int] = {}
         self._owned: set[str] = set()
@@ -263,6 +268,10 @@ class PublisherDaemon(Daemon):
         self._compaction: _Compaction | None = None
         """The full version being built aside to compact the chain, if any."""
         self._ckpt_seq: int | None = None
+        self._removals_through = -1
+        """Trainer ``seq`` up to which the trainer's removals are in ``_removed`` (a checkpoint
+        lists its newest removals with their ``seq``; older ones are not taken again, so an
+        item listed again since stays listed)."""
         # --- snapshot loop only ------------------------------------------------------------
         self._ckpt_mtime: float | None = None
         self._full_seq: int | None = None
@@ -394,6 +403,8 @@ class PublisherDaemon(Daemon):
             self._last = last
             self._served = served.items
             self._removed = served.withheld
+            if WITHHELD_ITEMS in base.parts:  # the chain holds every removal up to its tip
+                self._removals_through = last.trainer_seq
         LAST_VERSION.set(current)
         log.info(
             "recovered version %d (trainer seq %d, %d deltas since full %d, %d items, %d withheld as expired)",
@@ -454,9 +465,18 @@ class PublisherDaemon(Daemon):
         """Publish the trainer's checkpoint if it changed since the last look, then the row
         updates written after it (oldest first) that are new.
 
+        Content-only vectors wait for the first such pass to end: until then, after a restart,
+        which items the trainer owns is known only up to its last full checkpoint.
+
         Returns:
             The last version written, or ``None``.
         """
+        version = self._poll_checkpoint(store)
+        with self._lock:
+            self._caught_up = True
+        return version
+
+    def _poll_checkpoint(self, store: SnapshotStore) -> int | None:
         version = self.finish_compaction(store)
         mtime = checkpoint.stat_seq(self.state_dir)
         if mtime is not None and mtime != self._ckpt_mtime:
@@ -627,7 +647,7 @@ class PublisherDaemon(Daemon):
         """The owned and removed item ids once ``ckpt`` is applied (not stored; caller holds the
         lock). Owned: a checkpoint's items, or for a row update those owned before, minus its
         removals, plus its items."""
-        since = -1 if self._ckpt_seq is None else self._ckpt_seq
+        since = self._removals_through
         gone = {item for seq, item in ckpt.removed_items if seq > since}
         owned = set(ckpt.items.ids) if ckpt.base_seq is None else (self._owned - gone) | set(ckpt.items.ids)
         return owned, (self._removed | gone) - owned
@@ -650,6 +670,7 @@ class PublisherDaemon(Daemon):
         self._owned, self._removed = after if after is not None else self._after(ckpt)
         self._pending -= self._removed
         self._ckpt_seq = ckpt.seq
+        self._removals_through = max(self._removals_through, ckpt.seq)
 
     def _build_full(
         self, ckpt: Checkpoint, model: TwoTower, extras: list[CatalogItem], withheld: list[str]
@@ -752,7 +773,9 @@ class PublisherDaemon(Daemon):
             for item in items:
                 previous = self._catalog.get(item.item_id)
                 self._catalog[item.item_id] = item
-                self._removed.discard(item.item_id)  # listed again after an expiry
+                if item.item_id in self._removed:  # listed again after an expiry
+                    self._removed.discard(item.item_id)
+                    self._revived.add(item.item_id)
                 if item.item_id in self._owned:
                     continue  # the trainer's row (and its content) decide this item's vector
                 unchanged = previous is not None and (previous.category, previous.features) == (
@@ -765,13 +788,22 @@ class PublisherDaemon(Daemon):
                 marked += 1
         return marked
 
+    def listings_safe(self) -> bool:
+        """Whether the serving state's offsets may be committed: no expired item listed again
+        waits for its vector. A restart withholds such an item again (the served version says
+        it expired) unless the listing is read again, so its commit waits for the vector;
+        every other listing a restart finds unserved in the replayed catalogue."""
+        with self._lock:
+            self._revived &= self._pending
+            return not self._revived
+
     def flush_pending(self, store: SnapshotStore) -> int | None:
         """Publish pending content-only vectors as one delta (if a model and a version exist)."""
         with self._lock:
             return self._flush_pending_locked(store)
 
     def _flush_pending_locked(self, store: SnapshotStore) -> int | None:
-        if not self._pending or self._model is None or self._last is None:
+        if not self._pending or self._model is None or self._last is None or not self._caught_up:
             return None
         started = time.perf_counter()
         ids = [i for i in self._pending if i in self._catalog and i not in self._owned and i not in self._removed]
@@ -792,12 +824,12 @@ class PublisherDaemon(Daemon):
         store = SnapshotStore(client, self.layout)
         holder: list[ServingStateWriter] = []
 
-        def publish_listed(result: BatchResult) -> None:
-            # before the batch's offsets are committed: a crash in between replays the batch
+        def publish_listed(result: BatchResult) -> bool:
             if result.catalog:
                 self.note_catalog(result.catalog)
             if self._pending:
                 self.flush_pending(store)
+            return self.listings_safe()
 
         def step() -> None:
             if not holder:

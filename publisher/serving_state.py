@@ -16,9 +16,9 @@ commit replays the batch (item and profile writes are idempotent; a click may th
 twice in a history).
 
 The catalogue items of each batch are handed back to the caller, which decides whether an
-item needs a content-only vector (see :class:`publisher.daemon.PublisherDaemon`), before the
-offsets are committed when it asks to (``before_commit``): a crash cannot lose an item's
-listing between the commit and its vector.
+item needs a content-only vector (see :class:`publisher.daemon.PublisherDaemon`); through
+``before_commit`` it can hold the offsets' commit until that vector is published, so that a
+crash in between replays the listing rather than losing it.
 """
 
 from __future__ import annotations
@@ -165,24 +165,32 @@ class ServingStateWriter:
                     close()
             raise
         self.decoder = RecordDecoder(self.producer)
+        self._held = False
+        """Batches are in Redis whose offsets are not committed yet."""
 
     def poll_once(
-        self, timeout_ms: int = 200, before_commit: Callable[[BatchResult], None] | None = None
+        self, timeout_ms: int = 200, before_commit: Callable[[BatchResult], bool] | None = None
     ) -> BatchResult:
         """Poll one batch, apply it to Redis in one transaction, then commit its offsets.
 
         Args:
             timeout_ms: longest wait for a batch.
-            before_commit: called with a batch's result once Redis has it, before its offsets
-                are committed (not for an empty poll); what it raises fails the batch.
+            before_commit: called once Redis has a batch, with its result, to decide whether
+                its offsets may be committed now (``False``: not yet; a later commit covers
+                them, and a crash before it replays them). Called with an empty result after
+                an empty poll while a commit is held. What it raises propagates, with the
+                batch's offsets uncommitted; the batch is not read again.
 
         Raises:
-            Exception: whatever Kafka, Redis or ``before_commit`` raised; the consumer was
-                rewound to the start of the batch first, so calling again retries it.
+            Exception: whatever Kafka or Redis raised while reading or writing a batch (the
+                consumer was rewound to its start, so calling again retries it), or what
+                ``before_commit`` raised.
         """
         self.assigner.refresh()
         batch = self.consumer.poll(timeout_ms=timeout_ms)
         if not batch:
+            if self._held and (before_commit is None or before_commit(BatchResult())):
+                self._commit()
             return BatchResult()
         firsts = {tp: messages[0].offset for tp, messages in batch.items() if messages}
         try:
@@ -201,12 +209,10 @@ class ServingStateWriter:
             result = queue_writes(pipe, self.layout, records, self.cfg.publisher.history_max_len)
             if len(pipe):
                 pipe.execute()
-            result.messages, result.dead_letters = count, dead
-            if before_commit is not None:
-                before_commit(result)
         except Exception:
             self._rewind(firsts)
             raise
+        result.messages, result.dead_letters = count, dead
         HISTORY_WRITES.inc(result.clicks)
         for kind, n in (
             ("click", result.clicks),
@@ -217,11 +223,20 @@ class ServingStateWriter:
         ):
             if n:
                 SERVING_RECORDS.labels(kind).inc(n)
+        # Redis has the batch: from here on it is never read again in this process (a second
+        # LPUSH of its clicks would repeat them in histories), only its commit may wait
+        self._held = True
+        if before_commit is None or before_commit(result):
+            self._commit()
+        return result
+
+    def _commit(self) -> None:
         try:
             self.consumer.commit()
         except KafkaError as exc:  # Redis has the batch; a restart replays it (at least once)
             log.warning("offset commit failed (the batch is replayed on restart): %s", exc)
-        return result
+            return
+        self._held = False
 
     def _rewind(self, firsts: dict[TopicPartition, int]) -> None:
         for tp, offset in firsts.items():

@@ -476,10 +476,13 @@ def test_a_restarted_publisher_knows_the_items_row_updates_gave_rows(config: Con
 
     daemon = PublisherDaemon(cfg)
     daemon.recover(store)
+    changed = CatalogItem("i5", "games", [0.3, 0.3, 0.3], 12)
+    daemon.note_catalog([changed])  # before the snapshot loop's first pass: not known as owned yet
+    assert daemon.flush_pending(store) is None  # so nothing is sent until that pass ends
     assert daemon.poll_checkpoint(store) is None and store.current_version() == v2
     assert "i5" in daemon._owned
-    assert daemon.note_catalog([CatalogItem("i5", "games", [0.3, 0.3, 0.3], 12)]) == 0
     assert daemon.flush_pending(store) is None and store.current_version() == v2
+    assert daemon.note_catalog([replace(changed, ts_ms=13)]) == 0
 
 
 def test_a_restarted_publisher_does_not_serve_again_an_item_the_trainer_expired(
@@ -517,11 +520,27 @@ def test_a_restarted_publisher_does_not_serve_again_an_item_the_trainer_expired(
     assert daemon._catalog == {"i5": listed} and daemon._removed == {"i5"} and not daemon._pending
     assert daemon.poll_checkpoint(store) is None and daemon.flush_pending(store) is None
     assert store.current_version() == v3 and "i5" not in served_items(store, v3).items
-    # listed again after the restart: served again, content-only
-    assert daemon.note_catalog([replace(listed, ts_ms=13)]) == 1
+    # listed again after the restart: served again, content-only; its commit waited for that
+    relisted = replace(listed, ts_ms=13)
+    assert daemon.note_catalog([relisted]) == 1 and not daemon.listings_safe()
     v5 = daemon.flush_pending(store)
     assert v5 is not None and decode_delta(read_parts(store, v5)[-1]).items.ids == ["i5"]
-    assert served_items(store, v5).withheld == set()
+    assert served_items(store, v5).withheld == set() and daemon.listings_safe()
+
+    # and stays served after another restart, though the trainer's checkpoint still lists the
+    # removal (older than the chain's tip: already applied, and undone by the listing)
+    producer = patient_producer(cfg)
+    try:
+        send(producer, topics.catalog, relisted)
+    finally:
+        producer.close()
+    save(cfg, seq=6, dense_version=3, seed=5, item_categories=five, removed=[(2, "i5")])  # new weights
+    daemon = PublisherDaemon(cfg)
+    daemon.startup()
+    v6 = daemon.poll_checkpoint(store)
+    assert v6 is not None and store.meta(v6).kind == FULL
+    full = decode_full(read_parts(store, v6)[0])
+    assert "i5" in full.items.ids and full.withheld_items == []
 
 
 def test_a_delta_whose_write_failed_is_published_by_the_next_poll(
@@ -750,41 +769,55 @@ def test_serving_state_writer_turns_clicks_into_history_and_dead_letters_garbage
         client.close()
 
 
-def test_a_batch_is_committed_only_after_before_commit_returns(config: Config) -> None:
-    """The publisher publishes a listed item's vector before the listing's offset is committed:
-    a crash in between (here, ``before_commit`` failing and the writer gone) replays it."""
+def test_a_batch_is_written_once_and_committed_when_before_commit_allows(config: Config) -> None:
+    """The publisher holds the serving state's commit until a listed item's vector is published:
+    a batch whose ``before_commit`` fails or says "not yet" is not read (and pushed) again, and
+    its offsets wait for a later commit; a crash meanwhile replays it."""
     config = kafka_config(config)
     topics = ensure_topics(config.kafka)
     producer = patient_producer(config)
-    writer = ServingStateWriter(config)
-    item = CatalogItem("listed", "games", [0.1, 0.2, 0.3], 7)
-    try:
-        send(producer, topics.catalog, item)
+    client = redis.Redis.from_url(config.redis.url)
+    key = SnapshotLayout(config.redis.key_prefix).history("carol")
+    writers: list[ServingStateWriter] = []
 
-        def crash(result: object) -> None:
-            raise RuntimeError("gone before the item's vector was published")
+    def writer() -> ServingStateWriter:
+        writers.append(ServingStateWriter(config))
+        return writers[-1]
 
-        def failed() -> bool:
+    def polls(w: ServingStateWriter, before_commit: Callable[[object], bool], n: int = 10) -> int:
+        clicks = 0
+        for _ in range(n):
             try:
-                writer.poll_once(timeout_ms=200, before_commit=crash)
+                clicks += w.poll_once(timeout_ms=200, before_commit=before_commit).clicks
             except RuntimeError:
-                return True
-            return False
+                clicks += 1  # the batch was written before before_commit failed
+        return clicks
 
-        wait_for(failed, 60, "the listing's batch")
-        writer.close()
-        writer = ServingStateWriter(config)
-        got: list[CatalogItem] = []
+    def fail_then_hold(result: object) -> bool:
+        if getattr(result, "clicks", 0):
+            raise RuntimeError("the vector could not be published")
+        return False
 
-        def listed() -> bool:
-            got.extend(writer.poll_once(timeout_ms=200, before_commit=lambda result: None).catalog)
-            return bool(got)
-
-        wait_for(listed, 60, "the listing again")
-        assert got == [item]
+    try:
+        send(producer, topics.events, Interaction("e1", "r", "carol", "i1", "click", 0, 5_000))
+        first = writer()
+        wait_for(lambda: polls(first, fail_then_hold, 1), 60, "the click")
+        assert polls(first, fail_then_hold) == 0 and client.llen(key) == 1  # not read again
+        first.close()  # a crash: nothing committed
+        second = writer()
+        wait_for(lambda: polls(second, lambda result: False, 1), 60, "the click replayed")
+        assert client.llen(key) == 2  # at least once
+        assert polls(second, lambda result: True, 2) == 0  # an empty poll commits what was held
+        second.close()
+        third = writer()
+        send(producer, topics.events, Interaction("e2", "r", "carol", "i2", "click", 0, 6_000))
+        wait_for(lambda: polls(third, lambda result: True, 1), 60, "the next click")
+        assert client.llen(key) == 3 and polls(third, lambda result: True) == 0  # e1 not replayed
     finally:
-        writer.close()
+        for w in writers:
+            w.close()
         producer.close()
+        client.close()
 
 
 def test_daemon_end_to_end_new_item_retrievable_within_two_seconds(config: Config, store: SnapshotStore) -> None:
