@@ -90,7 +90,7 @@ def simulate_command(
     }
     if overrides:
         cfg = cfg.with_overrides({"simulator": overrides})
-    if duration < 0:
+    if not duration >= 0:  # NaN too
         raise typer.BadParameter("must be >= 0", param_hint="--duration")
     from producers.simulate import SimulatorDaemon
 
@@ -172,6 +172,8 @@ def replay_command(
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    if result.events == 0 and limit != 0 and not result.interrupted:
+        typer.echo(f"warning: {path} has no rows to send", err=True)
     typer.echo(json.dumps(result.__dict__))
     if result.interrupted:
         raise typer.Exit(130)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,28 @@ def test_the_launchers_own_variables_are_not_settings() -> None:
 def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_config(env=env)
+
+
+def test_infinite_and_nan_numbers_are_refused() -> None:
+    for value in ("inf", "nan"):
+        with pytest.raises(ConfigError, match=r"simulator\.rate_per_s: Input should be a finite number"):
+            load_config(env={"TWOTOWER_SIMULATOR__RATE_PER_S": value})
+
+
+def test_any_command_reports_a_bad_setting_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TWOTOWER_SIMULATOR__RATE_PER_SEC": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "twotower.cli", "produce", "simulate", "--duration", "1"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: invalid configuration (defaults and environment): "
+        "simulator.rate_per_sec: Extra inputs are not permitted"
+    ]
 
 
 def test_log_levels_are_accepted_in_any_case() -> None:

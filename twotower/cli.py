@@ -20,6 +20,7 @@ from retriever.cli import serve_command
 from trainer.cli import app as train_app
 from trainer.cli import schedule_command
 from twotower import infra
+from twotower.config import ConfigError
 from twotower.demo import demo_command
 
 app = typer.Typer(
@@ -59,7 +60,11 @@ app.add_typer(bench_app, name="bench", help="Benchmarks of the serving path; eac
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ConfigError as exc:  # any command: a bad file, variable or option value
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
