@@ -17,7 +17,10 @@ Kafka's time-based retention deletes a segment once its newest timestamp is olde
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,6 +84,14 @@ def _warn_about_retention(bootstrap: str, topic: str, oldest_ts_ms: int) -> None
         )
 
 
+def _short_name(name: str, keep: int = 64) -> str:
+    """``name``, or for a long one its first ``keep`` characters and a digest of the rest, so that
+    event ids (``format:name:line``) stay within the schema's 256 characters."""
+    if len(name) <= keep + 9:
+        return name
+    return f"{name[:keep]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
 def replay(
     cfg: Config,
     path: str | Path,
@@ -120,18 +131,17 @@ def replay(
     Raises:
         ValueError: bad arguments or a bad file (the message names the line).
     """
-    if speed is not None and speed <= 0:
-        raise ValueError(f"speed must be positive, got {speed}")
+    if speed is not None and not (math.isfinite(speed) and speed > 0):
+        raise ValueError(f"speed must be a positive number, got {speed}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     path = Path(path)
-    if fmt == "csv":
-        mapping: dict[str, object] = {
-            "user_col": user_col, "item_col": item_col, "time_col": time_col, "has_header": has_header,
-            "columns": columns, "delimiter": delimiter, "time_unit": time_unit,
-        }  # fmt: skip
-    else:
-        mapping = {"user_col": user_col, "item_col": item_col, "time_col": time_col, "columns": columns}
+    mapping: dict[str, object] = {"user_col": user_col, "item_col": item_col, "time_col": time_col, "columns": columns}
+    csv_only = {"has_header": has_header, "delimiter": delimiter, "time_unit": time_unit}
+    if fmt != "csv":  # a fixed format refuses what was given (None: left at the default)
+        defaults = {"has_header": True, "delimiter": ",", "time_unit": "auto"}
+        csv_only = {k: None if v == defaults[k] else v for k, v in csv_only.items()}
+    mapping.update(csv_only)
     rows = read_rows(path, fmt, **mapping)
     if limit is not None:
         rows = rows[:limit]
@@ -156,7 +166,7 @@ def replay(
             producer.flush(timeout=60)
             log.info("sent %d catalogue items from %s", catalog, item_file)
 
-        prefix = f"{fmt}:{path.name}"
+        prefix = f"{fmt}:{_short_name(path.name)}"
         wall0 = time.monotonic()
         with tqdm(total=len(rows), unit="ev", disable=not progress, desc=f"replay {path.name}") as bar:
             for row in rows:
@@ -166,7 +176,7 @@ def replay(
                 if speed is not None:
                     due = wall0 + (row.ts_ms - rows[0].ts_ms) / 1000.0 / speed
                     wait = due - time.monotonic()
-                    if wait > 0 and flag.wait(wait):
+                    if wait > 0 and flag.wait(min(wait, threading.TIMEOUT_MAX)):
                         interrupted = True
                         break
                 event_id = f"{prefix}:{row.line}"

@@ -39,7 +39,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from twotower.events import MAX_TS_MS, check_id
 
@@ -208,42 +208,74 @@ def read_csv_rows(
     path = Path(path)
     if time_unit not in TIME_UNITS:
         raise ValueError(f"time unit must be one of {TIME_UNITS}, got {time_unit!r}")
-    rows: list[SourceRow] = []
+    if len(delimiter) != 1:
+        raise ValueError(f"the delimiter must be one character, got {delimiter!r}")
     with path.open(newline="", encoding=encoding) as handle:
         reader = csv.reader(handle, delimiter=delimiter)
-        names: list[str] | None = [c.strip() for c in columns] if columns is not None else None
-        if has_header:
-            header = next((r for r in reader if any(f.strip() for f in r)), None)
-            if header is None:
-                raise ValueError(f"{path}: empty file, expected a header line")
-            if names is None:
-                names = [c.strip() for c in header]
-        if user_col is None or item_col is None or time_col is None:
-            if names is None:
-                raise ValueError(
-                    f"{path}: without a header, give the user, item and time columns (names with columns=[...] "
-                    "or 0-based numbers)"
-                )
-            guessed = guess_columns(names)
-            user_col = guessed[0] if user_col is None else user_col
-            item_col = guessed[1] if item_col is None else item_col
-            time_col = guessed[2] if time_col is None else time_col
-        where = str(path)
-        ui, ii, ti = (_resolve(c, names, where) for c in (user_col, item_col, time_col))
-        need = max(ui, ii, ti) + 1
-        for row in reader:
-            if not row or not any(f.strip() for f in row):
-                continue
-            line = reader.line_num
-            if len(row) < need:
-                raise ValueError(f"{path}:{line}: expected at least {need} fields, got {len(row)}: {row!r}")
-            try:
-                rows.append(
-                    SourceRow(line, normalize_id(row[ui]), normalize_id(row[ii]), parse_timestamp(row[ti], time_unit))
-                )
-            except ValueError as exc:
-                raise ValueError(f"{path}:{line}: {exc}") from None
+        try:
+            rows = _read_csv(path, reader, user_col, item_col, time_col, has_header, columns, time_unit)
+        except UnicodeDecodeError as exc:
+            line = _first_undecodable_line(path, encoding)
+            raise ValueError(f"{path}:{line}: not {encoding} text ({exc.reason}); convert the file to UTF-8") from None
     rows.sort(key=lambda r: r.ts_ms)
+    return rows
+
+
+def _first_undecodable_line(path: Path, encoding: str) -> int:
+    """The number of the first line of ``path`` that does not decode (text is decoded in blocks,
+    so the reader's own line count is no guide)."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
+def _read_csv(
+    path: Path,
+    reader: Any,
+    user_col: ColumnSpec | None,
+    item_col: ColumnSpec | None,
+    time_col: ColumnSpec | None,
+    has_header: bool,
+    columns: Sequence[str] | None,
+    time_unit: str,
+) -> list[SourceRow]:
+    rows: list[SourceRow] = []
+    names: list[str] | None = [c.strip() for c in columns] if columns is not None else None
+    if has_header:
+        header = next((r for r in reader if any(f.strip() for f in r)), None)
+        if header is None:
+            raise ValueError(f"{path}: empty file, expected a header line")
+        if names is None:
+            names = [c.strip() for c in header]
+    if user_col is None or item_col is None or time_col is None:
+        if names is None:
+            raise ValueError(
+                f"{path}: without a header, give the user, item and time columns (names with columns=[...] "
+                "or 0-based numbers)"
+            )
+        guessed = guess_columns(names)
+        user_col = guessed[0] if user_col is None else user_col
+        item_col = guessed[1] if item_col is None else item_col
+        time_col = guessed[2] if time_col is None else time_col
+    where = str(path)
+    ui, ii, ti = (_resolve(c, names, where) for c in (user_col, item_col, time_col))
+    need = max(ui, ii, ti) + 1
+    for row in reader:
+        if not row or not any(f.strip() for f in row):
+            continue
+        line = reader.line_num
+        if len(row) < need:
+            raise ValueError(f"{path}:{line}: expected at least {need} fields, got {len(row)}: {row!r}")
+        try:
+            rows.append(
+                SourceRow(line, normalize_id(row[ui]), normalize_id(row[ii]), parse_timestamp(row[ti], time_unit))
+            )
+        except ValueError as exc:
+            raise ValueError(f"{path}:{line}: {exc}") from None
     return rows
 
 

@@ -356,6 +356,32 @@ def test_csv_bad_rows_name_their_line(tmp_path: Path) -> None:
         read_csv_rows(write(tmp_path, "\n"), user_col="user", item_col="item", time_col="time")
 
 
+def test_csv_reading_refuses_a_long_delimiter_and_names_an_undecodable_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "user,item,time\nu1,i1,1\n")
+    for delimiter in ("", "ab"):
+        with pytest.raises(ValueError, match="the delimiter must be one character"):
+            read_csv_rows(path, delimiter=delimiter)
+    path.write_bytes(b"user,item,time\nu1,i1,1\nu\xe9,i2,2\n")
+    with pytest.raises(ValueError, match=r"log\.csv:3: not utf-8-sig text \(invalid continuation byte\)"):
+        read_csv_rows(path)
+
+
+def test_replay_refuses_bad_arguments_before_connecting(tmp_path: Path) -> None:
+    from producers.replay import _short_name, replay
+    from twotower.config import Config
+
+    cfg = Config()  # nothing below reaches Kafka
+    path = write(tmp_path, "1\t2\t3\t4\n", "u.data")
+    for speed in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="speed must be a positive number"):
+            replay(cfg, path, "movielens-100k", speed=speed)
+    with pytest.raises(ValueError, match="fixed columns; delimiter, has_header only apply to format csv"):
+        replay(cfg, path, "movielens-100k", has_header=False, delimiter=";")
+    long = "x" * 300 + ".csv"
+    assert _short_name("log.csv") == "log.csv" and len(_short_name(long)) == 73
+    assert _short_name(long) != _short_name("x" * 300 + ".tsv")  # a digest of the whole name
+
+
 def test_fixed_formats_refuse_a_mapping(tmp_path: Path) -> None:
     path = write(tmp_path, "1\t2\t3\t4\n", "u.data")
     with pytest.raises(ValueError, match="fixed columns; user_col only apply to format csv"):
