@@ -76,10 +76,19 @@ def csv_category_side(
             raise ValueError(f"{path}: column {spec!r} not found; columns are {names}")
 
         ii, ci = resolve(item_col), resolve(category_col)
+        rows = short = 0
         for row in reader:
-            if len(row) <= max(ii, ci) or not row[ii].strip():
+            if not any(f.strip() for f in row):
+                continue
+            rows += 1
+            if len(row) <= max(ii, ci):
+                short += 1
+                continue
+            if not row[ii].strip():
                 continue
             item = normalize_id(row[ii])
             if item not in out:
                 out[item] = ItemSide(row[ci].strip() or "unknown")
+    if rows and short == rows:
+        raise ValueError(f"{path}: column {max(ii, ci)} is beyond the fields of every row")
     return out

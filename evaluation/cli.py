@@ -8,8 +8,10 @@ replaced by ``--seed``.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -101,8 +103,9 @@ def load_item_side(
 
         if item_col is None:
             if columns is None and has_header:
-                with Path(path).open(encoding="utf-8-sig") as handle:
-                    columns = [c.strip() for c in handle.readline().split(",")]
+                with Path(path).open(newline="", encoding="utf-8-sig") as handle:
+                    header = next((r for r in csv.reader(handle) if any(f.strip() for f in r)), None)
+                columns = [c.strip() for c in header] if header is not None else None
             if columns is None:
                 raise ValueError("--category-col needs --item-col when the file has no header")
             item_col = guess_columns(columns)[1]
@@ -215,7 +218,8 @@ def replay_command(
     # kafka-python warns of every slow IO-loop task; under a loaded replay that is noise, not news
     logging.getLogger("kafka").setLevel(logging.ERROR)
     torch.set_num_threads(threads)
-    names = split_policies(policies)
+    names = _policy_names(policies)
+    _check_outputs(json_out, plot_out)
     protocol = Protocol(
         k=k, recall_k=max(50, k), publish_every_s=publish_every, history_delay_s=history_delay, seed=seed
     )
@@ -352,6 +356,27 @@ def _run_with_progress(
         bar.close()
 
 
+def _policy_names(text: str) -> list[str]:
+    names = split_policies(text)
+    if not names or len(set(names)) != len(names):
+        raise typer.BadParameter(f"give one or more distinct policies, got {text!r}", param_hint="--policies")
+    return names
+
+
+def _check_outputs(*paths: Path | None) -> None:
+    """Fail before a run that takes an hour, not after it: each output's directory must exist
+    (it is made) and be writable."""
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot write {path}: {exc}") from None
+        if not os.access(path.parent, os.W_OK) or path.is_dir():
+            raise typer.BadParameter(f"cannot write {path}")
+
+
 def _write_report(report: dict, json_out: Path, plot_out: Path | None, title: str, seconds: float) -> None:
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2) + "\n")
@@ -409,7 +434,8 @@ def simulate_command(
     from twotower.config import SimulatorConfig
 
     torch.set_num_threads(threads)
-    names = split_policies(policies)
+    names = _policy_names(policies)
+    _check_outputs(json_out, plot_out)
     try:
         spec = SimulationSpec(
             days=days,

@@ -403,6 +403,38 @@ def test_csv_category_side_reads_the_first_category_of_each_item(tmp_path: Path)
         load_item_side(path, "movielens-100k", None, "category_id")
 
 
+def test_csv_category_side_reads_a_quoted_header_and_refuses_a_column_past_every_row(tmp_path: Path) -> None:
+    from evaluation.cli import load_item_side
+
+    path = tmp_path / "log.csv"
+    path.write_text('\n"user_id","item_id","category_id","timestamp"\n1,7,3,100\n')
+    assert {k: v.category for k, v in load_item_side(path, "csv", None, "category_id").items()} == {"7": "3"}
+    with pytest.raises(ValueError, match="column 9 is beyond the fields of every row"):
+        load_item_side(path, "csv", None, "9")
+
+
+def test_evaluate_refuses_bad_policies_and_unwritable_outputs_before_the_run(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from evaluation.cli import app
+
+    data = tmp_path / "log.csv"
+    data.write_text("user_id,item_id,timestamp\n1,7,100\n2,7,200\n")
+    (tmp_path / "afile").write_text("")
+    runner = CliRunner()
+    base = ["replay", "--data", str(data), "--format", "csv", "--json"]
+    for args, message in (
+        ([*base, str(tmp_path / "o.json"), "--policies", ",,,"], "give one or more distinct policies"),
+        ([*base, str(tmp_path / "o.json"), "--policies", "popularity_7d,popularity_7d"], "distinct policies"),
+        ([*base, str(tmp_path / "afile" / "o.json")], "cannot write"),
+        ([*base, str(tmp_path / "o.json"), "--plot", str(tmp_path / "afile" / "p.png")], "cannot write"),
+    ):
+        result = runner.invoke(app, args)
+        flat = " ".join(result.output.replace("│", " ").split())  # the error box wraps long paths
+        assert result.exit_code == 2 and message in flat, (args, result.output)
+    assert not (tmp_path / "o.json").exists()  # refused before the run wrote anything
+
+
 def test_movielens_side_comes_from_u_item_beside_u_data(tmp_path: Path) -> None:
     from evaluation.cli import load_item_side
 
