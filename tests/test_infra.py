@@ -158,3 +158,15 @@ def test_redis_lifecycle_up_is_idempotent_and_down_stops_it(tmp_path: Path) -> N
         infra.down(tmp_path)
     assert infra.status(tmp_path)["redis"].running is False
     assert not Path(f"/proc/{pid}").exists()
+
+
+def test_status_and_down_explain_a_state_dir_that_is_not_one(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    runner = CliRunner()
+    result = runner.invoke(infra.app, ["status", "--state-dir", str(afile)])
+    assert result.exit_code == 2 and "is a file" in " ".join(result.output.replace("│", " ").split())
+    result = runner.invoke(infra.app, ["down", "--state-dir", str(tmp_path / "none")])
+    assert result.exit_code == 0 and "no services were started from" in result.output

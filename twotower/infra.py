@@ -754,7 +754,7 @@ def status(state_dir: Path | str = DEFAULT_STATE_DIR) -> dict[str, ServiceStatus
 
 app = typer.Typer(help="Run a local Kafka broker and Redis server (no Docker needed).", no_args_is_help=True)
 
-StateDirOption = Annotated[Path, typer.Option("--state-dir", help="Pid files, logs and data.")]
+StateDirOption = Annotated[Path, typer.Option("--state-dir", help="Pid files, logs and data.", file_okay=False)]
 
 
 @app.command("up")
@@ -787,6 +787,9 @@ def down_command(
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
 ) -> None:
     """Stop the Kafka and Redis processes that `up` started from this state directory."""
+    if not state_dir.is_dir():
+        typer.echo(f"no services were started from {state_dir}", err=True)
+        return
     down(state_dir)
     typer.echo(f"stopped services of {state_dir}", err=True)
 
