@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import typer
+from kafka.errors import KafkaError
 
 from twotower.config import load_config
 from twotower.daemon import ShutdownFlag, install_signal_handlers, run_daemon, setup_logging
@@ -145,6 +147,9 @@ def replay_command(
     """
     cfg = load_config()
     setup_logging(cfg.observability, "replay")
+    # a one-shot command: kafka-python's own log of each failed connection attempt is noise here;
+    # what fails is reported below in one line
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     flag = ShutdownFlag()
     install_signal_handlers(flag)
     if fmt is None:
@@ -172,6 +177,13 @@ def replay_command(
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except KafkaError as exc:
+        typer.echo(
+            f"error: Kafka at {cfg.kafka.bootstrap} failed: {exc} (is a broker running? "
+            "`twotower infra up` starts one)",
+            err=True,
+        )
+        raise typer.Exit(1) from None
     if result.events == 0 and limit != 0 and not result.interrupted:
         typer.echo(f"warning: {path} has no rows to send", err=True)
     typer.echo(json.dumps(result.__dict__))
