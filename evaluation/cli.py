@@ -21,6 +21,7 @@ import typer
 
 from evaluation.protocol import Event, Protocol
 from evaluation.variants import split_policies
+from producers.replay_formats import LogSpec, TimeUnit, delimiter_arg
 
 log = logging.getLogger(__name__)
 
@@ -40,55 +41,19 @@ class LogFormat(StrEnum):
     csv = "csv"
 
 
-def load_events(
-    path: Path,
-    fmt: str,
-    user_col: str | None = None,
-    item_col: str | None = None,
-    time_col: str | None = None,
-    has_header: bool = True,
-    columns: list[str] | None = None,
-    limit: int | None = None,
-) -> list[Event]:
+def load_events(path: Path, log_spec: LogSpec | str, limit: int | None = None) -> list[Event]:
     """Events of a log, sorted by time (stable), optionally only the first ``limit``.
 
     Raises:
         ValueError: a bad file, format or mapping (the message names the line or column).
     """
-    from producers.replay_formats import read_rows
-
-    mapping: dict[str, object] = {}
-    if fmt == "csv":
-        mapping = {"user_col": user_col, "item_col": item_col, "time_col": time_col, "has_header": has_header}
-        if columns:
-            mapping["columns"] = columns
-    else:
-        given = [
-            name
-            for name, value in (
-                ("--user-col", user_col),
-                ("--item-col", item_col),
-                ("--time-col", time_col),
-                ("--columns", columns),
-            )
-            if value
-        ]
-        if given or not has_header:
-            raise ValueError(f"format {fmt} has fixed columns; {', '.join(given) or '--no-header'} only apply to csv")
-    rows = read_rows(path, fmt, **mapping)
+    rows = (LogSpec(log_spec) if isinstance(log_spec, str) else log_spec).read(path)
     if limit is not None:
         rows = rows[:limit]
     return [Event(r.user_id, r.item_id, r.ts_ms) for r in rows]
 
 
-def load_item_side(
-    path: Path,
-    fmt: str,
-    item_col: str | None = None,
-    category_col: str | None = None,
-    has_header: bool = True,
-    columns: list[str] | None = None,
-) -> dict:
+def load_item_side(path: Path, log_spec: LogSpec | str, category_col: str | None = None) -> dict:
     """The catalogue side information of a log (:mod:`evaluation.catalog`); empty when it has none.
 
     Raises:
@@ -96,6 +61,9 @@ def load_item_side(
     """
     from evaluation.catalog import csv_category_side, movielens_100k_side
 
+    spec = LogSpec(log_spec) if isinstance(log_spec, str) else log_spec
+    fmt, item_col, has_header, delimiter = spec.fmt, spec.item_col, spec.has_header, spec.delimiter
+    columns = list(spec.columns) if spec.columns else None
     if category_col is not None:
         if fmt != "csv":
             raise ValueError(f"--category-col only applies to csv (format {fmt} brings its own item file)")
@@ -104,12 +72,13 @@ def load_item_side(
         if item_col is None:
             if columns is None and has_header:
                 with Path(path).open(newline="", encoding="utf-8-sig") as handle:
-                    header = next((r for r in csv.reader(handle) if any(f.strip() for f in r)), None)
+                    rows = csv.reader(handle, delimiter=delimiter)
+                    header = next((r for r in rows if any(f.strip() for f in r)), None)
                 columns = [c.strip() for c in header] if header is not None else None
             if columns is None:
                 raise ValueError("--category-col needs --item-col when the file has no header")
             item_col = guess_columns(columns)[1]
-        return csv_category_side(path, item_col, category_col, has_header, columns)
+        return csv_category_side(path, str(item_col), category_col, has_header, columns, delimiter)
     if fmt == "movielens-100k":
         return movielens_100k_side(path)
     return {}
@@ -148,6 +117,12 @@ def replay_command(
     time_col: str | None = typer.Option(None, "--time-col", help="csv: time column (name or 0-based number)."),
     no_header: bool = typer.Option(False, "--no-header", help="csv: the file has no header line."),
     columns: str | None = typer.Option(None, "--columns", help="csv: comma-separated column names (a,b,c)."),
+    delimiter: str = typer.Option(",", "--delimiter", help="csv: field separator; 'tab' for a tab."),
+    time_unit: TimeUnit = typer.Option(
+        TimeUnit.auto,
+        "--time-unit",
+        help="csv: auto tells seconds from milliseconds by magnitude (>= 1e11 is ms) and also reads ISO dates.",
+    ),
     category_col: str | None = typer.Option(
         None, "--category-col", help="csv: item category column, fed to the two-tower item tower as catalogue."
     ),
@@ -225,17 +200,18 @@ def replay_command(
     )
     column_names = [c.strip() for c in columns.split(",")] if columns else None
     try:
-        events = load_events(
-            data,
+        log_spec = LogSpec(
             fmt.value,
-            user_col,
-            item_col,
-            time_col,
+            user_col=user_col,
+            item_col=item_col,
+            time_col=time_col,
             has_header=not no_header,
             columns=column_names,
-            limit=limit,
+            delimiter=delimiter_arg(delimiter),
+            time_unit=time_unit.value,
         )
-        side = load_item_side(data, fmt.value, item_col, category_col, not no_header, column_names) if item_side else {}
+        events = load_events(data, log_spec, limit)
+        side = load_item_side(data, log_spec, category_col) if item_side else {}
         chosen = make_policies(names, protocol, bootstrap_epochs=bootstrap_epochs, item_side=side)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

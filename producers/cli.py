@@ -12,6 +12,7 @@ from typing import Any
 import typer
 from kafka.errors import KafkaError
 
+from producers.replay_formats import LogSpec, TimeUnit, delimiter_arg
 from twotower.config import load_config
 from twotower.daemon import ShutdownFlag, install_signal_handlers, run_daemon, setup_logging
 
@@ -34,15 +35,6 @@ class ReplayFormat(StrEnum):
     movielens_100k = "movielens-100k"
     movielens_csv = "movielens-csv"
     csv = "csv"
-
-
-class TimeUnit(StrEnum):
-    """How ``replay --format csv`` reads the time column."""
-
-    auto = "auto"
-    s = "s"
-    ms = "ms"
-    iso = "iso"
 
 
 def simulate_command(
@@ -158,22 +150,17 @@ def replay_command(
     try:
         from producers.replay import replay
 
-        result = replay(
-            cfg,
-            path,
+        log_spec = LogSpec(
             fmt.value,
             user_col=user_col,
             item_col=item_col,
             time_col=time_col,
             has_header=not no_header,
             columns=names,
-            delimiter="\t" if delimiter.lower() in ("tab", "\\t") else delimiter,
+            delimiter=delimiter_arg(delimiter),
             time_unit=time_unit.value,
-            speed=speed,
-            limit=limit,
-            shutdown_flag=flag,
-            progress=progress,
         )
+        result = replay(cfg, path, log_spec, speed=speed, limit=limit, shutdown_flag=flag, progress=progress)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

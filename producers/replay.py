@@ -22,7 +22,6 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
 from tqdm import tqdm
 
-from producers.replay_formats import ColumnSpec, read_movielens_items, read_rows
+from producers.replay_formats import LogSpec, read_movielens_items
 from twotower.config import Config
 from twotower.daemon import ShutdownFlag
 from twotower.events import CLICK, CatalogItem, Interaction
@@ -95,15 +94,8 @@ def _short_name(name: str, keep: int = 64) -> str:
 def replay(
     cfg: Config,
     path: str | Path,
-    fmt: str,
+    log_spec: LogSpec | str,
     *,
-    user_col: ColumnSpec | None = None,
-    item_col: ColumnSpec | None = None,
-    time_col: ColumnSpec | None = None,
-    has_header: bool = True,
-    columns: Sequence[str] | None = None,
-    delimiter: str = ",",
-    time_unit: str = "auto",
     speed: float | None = None,
     limit: int | None = None,
     shutdown_flag: ShutdownFlag | None = None,
@@ -114,14 +106,8 @@ def replay(
     Args:
         cfg: configuration (only the kafka section is used).
         path: the interaction file.
-        fmt: one of :data:`producers.replay_formats.FORMATS`.
-        user_col: user column for format ``csv`` (name or 0-based number; guessed from the header if omitted).
-        item_col: item column for format ``csv``.
-        time_col: time column for format ``csv``.
-        has_header: format ``csv`` only: whether the first line names the columns.
-        columns: format ``csv`` only: names of the columns (needed to map by name without a header).
-        delimiter: format ``csv`` only: field separator.
-        time_unit: format ``csv`` only: ``auto``, ``s``, ``ms`` or ``iso``.
+        log_spec: how to read it; a format name alone for a fixed format or a csv log whose
+            columns are guessed from its header.
         speed: ``None`` sends as fast as possible; otherwise event-time gaps divided by
             ``speed`` become wall-clock gaps (``speed=3600``: an hour of history per second).
         limit: send only the first ``limit`` rows in time order.
@@ -136,13 +122,9 @@ def replay(
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     path = Path(path)
-    mapping: dict[str, object] = {"user_col": user_col, "item_col": item_col, "time_col": time_col, "columns": columns}
-    csv_only = {"has_header": has_header, "delimiter": delimiter, "time_unit": time_unit}
-    if fmt != "csv":  # a fixed format refuses what was given (None: left at the default)
-        defaults = {"has_header": True, "delimiter": ",", "time_unit": "auto"}
-        csv_only = {k: None if v == defaults[k] else v for k, v in csv_only.items()}
-    mapping.update(csv_only)
-    rows = read_rows(path, fmt, **mapping)
+    spec = LogSpec(log_spec) if isinstance(log_spec, str) else log_spec
+    fmt = spec.fmt
+    rows = spec.read(path)
     if limit is not None:
         rows = rows[:limit]
     flag = shutdown_flag or ShutdownFlag()

@@ -37,7 +37,9 @@ import math
 import re
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,6 +47,22 @@ from twotower.events import MAX_TS_MS, check_id
 
 FORMATS = ("movielens-100k", "movielens-csv", "csv")
 TIME_UNITS = ("auto", "s", "ms", "iso")
+
+
+class TimeUnit(StrEnum):
+    """How a csv log's time column is read (the command-line choice of :data:`TIME_UNITS`)."""
+
+    auto = "auto"
+    s = "s"
+    ms = "ms"
+    iso = "iso"
+
+
+def delimiter_arg(text: str) -> str:
+    """A ``--delimiter`` value: the character itself, or ``tab`` (also ``\\t``) for a tab."""
+    return "\t" if text.lower() in ("tab", "\\t") else text
+
+
 MS_THRESHOLD = 100_000_000_000
 """Numeric timestamps at or above this are milliseconds, below it seconds (``time_unit="auto"``)."""
 MOVIELENS_100K_GENRES = (
@@ -294,6 +312,35 @@ def read_rows(path: str | Path, fmt: str, **mapping: object) -> list[SourceRow]:
     if fmt == "csv":
         return read_csv_rows(path, **mapping)  # type: ignore[arg-type]
     raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
+
+
+@dataclass(frozen=True)
+class LogSpec:
+    """How to read an interaction log: its format (one of :data:`FORMATS`) and, for ``csv``,
+    where its columns are and how its fields read (see :func:`read_csv_rows`)."""
+
+    fmt: str
+    user_col: ColumnSpec | None = None
+    item_col: ColumnSpec | None = None
+    time_col: ColumnSpec | None = None
+    has_header: bool = True
+    columns: Sequence[str] | None = None
+    delimiter: str = ","
+    time_unit: str = "auto"
+
+    def read(self, path: str | Path) -> list[SourceRow]:
+        """The log's rows (:func:`read_rows`); a fixed format refuses an option set away from its
+        default rather than ignoring it.
+
+        Raises:
+            ValueError: as :func:`read_rows`.
+        """
+        mapping = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fmt"}
+        mapping["columns"] = self.columns or None
+        if self.fmt != "csv":  # None: left at the default, so not "given"
+            defaults = {f.name: f.default for f in fields(self)}
+            mapping = {k: None if v == defaults[k] else v for k, v in mapping.items()}
+        return read_rows(path, self.fmt, **mapping)
 
 
 def _no_mapping(fmt: str, mapping: dict[str, object]) -> None:

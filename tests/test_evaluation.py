@@ -20,6 +20,7 @@ from evaluation.policies import ALSNightly, ItemKNNStream, Policy, PopularityPol
 from evaluation.protocol import MS_PER_DAY, Event, Protocol, World
 from evaluation.replay import Step, Warmed, make_policies, prequential, run
 from evaluation.two_tower import TwoTowerPolicy
+from producers.replay_formats import LogSpec
 from twotower.config import ModelConfig, TrainerConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -383,10 +384,11 @@ def test_cli_writes_json_and_plot_identically_across_hash_seeds(tmp_path: Path) 
 def test_load_events_handles_headerless_csv_with_named_columns(tmp_path: Path) -> None:
     log = tmp_path / "log.csv"
     log.write_text("7.0,100,5,900\n3,99,4,800\n")
-    events = load_events(log, "csv", "user", "item", "time", has_header=False, columns=["user", "time", "r", "item"])
+    spec = LogSpec("csv", "user", "item", "time", has_header=False, columns=["user", "time", "r", "item"])
+    events = load_events(log, spec)
     assert events == [Event("3", "800", 99_000), Event("7", "900", 100_000)]
     with pytest.raises(ValueError, match="fixed columns"):
-        load_events(log, "movielens-100k", user_col="user")
+        load_events(log, LogSpec("movielens-100k", user_col="user"))
 
 
 # --- item side information --------------------------------------------------------------------
@@ -397,10 +399,30 @@ def test_csv_category_side_reads_the_first_category_of_each_item(tmp_path: Path)
 
     path = tmp_path / "log.csv"
     path.write_text("user_id,item_id,category_id,timestamp\n1,7,3,100\n2,7,4,200\n2,8,,300\n")
-    side = load_item_side(path, "csv", None, "category_id")
+    side = load_item_side(path, "csv", "category_id")
     assert {k: v.category for k, v in side.items()} == {"7": "3", "8": "unknown"}
     with pytest.raises(ValueError):
-        load_item_side(path, "movielens-100k", None, "category_id")
+        load_item_side(path, "movielens-100k", "category_id")
+
+
+def test_evaluate_reads_a_tab_separated_log_in_milliseconds(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from evaluation.cli import app
+
+    data = tmp_path / "log.tsv"
+    rows = "".join(f"u{i % 3}\ti{i % 5}\tc{i % 2}\t{1_000 * i}\n" for i in range(40))
+    data.write_text("user\titem\tcat\tts\n" + rows)
+    events = load_events(data, LogSpec("csv", delimiter="\t", time_unit="ms"))
+    assert len(events) == 40 and events[1].ts_ms == 1_000  # read as milliseconds, not seconds
+    with pytest.raises(ValueError, match="fixed columns; delimiter only apply to format csv"):
+        load_events(data, LogSpec("movielens-100k", delimiter="\t"))
+    out = tmp_path / "o.json"
+    args = ["replay", "--data", str(data), "--format", "csv", "--delimiter", "tab", "--time-unit", "ms"]
+    args += ["--category-col", "cat", "--policies", "popularity_7d", "--json", str(out), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["data"]["catalogue_items"] == 5
 
 
 def test_csv_category_side_reads_a_quoted_header_and_refuses_a_column_past_every_row(tmp_path: Path) -> None:
@@ -408,9 +430,9 @@ def test_csv_category_side_reads_a_quoted_header_and_refuses_a_column_past_every
 
     path = tmp_path / "log.csv"
     path.write_text('\n"user_id","item_id","category_id","timestamp"\n1,7,3,100\n')
-    assert {k: v.category for k, v in load_item_side(path, "csv", None, "category_id").items()} == {"7": "3"}
+    assert {k: v.category for k, v in load_item_side(path, "csv", "category_id").items()} == {"7": "3"}
     with pytest.raises(ValueError, match="column 9 is beyond the fields of every row"):
-        load_item_side(path, "csv", None, "9")
+        load_item_side(path, "csv", "9")
 
 
 def test_evaluate_refuses_bad_policies_and_unwritable_outputs_before_the_run(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from producers.replay import replay
+from producers.replay_formats import LogSpec
 from producers.simulate import SimulatorDaemon
 from twotower.config import Config
 from twotower.events import CLICK, IMPRESSION, CatalogItem, Interaction, Profile, Record, decode
@@ -221,11 +222,10 @@ def test_replay_csv_keeps_original_timestamps(config: Config, tmp_path: Path) ->
     path = tmp_path / "clicks.tsv"
     lines = [f"{t}\t{rng.integers(50)}.0\tignored\tu{rng.integers(20)}" for t in times]
     path.write_text("\n".join(lines) + "\n")
-    kwargs: dict[str, object] = {
-        "has_header": False, "columns": ["when", "item", "x", "user"], "user_col": "user", "item_col": "item",
-        "time_col": "when", "delimiter": "\t", "progress": False,
-    }  # fmt: skip
-    result = replay(config, path, "csv", **kwargs)
+    spec = LogSpec(
+        "csv", "user", "item", "when", has_header=False, columns=["when", "item", "x", "user"], delimiter="\t"
+    )
+    result = replay(config, path, spec, progress=False)
     assert (result.events, result.catalog, result.interrupted) == (300, 0, False)
     assert (result.first_ts_ms, result.last_ts_ms) == (int(times.min()), int(times.max()))
 
@@ -252,7 +252,7 @@ def test_replay_paced_by_speed(config: Config, tmp_path: Path) -> None:
     path = tmp_path / "paced.csv"
     path.write_text("user,item,ts\n" + "".join(f"u{i},i{i},{1000 + i * 250}\n" for i in range(9)))
     started = time.monotonic()
-    result = replay(config, path, "csv", time_unit="ms", speed=4.0, progress=False)  # 2 s of event time: 0.5 s
+    result = replay(config, path, LogSpec("csv", time_unit="ms"), speed=4.0, progress=False)  # 2 s of event time: 0.5 s
     elapsed = time.monotonic() - started
     assert result.events == 9
     assert 0.5 <= elapsed < 10

@@ -10,6 +10,7 @@ import pytest
 
 from producers.replay_formats import (
     MS_THRESHOLD,
+    LogSpec,
     guess_columns,
     movielens_genres,
     movielens_items,
@@ -376,7 +377,7 @@ def test_replay_refuses_bad_arguments_before_connecting(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="speed must be a positive number"):
             replay(cfg, path, "movielens-100k", speed=speed)
     with pytest.raises(ValueError, match="fixed columns; delimiter, has_header only apply to format csv"):
-        replay(cfg, path, "movielens-100k", has_header=False, delimiter=";")
+        replay(cfg, path, LogSpec("movielens-100k", has_header=False, delimiter=";"))
     long = "x" * 300 + ".csv"
     assert _short_name("log.csv") == "log.csv" and len(_short_name(long)) == 73
     assert _short_name(long) != _short_name("x" * 300 + ".tsv")  # a digest of the whole name
