@@ -2,8 +2,10 @@
 
 Each row becomes an :class:`Interaction` of type ``click`` whose ``ts_ms`` (and Kafka record
 timestamp) is the row's original time, with a deterministic ``event_id`` =
-``request_id`` = ``"{format}:{file name}:{line}"`` so that replaying the same file twice
-produces the same ids (consumers can deduplicate). Rows go out in event-time order, as fast
+``request_id`` = ``"{format}:{file name}:{line}"``, the same each time the file is replayed.
+Nothing downstream deduplicates by it: the trainer learns a file replayed twice twice, and the
+serving state holds its clicks twice, so replay a log into fresh topics (``kafka.topic_prefix``)
+rather than again into the same ones. Rows go out in event-time order, as fast
 as possible or paced so that wall-clock gaps are event-time gaps divided by ``speed``.
 
 For MovieLens-100K the item catalogue in ``u.item`` beside ``u.data`` (if present) is sent

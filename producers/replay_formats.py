@@ -239,6 +239,14 @@ def read_csv_rows(
     return rows
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _first_undecodable_line(path: Path, encoding: str) -> int:
     """The number of the first line of ``path`` that does not decode (text is decoded in blocks,
     so the reader's own line count is no guide)."""
@@ -263,6 +271,7 @@ def _read_csv(
 ) -> list[SourceRow]:
     rows: list[SourceRow] = []
     names: list[str] | None = [c.strip() for c in columns] if columns is not None else None
+    header: list[str] | None = None
     if has_header:
         header = next((r for r in reader if any(f.strip() for f in r)), None)
         if header is None:
@@ -281,6 +290,11 @@ def _read_csv(
         time_col = guessed[2] if time_col is None else time_col
     where = str(path)
     ui, ii, ti = (_resolve(c, names, where) for c in (user_col, item_col, time_col))
+    if has_header and header is not None and len(header) > ti and _is_number(header[ti]):
+        raise ValueError(
+            f"{path}: the first line looks like data (its time field is {header[ti].strip()!r}), not column "
+            "names; say the file has no header (--no-header)"
+        )
     need = max(ui, ii, ti) + 1
     for row in reader:
         if not row or not any(f.strip() for f in row):

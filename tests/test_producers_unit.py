@@ -367,6 +367,13 @@ def test_csv_reading_refuses_a_long_delimiter_and_names_an_undecodable_line(tmp_
         read_csv_rows(path)
 
 
+def test_a_first_line_of_data_is_not_taken_for_a_header(tmp_path: Path) -> None:
+    path = write(tmp_path, "u1,i1,1600000000\nu2,i2,1600000001\n")
+    with pytest.raises(ValueError, match=r"the first line looks like data \(its time field is '1600000000'\)"):
+        read_csv_rows(path, user_col=0, item_col=1, time_col=2)  # it dropped the first row
+    assert len(read_csv_rows(path, user_col=0, item_col=1, time_col=2, has_header=False)) == 2
+
+
 def test_replay_refuses_bad_arguments_before_connecting(tmp_path: Path) -> None:
     from producers.replay import _short_name, replay
     from twotower.config import Config
