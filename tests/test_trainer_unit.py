@@ -451,7 +451,9 @@ def test_a_counted_range_covers_the_offsets_the_nightly_read_of_its_day() -> Non
     assert not counted.covers(("ev", 1), 0, 1_500)  # a partition where it read none of the day
     assert not counted.covers(("ev", 0), 7, 2_000)  # another day
     assert counted.to_extra() == ranges[0]
+    assert not counted.passed({("ev", 0): 10, ("ev", 2): 4}) and counted.passed({("ev", 0): 10, ("ev", 2): 5})
     older = CountedRange.from_extra([1_000, 2_000])  # written before offsets were recorded: the whole day
+    assert not older.passed({("ev", 0): 10**9})
     assert older.covers(("ev", 1), 10**9, 1_000) and older.to_extra() == [1_000, 2_000]
     ckpt = SimpleNamespace(extra={nightly.NIGHTLY_COUNTED: [[1_000, 2_000]]})
     assert nightly.counted_ranges(ckpt, day, [], "ev", True) == [[1_000, 2_000]]  # type: ignore[arg-type]

@@ -99,6 +99,13 @@ class CountedRange:
         span = self.offsets.get(tp)
         return span is not None and span[0] <= offset <= span[1]
 
+    def passed(self, offsets: dict[Partition, int]) -> bool:
+        """Whether resuming from ``offsets`` (per partition, the next to read) reads none of the
+        interactions this range covers (unknown for a range without offsets: never)."""
+        if self.offsets is None:
+            return False
+        return all(offsets.get(tp, 0) > last for tp, (_, last) in self.offsets.items())
+
     def to_extra(self) -> list[Any]:
         """The checkpoint's form: ``[start_ms, end_ms, {partition key: [first, last]}]``."""
         if self.offsets is None:
@@ -390,6 +397,9 @@ class StreamTrainer(Daemon):
         applied = self.merger.applied_above()
         offsets = {**{partition_key(tp): off for tp, off in self.resume_offsets.items()}}
         offsets.update({partition_key(tp): off for tp, off in safe.items()})
+        # a day the checkpoint's offsets have passed in every partition is never replayed again
+        resume = {**self.resume_offsets, **safe}
+        self.nightly_counted = [r for r in self.nightly_counted if not r.passed(resume)]
         extra = {
             APPLIED_ABOVE: {partition_key(tp): offs for tp, offs in applied.items()},
             NIGHTLY_COUNTED: [r.to_extra() for r in self.nightly_counted],
