@@ -87,18 +87,19 @@ def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
 
 
 def wrk_latencies(latencies_us: Sequence[float]) -> dict[str, float]:
-    """wrk's latency figures (``p50_us`` … ``max_us``, ``mean_us``) of a Python load generator's
-    samples, by wrk's nearest-rank rule (no interpolation); zeros for no samples."""
+    """wrk's latency figures (``p50_us`` … ``max_us``, ``mean_us``) of a load generator's samples,
+    each percentile by :func:`percentile` (linear interpolation, the bench's one rule); zeros for
+    no samples."""
     ordered = sorted(latencies_us)
 
-    def rank(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))] if ordered else 0.0
+    def at(q: float) -> float:
+        return percentile(ordered, q) if ordered else 0.0
 
     return {
-        "p50_us": rank(50),
-        "p90_us": rank(90),
-        "p99_us": rank(99),
-        "p999_us": rank(99.9),
+        "p50_us": at(50),
+        "p90_us": at(90),
+        "p99_us": at(99),
+        "p999_us": at(99.9),
         "max_us": ordered[-1] if ordered else 0.0,
         "mean_us": sum(ordered) / len(ordered) if ordered else 0.0,
     }
