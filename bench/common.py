@@ -86,11 +86,23 @@ def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
     return round(100 * (after[0] - before[0]) / ticks, 2) if ticks > 0 else None
 
 
-def wrk_latencies(latencies_us: Sequence[float]) -> dict[str, float]:
+FAILED = ("connect", "read", "write", "timeout")
+"""The error counts of a load generator's result that are requests without an answer (a status
+other than 200 is an answer: its latency is among the others, the error counted as ``status``)."""
+
+
+def wrk_latencies(latencies_us: Sequence[float], failed: int = 0) -> dict[str, float]:
     """wrk's latency figures (``p50_us`` … ``max_us``, ``mean_us``) of a load generator's samples,
     each percentile by :func:`percentile` (linear interpolation, the bench's one rule); zeros for
-    no samples."""
-    ordered = sorted(latencies_us)
+    no requests at all.
+
+    The ``failed`` requests (:data:`FAILED`: no answer, or none within the generator's timeout)
+    count as infinitely slow: a percentile (or the max) that reaches them is ``inf``, never a
+    flattering figure of the answered ones alone. The mean is of the answered ones (``inf`` when
+    none was).
+    """
+    answered = sorted(latencies_us)
+    ordered = answered + [math.inf] * failed
 
     def at(q: float) -> float:
         return percentile(ordered, q) if ordered else 0.0
@@ -101,14 +113,20 @@ def wrk_latencies(latencies_us: Sequence[float]) -> dict[str, float]:
         "p99_us": at(99),
         "p999_us": at(99.9),
         "max_us": ordered[-1] if ordered else 0.0,
-        "mean_us": sum(ordered) / len(ordered) if ordered else 0.0,
+        "mean_us": sum(answered) / len(answered) if answered else math.inf if failed else 0.0,
     }
 
 
-def latencies_ms(result: Mapping[str, Any]) -> dict[str, float]:
+def rounded(value: float, digits: int = 3) -> float | None:
+    """``value`` rounded, ``None`` when it is not finite (a percentile that reached a failed request)."""
+    return round(value, digits) if math.isfinite(value) else None
+
+
+def latencies_ms(result: Mapping[str, Any]) -> dict[str, float | None]:
     """``p50_ms`` … ``max_ms`` and ``mean_ms`` of a load generator's result in microseconds
-    (:func:`wrk_latencies`' keys), rounded to the microsecond."""
-    return {f"{q}_ms": round(result[f"{q}_us"] / 1000, 3) for q in ("p50", "p90", "p99", "p999", "max", "mean")}
+    (:func:`wrk_latencies`' keys), rounded to the microsecond; ``None`` where a figure reached a
+    failed request."""
+    return {f"{q}_ms": rounded(result[f"{q}_us"] / 1000) for q in ("p50", "p90", "p99", "p999", "max", "mean")}
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -14,7 +14,10 @@ is kept by a ``timerfd`` (:mod:`bench.deadline_timer`): the loop's own timers en
 about a millisecond late (uvloop's, below a millisecond, early, so the generator spun), which
 counted in every latency. Requests go out over up to ``max_connections`` keep-alive
 connections, opened as needed; a request for which no connection is free waits (and that wait
-counts). ``late`` counts requests sent more than 1 ms after their scheduled time.
+counts). ``late`` counts requests sent more than 1 ms after their scheduled time. A request
+that gets no answer (a connection refused or closed, no answer within 2 s, or still unanswered
+when the drain ends) counts as infinitely slow in the percentiles, so a p99 that reaches the
+failures is ``inf`` (``None`` in a report), not a figure of the answered requests alone.
 
 It runs in its own (spawned) process with an asyncio loop (uvloop when installed), so its
 CPU is counted with the load generator's, beside wrk's.
@@ -29,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
-from bench.common import spawned_result, wrk_latencies
+from bench.common import FAILED, rounded, spawned_result, wrk_latencies
 from bench.deadline_timer import DeadlineTimer
 
 LATE_S = 0.001
@@ -143,7 +146,8 @@ async def _drive(
         unanswered = n - len(latencies) - sum(v for key, v in errors.items() if key != "status")
         errors["timeout"] += unanswered  # (answers with another status are in latencies too)
     elapsed = time.perf_counter() - started
-    from_send = wrk_latencies(service)
+    failed = sum(errors[key] for key in FAILED)  # infinitely slow in the percentiles
+    from_send = wrk_latencies(service, failed)
     return {
         "requests": len(latencies),
         "scheduled": n,
@@ -154,7 +158,7 @@ async def _drive(
         "duration_us": int(elapsed * 1e6),
         "bytes": 0,
         **errors,
-        **wrk_latencies(latencies),
+        **wrk_latencies(latencies, failed),
         "from_send_p50_us": from_send["p50_us"],
         "from_send_p99_us": from_send["p99_us"],
         "slow": slow,
@@ -163,11 +167,12 @@ async def _drive(
 
 def sending_figures(result: Mapping[str, Any]) -> dict[str, Any]:
     """What a report gives of a :func:`run_open_loop` result's sending: latency percentiles in ms
-    from each request's actual send, the sends over :data:`LATE_S` late, and the timer that kept
-    the schedule (:attr:`~bench.deadline_timer.DeadlineTimer.kind`)."""
+    from each request's actual send (``None`` where one reached a failed request), the sends over
+    :data:`LATE_S` late, and the timer that kept the schedule
+    (:attr:`~bench.deadline_timer.DeadlineTimer.kind`)."""
     return {
-        "from_send_p50_ms": round(result["from_send_p50_us"] / 1000, 3),
-        "from_send_p99_ms": round(result["from_send_p99_us"] / 1000, 3),
+        "from_send_p50_ms": rounded(result["from_send_p50_us"] / 1000),
+        "from_send_p99_ms": rounded(result["from_send_p99_us"] / 1000),
         "late_sends": result["late"],
         "generator_timer": result["timer"],
     }
@@ -191,7 +196,8 @@ def run_open_loop(
     base_url: str, rate: float, duration_s: float, users: int, k: int, seed: int, max_connections: int = 64
 ) -> dict[str, Any]:
     """``rate`` GET /recommend per second for ``duration_s`` from a spawned process; wrk-like
-    figures (latencies in microseconds from each request's scheduled time) plus ``scheduled``,
+    figures (latencies in microseconds from each request's scheduled time, ``inf`` where they
+    reach the requests that got no answer) plus ``scheduled``,
     ``offered_rate``, ``late``, ``connections`` and ``slow``: (Unix time of the scheduled send,
     latency ms, latency from the actual send ms) of the requests over :data:`SLOW_S`."""
     if rate <= 0:

@@ -1,12 +1,102 @@
-"""What the bench measures and how it reports it: percentiles, failed requests, swap errors, timing."""
+"""What the bench measures and how it reports it: percentiles, failed requests, swap errors, timing.
+
+The load paths run against :class:`FakeRetriever`, a small HTTP server in a thread (no retriever,
+no Redis): it answers ``/recommend`` at once, or late as a test asks, and serves ``/metrics``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import math
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
 import pytest
 
-from bench.common import percentile, wrk_latencies
+from bench.common import latencies_ms, percentile, wrk_latencies
+from bench.open_loop import _drive
+from bench.retriever import _python_load_worker, _targets, run_wrk
 
 
+class FakeRetriever:
+    """What the handler answers: ``/recommend`` at once, user ``u0`` after ``hang_s``, and every
+    request that arrives within a stall (:meth:`stall`) when it ends; ``/metrics`` is ``metrics``.
+    The arrival times (``time.monotonic()``) of the ``/recommend`` requests are kept."""
+
+    def __init__(self) -> None:
+        self.hang_s = 0.0
+        self.metrics = ""
+        self.arrivals: list[float] = []
+        self.stalls: list[tuple[float, float]] = []
+
+    def stall(self, at: float, seconds: float) -> None:
+        """Hold every request arriving between ``at`` (monotonic) and ``at + seconds`` until then."""
+        self.stalls.append((at, at + seconds))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    fake: FakeRetriever
+
+    def do_GET(self) -> None:  # the name http.server calls
+        fake = self.server.fake  # type: ignore[attr-defined]
+        url = urlparse(self.path)
+        if url.path == "/metrics":
+            body = fake.metrics.encode()
+        else:
+            now = time.monotonic()
+            fake.arrivals.append(now)
+            for start, end in fake.stalls:
+                if start <= now < end:
+                    time.sleep(end - now)
+            if parse_qs(url.query).get("user_id") == ["u0"] and fake.hang_s:
+                time.sleep(fake.hang_s)
+            body = b'{"items":[]}'
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client gave up on it (a timeout)
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[FakeRetriever, str]]:
+    """A :class:`FakeRetriever` and its base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    httpd.fake = FakeRetriever()  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd.fake, f"http://127.0.0.1:{httpd.server_address[1]}"  # type: ignore[attr-defined]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class _Out:
+    """A spawned load generator's result queue, for running its body in this process."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+
+
+# --- percentiles ---------------------------------------------------------------------------------
 def test_load_generator_percentiles_interpolate_like_every_other_percentile() -> None:
     samples = [float(x) for x in range(1, 101)]
     figures = wrk_latencies(samples[::-1])
@@ -14,3 +104,57 @@ def test_load_generator_percentiles_interpolate_like_every_other_percentile() ->
     for q in (50, 90, 99, 99.9):
         assert figures[f"p{str(q).replace('.', '')}_us"] == pytest.approx(percentile(samples, q))
     assert figures["max_us"] == 100.0 and figures["mean_us"] == pytest.approx(50.5)
+
+
+# --- failed requests -----------------------------------------------------------------------------
+def test_a_failed_request_counts_as_infinitely_slow() -> None:
+    figures = wrk_latencies([float(x) for x in range(1, 99)], failed=2)  # 2 % without an answer
+    assert figures["p50_us"] == pytest.approx(50.5) and math.isinf(figures["p99_us"])
+    assert math.isinf(figures["max_us"]) and figures["mean_us"] == pytest.approx(49.5)  # of the answered
+    in_ms = latencies_ms(figures)
+    assert in_ms["p99_ms"] is None and in_ms["max_ms"] is None and in_ms["p50_ms"] == 0.051
+    assert wrk_latencies([], failed=1)["p50_us"] == math.inf
+
+
+def test_open_loop_timeouts_reach_the_percentiles(fake: tuple[FakeRetriever, str]) -> None:
+    server, url = fake
+    server.hang_s = 2.5  # past the generator's 2 s timeout
+    port = int(url.rsplit(":", 1)[1])
+    result = asyncio.run(_drive("127.0.0.1", port, 100.0, 1.0, 20, 10, 1, 16))  # about 5 % to u0
+    assert 0 < result["timeout"] < 20 and result["requests"] + result["timeout"] == result["scheduled"]
+    assert math.isfinite(result["p50_us"]) and math.isinf(result["p99_us"]) and math.isinf(result["max_us"])
+    assert math.isinf(result["from_send_p99_us"])
+    assert latencies_ms(result)["p99_ms"] is None
+
+
+def test_python_load_generator_timeouts_reach_the_percentiles(fake: tuple[FakeRetriever, str]) -> None:
+    server, url = fake
+    server.hang_s = 2.5
+    out = _Out()
+    _python_load_worker(url, 0.5, 2, 2, 10, 0, out)  # half the requests to u0: each connection waits one out
+    (result,) = out.items
+    assert result["timeout"] >= 1 and math.isinf(result["p99_us"]) and math.isinf(result["max_us"])
+
+
+@pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed")
+def test_wrk_timeouts_reach_the_percentiles(fake: tuple[FakeRetriever, str], tmp_path: Path) -> None:
+    server, url = fake
+    server.hang_s = 2.2  # answered within the run, after wrk's 2 s timeout
+    result = run_wrk(url, 3.0, 2, 1, 2, 10, tmp_path)
+    assert result["timeout"] >= 1 and result["requests"] > result["timeout"]
+    assert math.isinf(result["p99_us"]) and math.isinf(result["max_us"])
+
+
+@pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed")
+def test_wrk_percentiles_without_failures_are_finite(fake: tuple[FakeRetriever, str], tmp_path: Path) -> None:
+    result = run_wrk(fake[1], 1.0, 2, 1, 10, 10, tmp_path)
+    assert result["timeout"] == 0 and result["requests"] > 100
+    assert 0 < result["p50_us"] <= result["p90_us"] <= result["p99_us"] <= result["p999_us"] <= result["max_us"]
+
+
+def test_a_p99_that_reached_a_failed_request_meets_no_target() -> None:
+    run = {"p99_ms": None, "qps": 10.0, "errors": 1, "non_200": 0, "offered_qps": 10.0}
+    targets = _targets({"http": dict(run), "floor": {"p99_ms": 1.0}, "open_loop": [dict(run)]})
+    assert targets["p99_le_3ms"] is False and targets["p99_le_2x_floor"] is False
+    assert targets["p99_over_floor_p99"] is None and targets["zero_errors"] is False
+    assert targets["open_loop"][0]["p99_le_3ms"] is False and targets["open_loop"][0]["p99_over_floor_p99"] is None
