@@ -94,6 +94,7 @@ from bench.common import (
     redis_cpu_s,
     redis_slow_commands,
     redis_slowlog_tip,
+    rounded,
     running,
     scrape,
     served_versions,
@@ -909,48 +910,67 @@ def _swap_plan(
 
 PROBE_INTERVAL_S = 0.005
 PROBE_SLOW_MS = (30, 100)
+PROBE_DRAIN_S = 10.0
+"""The probe's requests still unsent this long after its schedule ended count as failed."""
 
 
 def _probe_phase(
     opts: RetrieverBenchOptions, base_url: str, swaps: SwapPublisher, client: redis.Redis
 ) -> dict[str, Any]:
     """Step 8 of the module docstring: one connection, a request every PROBE_INTERVAL_S at most,
-    the ``swaps`` versions (written first) made current over the run."""
+    the ``swaps`` versions (written first) made current over the run.
+
+    Each request is timed from its **scheduled** send (``t0 + i * PROBE_INTERVAL_S``), as the open
+    loop's are: a stall delays the requests due meanwhile, which are then sent back to back, and
+    counts in each of them (no coordinated omission). The same from the actual send are beside
+    them (``from_send_*``). A request without an answer (or not sent :data:`PROBE_DRAIN_S` after
+    the schedule ended) counts as infinitely slow; ``errors`` counts those and the answers with
+    another status than 200."""
     plan = _swap_plan(swaps, opts, prewrite=True)
     published = len(swaps.records)
     log.info("swap probe: %d versions made current over %.0f s", len(plan), opts.probe_s)
     rng = np.random.default_rng(opts.seed + 11)
     latencies_s: list[float] = []
+    from_send_s: list[float] = []
     errors = 0
     before = scrape(f"{base_url}/metrics")
     slowlog_tip = redis_slowlog_tip(client)
     with httpx.Client(timeout=10.0) as http:
-        t0 = next_at = time.monotonic()
+        t0 = time.monotonic()
         swaps.start(plan, swap_times(len(plan), opts.probe_s), t0)
-        while time.monotonic() - t0 < opts.probe_s:
-            next_at += PROBE_INTERVAL_S
+        scheduled_n = math.ceil(opts.probe_s / PROBE_INTERVAL_S)
+        for i in range(scheduled_n):
+            if time.monotonic() > t0 + opts.probe_s + PROBE_DRAIN_S:  # far behind: the rest failed
+                latencies_s += [math.inf] * (scheduled_n - i)
+                from_send_s += [math.inf] * (scheduled_n - i)
+                errors += scheduled_n - i
+                break
+            scheduled = t0 + i * PROBE_INTERVAL_S
+            time.sleep(max(0.0, scheduled - time.monotonic()))
             params = {"user_id": f"u{int(rng.integers(0, opts.users))}", "k": opts.k}
-            started = time.perf_counter()
+            sent = time.monotonic()
             try:
-                ok = http.get(f"{base_url}/recommend", params=params).status_code == 200
+                status = http.get(f"{base_url}/recommend", params=params).status_code
             except httpx.HTTPError:
-                ok = False
-            if ok:
-                latencies_s.append(time.perf_counter() - started)
-            else:
-                errors += 1
-            time.sleep(max(0.0, next_at - time.monotonic()))
+                status = None
+            done = time.monotonic()
+            latencies_s.append(done - scheduled if status is not None else math.inf)
+            from_send_s.append(done - sent if status is not None else math.inf)
+            errors += status != 200
     swaps.join(600)
     after = scrape(f"{base_url}/metrics")
     ms = [x * 1000 for x in latencies_s]
+    from_send_ms = [x * 1000 for x in from_send_s]
     report: dict[str, Any] = {
         "seconds": opts.probe_s,
         "requests": len(ms),
         "errors": errors,
-        "p50_ms": round(percentile(ms, 50), 3) if ms else None,
-        "p99_ms": round(percentile(ms, 99), 3) if ms else None,
-        "max_ms": round(max(ms), 3) if ms else None,
+        "p50_ms": rounded(percentile(ms, 50)) if ms else None,
+        "p99_ms": rounded(percentile(ms, 99)) if ms else None,
+        "max_ms": rounded(max(ms)) if ms else None,
         **{f"over_{limit}_ms": sum(1 for x in ms if x > limit) for limit in PROBE_SLOW_MS},
+        "from_send_p99_ms": rounded(percentile(from_send_ms, 99)) if ms else None,
+        "from_send_max_ms": rounded(max(from_send_ms)) if ms else None,
         "swaps_published": len(swaps.records) - published,
         "swaps_applied_by_all_workers": _swaps_applied(before, after),
         **_stalls(before, after, client, slowlog_tip),

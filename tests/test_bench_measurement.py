@@ -21,7 +21,7 @@ import pytest
 
 from bench.common import latencies_ms, percentile, wrk_latencies
 from bench.open_loop import _drive
-from bench.retriever import _python_load_worker, _targets, run_wrk
+from bench.retriever import RetrieverBenchOptions, _probe_phase, _python_load_worker, _targets, run_wrk
 
 
 class FakeRetriever:
@@ -31,6 +31,8 @@ class FakeRetriever:
 
     def __init__(self) -> None:
         self.hang_s = 0.0
+        self.drop = False
+        """Close the connection on user ``u0``'s requests instead of answering."""
         self.metrics = ""
         self.arrivals: list[float] = []
         self.stalls: list[tuple[float, float]] = []
@@ -56,7 +58,10 @@ class _Handler(BaseHTTPRequestHandler):
             for start, end in fake.stalls:
                 if start <= now < end:
                     time.sleep(end - now)
-            if parse_qs(url.query).get("user_id") == ["u0"] and fake.hang_s:
+            if parse_qs(url.query).get("user_id") == ["u0"]:
+                if fake.drop:
+                    self.close_connection = True
+                    return
                 time.sleep(fake.hang_s)
             body = b'{"items":[]}'
         try:
@@ -94,6 +99,40 @@ class _Out:
 
     def put(self, item: Any) -> None:
         self.items.append(item)
+
+
+class FakeSwaps:
+    """A stand-in for :class:`bench.retriever.SwapPublisher`: publishes nothing, remembers when it
+    was started (``t0``), and fails as ``error`` says."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.records: list[Any] = []
+        self.error: BaseException | None = None
+        self.fail_with = error
+        self.t0: list[float] = []
+
+    def plan(self, swaps: int, kinds: str) -> list[tuple[str, int]]:
+        return [("delta", v) for v in range(swaps)]
+
+    def prewrite(self, plan: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        return plan
+
+    def start(self, plan: Any, times_s: list[float], t0: float) -> None:
+        self.t0.append(t0)
+        self.error = self.fail_with
+
+    def join(self, timeout_s: float) -> None:
+        pass
+
+
+class FakeRedis:
+    """What the bench asks Redis beside the load: its slow log and CPU."""
+
+    def slowlog_get(self, n: int) -> list[Any]:
+        return []
+
+    def info(self, section: str) -> dict[str, float]:
+        return {"used_cpu_user": 0.0, "used_cpu_sys": 0.0}
 
 
 # --- percentiles ---------------------------------------------------------------------------------
@@ -158,3 +197,27 @@ def test_a_p99_that_reached_a_failed_request_meets_no_target() -> None:
     assert targets["p99_le_3ms"] is False and targets["p99_le_2x_floor"] is False
     assert targets["p99_over_floor_p99"] is None and targets["zero_errors"] is False
     assert targets["open_loop"][0]["p99_le_3ms"] is False and targets["open_loop"][0]["p99_over_floor_p99"] is None
+
+
+# --- the swap probe ------------------------------------------------------------------------------
+def test_the_swap_probe_counts_a_stall_in_every_request_it_delayed(fake: tuple[FakeRetriever, str]) -> None:
+    server, url = fake
+    server.stall(time.monotonic() + 0.5, 0.2)  # the whole server, 200 ms: a GC, a swap, the host
+    opts = RetrieverBenchOptions(items=100, users=10, swaps=0, probe_s=1.5)
+    report = _probe_phase(opts, url, FakeSwaps(), FakeRedis())  # type: ignore[arg-type]
+    # at one request per 5 ms, ~34 requests were due during the stall's first 170 ms
+    assert report["over_30_ms"] >= 20 and report["over_100_ms"] >= 5
+    assert report["requests"] == 300 and report["errors"] == 0
+    assert report["max_ms"] >= 190 and report["from_send_max_ms"] >= 150  # the one that met the stall
+    assert report["p50_ms"] < 30
+
+
+def test_the_swap_probe_counts_a_request_without_an_answer_as_infinitely_slow(
+    fake: tuple[FakeRetriever, str],
+) -> None:
+    server, url = fake
+    server.drop = True  # about half the requests: the connection closes without an answer
+    opts = RetrieverBenchOptions(items=100, users=2, swaps=0, probe_s=0.5)
+    report = _probe_phase(opts, url, FakeSwaps(), FakeRedis())  # type: ignore[arg-type]
+    assert report["requests"] == 100 and 20 < report["errors"] < 80
+    assert report["p99_ms"] is None and report["max_ms"] is None and report["over_100_ms"] == report["errors"]
