@@ -109,7 +109,8 @@ def retriever_command(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """HTTP p50/p99 and QPS of the real retriever, the in-process compute floor beside it, and
-    errors counted while snapshot versions are swapped in under the load.
+    errors counted while snapshot versions are swapped in under the load. Exits with status 1
+    when a request failed or a swap did (the report's run_errors).
 
     Redis is started on a free port unless REDIS_URL is set. An HNSW build over 1M items takes
     many minutes (260 s on 2 idle threads, 16-26 min on a busy 2-core machine): pass
@@ -148,7 +149,12 @@ def retriever_command(
         http_floor=http_floor,
         log_dir=log_dir,
     )
-    typer.echo(write_report(run(opts), json_out))
+    report = run(opts)
+    typer.echo(write_report(report, json_out))
+    if report["run_errors"]:  # failed requests or swaps: the figures are not those of a clean run
+        for error in report["run_errors"]:
+            typer.echo(f"bench retriever: {error}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("freshness")

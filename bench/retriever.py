@@ -520,7 +520,13 @@ class SwapPublisher:
         self.seed = seed
         self.item_details = item_details
         self.records: list[SwapRecord] = []
+        """Every version published, over all the runs (oldest first)."""
         self.error: BaseException | None = None
+        """What stopped the current run's publishing (an exception, or the join's timeout)."""
+        self.planned = 0
+        """Versions the current run was to publish (:meth:`start`'s plan)."""
+        self.first_record = 0
+        """Index in :attr:`records` of the current run's first version."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -586,7 +592,12 @@ class SwapPublisher:
 
     def start(self, plan: Sequence[tuple[str, dict[str, bytes] | int]], times_s: list[float], t0: float) -> None:
         """Publish the plan's versions at ``t0 + times_s`` (parts are written then; a version
-        number from :meth:`prewrite` is made current)."""
+        number from :meth:`prewrite` is made current). Each call starts a run of its own: its
+        :attr:`error` and stop flag are new, so a run stopped by :meth:`join` stops no later one."""
+        self._stop = threading.Event()
+        self.error = None
+        self.planned = len(plan)
+        self.first_record = len(self.records)
         self._thread = threading.Thread(target=self._run, args=(plan, times_s, t0), name="swaps", daemon=True)
         self._thread.start()
 
@@ -615,16 +626,29 @@ class SwapPublisher:
                     )
                 )
                 log.info("published %s version %d at +%.1f s", kind, version, started - t0)
-        except BaseException as exc:  # reported in the result; the load run goes on
+        except BaseException as exc:  # reported in the result (an error of the run); the load goes on
             log.exception("publishing a swap failed")
             self.error = exc
 
     def join(self, timeout_s: float) -> None:
+        """Wait for the current run's versions; one still not published after ``timeout_s`` is
+        not published (the run is stopped) and the run's :attr:`error` says so."""
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 self._stop.set()
                 self._thread.join(timeout_s)
+                if self.error is None:
+                    self.error = TimeoutError(f"the swaps were still publishing after {timeout_s:.0f} s; stopped")
+
+    def errors(self) -> list[str]:
+        """What went wrong in the current run (after :meth:`join`): its :attr:`error`, and fewer
+        versions published than planned; empty when every version was published."""
+        out = [repr(self.error)] if self.error is not None else []
+        published = len(self.records) - self.first_record
+        if published < self.planned:
+            out.append(f"published {published} of {self.planned} versions")
+        return out
 
 
 def swap_times(swaps: int, duration_s: float) -> list[float]:
@@ -831,6 +855,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 swaps.join(opts.duration_s + 600)
                 load_end_s = time.monotonic() - t0
                 closed_swaps = list(swaps.records)  # the open-loop runs may publish more
+                closed_error, closed_swap_errors = swaps.error, swaps.errors()
                 last = closed_swaps[-1].version if closed_swaps else first
                 settle_timeout = 30.0 + opts.items / 5_000
                 settled = True
@@ -843,6 +868,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                     )
                 except TimeoutError:
                     settled = False
+                    closed_swap_errors.append(f"not every worker served version {last} {settle_timeout:.0f} s on")
                 after = scrape(f"{base_url}/metrics")
                 stalls = _stalls(before, after, client, slowlog_tip)
                 retriever.check_alive()
@@ -880,7 +906,8 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
         "mean_swap_s": _mean_swap_s(before, after),
         "workers_on_last_version": settled,
         "load_ended_at_s": round(load_end_s, 2),
-        "publish_error": repr(swaps.error) if swaps.error else None,
+        "publish_error": repr(closed_error) if closed_error else None,
+        "errors": closed_swap_errors,
         "schedule": [asdict(r) for r in closed_swaps],
     }
     report["swaps_done"] = swaps_applied // opts.workers
@@ -888,6 +915,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
     if open_loop:
         report["open_loop"] = open_loop
     report["targets"] = _targets(report)
+    report["run_errors"] = _run_errors(report)
     return report
 
 
@@ -973,6 +1001,7 @@ def _probe_phase(
         "from_send_max_ms": rounded(max(from_send_ms)) if ms else None,
         "swaps_published": len(swaps.records) - published,
         "swaps_applied_by_all_workers": _swaps_applied(before, after),
+        "swap_errors": swaps.errors(),
         **_stalls(before, after, client, slowlog_tip),
     }
     log.info("swap probe: %s", report)
@@ -1016,6 +1045,7 @@ def _open_loop_phase(
         http.update(
             swaps_published=len(swaps.records) - published,
             swaps_applied_by_all_workers=_swaps_applied(before, after),
+            swap_errors=swaps.errors() if plan else [],
             swap_schedule=[asdict(r) for r in swaps.records[published:]],
         )
     log.info("open loop at %.0f/s: %s", rate, http)
@@ -1193,7 +1223,8 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
         "qps_ge_1500": http["qps"] >= 1500,
         "p99_over_floor_p99": ratio,
         "p99_le_2x_floor": ratio is not None and ratio <= 2.0,
-        "zero_errors": http["errors"] == 0 and http["non_200"] == 0,
+        # no request failed or was answered with another status than 200, and no swap failed
+        "zero_errors": http["errors"] == 0 and http["non_200"] == 0 and not report["swaps"]["errors"],
         # the same latency targets at fixed offered rates (no swaps), where queueing behind a
         # closed loop's in-flight requests does not set the latency
         "open_loop": [
@@ -1206,11 +1237,46 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
                 "http_floor_p99_ms": next(
                     (f["p99_ms"] for f in report.get("http_floor", []) if f["offered_qps"] == run["offered_qps"]), None
                 ),
-                "zero_errors": run["errors"] == 0 and run["non_200"] == 0,
+                "zero_errors": run["errors"] == 0 and run["non_200"] == 0 and not run.get("swap_errors"),
             }
             for run in report.get("open_loop", [])
         ],
+        **(
+            {"probe": {"zero_errors": report["probe"]["errors"] == 0 and not report["probe"]["swap_errors"]}}
+            if "probe" in report
+            else {}
+        ),
     }
+
+
+def _run_errors(report: dict[str, Any]) -> list[str]:
+    """Every error of the run, one line each (empty: none): requests that failed or were answered
+    with another status than 200, in each phase (the HTTP floor's too), and swaps that failed to
+    publish, or that not every worker served after the closed loop. ``bench retriever`` exits
+    with status 1 when there is one."""
+    out: list[str] = []
+
+    def requests(where: str, run: Mapping[str, Any]) -> None:
+        if run["errors"]:
+            detail = f" {run['client_errors']}" if "client_errors" in run else ""
+            out.append(f"{where}: {run['errors']} requests failed or were answered another status than 200{detail}")
+        if run.get("non_200"):
+            out.append(f"{where}: the retriever answered {run['non_200']} requests with another status than 200")
+
+    def swaps(where: str, errors: Sequence[str]) -> None:
+        out.extend(f"{where} swaps: {error}" for error in errors)
+
+    requests("closed loop", report["http"])
+    swaps("closed loop", report["swaps"]["errors"])
+    for run in report.get("open_loop", []):
+        requests(f"open loop at {run['offered_qps']:g}/s", run)
+        swaps(f"open loop at {run['offered_qps']:g}/s", run.get("swap_errors", []))
+    if "probe" in report:
+        requests("probe", report["probe"])
+        swaps("probe", report["probe"]["swap_errors"])
+    for run in report.get("http_floor", []):
+        requests(f"HTTP floor at {run['offered_qps']:g}/s", run)
+    return out
 
 
 __all__ = ["RetrieverBenchOptions", "compute_floor", "run", "swap_times"]

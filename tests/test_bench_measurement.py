@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import shutil
 import threading
 import time
@@ -18,10 +19,22 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+from typer.testing import CliRunner
 
+from bench.cli import app
 from bench.common import latencies_ms, percentile, wrk_latencies
 from bench.open_loop import _drive
-from bench.retriever import RetrieverBenchOptions, _probe_phase, _python_load_worker, _targets, run_wrk
+from bench.retriever import (
+    RetrieverBenchOptions,
+    SwapPublisher,
+    _open_loop_phase,
+    _probe_phase,
+    _python_load_worker,
+    _run_errors,
+    _targets,
+    run_wrk,
+)
+from twotower.config import ModelConfig
 
 
 class FakeRetriever:
@@ -101,28 +114,39 @@ class _Out:
         self.items.append(item)
 
 
-class FakeSwaps:
-    """A stand-in for :class:`bench.retriever.SwapPublisher`: publishes nothing, remembers when it
-    was started (``t0``), and fails as ``error`` says."""
+class FakeStore:
+    """A stand-in for :class:`twotower.snapshots.SnapshotStore` under a
+    :class:`~bench.retriever.SwapPublisher`: versions numbered on from 2, or ``fail`` raised."""
 
-    def __init__(self, error: BaseException | None = None) -> None:
-        self.records: list[Any] = []
-        self.error: BaseException | None = None
-        self.fail_with = error
-        self.t0: list[float] = []
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.fail = fail
+        self.version = 1
 
-    def plan(self, swaps: int, kinds: str) -> list[tuple[str, int]]:
-        return [("delta", v) for v in range(swaps)]
+    def write(self, kind: str, parts: Any, parent: int | None, trainer_seq: int, current: bool = True) -> int:
+        if self.fail is not None:
+            raise self.fail
+        self.version += 1
+        return self.version
 
-    def prewrite(self, plan: list[tuple[str, int]]) -> list[tuple[str, int]]:
-        return plan
+    def make_current(self, version: int) -> None:
+        if self.fail is not None:
+            raise self.fail
+
+    def trim(self, keep_full: int) -> None:
+        pass
+
+
+class SpySwaps(SwapPublisher):
+    """A :class:`~bench.retriever.SwapPublisher` that remembers the ``t0`` of each start."""
+
+    def __init__(self, store: FakeStore) -> None:
+        item_ids = [f"i{j}" for j in range(300)]
+        super().__init__(store, {}, ModelConfig(), 20, item_ids, 1, 0, item_details=False)  # type: ignore[arg-type]
+        self.t0s: list[float] = []
 
     def start(self, plan: Any, times_s: list[float], t0: float) -> None:
-        self.t0.append(t0)
-        self.error = self.fail_with
-
-    def join(self, timeout_s: float) -> None:
-        pass
+        self.t0s.append(t0)
+        super().start(plan, times_s, t0)
 
 
 class FakeRedis:
@@ -204,7 +228,7 @@ def test_the_swap_probe_counts_a_stall_in_every_request_it_delayed(fake: tuple[F
     server, url = fake
     server.stall(time.monotonic() + 0.5, 0.2)  # the whole server, 200 ms: a GC, a swap, the host
     opts = RetrieverBenchOptions(items=100, users=10, swaps=0, probe_s=1.5)
-    report = _probe_phase(opts, url, FakeSwaps(), FakeRedis())  # type: ignore[arg-type]
+    report = _probe_phase(opts, url, SpySwaps(FakeStore()), FakeRedis())  # type: ignore[arg-type]
     # at one request per 5 ms, ~34 requests were due during the stall's first 170 ms
     assert report["over_30_ms"] >= 20 and report["over_100_ms"] >= 5
     assert report["requests"] == 300 and report["errors"] == 0
@@ -218,6 +242,74 @@ def test_the_swap_probe_counts_a_request_without_an_answer_as_infinitely_slow(
     server, url = fake
     server.drop = True  # about half the requests: the connection closes without an answer
     opts = RetrieverBenchOptions(items=100, users=2, swaps=0, probe_s=0.5)
-    report = _probe_phase(opts, url, FakeSwaps(), FakeRedis())  # type: ignore[arg-type]
+    report = _probe_phase(opts, url, SpySwaps(FakeStore()), FakeRedis())  # type: ignore[arg-type]
     assert report["requests"] == 100 and 20 < report["errors"] < 80
     assert report["p99_ms"] is None and report["max_ms"] is None and report["over_100_ms"] == report["errors"]
+
+
+# --- swap errors ---------------------------------------------------------------------------------
+def test_a_swap_run_stopped_by_its_join_stops_no_later_run() -> None:
+    swaps = SpySwaps(FakeStore())
+    swaps.start([("delta", 7)], [60.0], time.monotonic())
+    swaps.join(0.05)  # still waiting for its time: stopped, and an error of that run
+    assert swaps.errors() == [repr(swaps.error), "published 0 of 1 versions"]
+    assert isinstance(swaps.error, TimeoutError)
+    swaps.start([("delta", 8)], [0.0], time.monotonic())
+    swaps.join(10)
+    assert [r.version for r in swaps.records] == [8] and swaps.errors() == []
+
+
+def test_a_failed_swap_is_an_error_of_its_run() -> None:
+    swaps = SpySwaps(FakeStore(fail=RuntimeError("redis went away")))
+    swaps.start([("delta", 7)], [0.0], time.monotonic())
+    swaps.join(10)
+    assert swaps.errors() == ["RuntimeError('redis went away')", "published 0 of 1 versions"]
+
+
+def test_open_loop_reports_its_swap_errors(fake: tuple[FakeRetriever, str]) -> None:
+    _, url = fake
+    opts = RetrieverBenchOptions(items=300, users=20, swaps=2, swap_kinds="delta", duration_s=1.0)
+    store = FakeStore(fail=RuntimeError("redis went away"))
+    run = _open_loop_phase(opts, 50.0, url, os.getpid(), FakeRedis(), SpySwaps(store))  # type: ignore[arg-type]
+    assert run["errors"] == 0 and run["swaps_published"] == 0
+    assert run["swap_errors"] == ["RuntimeError('redis went away')", "published 0 of 2 versions"]
+
+
+def _report(**changes: Any) -> dict[str, Any]:
+    """A retriever report of a clean run (what _targets and _run_errors read), with ``changes``."""
+    clean = {"errors": 0, "non_200": 0, "client_errors": {}, "p99_ms": 1.0, "qps": 100.0}
+    report: dict[str, Any] = {
+        "http": dict(clean),
+        "floor": {"p99_ms": 1.0},
+        "swaps": {"errors": []},
+        "open_loop": [{**clean, "offered_qps": 50.0, "swap_errors": []}],
+        "probe": {"errors": 0, "swap_errors": []},
+        "http_floor": [{"offered_qps": 50.0, "errors": 0, "p99_ms": 0.5}],
+    }
+    for key, value in changes.items():
+        report[key] = value
+    return report
+
+
+def test_swap_errors_fail_the_targets_and_the_run() -> None:
+    assert _run_errors(_report()) == [] and _targets(_report())["zero_errors"] is True
+    closed = _report(swaps={"errors": ["RuntimeError('x')"]})
+    assert _targets(closed)["zero_errors"] is False and _run_errors(closed) == ["closed loop swaps: RuntimeError('x')"]
+    opened = _report(open_loop=[{**_report()["open_loop"][0], "swap_errors": ["published 1 of 2 versions"]}])
+    assert _targets(opened)["open_loop"][0]["zero_errors"] is False
+    assert _run_errors(opened) == ["open loop at 50/s swaps: published 1 of 2 versions"]
+    probe = _report(probe={"errors": 3, "swap_errors": []})
+    assert _targets(probe)["probe"]["zero_errors"] is False and len(_run_errors(probe)) == 1
+    floor = _report(http_floor=[{"offered_qps": 50.0, "errors": 2, "p99_ms": None}])
+    assert _run_errors(floor) == ["HTTP floor at 50/s: 2 requests failed or were answered another status than 200"]
+
+
+@pytest.mark.parametrize("errors", [[], ["closed loop swaps: RuntimeError('x')"]])
+def test_the_retriever_bench_exits_1_on_an_error_of_the_run(monkeypatch: pytest.MonkeyPatch, errors: list[str]) -> None:
+    import bench.retriever
+    from retriever import malloc
+
+    monkeypatch.setattr(malloc, "reexec_with", lambda tunables: None)
+    monkeypatch.setattr(bench.retriever, "run", lambda opts: {"benchmark": "retriever", "run_errors": errors})
+    result = CliRunner().invoke(app, ["retriever", "--items", "100"])
+    assert result.exit_code == (1 if errors else 0), result.output
