@@ -737,9 +737,25 @@ def run_on_live_system(
     }
 
 
-def spawned_result(target: Callable[..., None], args: tuple[Any, ...], timeout_s: float, what: str) -> Any:
+LOAD_STARTED = "load started"
+"""What a spawned load generator puts on its queue first, with its ``time.monotonic()``, as it
+sends its first request (:func:`spawned_result`). The clock is the machine's (``CLOCK_MONOTONIC``),
+the same in every process."""
+
+
+def spawned_result(
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+    timeout_s: float,
+    what: str,
+    on_start: Callable[[float], None] | None = None,
+) -> Any:
     """Run ``target(*args, out)`` in a spawned process (its own interpreter and GIL, as a load
     generator needs) and return the one result it puts on the queue ``out``.
+
+    A target that first puts ``(LOAD_STARTED, t)`` has ``on_start(t)`` called (in this thread)
+    as soon as that arrives: what must run beside the load (the swaps) starts with the load, not
+    a second earlier, before the spawned interpreter has started and imported its modules.
 
     Raises:
         RuntimeError: nothing arrived within ``timeout_s`` (the process is killed).
@@ -747,9 +763,15 @@ def spawned_result(target: Callable[..., None], args: tuple[Any, ...], timeout_s
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, out), daemon=True)
+    deadline = time.monotonic() + timeout_s
     proc.start()
     try:
-        return out.get(timeout=timeout_s)
+        result = out.get(timeout=timeout_s)
+        if isinstance(result, tuple) and result[:1] == (LOAD_STARTED,):
+            if on_start is not None:
+                on_start(result[1])
+            result = out.get(timeout=max(0.0, deadline - time.monotonic()))
+        return result
     except queue.Empty:
         raise RuntimeError(f"{what} returned nothing") from None
     finally:

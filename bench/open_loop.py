@@ -28,11 +28,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlparse
 
-from bench.common import FAILED, rounded, spawned_result, wrk_latencies
+from bench.common import FAILED, LOAD_STARTED, rounded, spawned_result, wrk_latencies
 from bench.deadline_timer import DeadlineTimer
 
 LATE_S = 0.001
@@ -62,7 +62,15 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
 
 
 async def _drive(
-    host: str, port: int, rate: float, duration_s: float, users: int, k: int, seed: int, max_connections: int
+    host: str,
+    port: int,
+    rate: float,
+    duration_s: float,
+    users: int,
+    k: int,
+    seed: int,
+    max_connections: int,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     rnd = random.Random(seed)
     due: asyncio.Queue[float | None] = asyncio.Queue()
@@ -122,6 +130,8 @@ async def _drive(
     interval = 1.0 / rate
     timer = DeadlineTimer(asyncio.get_running_loop())
     started = time.perf_counter()
+    if on_start is not None:  # the schedule's time zero
+        on_start()
     n = 0
     while True:
         now = time.perf_counter()
@@ -189,13 +199,26 @@ def _worker(
         pass
     parsed = urlparse(base_url)
     assert parsed.hostname is not None and parsed.port is not None
-    out.put(asyncio.run(_drive(parsed.hostname, parsed.port, rate, duration_s, users, k, seed, max_connections)))
+
+    def started() -> None:
+        out.put((LOAD_STARTED, time.monotonic()))
+
+    host, port = parsed.hostname, parsed.port
+    out.put(asyncio.run(_drive(host, port, rate, duration_s, users, k, seed, max_connections, started)))
 
 
 def run_open_loop(
-    base_url: str, rate: float, duration_s: float, users: int, k: int, seed: int, max_connections: int = 64
+    base_url: str,
+    rate: float,
+    duration_s: float,
+    users: int,
+    k: int,
+    seed: int,
+    max_connections: int = 64,
+    on_start: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
-    """``rate`` GET /recommend per second for ``duration_s`` from a spawned process; wrk-like
+    """``rate`` GET /recommend per second for ``duration_s`` from a spawned process (``on_start``
+    is called with the ``time.monotonic()`` of its schedule's start as it begins); wrk-like
     figures (latencies in microseconds from each request's scheduled time, ``inf`` where they
     reach the requests that got no answer) plus ``scheduled``,
     ``offered_rate``, ``late``, ``connections`` and ``slow``: (Unix time of the scheduled send,
@@ -207,6 +230,7 @@ def run_open_loop(
         (base_url, rate, duration_s, users, k, seed, max_connections),
         duration_s + 90,
         "the open-loop load generator",
+        on_start,
     )
 
 

@@ -66,7 +66,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ import torch
 from bench import http_floor
 from bench.common import (
     HOST,
+    LOAD_STARTED,
     SLOWLOG_READ,
     DaemonProcess,
     Sample,
@@ -348,7 +349,14 @@ def compute_floor(
 
 # --- load generation ----------------------------------------------------------------------------
 def run_wrk(
-    base_url: str, duration_s: float, concurrency: int, threads: int, users: int, k: int, workdir: Path
+    base_url: str,
+    duration_s: float,
+    concurrency: int,
+    threads: int,
+    users: int,
+    k: int,
+    workdir: Path,
+    on_start: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """One ``wrk`` run; its Lua ``done`` hook's JSON, with latencies in microseconds (``inf`` where
     a percentile reaches the requests without an answer, as :func:`bench.common.wrk_latencies`)."""
@@ -368,6 +376,8 @@ def run_wrk(
         base_url,
     ]
     env = {**os.environ, "TT_BENCH_USERS": str(users), "TT_BENCH_K": str(k)}
+    if on_start is not None:  # wrk starts sending within milliseconds
+        on_start(time.monotonic())
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60, check=False)
     for line in done.stdout.splitlines():
         if line.startswith("WRKJSON "):
@@ -421,6 +431,7 @@ def _python_load_worker(
             latencies.extend(mine)
 
     started = time.monotonic()
+    out.put((LOAD_STARTED, started))
     pool = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(concurrency)]
     for thread in pool:
         thread.start()
@@ -442,20 +453,39 @@ def _python_load_worker(
     )
 
 
-def run_python_load(base_url: str, duration_s: float, concurrency: int, users: int, k: int, seed: int) -> dict:
-    """The fallback load generator: a separate (spawned) process, bounded by ``duration_s``."""
+def run_python_load(
+    base_url: str,
+    duration_s: float,
+    concurrency: int,
+    users: int,
+    k: int,
+    seed: int,
+    on_start: Callable[[float], None] | None = None,
+) -> dict:
+    """The fallback load generator: a separate (spawned) process, bounded by ``duration_s``
+    (``on_start`` is called with the ``time.monotonic()`` of its start as it begins)."""
     return spawned_result(
         _python_load_worker,
         (base_url, duration_s, concurrency, users, k, seed),
         duration_s + 60,
         "the python load generator",
+        on_start,
     )
 
 
-def _load(tool: str, opts: RetrieverBenchOptions, base_url: str, duration_s: float, workdir: Path) -> dict:
+def _load(
+    tool: str,
+    opts: RetrieverBenchOptions,
+    base_url: str,
+    duration_s: float,
+    workdir: Path,
+    on_start: Callable[[float], None] | None = None,
+) -> dict:
+    """One closed-loop run; ``on_start(t)`` is called as the generator starts sending (its
+    ``time.monotonic()``): the load's time zero."""
     if tool == "wrk":
-        return run_wrk(base_url, duration_s, opts.concurrency, opts.wrk_threads, opts.users, opts.k, workdir)
-    return run_python_load(base_url, duration_s, opts.concurrency, opts.users, opts.k, opts.seed)
+        return run_wrk(base_url, duration_s, opts.concurrency, opts.wrk_threads, opts.users, opts.k, workdir, on_start)
+    return run_python_load(base_url, duration_s, opts.concurrency, opts.users, opts.k, opts.seed, on_start)
 
 
 # --- swaps --------------------------------------------------------------------------------------
@@ -848,12 +878,16 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                 before = scrape(f"{base_url}/metrics")
                 cpu_before = _cpu_counters(retriever.pid, client)
                 slowlog_tip = redis_slowlog_tip(client)
-                t0 = time.monotonic()
-                swaps.start(plan, swap_times(opts.swaps, opts.duration_s), t0)
-                result = _load(tool, opts, base_url, opts.duration_s, workdir)
+                load_started: list[float] = []
+
+                def begin(at: float) -> None:  # the generator started sending: the swaps' time zero
+                    load_started.append(at)
+                    swaps.start(plan, swap_times(opts.swaps, opts.duration_s), at)
+
+                result = _load(tool, opts, base_url, opts.duration_s, workdir, begin)
                 cpu_after = _cpu_counters(retriever.pid, client)
                 swaps.join(opts.duration_s + 600)
-                load_end_s = time.monotonic() - t0
+                load_end_s = time.monotonic() - load_started[0]
                 closed_swaps = list(swaps.records)  # the open-loop runs may publish more
                 closed_error, closed_swap_errors = swaps.error, swaps.errors()
                 last = closed_swaps[-1].version if closed_swaps else first
@@ -1024,9 +1058,12 @@ def _open_loop_phase(
     before = scrape(f"{base_url}/metrics")
     cpu_before = _cpu_counters(retriever_pid, client)
     slowlog_tip = redis_slowlog_tip(client)
-    if swaps is not None and plan:
-        swaps.start(plan, swap_times(len(plan), opts.duration_s), time.monotonic())
-    result = run_open_loop(base_url, rate, opts.duration_s, opts.users, opts.k, opts.seed + 7)
+
+    def begin(at: float) -> None:  # the generator started its schedule: the swaps' time zero
+        if swaps is not None and plan:
+            swaps.start(plan, swap_times(len(plan), opts.duration_s), at)
+
+    result = run_open_loop(base_url, rate, opts.duration_s, opts.users, opts.k, opts.seed + 7, on_start=begin)
     cpu_after = _cpu_counters(retriever_pid, client)
     if swaps is not None:
         swaps.join(600)
