@@ -749,6 +749,7 @@ def spawned_result(
     timeout_s: float,
     what: str,
     on_start: Callable[[float], None] | None = None,
+    on_end: Callable[[], None] | None = None,
 ) -> Any:
     """Run ``target(*args, out)`` in a spawned process (its own interpreter and GIL, as a load
     generator needs) and return the one result it puts on the queue ``out``.
@@ -756,6 +757,8 @@ def spawned_result(
     A target that first puts ``(LOAD_STARTED, t)`` has ``on_start(t)`` called (in this thread)
     as soon as that arrives: what must run beside the load (the swaps) starts with the load, not
     a second earlier, before the spawned interpreter has started and imported its modules.
+    ``on_end()`` is called as soon as the result arrives, before the process is reaped (its
+    exit takes most of a second here): what is read at the load's end is read then.
 
     Raises:
         RuntimeError: nothing arrived within ``timeout_s`` (the process is killed).
@@ -771,6 +774,8 @@ def spawned_result(
             if on_start is not None:
                 on_start(result[1])
             result = out.get(timeout=max(0.0, deadline - time.monotonic()))
+        if on_end is not None:
+            on_end()
         return result
     except queue.Empty:
         raise RuntimeError(f"{what} returned nothing") from None

@@ -216,9 +216,11 @@ def run_open_loop(
     seed: int,
     max_connections: int = 64,
     on_start: Callable[[float], None] | None = None,
+    on_end: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """``rate`` GET /recommend per second for ``duration_s`` from a spawned process (``on_start``
-    is called with the ``time.monotonic()`` of its schedule's start as it begins); wrk-like
+    is called with the ``time.monotonic()`` of its schedule's start as it begins, ``on_end`` as
+    its result arrives: :func:`bench.common.spawned_result`); wrk-like
     figures (latencies in microseconds from each request's scheduled time, ``inf`` where they
     reach the requests that got no answer) plus ``scheduled``,
     ``offered_rate``, ``late``, ``connections`` and ``slow``: (Unix time of the scheduled send,
@@ -231,6 +233,7 @@ def run_open_loop(
         duration_s + 90,
         "the open-loop load generator",
         on_start,
+        on_end,
     )
 
 

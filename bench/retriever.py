@@ -357,9 +357,11 @@ def run_wrk(
     k: int,
     workdir: Path,
     on_start: Callable[[float], None] | None = None,
+    on_end: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """One ``wrk`` run; its Lua ``done`` hook's JSON, with latencies in microseconds (``inf`` where
-    a percentile reaches the requests without an answer, as :func:`bench.common.wrk_latencies`)."""
+    a percentile reaches the requests without an answer, as :func:`bench.common.wrk_latencies`).
+    ``on_start(t)`` and ``on_end()`` are called as it starts (its ``time.monotonic()``) and ends."""
     script = workdir / "recommend.lua"
     script.write_text(WRK_SCRIPT)
     seconds = max(1, round(duration_s))
@@ -379,6 +381,8 @@ def run_wrk(
     if on_start is not None:  # wrk starts sending within milliseconds
         on_start(time.monotonic())
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    if on_end is not None:
+        on_end()
     for line in done.stdout.splitlines():
         if line.startswith("WRKJSON "):
             result = json.loads(line[len("WRKJSON ") :])
@@ -461,15 +465,18 @@ def run_python_load(
     k: int,
     seed: int,
     on_start: Callable[[float], None] | None = None,
+    on_end: Callable[[], None] | None = None,
 ) -> dict:
     """The fallback load generator: a separate (spawned) process, bounded by ``duration_s``
-    (``on_start`` is called with the ``time.monotonic()`` of its start as it begins)."""
+    (``on_start`` is called with the ``time.monotonic()`` of its start as it begins, ``on_end``
+    as its result arrives: :func:`bench.common.spawned_result`)."""
     return spawned_result(
         _python_load_worker,
         (base_url, duration_s, concurrency, users, k, seed),
         duration_s + 60,
         "the python load generator",
         on_start,
+        on_end,
     )
 
 
@@ -480,12 +487,14 @@ def _load(
     duration_s: float,
     workdir: Path,
     on_start: Callable[[float], None] | None = None,
+    on_end: Callable[[], None] | None = None,
 ) -> dict:
     """One closed-loop run; ``on_start(t)`` is called as the generator starts sending (its
-    ``time.monotonic()``): the load's time zero."""
+    ``time.monotonic()``): the load's time zero; ``on_end()`` as its result is in."""
     if tool == "wrk":
-        return run_wrk(base_url, duration_s, opts.concurrency, opts.wrk_threads, opts.users, opts.k, workdir, on_start)
-    return run_python_load(base_url, duration_s, opts.concurrency, opts.users, opts.k, opts.seed, on_start)
+        args = (opts.concurrency, opts.wrk_threads, opts.users, opts.k, workdir, on_start, on_end)
+        return run_wrk(base_url, duration_s, *args)
+    return run_python_load(base_url, duration_s, opts.concurrency, opts.users, opts.k, opts.seed, on_start, on_end)
 
 
 # --- swaps --------------------------------------------------------------------------------------
@@ -874,37 +883,7 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
                     opts.item_details,
                     opts.fresh_full_parts,
                 )
-                plan = _swap_plan(swaps, opts)
-                before = scrape(f"{base_url}/metrics")
-                cpu_before = _cpu_counters(retriever.pid, client)
-                slowlog_tip = redis_slowlog_tip(client)
-                load_started: list[float] = []
-
-                def begin(at: float) -> None:  # the generator started sending: the swaps' time zero
-                    load_started.append(at)
-                    swaps.start(plan, swap_times(opts.swaps, opts.duration_s), at)
-
-                result = _load(tool, opts, base_url, opts.duration_s, workdir, begin)
-                cpu_after = _cpu_counters(retriever.pid, client)
-                swaps.join(opts.duration_s + 600)
-                load_end_s = time.monotonic() - load_started[0]
-                closed_swaps = list(swaps.records)  # the open-loop runs may publish more
-                closed_error, closed_swap_errors = swaps.error, swaps.errors()
-                last = closed_swaps[-1].version if closed_swaps else first
-                settle_timeout = 30.0 + opts.items / 5_000
-                settled = True
-                try:
-                    wait_until(
-                        lambda: _all_workers_on(f"{base_url}/metrics", last, opts.workers),
-                        settle_timeout,
-                        f"every worker on version {last}",
-                        0.5,
-                    )
-                except TimeoutError:
-                    settled = False
-                    closed_swap_errors.append(f"not every worker served version {last} {settle_timeout:.0f} s on")
-                after = scrape(f"{base_url}/metrics")
-                stalls = _stalls(before, after, client, slowlog_tip)
+                report.update(_closed_loop_phase(opts, tool, base_url, workdir, swaps, first, retriever.pid, client))
                 retriever.check_alive()
                 open_loop = [
                     _open_loop_phase(opts, rate, base_url, retriever.pid, client, swaps if opts.open_swaps else None)
@@ -927,30 +906,107 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
             if env.get("REDIS_URL"):  # a shared Redis: remove this run's keys
                 delete_prefix(endpoints.redis_url, prefix)
 
-    report["http"] = _http_report(result, before, after, opts, tool)
-    report["http"].update(stalls)
-    report["cpu"] = _cpu_report(cpu_before, cpu_after, report["http"]["requests"], result["duration_us"] / 1e6)
-    swaps_applied = _swaps_applied(before, after)
-    report["swaps"] = {
-        "published": len(closed_swaps),
-        "published_full": sum(1 for r in closed_swaps if r.kind == FULL),
-        "published_delta": sum(1 for r in closed_swaps if r.kind == DELTA),
-        "applied_by_all_workers": swaps_applied,
-        "applied_full": _swaps_applied(before, after, kind="full"),
-        "mean_swap_s": _mean_swap_s(before, after),
-        "workers_on_last_version": settled,
-        "load_ended_at_s": round(load_end_s, 2),
-        "publish_error": repr(closed_error) if closed_error else None,
-        "errors": closed_swap_errors,
-        "schedule": [asdict(r) for r in closed_swaps],
-    }
-    report["swaps_done"] = swaps_applied // opts.workers
+    report["swaps_done"] = report["swaps"]["applied_by_all_workers"] // opts.workers
     report["machine"] = {**machine_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     if open_loop:
         report["open_loop"] = open_loop
     report["targets"] = _targets(report)
     report["run_errors"] = _run_errors(report)
     return report
+
+
+def _closed_loop_phase(
+    opts: RetrieverBenchOptions,
+    tool: str,
+    base_url: str,
+    workdir: Path,
+    swaps: SwapPublisher,
+    first: int,
+    retriever_pid: int,
+    client: redis.Redis,
+) -> dict[str, Any]:
+    """Step 5 and 6 of the module docstring: the closed loop for ``opts.duration_s`` while the
+    ``opts.swaps`` versions are published; the report's ``http``, ``cpu`` and ``swaps``.
+
+    The retriever's metrics are read when the load ends, so every figure is of what happened
+    during the load. A swap still publishing then is waited for, and then every worker's reload
+    of the last version (at most 30 s + 0.2 s per thousand items): the same swap counters at the
+    end of that wait are beside them (``swaps.by_end_of_settling``), and the versions made current
+    after the load ended are listed (``swaps.published_after_load_end``).
+    """
+    plan = _swap_plan(swaps, opts)
+    before = scrape(f"{base_url}/metrics")
+    cpu_before = _cpu_counters(retriever_pid, client)
+    slowlog_tip = redis_slowlog_tip(client)
+    load_started: list[float] = []
+
+    def begin(at: float) -> None:  # the generator started sending: the swaps' time zero
+        load_started.append(at)
+        swaps.start(plan, swap_times(opts.swaps, opts.duration_s), at)
+
+    ended: list[tuple[float, list[Sample]]] = []
+
+    def end() -> None:  # the load's last answer is in: what the retriever did during it
+        ended.append((time.monotonic(), scrape(f"{base_url}/metrics")))
+
+    result = _load(tool, opts, base_url, opts.duration_s, workdir, begin, end)
+    cpu_after = _cpu_counters(retriever_pid, client)  # (the generator reaped: its CPU is in)
+    load_end, after = ended[0]
+    stalls = _stalls(before, after, client, slowlog_tip)
+    swaps.join(opts.duration_s + 600)
+    load_end_s = load_end - load_started[0]
+    closed_swaps = swaps.records[swaps.first_record :]
+    swap_errors = swaps.errors()
+    last = closed_swaps[-1].version if closed_swaps else first
+    settle_timeout = 30.0 + opts.items / 5_000
+    settled = True
+    try:
+        wait_until(
+            lambda: _all_workers_on(f"{base_url}/metrics", last, opts.workers),
+            settle_timeout,
+            f"every worker on version {last}",
+            0.5,
+        )
+    except TimeoutError:
+        settled = False
+        swap_errors.append(f"not every worker served version {last} {settle_timeout:.0f} s on")
+    settled_s = time.monotonic() - load_started[0]
+    at_end = scrape(f"{base_url}/metrics")
+    http = {**_http_report(result, before, after, opts, tool), **stalls}
+    return {
+        "http": http,
+        "cpu": _cpu_report(cpu_before, cpu_after, http["requests"], result["duration_us"] / 1e6),
+        "swaps": {
+            "published": len(closed_swaps),
+            "published_full": sum(1 for r in closed_swaps if r.kind == FULL),
+            "published_delta": sum(1 for r in closed_swaps if r.kind == DELTA),
+            # during the load (between the scrapes at its start and end)
+            "applied_by_all_workers": _swaps_applied(before, after),
+            "applied_full": _swaps_applied(before, after, kind="full"),
+            "mean_swap_s": _mean_swap_s(before, after),
+            "load_ended_at_s": round(load_end_s, 2),
+            # made current after the load ended: their reloads are not in the figures above
+            "published_after_load_end": _after_load_end(closed_swaps, load_end_s),
+            "workers_on_last_version": settled,
+            # the same from the load's start to the end of the wait for every worker to serve the
+            # last version (reloads finished after the load ended included)
+            "by_end_of_settling": {
+                "at_s": round(settled_s, 2),
+                "applied_by_all_workers": _swaps_applied(before, at_end),
+                "applied_full": _swaps_applied(before, at_end, kind="full"),
+                "mean_swap_s": _mean_swap_s(before, at_end),
+            },
+            "publish_error": repr(swaps.error) if swaps.error else None,
+            "errors": swap_errors,
+            "schedule": [asdict(r) for r in closed_swaps],
+        },
+    }
+
+
+def _after_load_end(records: Sequence[SwapRecord], load_end_s: float) -> list[int]:
+    """The versions made current after the load ended (``load_end_s`` from its start): a phase's
+    swap figures, read at the load's end, do not hold their reloads."""
+    return [r.version for r in records if r.at_s + r.write_s > load_end_s]
 
 
 def _swaps_applied(before: list[Sample], after: list[Sample], **labels: str) -> int:
@@ -1019,8 +1075,8 @@ def _probe_phase(
             latencies_s.append(done - scheduled if status is not None else math.inf)
             from_send_s.append(done - sent if status is not None else math.inf)
             errors += status != 200
+    after = scrape(f"{base_url}/metrics")  # the load's end: what happened during it
     swaps.join(600)
-    after = scrape(f"{base_url}/metrics")
     ms = [x * 1000 for x in latencies_s]
     from_send_ms = [x * 1000 for x in from_send_s]
     report: dict[str, Any] = {
@@ -1034,6 +1090,7 @@ def _probe_phase(
         "from_send_p99_ms": rounded(percentile(from_send_ms, 99)) if ms else None,
         "from_send_max_ms": rounded(max(from_send_ms)) if ms else None,
         "swaps_published": len(swaps.records) - published,
+        "swaps_published_after_load_end": _after_load_end(swaps.records[published:], opts.probe_s),
         "swaps_applied_by_all_workers": _swaps_applied(before, after),
         "swap_errors": swaps.errors(),
         **_stalls(before, after, client, slowlog_tip),
@@ -1063,11 +1120,18 @@ def _open_loop_phase(
         if swaps is not None and plan:
             swaps.start(plan, swap_times(len(plan), opts.duration_s), at)
 
-    result = run_open_loop(base_url, rate, opts.duration_s, opts.users, opts.k, opts.seed + 7, on_start=begin)
+    ended: list[list[Sample]] = []
+
+    def end() -> None:  # the last answer is in: what the retriever did during the load
+        ended.append(scrape(f"{base_url}/metrics"))
+
+    result = run_open_loop(
+        base_url, rate, opts.duration_s, opts.users, opts.k, opts.seed + 7, on_start=begin, on_end=end
+    )
     cpu_after = _cpu_counters(retriever_pid, client)
+    (after,) = ended
     if swaps is not None:
         swaps.join(600)
-    after = scrape(f"{base_url}/metrics")
     http = _http_report(result, before, after, opts, "open-loop")
     http.update(_stalls(before, after, client, slowlog_tip))
     http.pop("concurrency")
@@ -1081,6 +1145,7 @@ def _open_loop_phase(
     if swaps is not None:
         http.update(
             swaps_published=len(swaps.records) - published,
+            swaps_published_after_load_end=_after_load_end(swaps.records[published:], opts.duration_s),
             swaps_applied_by_all_workers=_swaps_applied(before, after),
             swap_errors=swaps.errors() if plan else [],
             swap_schedule=[asdict(r) for r in swaps.records[published:]],

@@ -175,7 +175,10 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     paced = report["floor_paced"]  # the same work with the thread idle between requests (open_rates)
     assert 0 < paced["p50_ms"] <= paced["p99_ms"] and paced["pause_ms"] == 20.0  # 1 worker at 50/s
     assert report["swaps"]["published"] == 2 and report["swaps"]["publish_error"] is None
-    assert report["swaps_done"] >= 1
+    assert report["swaps"]["errors"] == [] and report["run_errors"] == []
+    assert report["swaps_done"] >= 1  # during the load; and by the end of the wait for the last version:
+    settled = report["swaps"]["by_end_of_settling"]
+    assert settled["applied_by_all_workers"] >= report["swaps"]["applied_by_all_workers"] and settled["at_s"] > 0
     assert report["machine"]["nproc"] >= 1 and report["machine"]["cpu_model"]
     assert 0 <= report["cpu"]["steal_pct"] <= 100  # the host's share of this VM's CPU time
     assert set(report["targets"]) >= {"p99_le_3ms", "qps_ge_1500", "p99_le_2x_floor", "zero_errors", "open_loop"}

@@ -27,6 +27,7 @@ from bench.open_loop import _drive
 from bench.retriever import (
     RetrieverBenchOptions,
     SwapPublisher,
+    _closed_loop_phase,
     _load,
     _open_loop_phase,
     _probe_phase,
@@ -50,6 +51,27 @@ class FakeRetriever:
         self.metrics = ""
         self.arrivals: list[float] = []
         self.stalls: list[tuple[float, float]] = []
+        self.version = 1
+        self.swaps: dict[str, int] = {}
+
+    def serve_version(self, version: int, kind: str, after_s: float) -> None:
+        """Let its one worker serve ``version`` (a swap of ``kind``) ``after_s`` from now, as its
+        metrics then say (``twotower_retriever_swaps_total``, ``..._snapshot_version``)."""
+
+        def swap() -> None:
+            self.swaps[kind] = self.swaps.get(kind, 0) + 1
+            self.version = version
+
+        threading.Timer(after_s, swap).start()
+
+    def render_metrics(self) -> str:
+        lines = ["# TYPE twotower_retriever_swaps_total counter"]
+        lines += [f'twotower_retriever_swaps_total{{kind="{kind}"}} {n}' for kind, n in self.swaps.items()]
+        lines += [
+            "# TYPE twotower_retriever_snapshot_version gauge",
+            f"twotower_retriever_snapshot_version {self.version}",
+        ]
+        return self.metrics + "\n".join(lines) + "\n"
 
     def stall(self, at: float, seconds: float) -> None:
         """Hold every request arriving between ``at`` (monotonic) and ``at + seconds`` until then."""
@@ -65,7 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.server.fake  # type: ignore[attr-defined]
         url = urlparse(self.path)
         if url.path == "/metrics":
-            body = fake.metrics.encode()
+            body = fake.render_metrics().encode()
         else:
             now = time.monotonic()
             fake.arrivals.append(now)
@@ -119,14 +141,21 @@ class FakeStore:
     """A stand-in for :class:`twotower.snapshots.SnapshotStore` under a
     :class:`~bench.retriever.SwapPublisher`: versions numbered on from 2, or ``fail`` raised."""
 
-    def __init__(self, fail: BaseException | None = None) -> None:
+    def __init__(self, fail: BaseException | None = None, write_s: float = 0.0, server: FakeRetriever | None = None):
         self.fail = fail
+        self.write_s = write_s
+        self.server = server
+        """Made current, a version is served by this server's worker :attr:`reload_s` later."""
+        self.reload_s = 0.0
         self.version = 1
 
     def write(self, kind: str, parts: Any, parent: int | None, trainer_seq: int, current: bool = True) -> int:
+        time.sleep(self.write_s)
         if self.fail is not None:
             raise self.fail
         self.version += 1
+        if current and self.server is not None:
+            self.server.serve_version(self.version, kind, self.reload_s)
         return self.version
 
     def make_current(self, version: int) -> None:
@@ -326,6 +355,7 @@ def test_open_loop_swaps_start_with_the_load(fake: tuple[FakeRetriever, str]) ->
     # the generator's process takes a second or so to start: the swaps' clock starts with its schedule
     (t0,) = swaps.t0s
     assert 0 <= server.arrivals[0] - t0 < 0.05
+    assert run["swaps_published_after_load_end"] == []
     assert run["swap_errors"] == [] and [r["at_s"] for r in run["swap_schedule"]] == pytest.approx([0.1, 0.8], abs=0.05)
 
 
@@ -339,3 +369,22 @@ def test_closed_loop_reports_when_its_load_starts(fake: tuple[FakeRetriever, str
     result = _load(tool, opts, url, 1.0, tmp_path, starts.append)
     assert result["requests"] > 0 and len(starts) == 1
     assert -0.01 < server.arrivals[0] - starts[0] < 0.05
+
+
+# --- the closed loop's figures -------------------------------------------------------------------
+def test_closed_loop_swap_figures_are_those_of_the_load(fake: tuple[FakeRetriever, str], tmp_path: Path) -> None:
+    server, url = fake
+    opts = RetrieverBenchOptions(
+        items=300, users=20, swaps=2, swap_kinds="delta", duration_s=1.0, concurrency=1, workers=1
+    )
+    store = FakeStore(write_s=0.3, server=server)
+    store.reload_s = 0.3  # published at 0.1 + 0.3 s (served at 0.7 s) and 0.8 + 0.3 s (at 1.4 s, after the load)
+    swaps = SpySwaps(store)
+    phase = _closed_loop_phase(opts, "python", url, tmp_path, swaps, 1, os.getpid(), FakeRedis())  # type: ignore[arg-type]
+    figures = phase["swaps"]
+    assert figures["published"] == 2 and figures["errors"] == [] and figures["workers_on_last_version"]
+    assert figures["applied_by_all_workers"] == 1  # the one reloaded during the load
+    assert figures["published_after_load_end"] == [3]
+    settled = figures["by_end_of_settling"]
+    assert settled["applied_by_all_workers"] == 2 and settled["at_s"] >= 1.4
+    assert phase["http"]["requests"] > 0 and phase["http"]["errors"] == 0
