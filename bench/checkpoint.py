@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.common import provenance
 from twotower.config import ModelConfig, TrainerConfig
 from twotower.events import CatalogItem
 
@@ -195,6 +196,7 @@ def run(
     from trainer.state import TrainerState
     from twotower import checkpoint
 
+    run_info = provenance()
     load_before = _load_average()
     started = time.perf_counter()
     state = build_state(users, items)
@@ -261,6 +263,7 @@ def run(
                     print(f"--- cProfile of {name} (first run) ---", file=sys.stderr)
                     pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(profile_lines)
     return {
+        "provenance": run_info,
         "users": users,
         "items": items,
         "history_len": state.model_cfg.history_len,

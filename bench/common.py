@@ -20,11 +20,13 @@ import random
 import re
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,40 @@ def machine_info() -> dict[str, Any]:
         "mem_gib": mem_gib,
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
+    }
+
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+"""The directory the ``bench`` package was imported from: the code a report measured."""
+
+
+def provenance(checkout: Path = CHECKOUT) -> dict[str, Any]:
+    """What code a run measured, and when it started (call it as the run starts): every bench
+    report carries it under ``provenance``.
+
+    Returns:
+        ``git_commit``: ``git rev-parse HEAD`` of ``checkout`` (``None`` when it is not a git
+        checkout, or git cannot say); ``git_dirty``: whether ``git status --porcelain`` lists
+        anything there, changed or untracked files (the code run is then not that commit's;
+        ``None`` without a commit); ``started_utc``: now, ISO 8601 in UTC.
+    """
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=60, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain") if commit else None
+    return {
+        "git_commit": commit.strip() if commit else None,
+        "git_dirty": bool(status.strip()) if status is not None else None,
+        "started_utc": started,
     }
 
 
@@ -723,6 +759,7 @@ def run_on_live_system(
     name: str, opts: SystemOptions, measure: Callable[[LiveSystem], dict[str, Any]], keep_logs: Path | None = None
 ) -> dict[str, Any]:
     """Start the system, ``measure`` it, stop everything; the benchmark's JSON report."""
+    run_info = provenance()
     machine = machine_info()
     started = time.monotonic()
     with live_system(opts, keep_logs=keep_logs) as system:
@@ -730,6 +767,7 @@ def run_on_live_system(
         described = system.describe()
     return {
         "benchmark": name,
+        "provenance": run_info,
         **figures,
         "system": described,
         "wall_s": round(time.monotonic() - started, 1),

@@ -92,6 +92,7 @@ from bench.common import (
     machine_info,
     metric_sum,
     percentile,
+    provenance,
     redis_cpu_s,
     redis_slow_commands,
     redis_slowlog_tip,
@@ -770,12 +771,14 @@ def run(opts: RetrieverBenchOptions, env: Mapping[str, str] | None = None) -> di
     if opts.items < 100 or opts.users < 1 or opts.concurrency < 1 or opts.workers < 1:
         raise ValueError("need at least 100 items, 1 user, concurrency 1 and 1 worker")
     tool = choose_tool(opts.load_tool)
+    run_info = provenance()
     machine_before = machine_info()
     cfg = ModelConfig()
     config = load_config()  # the publisher's index storage, the retriever's parts and tunables
     rng = np.random.default_rng(opts.seed)
     options = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}
-    report: dict[str, Any] = {"benchmark": "retriever", "items": opts.items, "options": options, "tool": tool}
+    report: dict[str, Any] = {"benchmark": "retriever", "provenance": run_info, "items": opts.items}
+    report.update(options=options, tool=tool)
 
     log.info("generating %d item vectors and %d users", opts.items, opts.users)
     vectors = unit_rows(rng, opts.items, cfg.dim)

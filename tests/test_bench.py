@@ -158,6 +158,7 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     report = json.loads(out.read_text())
 
     assert report["items"] == 2_000 and report["tool"] == tool
+    assert set(report["provenance"]) == {"git_commit", "git_dirty", "started_utc"}  # the code measured
     setup = report["setup"]  # where the workers shared the parts, and whether they mapped the index
     assert setup["parts_dir"] is None or Path(setup["parts_dir"]).is_absolute()
     assert isinstance(setup["index_mapped"], bool)

@@ -7,12 +7,15 @@ no Redis): it answers ``/recommend`` at once, or late as a test asks, and serves
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.common import LOAD_STARTED, latencies_ms, percentile, wrk_latencies
+from bench.common import LOAD_STARTED, SystemOptions, latencies_ms, percentile, provenance, wrk_latencies
 from bench.open_loop import _drive
 from bench.retriever import (
     RetrieverBenchOptions,
@@ -388,3 +391,50 @@ def test_closed_loop_swap_figures_are_those_of_the_load(fake: tuple[FakeRetrieve
     settled = figures["by_end_of_settling"]
     assert settled["applied_by_all_workers"] == 2 and settled["at_s"] >= 1.4
     assert phase["http"]["requests"] > 0 and phase["http"]["errors"] == 0
+
+
+# --- provenance ----------------------------------------------------------------------------------
+def _git(checkout: Path, *args: str) -> str:
+    command = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.skipif(not shutil.which("git"), reason="git not installed")
+def test_provenance_names_the_commit_and_whether_the_tree_differs(tmp_path: Path) -> None:
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    _git(tmp_path, "add", "a.py")
+    _git(tmp_path, "commit", "-q", "-m", "a")
+    clean = provenance(tmp_path)
+    assert clean["git_commit"] == _git(tmp_path, "rev-parse", "HEAD").strip() and clean["git_dirty"] is False
+    started = datetime.fromisoformat(clean["started_utc"])
+    assert started.tzinfo is not None and abs((datetime.now(UTC) - started).total_seconds()) < 60
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert provenance(tmp_path)["git_dirty"] is True
+    assert provenance(tmp_path / "a.py")["git_commit"] is None  # not a checkout (git cannot run there)
+    not_git = tmp_path / "elsewhere"
+    not_git.mkdir()
+    (not_git / ".git").write_text("gitdir: /nonexistent\n")  # inside tmp_path's checkout, but broken
+    assert provenance(not_git)["git_commit"] is None and provenance(not_git)["git_dirty"] is None
+
+
+def test_every_bench_report_carries_its_provenance(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import bench.common
+    from bench.checkpoint import run as checkpoint_run
+
+    here = provenance()
+    del here["started_utc"]
+    report = checkpoint_run(users=5, items=5, repeat=1, state_dir=tmp_path)
+    assert report["provenance"].items() >= here.items() and report["provenance"]["started_utc"]
+
+    class System:
+        def describe(self) -> dict[str, Any]:
+            return {}
+
+    @contextlib.contextmanager
+    def live_system(opts: SystemOptions, keep_logs: Path | None = None) -> Iterator[System]:
+        yield System()
+
+    monkeypatch.setattr(bench.common, "live_system", live_system)
+    report = bench.common.run_on_live_system("cold-item", SystemOptions(), lambda system: {"items": 0})
+    assert report["provenance"].items() >= here.items() and here["git_commit"]  # this checkout's
