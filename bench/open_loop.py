@@ -80,11 +80,12 @@ async def _drive(
     slow: list[tuple[float, float, float]] = []
     unix_offset = time.time() - time.perf_counter()
     late = 0
+    last_sent = 0.0
     idle = 0  # connections waiting for work
     workers: list[asyncio.Task[None]] = []
 
     async def connection() -> None:
-        nonlocal idle, late
+        nonlocal idle, late, last_sent
         reader: asyncio.StreamReader | None = None
         writer: asyncio.StreamWriter | None = None
         while True:
@@ -99,7 +100,7 @@ async def _drive(
                 except OSError:
                     errors["connect"] += 1
                     continue
-            sent = time.perf_counter()
+            sent = last_sent = time.perf_counter()
             if sent - scheduled > LATE_S:
                 late += 1
             path = f"/recommend?user_id=u{rnd.randrange(users)}&k={k}"
@@ -156,6 +157,8 @@ async def _drive(
         unanswered = n - len(latencies) - sum(v for key, v in errors.items() if key != "status")
         errors["timeout"] += unanswered  # (answers with another status are in latencies too)
     elapsed = time.perf_counter() - started
+    # the schedule's span, or up to the last send when requests waited for a connection past it
+    send_window = max(n * interval, last_sent - started)
     failed = sum(errors[key] for key in FAILED)  # infinitely slow in the percentiles
     from_send = wrk_latencies(service, failed)
     return {
@@ -166,6 +169,7 @@ async def _drive(
         "timer": timer_kind,
         "connections": len(workers),
         "duration_us": int(elapsed * 1e6),
+        "send_window_us": int(send_window * 1e6),
         "bytes": 0,
         **errors,
         **wrk_latencies(latencies, failed),
@@ -224,7 +228,10 @@ def run_open_loop(
     figures (latencies in microseconds from each request's scheduled time, ``inf`` where they
     reach the requests that got no answer) plus ``scheduled``,
     ``offered_rate``, ``late``, ``connections`` and ``slow``: (Unix time of the scheduled send,
-    latency ms, latency from the actual send ms) of the requests over :data:`SLOW_S`."""
+    latency ms, latency from the actual send ms) of the requests over :data:`SLOW_S`.
+    ``duration_us`` runs to the last answer (the drain included), ``send_window_us`` over the
+    sending only: the schedule's span, or to the last send when one was later (the achieved
+    rate is over that)."""
     if rate <= 0:
         raise ValueError("the open-loop rate must be positive")
     return spawned_result(

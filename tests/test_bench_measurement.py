@@ -26,11 +26,13 @@ from typer.testing import CliRunner
 
 from bench.cli import app
 from bench.common import LOAD_STARTED, SystemOptions, latencies_ms, percentile, provenance, wrk_latencies
+from bench.http_floor import _summary
 from bench.open_loop import _drive
 from bench.retriever import (
     RetrieverBenchOptions,
     SwapPublisher,
     _closed_loop_phase,
+    _http_report,
     _load,
     _open_loop_phase,
     _probe_phase,
@@ -438,3 +440,16 @@ def test_every_bench_report_carries_its_provenance(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(bench.common, "live_system", live_system)
     report = bench.common.run_on_live_system("cold-item", SystemOptions(), lambda system: {"items": 0})
     assert report["provenance"].items() >= here.items() and here["git_commit"]  # this checkout's
+
+
+# --- achieved rates ------------------------------------------------------------------------------
+def test_open_loop_rate_is_over_its_sending_not_its_drain(fake: tuple[FakeRetriever, str]) -> None:
+    server, url = fake
+    server.hang_s = 1.0  # half the requests: the last answers come a second after the last send
+    port = int(url.rsplit(":", 1)[1])
+    result = asyncio.run(_drive("127.0.0.1", port, 50.0, 0.5, 2, 10, 1, 32))
+    assert result["requests"] == 25 and result["duration_us"] > 1_300_000
+    assert 500_000 <= result["send_window_us"] < 600_000
+    http = _http_report(result, [], [], RetrieverBenchOptions(), "open-loop")
+    assert http["qps"] == pytest.approx(50, rel=0.1) and http["send_window_s"] == 0.5
+    assert _summary(50.0, result)["qps"] == pytest.approx(50, rel=0.1)  # the HTTP floor's
