@@ -29,8 +29,10 @@ Catalogue items without an ID row live only in this process's memory (and in the
 catalogue topic): they are re-embedded into every full snapshot until the trainer admits
 them. At startup the daemon replays the catalogue topic from the beginning to rebuild that
 memory, and recovers the last published (version, trainer seq, deltas since full, served
-item ids) from the current version in Redis; whether the dense weights still match is
-decided by comparing checksums of the weights part with the next checkpoint's weights.
+item ids, and the items withheld as expired) from the current version in Redis; whether the
+dense weights still match is decided by comparing checksums of the weights part with the next
+checkpoint's weights. Row updates already published are read again only for which items they
+gave rows and which they expired, and no content-only vector goes out before that first pass.
 """
 
 from __future__ import annotations
