@@ -160,26 +160,21 @@ function done(summary, latency, requests)
   local e = summary.errors
   -- wrk records the latency of every answer within its timeout; an answer after it counts as a
   -- timeout (and in summary.requests), a connect, read or write error is a request without one.
-  -- The percentiles are the bench's (common.percentile: linear interpolation) over every request,
-  -- a failed one infinitely slow (-1 here where one is reached), not wrk's of the answered ones.
-  local recorded = summary.requests - e.timeout
-  local total = recorded + e.connect + e.read + e.write + e.timeout
+  -- The percentiles are wrk's own: of its histogram, to which wrk adds the samples a stall held
+  -- back (its correction for coordinated omission), so they are not ranks of the answers alone.
+  -- The failed requests count as infinitely slow: a percentile their share reaches is -1 (null).
+  local failed = e.connect + e.read + e.write + e.timeout
+  local total = summary.requests - e.timeout + failed
   local function at(q)
-    if total == 0 then return 0 end
-    local pos = (total - 1) * q / 100
-    local lo, hi = math.floor(pos), math.ceil(pos)
-    if hi >= recorded then return -1 end
-    -- the r-th smallest recorded latency (r from 1) is wrk's percentile 100 * (r - 0.5) / recorded
-    local a = latency:percentile(100 * (lo + 0.5) / recorded)
-    local b = latency:percentile(100 * (hi + 0.5) / recorded)
-    return a + (b - a) * (pos - lo)
+    if failed > 0 and q / 100 > 1 - failed / total then return -1 end
+    return latency:percentile(q)
   end
   io.write(string.format(
     'WRKJSON {"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,"write":%d,' ..
     '"status":%d,"timeout":%d,"p50_us":%.1f,"p90_us":%.1f,"p99_us":%.1f,"p999_us":%.1f,' ..
     '"max_us":%d,"mean_us":%.1f}\n',
     summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
-    at(50), at(90), at(99), at(99.9), total > recorded and -1 or latency.max, latency.mean))
+    at(50), at(90), at(99), at(99.9), failed > 0 and -1 or latency.max, latency.mean))
 end
 """
 

@@ -239,9 +239,10 @@ def read_csv_rows(
     return rows
 
 
-def _is_number(text: str) -> bool:
+def _is_timestamp(text: str, unit: str) -> bool:
+    """Whether a header's field reads as a time (then the header is a line of data)."""
     try:
-        float(text)
+        parse_timestamp(text, unit)
     except ValueError:
         return False
     return True
@@ -249,11 +250,12 @@ def _is_number(text: str) -> bool:
 
 def _first_undecodable_line(path: Path, encoding: str) -> int:
     """The number of the first line of ``path`` that does not decode (text is decoded in blocks,
-    so the reader's own line count is no guide)."""
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+    so the reader's own line count is no guide). Lines end as the reader's do (``\n``, ``\r\n``
+    or ``\r``): read as Latin-1, which decodes any byte, each line is its bytes again."""
+    with path.open(encoding="latin-1", newline=None) as handle:
+        for number, line in enumerate(handle, start=1):
             try:
-                raw.decode(encoding)
+                line.encode("latin-1").decode(encoding)
             except UnicodeDecodeError:
                 return number
     return 0
@@ -290,7 +292,8 @@ def _read_csv(
         time_col = guessed[2] if time_col is None else time_col
     where = str(path)
     ui, ii, ti = (_resolve(c, names, where) for c in (user_col, item_col, time_col))
-    if has_header and header is not None and len(header) > ti and _is_number(header[ti]):
+    named = isinstance(time_col, str) and time_col.strip() in [c.strip() for c in header or ()]
+    if header is not None and not named and len(header) > ti and _is_timestamp(header[ti], time_unit):
         raise ValueError(
             f"{path}: the first line looks like data (its time field is {header[ti].strip()!r}), not column "
             "names; say the file has no header (--no-header)"
@@ -357,10 +360,17 @@ class LogSpec:
         return read_rows(path, self.fmt, **mapping)
 
 
+OPTION_NAMES = {
+    "user_col": "--user-col", "item_col": "--item-col", "time_col": "--time-col", "columns": "--columns",
+    "has_header": "--no-header", "delimiter": "--delimiter", "time_unit": "--time-unit",
+}  # fmt: skip
+"""The command-line option of each :class:`LogSpec` field, for messages."""
+
+
 def _no_mapping(fmt: str, mapping: dict[str, object]) -> None:
-    given = sorted(k for k, v in mapping.items() if v is not None)
+    given = sorted(OPTION_NAMES.get(k, k) for k, v in mapping.items() if v is not None)
     if given:
-        raise ValueError(f"format {fmt} has fixed columns; {', '.join(given)} only apply to format csv")
+        raise ValueError(f"format {fmt} has fixed columns; {', '.join(given)} apply to format csv only")
 
 
 def _triples(rows: list[SourceRow]) -> Iterator[tuple[str, str, int]]:

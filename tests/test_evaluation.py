@@ -415,7 +415,7 @@ def test_evaluate_reads_a_tab_separated_log_in_milliseconds(tmp_path: Path) -> N
     data.write_text("user\titem\tcat\tts\n" + rows)
     events = load_events(data, LogSpec("csv", delimiter="\t", time_unit="ms"))
     assert len(events) == 40 and events[1].ts_ms == 1_000  # read as milliseconds, not seconds
-    with pytest.raises(ValueError, match="fixed columns; delimiter only apply to format csv"):
+    with pytest.raises(ValueError, match="fixed columns; --delimiter apply to format csv only"):
         load_events(data, LogSpec("movielens-100k", delimiter="\t"))
     out = tmp_path / "o.json"
     args = ["replay", "--data", str(data), "--format", "csv", "--delimiter", "tab", "--time-unit", "ms"]

@@ -365,6 +365,9 @@ def test_csv_reading_refuses_a_long_delimiter_and_names_an_undecodable_line(tmp_
     path.write_bytes(b"user,item,time\nu1,i1,1\nu\xe9,i2,2\n")
     with pytest.raises(ValueError, match=r"log\.csv:3: not utf-8-sig text \(invalid continuation byte\)"):
         read_csv_rows(path)
+    path.write_bytes(b"user,item,time\ru1,i1,1\ru2,i2,2\ru3,i3,3\ru\xe9,i4,4\r")  # old Mac line ends
+    with pytest.raises(ValueError, match=r"log\.csv:5: not utf-8-sig text"):
+        read_csv_rows(path)
 
 
 def test_a_first_line_of_data_is_not_taken_for_a_header(tmp_path: Path) -> None:
@@ -372,6 +375,11 @@ def test_a_first_line_of_data_is_not_taken_for_a_header(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"the first line looks like data \(its time field is '1600000000'\)"):
         read_csv_rows(path, user_col=0, item_col=1, time_col=2)  # it dropped the first row
     assert len(read_csv_rows(path, user_col=0, item_col=1, time_col=2, has_header=False)) == 2
+    iso = write(tmp_path, "u1,i1,2020-01-01T00:00:00\nu2,i2,2020-01-02T00:00:00\n")
+    with pytest.raises(ValueError, match="the first line looks like data"):
+        read_csv_rows(iso, user_col=0, item_col=1, time_col=2)
+    named = write(tmp_path, "user,item,2020\nu1,i1,1600000000\n")  # a header whose time column is "2020"
+    assert [r.user_id for r in read_csv_rows(named, user_col="user", item_col="item", time_col="2020")] == ["u1"]
 
 
 def test_replay_refuses_bad_arguments_before_connecting(tmp_path: Path) -> None:
@@ -383,7 +391,7 @@ def test_replay_refuses_bad_arguments_before_connecting(tmp_path: Path) -> None:
     for speed in (float("nan"), float("inf"), 0.0, -1.0):
         with pytest.raises(ValueError, match="speed must be a positive number"):
             replay(cfg, path, "movielens-100k", speed=speed)
-    with pytest.raises(ValueError, match="fixed columns; delimiter, has_header only apply to format csv"):
+    with pytest.raises(ValueError, match="fixed columns; --delimiter, --no-header apply to format csv only"):
         replay(cfg, path, LogSpec("movielens-100k", has_header=False, delimiter=";"))
     long = "x" * 300 + ".csv"
     assert _short_name("log.csv") == "log.csv" and len(_short_name(long)) == 73
@@ -392,7 +400,7 @@ def test_replay_refuses_bad_arguments_before_connecting(tmp_path: Path) -> None:
 
 def test_fixed_formats_refuse_a_mapping(tmp_path: Path) -> None:
     path = write(tmp_path, "1\t2\t3\t4\n", "u.data")
-    with pytest.raises(ValueError, match="fixed columns; user_col only apply to format csv"):
+    with pytest.raises(ValueError, match="fixed columns; --user-col apply to format csv only"):
         read_rows(path, "movielens-100k", user_col="x")
     with pytest.raises(ValueError, match="unknown format 'parquet'"):
         read_rows(path, "parquet")
