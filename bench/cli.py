@@ -13,6 +13,8 @@ from pathlib import Path
 
 import typer
 
+from twotower.cli_args import finite
+
 app = typer.Typer(
     no_args_is_help=True,
     help="Benchmarks: retriever latency/QPS under swaps, click freshness, cold-item latency, checkpoint cost.",
@@ -57,7 +59,7 @@ def _parse_sets(values: list[str]) -> dict[str, str]:
 @app.command("retriever")
 def retriever_command(
     items: int = typer.Option(100_000, "--items", help="Catalogue size (random unit vectors, dim 64)."),
-    duration_s: float = typer.Option(20.0, "--duration-s", help="Seconds of measured load."),
+    duration_s: float = typer.Option(20.0, "--duration-s", min=0.5, help="Seconds of measured load.", callback=finite),
     concurrency: int = typer.Option(8, "--concurrency", min=1, help="Open connections of the load generator."),
     workers: int = typer.Option(2, "--workers", min=1, help="Retriever worker processes."),
     swaps: int = typer.Option(10, "--swaps", min=0, help="Versions published during the load (delta, full, ...)."),
@@ -66,7 +68,7 @@ def retriever_command(
     index: str = typer.Option("auto", "--index", help="Index kind for build_index: auto, flat, hnsw, ivf or ivfpq."),
     load_tool: str = typer.Option("auto", "--load-tool", help="wrk, python, or auto (wrk when installed)."),
     wrk_threads: int = typer.Option(1, "--wrk-threads", min=1, help="wrk threads (each takes a core's share)."),
-    warmup_s: float = typer.Option(2.0, "--warmup-s", min=0, help="Unmeasured load before the run."),
+    warmup_s: float = typer.Option(2.0, "--warmup-s", min=0, help="Unmeasured load before the run.", callback=finite),
     floor_requests: int = typer.Option(3_000, "--floor-requests", min=10, help="Requests of the in-process floor."),
     swap_kinds: str = typer.Option("alternate", "--swap-kinds", help="alternate (delta, full, ...), delta or full."),
     index_cache: Path | None = typer.Option(
@@ -98,6 +100,7 @@ def retriever_command(
         min=0,
         help="After the other runs: one connection, a request every 5 ms at most, for this many seconds "
         "while the --swaps versions (written first) are made current; counts requests over 30 and 100 ms.",
+        callback=finite,
     ),
     http_floor: bool = typer.Option(
         True,
@@ -162,9 +165,15 @@ def freshness_command(
     clicks: int = typer.Option(50, "--clicks", min=1, help="Probe clicks (one at a time)."),
     catalog: int = typer.Option(1_000, "--catalog", min=20, help="Items in the seeded catalogue."),
     background_rate: float = typer.Option(
-        20.0, "--background-rate", min=0, help="Events per second of other users meanwhile (0: a silent system)."
+        20.0,
+        "--background-rate",
+        min=0,
+        help="Events per second of other users meanwhile (0: a silent system).",
+        callback=finite,
     ),
-    timeout_s: float = typer.Option(30.0, "--timeout-s", min=1, help="Longest wait per probe and path."),
+    timeout_s: float = typer.Option(
+        30.0, "--timeout-s", min=1, help="Longest wait per probe and path.", callback=finite
+    ),
     state_users: int = typer.Option(
         0,
         "--state-users",
@@ -201,8 +210,10 @@ def freshness_command(
 def cold_item_command(
     items: int = typer.Option(20, "--items", min=1, help="New catalogue items published (one at a time)."),
     catalog: int = typer.Option(1_000, "--catalog", min=20, help="Items in the seeded catalogue."),
-    background_rate: float = typer.Option(20.0, "--background-rate", min=0, help="Events per second meanwhile."),
-    timeout_s: float = typer.Option(30.0, "--timeout-s", min=1, help="Longest wait per item."),
+    background_rate: float = typer.Option(
+        20.0, "--background-rate", min=0, help="Events per second meanwhile.", callback=finite
+    ),
+    timeout_s: float = typer.Option(30.0, "--timeout-s", min=1, help="Longest wait per item.", callback=finite),
     settings: list[str] = typer.Option([], "--set", help="section.field=value passed to every daemon."),
     json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
     logs: Path | None = typer.Option(None, "--logs", help="Copy the daemons' logs into this directory."),

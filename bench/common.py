@@ -799,24 +799,35 @@ def spawned_result(
     exit takes most of a second here): what is read at the load's end is read then.
 
     Raises:
-        RuntimeError: nothing arrived within ``timeout_s`` (the process is killed).
+        RuntimeError: nothing arrived within ``timeout_s`` (the process is killed), or the
+            process exited without a result (said within a second, not at the timeout).
     """
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, out), daemon=True)
     deadline = time.monotonic() + timeout_s
+
+    def next_message() -> Any:
+        # a process that died (an exception, a crash) puts nothing more: say so at once
+        while True:
+            try:
+                return out.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"{what} returned nothing in {timeout_s:.0f} s") from None
+                if not proc.is_alive() and out.empty():
+                    raise RuntimeError(f"{what} exited (code {proc.exitcode}) without a result") from None
+
     proc.start()
     try:
-        result = out.get(timeout=timeout_s)
+        result = next_message()
         if isinstance(result, tuple) and result[:1] == (LOAD_STARTED,):
             if on_start is not None:
                 on_start(result[1])
-            result = out.get(timeout=max(0.0, deadline - time.monotonic()))
+            result = next_message()
         if on_end is not None:
             on_end()
         return result
-    except queue.Empty:
-        raise RuntimeError(f"{what} returned nothing") from None
     finally:
         proc.join(10)
         if proc.is_alive():

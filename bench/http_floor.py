@@ -104,7 +104,7 @@ def measure(
 def _summary(rate: float, result: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "offered_qps": rate,
-        "qps": round(result["requests"] / (result["send_window_us"] / 1e6), 1),  # over the sending
+        "qps": round(result["requests"] * 1e6 / result["send_window_us"], 1) if result["send_window_us"] > 0 else 0.0,
         "errors": sum(result[key] for key in ("connect", "read", "write", "status", "timeout")),
         **latencies_ms(result),
         **sending_figures(result),

@@ -633,13 +633,21 @@ class SwapPublisher:
         self.error = None
         self.planned = len(plan)
         self.first_record = len(self.records)
-        self._thread = threading.Thread(target=self._run, args=(plan, times_s, t0), name="swaps", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(plan, times_s, t0, self._stop), name="swaps", daemon=True
+        )
         self._thread.start()
 
-    def _run(self, plan: Sequence[tuple[str, dict[str, bytes] | int]], times_s: list[float], t0: float) -> None:
+    def _run(
+        self,
+        plan: Sequence[tuple[str, dict[str, bytes] | int]],
+        times_s: list[float],
+        t0: float,
+        stop: threading.Event,
+    ) -> None:
         try:
             for (kind, parts), at in zip(plan, times_s, strict=True):
-                if self._stop.wait(max(0.0, t0 + at - time.monotonic())):
+                if stop.wait(max(0.0, t0 + at - time.monotonic())):  # this run's flag, not a later run's
                     return
                 started = time.monotonic()
                 started_unix = time.time()
@@ -947,7 +955,11 @@ def _closed_loop_phase(
     def end() -> None:  # the load's last answer is in: what the retriever did during it
         ended.append((time.monotonic(), scrape(f"{base_url}/metrics")))
 
-    result = _load(tool, opts, base_url, opts.duration_s, workdir, begin, end)
+    try:
+        result = _load(tool, opts, base_url, opts.duration_s, workdir, begin, end)
+    except BaseException:
+        swaps.join(0.0)  # the load failed: its swaps stop at once
+        raise
     cpu_after = _cpu_counters(retriever_pid, client)  # (the generator reaped: its CPU is in)
     load_end, after = ended[0]
     stalls = _stalls(before, after, client, slowlog_tip)
@@ -1077,6 +1089,7 @@ def _probe_phase(
             from_send_s.append(done - sent if status is not None else math.inf)
             errors += status != 200
     after = scrape(f"{base_url}/metrics")  # the load's end: what happened during it
+    load_end_s = time.monotonic() - t0
     swaps.join(600)
     ms = [x * 1000 for x in from_send_s]
     scheduled_ms = [x * 1000 for x in latencies_s]
@@ -1093,7 +1106,7 @@ def _probe_phase(
         "from_schedule_max_ms": rounded(max(scheduled_ms)) if ms else None,
         **{f"from_schedule_over_{limit}_ms": sum(1 for x in scheduled_ms if x > limit) for limit in PROBE_SLOW_MS},
         "swaps_published": len(swaps.records) - published,
-        "swaps_published_after_load_end": _after_load_end(swaps.records[published:], opts.probe_s),
+        "swaps_published_after_load_end": _after_load_end(swaps.records[published:], load_end_s),
         "swaps_applied_by_all_workers": _swaps_applied(before, after),
         "swap_errors": swaps.errors(),
         **_stalls(before, after, client, slowlog_tip),
@@ -1119,20 +1132,29 @@ def _open_loop_phase(
     cpu_before = _cpu_counters(retriever_pid, client)
     slowlog_tip = redis_slowlog_tip(client)
 
+    started: list[float] = []
+
     def begin(at: float) -> None:  # the generator started its schedule: the swaps' time zero
+        started.append(at)
         if swaps is not None and plan:
             swaps.start(plan, swap_times(len(plan), opts.duration_s), at)
 
-    ended: list[list[Sample]] = []
+    ended: list[tuple[float, list[Sample]]] = []
 
     def end() -> None:  # the last answer is in: what the retriever did during the load
-        ended.append(scrape(f"{base_url}/metrics"))
+        ended.append((time.monotonic(), scrape(f"{base_url}/metrics")))
 
-    result = run_open_loop(
-        base_url, rate, opts.duration_s, opts.users, opts.k, opts.seed + 7, on_start=begin, on_end=end
-    )
+    try:
+        result = run_open_loop(
+            base_url, rate, opts.duration_s, opts.users, opts.k, opts.seed + 7, on_start=begin, on_end=end
+        )
+    except BaseException:
+        if swaps is not None and plan:
+            swaps.join(0.0)  # the load failed: its swaps stop at once
+        raise
     cpu_after = _cpu_counters(retriever_pid, client)
-    (after,) = ended
+    ((end_at, after),) = ended
+    load_end_s = end_at - started[0]
     if swaps is not None:
         swaps.join(600)
     http = _http_report(result, before, after, opts, "open-loop")
@@ -1148,7 +1170,7 @@ def _open_loop_phase(
     if swaps is not None:
         http.update(
             swaps_published=len(swaps.records) - published,
-            swaps_published_after_load_end=_after_load_end(swaps.records[published:], opts.duration_s),
+            swaps_published_after_load_end=_after_load_end(swaps.records[published:], load_end_s),
             swaps_applied_by_all_workers=_swaps_applied(before, after),
             swap_errors=swaps.errors() if plan else [],
             swap_schedule=[asdict(r) for r in swaps.records[published:]],

@@ -22,6 +22,7 @@ import typer
 from evaluation.protocol import Event, Protocol
 from evaluation.variants import split_policies
 from producers.replay_formats import LogSpec, TimeUnit, delimiter_arg
+from twotower.cli_args import finite
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,11 @@ def replay_command(
     json_out: Path = typer.Option(..., "--json", dir_okay=False, help="Write the results here (JSON)."),
     plot_out: Path | None = typer.Option(None, "--plot", dir_okay=False, help="Write HR@K over time here (PNG)."),
     publish_every: float = typer.Option(
-        5.0, "--publish-every", min=0.0, help="Seconds of event time before a streaming update is visible."
+        5.0,
+        "--publish-every",
+        min=0.0,
+        help="Seconds of event time before a streaming update is visible.",
+        callback=finite,
     ),
     history_delay: float = typer.Option(
         0.0,
@@ -145,6 +150,7 @@ def replay_command(
         min=0.0,
         help="Diagnostic: seconds of event time before an interaction enters the pooled history (0: at once, "
         "the protocol).",
+        callback=finite,
     ),
     policies: str = typer.Option(
         "popularity_7d,als_nightly,itemknn_stream,two_tower_nightly,two_tower_streaming",
@@ -162,7 +168,11 @@ def replay_command(
         False, "--live", help="Replay through Kafka and the running daemons (trainer, publisher, retriever) instead."
     ),
     speed: float = typer.Option(
-        86_400.0, "--speed", min=1e-6, help="--live: event-time seconds per wall second (as fast as it keeps up)."
+        86_400.0,
+        "--speed",
+        min=1e-6,
+        help="--live: event-time seconds per wall second (as fast as it keeps up).",
+        callback=finite,
     ),
     compare: bool = typer.Option(
         True, "--compare/--no-compare", help="--live: also run the offline two_tower_streaming, same publish delay."
@@ -372,18 +382,26 @@ def _write_report(report: dict, json_out: Path, plot_out: Path | None, title: st
 def simulate_command(
     json_out: Path = typer.Option(..., "--json", dir_okay=False, help="Write the results here (JSON)."),
     plot_out: Path | None = typer.Option(None, "--plot", dir_okay=False, help="Write HR@K over time here (PNG)."),
-    days: float = typer.Option(8.0, "--days", min=1.0, help="Simulated days of traffic."),
+    days: float = typer.Option(8.0, "--days", min=1.0, help="Simulated days of traffic.", callback=finite),
     events_per_day: int = typer.Option(4_000, "--events-per-day", min=10, help="Clicks per simulated day."),
     users: int = typer.Option(1_000, "--users", min=1, help="Simulated users."),
     items: int = typer.Option(2_000, "--items", min=10, help="Items at the start."),
     categories: int = typer.Option(20, "--categories", min=1, help="Item categories."),
-    drift_per_day: float = typer.Option(0.6, "--drift-per-day", min=0.0, help="Interest drift, radians per day."),
-    new_items_per_day: float = typer.Option(60.0, "--new-items-per-day", min=0.01, help="Arriving items per day."),
+    drift_per_day: float = typer.Option(
+        0.6, "--drift-per-day", min=0.0, help="Interest drift, radians per day.", callback=finite
+    ),
+    new_items_per_day: float = typer.Option(
+        60.0, "--new-items-per-day", min=0.01, help="Arriving items per day.", callback=finite
+    ),
     truth_every: int = typer.Option(4, "--truth-every", min=1, help="Score the true top-K at every N-th event."),
     k: int = typer.Option(10, "--k", min=1, help="List length of HR@K, NDCG@K, coverage and true recall."),
     seed: int = typer.Option(0, "--seed", help="Seed of the world and of every policy."),
     publish_every: float = typer.Option(
-        5.0, "--publish-every", min=0.0, help="Seconds of event time before a streaming update is visible."
+        5.0,
+        "--publish-every",
+        min=0.0,
+        help="Seconds of event time before a streaming update is visible.",
+        callback=finite,
     ),
     policies: str = typer.Option(
         "popularity_7d,als_nightly,itemknn_stream,two_tower_nightly,two_tower_streaming",

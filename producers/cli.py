@@ -13,6 +13,7 @@ import typer
 from kafka.errors import KafkaError
 
 from producers.replay_formats import LogSpec, TimeUnit, delimiter_arg
+from twotower.cli_args import finite
 from twotower.config import load_config
 from twotower.daemon import ShutdownFlag, install_signal_handlers, run_daemon, setup_logging
 
@@ -39,9 +40,11 @@ class ReplayFormat(StrEnum):
 
 def simulate_command(
     rate: float | None = typer.Option(
-        None, "--rate", help="Requests per second. Default: config simulator.rate_per_s."
+        None, "--rate", help="Requests per second. Default: config simulator.rate_per_s.", callback=finite
     ),
-    duration: float = typer.Option(0.0, "--duration", help="Stop after this many seconds; 0 runs until SIGTERM."),
+    duration: float = typer.Option(
+        0.0, "--duration", help="Stop after this many seconds; 0 runs until SIGTERM.", callback=finite
+    ),
     users: int | None = typer.Option(None, "--users", help="Simulated users. Default: config simulator.n_users."),
     items: int | None = typer.Option(
         None, "--items", help="Starting catalogue size. Default: config simulator.n_items."
@@ -120,6 +123,7 @@ def replay_command(
         "--speed",
         help="Replay speed-up: event-time gaps / SPEED become wall-clock gaps (3600 = an hour per second). "
         "Default: as fast as possible.",
+        callback=finite,
     ),
     limit: int | None = typer.Option(None, "--limit", help="Send only the first N events in time order.", min=0),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),

@@ -447,7 +447,16 @@ def test_every_bench_report_carries_its_provenance(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(bench.common, "live_system", live_system)
     report = bench.common.run_on_live_system("cold-item", SystemOptions(), lambda system: {"items": 0})
-    assert report["provenance"].items() >= here.items() and here["git_commit"]  # this checkout's
+    assert report["provenance"].items() >= here.items()  # this checkout's (None outside a git checkout)
+
+
+def test_a_load_generator_that_dies_is_reported_at_once_not_at_the_timeout() -> None:
+    from bench.common import spawned_result
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"exited \(code 1\) without a result"):
+        spawned_result(math.sqrt, (), 120.0, "the generator")  # sqrt(queue): a TypeError in the child
+    assert time.monotonic() - started < 30
 
 
 # --- achieved rates ------------------------------------------------------------------------------

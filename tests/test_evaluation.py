@@ -457,6 +457,17 @@ def test_evaluate_refuses_bad_policies_and_unwritable_outputs_before_the_run(tmp
     assert not (tmp_path / "o.json").exists()  # refused before the run wrote anything
 
 
+def test_commands_refuse_infinite_and_nan_numbers(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from evaluation.cli import app
+
+    for option in ("--days", "--publish-every"):  # (NaN fails their minimum already)
+        result = CliRunner().invoke(app, ["simulate", option, "inf", "--json", str(tmp_path / "o.json")])
+        flat = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and "must be a finite number" in flat, result.output
+
+
 def test_movielens_side_comes_from_u_item_beside_u_data(tmp_path: Path) -> None:
     from evaluation.cli import load_item_side
 
