@@ -14,8 +14,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -232,7 +234,7 @@ def replay_command(
     title = f"{data.name}: HR@{k} over time"
     if live:
         report, seconds = _live(events, protocol, speed, compare, state_root, bootstrap_epochs, progress)
-        report["data"] = {"path": str(data), "format": fmt.value, "limit": limit}
+        report["data"] = {"path": str(data), "format": fmt.value, "limit": limit, "read_as": _read_as(log_spec)}
         _write_report(report, json_out, plot_out, title + " (live)", seconds)
         return
     result = _run_with_progress(events, chosen, protocol, progress)
@@ -241,6 +243,7 @@ def replay_command(
         "path": str(data),
         "format": fmt.value,
         "limit": limit,
+        "read_as": _read_as(log_spec),
         "category_col": category_col,
         "catalogue_items": len(side),
     }
@@ -340,6 +343,14 @@ def _run_with_progress(
         return run(events, chosen, protocol, note)
     finally:
         bar.close()
+
+
+def _read_as(log_spec: LogSpec) -> dict[str, Any]:
+    """How the log was read, for the report: the options a rerun needs (csv: columns, header,
+    delimiter, time unit)."""
+    spec = asdict(log_spec)
+    spec.pop("fmt")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
 
 
 def _policy_names(text: str) -> list[str]:

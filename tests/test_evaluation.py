@@ -422,7 +422,12 @@ def test_evaluate_reads_a_tab_separated_log_in_milliseconds(tmp_path: Path) -> N
     args += ["--category-col", "cat", "--policies", "popularity_7d", "--json", str(out), "--no-progress"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert json.loads(out.read_text())["data"]["catalogue_items"] == 5
+    data_report = json.loads(out.read_text())["data"]
+    assert data_report["catalogue_items"] == 5
+    assert data_report["read_as"] == {
+        "user_col": None, "item_col": None, "time_col": None, "has_header": True, "columns": None,
+        "delimiter": "\t", "time_unit": "ms",
+    }  # fmt: skip
 
 
 def test_csv_category_side_reads_a_quoted_header_and_refuses_a_column_past_every_row(tmp_path: Path) -> None:
