@@ -238,9 +238,12 @@ def test_python_load_generator_timeouts_reach_the_percentiles(fake: tuple[FakeRe
 @pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed")
 def test_wrk_timeouts_reach_the_percentiles(fake: tuple[FakeRetriever, str], tmp_path: Path) -> None:
     server, url = fake
-    server.hang_s = 2.2  # answered within the run, after wrk's 2 s timeout
+    server.hang_s = 2.2  # user u0's requests: answered within the run, after wrk's 2 s timeout
     result = run_wrk(url, 3.0, 2, 1, 2, 10, tmp_path)
-    assert result["timeout"] >= 1 and result["requests"] > result["timeout"]
+    # each connection soon draws u0 and waits 2.2 s for it: a few answers, and 1-4 timeouts among
+    # them (wrk's users are random: at times both connections draw u0 first, and then no other
+    # request is answered)
+    assert result["timeout"] >= 1 and result["requests"] >= result["timeout"]
     assert math.isinf(result["p99_us"]) and math.isinf(result["max_us"])
 
 
