@@ -50,7 +50,7 @@ def load_events(path: Path, log_spec: LogSpec | str, limit: int | None = None) -
     Raises:
         ValueError: a bad file, format or mapping (the message names the line or column).
     """
-    rows = (LogSpec(log_spec) if isinstance(log_spec, str) else log_spec).read(path)
+    rows = LogSpec.of(log_spec).read(path)
     if limit is not None:
         rows = rows[:limit]
     return [Event(r.user_id, r.item_id, r.ts_ms) for r in rows]
@@ -64,7 +64,7 @@ def load_item_side(path: Path, log_spec: LogSpec | str, category_col: str | None
     """
     from evaluation.catalog import csv_category_side, movielens_100k_side
 
-    spec = LogSpec(log_spec) if isinstance(log_spec, str) else log_spec
+    spec = LogSpec.of(log_spec)
     fmt, item_col, has_header, delimiter = spec.fmt, spec.item_col, spec.has_header, spec.delimiter
     columns = list(spec.columns) if spec.columns else None
     if category_col is not None:

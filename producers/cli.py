@@ -87,7 +87,7 @@ def simulate_command(
     }
     if overrides:
         cfg = cfg.with_overrides({"simulator": overrides})
-    if not duration >= 0:  # NaN too
+    if duration < 0:  # (not finite: refused by its callback)
         raise typer.BadParameter("must be >= 0", param_hint="--duration")
     from producers.simulate import SimulatorDaemon
 

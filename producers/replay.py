@@ -124,7 +124,7 @@ def replay(
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     path = Path(path)
-    spec = LogSpec(log_spec) if isinstance(log_spec, str) else log_spec
+    spec = LogSpec.of(log_spec)
     fmt = spec.fmt
     rows = spec.read(path)
     if limit is not None:

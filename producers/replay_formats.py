@@ -345,6 +345,11 @@ class LogSpec:
     delimiter: str = ","
     time_unit: str = "auto"
 
+    @classmethod
+    def of(cls, spec: LogSpec | str) -> LogSpec:
+        """``spec``, or for a format name alone the spec of that format with every default."""
+        return cls(spec) if isinstance(spec, str) else spec
+
     def read(self, path: str | Path) -> list[SourceRow]:
         """The log's rows (:func:`read_rows`); a fixed format refuses an option set away from its
         default rather than ignoring it.

@@ -100,7 +100,6 @@ REQUEST_SOCKET_TIMEOUT_S = 2.0
 """Redis socket timeout on the request path (fail fast rather than hang a request)."""
 MAX_LIST_LEN = 10_000
 """Longest history / exclude / category / profile list a request may send."""
-MAX_USER_ID_LEN = MAX_ID_LEN
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)]
 """An id as the event schema bounds it."""
 Feature = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_FEATURE_ABS, le=MAX_FEATURE_ABS)]
@@ -139,7 +138,7 @@ class RecommendRequest(BaseModel):
     """Body of ``POST /recommend``."""
 
     model_config = ConfigDict(extra="forbid")
-    user_id: str = Field(min_length=1, max_length=MAX_USER_ID_LEN)
+    user_id: Id
     k: int | None = None
     """Items to return; default ``retriever.default_k``, at most ``retriever.max_k``."""
     history: list[Id | HistoryEvent] = Field(default_factory=list, max_length=MAX_LIST_LEN)
@@ -581,7 +580,7 @@ def fast_query(query_string: bytes) -> tuple[str, int | None, list[str], list[st
                 return None
             args[key] = value
     user_id = args.get("user_id")
-    if user_id is None or not 1 <= len(user_id) <= MAX_USER_ID_LEN:
+    if user_id is None or not 1 <= len(user_id) <= MAX_ID_LEN:
         return None
     k_text = args.get("k")
     if k_text is not None and not _K_TEXT.fullmatch(k_text):
@@ -723,7 +722,7 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> RecommendFr
     # FastAPI passes through without validating or re-encoding it
     @app.get("/recommend", response_model=RecommendResponse)
     async def recommend_get(
-        user_id: str = Query(min_length=1, max_length=MAX_USER_ID_LEN, description="The user."),
+        user_id: str = Query(min_length=1, max_length=MAX_ID_LEN, description="The user."),
         k: int | None = Query(None, description="Items to return."),
         exclude: str = Query("", description="Comma-separated item ids to leave out."),
         category: str = Query("", description="Comma-separated categories to keep (default: all)."),

@@ -386,7 +386,8 @@ def _run_nightly(
         if not clicks:
             log.info("no clicks on %s: nothing to retrain", day)
             return NightlyResult(day, "empty")
-        start_ms, _ = day_bounds_ms(date, cfg.trainer.schedule_timezone)
+        day_ms = day_bounds_ms(date, cfg.trainer.schedule_timezone)
+        start_ms = day_ms[0]
         earlier: list[Interaction] = []
         if users_short_of_pre_day_history(state, start_ms):  # one day back completes what the state lost
             earlier = [r for *_, r in load_day_records(cfg, topics, date - dt.timedelta(days=1)) if r.type == CLICK]
@@ -410,9 +411,7 @@ def _run_nightly(
                 APPLIED_ABOVE: ckpt.extra.get(APPLIED_ABOVE, {}) if ckpt else {},
                 # the records this run counted: a streaming trainer that later replays the topic
                 # from ``offsets`` must not count them again (but counts those that arrive later)
-                NIGHTLY_COUNTED: counted_ranges(
-                    ckpt, day_bounds_ms(date, cfg.trainer.schedule_timezone), records, topics.events, first_run
-                ),
+                NIGHTLY_COUNTED: counted_ranges(ckpt, day_ms, records, topics.events, first_run),
             }
             checkpoint.save(state_dir, state.to_checkpoint(offsets, extra))
             return NightlyResult(day, "trained", len(examples), mean_loss)

@@ -395,10 +395,9 @@ class StreamTrainer(Daemon):
     def _save_full(self, state: TrainerState, commit: bool) -> None:
         safe = self.merger.safe_offsets()
         applied = self.merger.applied_above()
-        offsets = {**{partition_key(tp): off for tp, off in self.resume_offsets.items()}}
-        offsets.update({partition_key(tp): off for tp, off in safe.items()})
-        # a day the checkpoint's offsets have passed in every partition is never replayed again
         resume = {**self.resume_offsets, **safe}
+        offsets = {partition_key(tp): off for tp, off in resume.items()}
+        # a day the checkpoint's offsets have passed in every partition is never replayed again
         self.nightly_counted = [r for r in self.nightly_counted if not r.passed(resume)]
         extra = {
             APPLIED_ABOVE: {partition_key(tp): offs for tp, offs in applied.items()},
