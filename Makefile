@@ -1,6 +1,6 @@
 # Developer entry points. Every Python-running target gets the cached virtualenv from
-# scripts/venv.sh (outside the clone, keyed by a hash of pyproject.toml) and puts its bin/ first
-# on PATH, so `twotower` and the tools resolve to it.
+# scripts/venv.sh (outside the clone, keyed by a hash of the dependency lists, constraints.txt
+# and the Python version) and puts its bin/ first on PATH, so `twotower` and the tools resolve to it.
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help

@@ -62,8 +62,9 @@ class ModelConfig(_Section):
     hidden: int = Field(default=128, ge=4)
     """Hidden width of the tower MLPs."""
     n_categories: int = Field(default=64, ge=1)
-    """Size of the item-category vocabulary (categories are hashed into it without collisions
-    below this count; the vocabulary grows as in an ID table)."""
+    """Size of the item-category vocabulary: the first ``n_categories`` distinct categories get a
+    row each, in order of arrival; later ones are hashed onto those rows (they share them). The
+    table does not grow."""
     content_dim: int = Field(default=32, ge=0)
     """Length of the dense content-feature vector of an item (shorter vectors are zero-padded)."""
     profile_dim: int = Field(default=8, ge=0)
@@ -215,7 +216,8 @@ class TrainerConfig(_Section):
     index); on MovieLens-100K a 30-day TTL cost half a point of HR@10. Set it where old items
     really go away."""
     seed: int = 0
-    """Seed of the nightly shuffle and of new-row initialisation."""
+    """Seed of the initial tower weights, of the negative sampler and of the nightly shuffle (new
+    ID rows start at zero)."""
     nightly_margin_ms: int = Field(default=3_600_000, ge=0)
     """The nightly read starts and ends this far outside the day (by Kafka timestamp) to catch
     out-of-order events; each event's own time then decides whether it belongs to the day."""
@@ -238,8 +240,8 @@ class TrainerConfig(_Section):
     stream. ``inclusion`` (default): Q = probability that the item is in the batch's deduplicated
     candidate set; ``expected_count``: Q = its expected number of draws (what the paper writes,
     equal for rare items, but it keeps penalising head items that are in every batch anyway: in a
-    controlled simulation it over-corrects, score-vs-log-popularity slope 1.29 where the truth is 1,
-    inclusion 1.04, none 0.41); ``none``: no correction (only to measure its effect)."""
+    controlled simulation, ``tests/test_losses_unit.py``, it over-corrects: score-vs-log-popularity
+    slope 1.37 where the truth is 1, inclusion 1.00, none 0.52); ``none``: no correction (only to measure its effect)."""
     negatives_popularity_ratio: float = Field(default=0.5, ge=0, le=1)
     """Share of the extra negatives (one per click in a batch, at least ``min_extra_negatives``) drawn
     from count^0.75; the rest are hard negatives (retrieved for the click's request but not shown)
