@@ -132,6 +132,26 @@ def test_a_failed_write_leaves_nothing_no_trim_would_find(
     assert store.redis.zscore(store.layout.versions, str(older)) == older
 
 
+def test_a_rollback_moves_the_current_version_and_leaves_the_tip(store: SnapshotStore) -> None:
+    """The tip is the newest version a writer made current: what a restarted publisher knew last."""
+    full = encode_full(full_snapshot(make_checkpoint(seq=1)))
+    delta = encode_delta(delta_snapshot(make_checkpoint(seq=2, item_updated=[2] + [1] * 5), since_seq=1))
+    assert store.tip_version() is None
+    v1 = store.write(FULL, full, None, 1)
+    v2 = store.write(DELTA, delta, v1, 2)
+    assert (store.current_version(), store.tip_version()) == (v2, v2)
+    store.rollback(v1)
+    assert (store.current_version(), store.tip_version()) == (v1, v2)
+    v3 = store.write(DELTA, delta, v1, 2)  # a writer goes on from the version rolled back to
+    assert (store.current_version(), store.tip_version()) == (v3, v3)
+    store.make_current(v2)  # refused: a newer version is current
+    store.rollback(v2)
+    assert (store.current_version(), store.tip_version()) == (v2, v3)
+    v4 = store.write(DELTA, delta, v2, 2, current=False)
+    store.make_current(v4)
+    assert (store.current_version(), store.tip_version()) == (v4, v4)
+
+
 def test_corrupted_or_missing_chunk_raises_snapshot_error(config: Config) -> None:
     client = redis.Redis.from_url(config.redis.url)
     store = SnapshotStore(client, SnapshotLayout(config.redis.key_prefix), chunk_bytes=1024)

@@ -445,6 +445,10 @@ def test_a_versions_keys_pattern_escapes_the_prefixs_glob_characters() -> None:
     assert SnapshotLayout("a*b[1]?").version_keys(3) == "a\\*b\\[1\\]\\?:snap:v:3:*"
 
 
+def test_the_tip_key_sits_beside_the_current_pointer() -> None:
+    assert (SnapshotLayout("tt").current, SnapshotLayout("tt").tip) == ("tt:snap:current", "tt:snap:tip")
+
+
 def test_a_serving_state_writer_that_cannot_start_closes_what_it_opened(monkeypatch: pytest.MonkeyPatch) -> None:
     """The serving loop retries the writer while Kafka is down: a failed start must not leave
     a producer (and its thread) behind each time."""

@@ -5,6 +5,8 @@ Layout (``p`` is the configured key prefix):
 ====================================  ==========================================================
 ``p:snap:seq``                        counter that hands out version numbers
 ``p:snap:current``                    the version retrievers serve (moves in one MULTI/EXEC)
+``p:snap:tip``                        the newest version a writer made current (a rollback
+                                      moves ``current`` only)
 ``p:snap:versions``                   sorted set of stored versions (score = version)
 ``p:snap:v:<n>:meta``                 hash: kind (full/delta), parent, base, created_ms,
                                       trainer_seq, and per part ``sha256:<part>``,
@@ -17,7 +19,8 @@ Layout (``p`` is the configured key prefix):
 ====================================  ==========================================================
 
 A version is written completely (chunks and meta) before the pointer moves, and the pointer
-never moves backwards except through an explicit rollback. A delta names its parent; a
+never moves backwards except through an explicit rollback (which leaves ``tip`` at the newest
+version the writer made current: what the publisher knew last). A delta names its parent; a
 reader applies the chain from the nearest full version. A writer may store several versions
 before moving the pointer once, to the last of them (``write(current=False)``, then
 ``make_current``): the publisher's chain compaction does, so that retrievers never serve its
@@ -60,6 +63,10 @@ class SnapshotLayout:
     @property
     def current(self) -> str:
         return f"{self.prefix}:snap:current"
+
+    @property
+    def tip(self) -> str:
+        return f"{self.prefix}:snap:tip"
 
     @property
     def versions(self) -> str:
@@ -226,8 +233,9 @@ class SnapshotStore:
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    pipe.watch(lay.current)
+                    pipe.watch(lay.current, lay.tip)
                     current = pipe.get(lay.current)
+                    tip = pipe.get(lay.tip)
                     if forward_only and current is not None and int(current) > version:
                         pipe.unwatch()
                         # a newer version is already current; never go back silently (listed,
@@ -236,6 +244,8 @@ class SnapshotStore:
                         return
                     pipe.multi()
                     pipe.set(lay.current, version)
+                    if forward_only and (tip is None or int(tip) < version):
+                        pipe.set(lay.tip, version)
                     pipe.zadd(lay.versions, {str(version): version})
                     pipe.execute()
                     break
@@ -247,7 +257,7 @@ class SnapshotStore:
             log.warning("version %d is current, but its notice was not sent (%s)", version, exc)
 
     def rollback(self, version: int) -> None:
-        """Point retrievers back to a stored version (checked complete first)."""
+        """Point retrievers back to a stored version (checked complete first); ``tip`` stays."""
         for meta in self.chain(version):
             self.read_parts(meta)
         self._point_to(version, forward_only=False)
@@ -300,6 +310,12 @@ class SnapshotStore:
     # --- reading -------------------------------------------------------------------------
     def current_version(self) -> int | None:
         raw = self.redis.get(self.layout.current)
+        return int(raw) if raw is not None else None
+
+    def tip_version(self) -> int | None:
+        """The newest version a writer made current (``None`` if none did, or the store predates
+        the key): the current one, unless a rollback moved the pointer since."""
+        raw = self.redis.get(self.layout.tip)
         return int(raw) if raw is not None else None
 
     def meta(self, version: int) -> VersionMeta:
