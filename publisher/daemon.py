@@ -29,9 +29,10 @@ Catalogue items without an ID row live only in this process's memory (and in the
 catalogue topic): they are re-embedded into every full snapshot until the trainer admits
 them. At startup the daemon replays the catalogue topic from the beginning to rebuild that
 memory, and recovers the last published (version, trainer seq, deltas since full, served
-item ids, and the items withheld as expired) from the current version in Redis; whether the
-dense weights still match is decided by comparing checksums of the weights part with the next
-checkpoint's weights. Row updates already published are read again only for which items they
+item ids, and the items withheld as expired) from the current version in Redis (after a
+rollback, an item stays withheld only if the version current before it withholds it too);
+whether the dense weights still match is decided by comparing checksums of the weights part
+with the next checkpoint's weights. Row updates already published are read again only for which items they
 gave rows and which they expired, and no content-only vector goes out before that first pass.
 """
 
@@ -401,10 +402,12 @@ class PublisherDaemon(Daemon):
         except (SnapshotError, BlobError) as exc:
             log.warning("current version %d is unreadable (%s); the next publish will be a full version", current, exc)
             return
+        at_tip = self._withheld_at_tip(store, current)
+        withheld = served.withheld if at_tip is None else served.withheld & at_tip
         with self._lock:
             self._last = last
             self._served = served.items
-            self._removed = served.withheld
+            self._removed = withheld
             if WITHHELD_ITEMS in base.parts:  # the chain holds every removal up to its tip
                 self._removals_through = last.trainer_seq
         LAST_VERSION.set(current)
@@ -415,8 +418,35 @@ class PublisherDaemon(Daemon):
             last.deltas_since_full,
             base.version,
             len(served.items),
-            len(served.withheld),
+            len(withheld),
         )
+
+    @staticmethod
+    def _withheld_at_tip(store: SnapshotStore, current: int) -> set[str] | None:
+        """The items withheld at the newest version a writer made current
+        (:meth:`~twotower.snapshots.SnapshotStore.tip_version`) when a rollback moved the
+        pointer back from it; else ``None``.
+
+        The version rolled back to withholds what was withheld when it was written, items
+        listed again since among them: those listings were read (and their offsets committed)
+        before the restart, so nothing would list them again until their next catalogue event.
+        The tip serves them again, so an item stays withheld only if the tip withholds it too.
+        Nothing withheld only at the tip is added: the trainer's removals after the ``seq`` of
+        the version rolled back to are taken from its checkpoint again (as they must be after
+        a trainer restored to an older state, whose new removals reuse those ``seq``).
+        """
+        tip = store.tip_version()
+        if tip is None or tip == current:
+            return None
+        try:
+            at_tip = served_items(store, tip)
+        except (SnapshotError, BlobError) as exc:
+            log.warning("version %d, current before a rollback, is unreadable (%s): withheld as rolled back", tip, exc)
+            return None
+        if WITHHELD_ITEMS not in at_tip.chain[0].parts:  # its full version predates the list
+            return None
+        log.info("version %d was current before a rollback; it withholds %d items", tip, len(at_tip.withheld))
+        return at_tip.withheld
 
     def replay_catalog(self) -> int:
         """Read the compacted catalogue topic from its start into memory (no writes).

@@ -563,6 +563,50 @@ def test_a_restarted_publisher_does_not_serve_again_an_item_the_trainer_expired(
     assert "i5" in full.items.ids and full.withheld_items == []
 
 
+def test_a_publisher_restarted_after_a_rollback_serves_the_items_listed_again_since(
+    config: Config, store: SnapshotStore
+) -> None:
+    """The version rolled back to withholds items that were listed again after it: a restarted
+    publisher withholds only what the newest version it had made current withholds too."""
+    cfg = kafka_config(config, full_every=100)
+    topics = ensure_topics(cfg.kafka)
+    four = (1, 1, 2, 2)
+    listed = [CatalogItem(i, "games", [0.3, 0.3, 0.3], 12) for i in ("i4", "i5")]
+    daemon = PublisherDaemon(cfg)
+    daemon.recover(store)
+    save(cfg, seq=1)  # i0..i5
+    assert daemon.poll_checkpoint(store) is not None
+    assert daemon.note_catalog(listed) == 0  # the trainer's
+    save(cfg, seq=2, item_categories=four, removed=[(2, "i4"), (2, "i5")])  # both expired
+    assert daemon.poll_checkpoint(store) is not None
+    save(cfg, seq=3, dense_version=2, seed=4, item_categories=four, removed=[(2, "i4"), (2, "i5")])
+    v3 = daemon.poll_checkpoint(store)  # new weights: a full version, withholding both
+    assert v3 is not None and decode_full(read_parts(store, v3)[0]).withheld_items == ["i4", "i5"]
+    relisted = replace(listed[1], ts_ms=13)  # i5 listed again: served again, content-only
+    assert daemon.note_catalog([relisted]) == 1
+    v4 = daemon.flush_pending(store)
+    assert v4 is not None and served_items(store, v4).withheld == {"i4"}
+
+    producer = patient_producer(cfg)
+    try:
+        for record in [*listed, relisted]:
+            send(producer, topics.catalog, record)
+    finally:
+        producer.close()
+    store.rollback(v3)  # the version before the listing
+    assert store.current_version() == v3 and store.tip_version() == v4
+    save(cfg, seq=4, dense_version=2, seed=4, item_categories=four)  # the trainer goes on, same weights
+    daemon = PublisherDaemon(cfg)
+    daemon.startup()
+    assert daemon._removed == {"i4"} and daemon._pending == {"i5"}
+    v5 = daemon.poll_checkpoint(store)  # a delta on the version rolled back to serves i5 again
+    assert v5 is not None and store.meta(v5).parent == v3
+    assert decode_delta(read_parts(store, v5)[-1]).items.ids == ["i5"]
+    served = served_items(store, v5)
+    assert "i5" in served.items and "i4" not in served.items and served.withheld == {"i4"}
+    assert store.tip_version() == v5
+
+
 def test_a_delta_whose_write_failed_is_published_by_the_next_poll(
     config: Config, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
