@@ -241,7 +241,8 @@ class TrainerConfig(_Section):
     candidate set; ``expected_count``: Q = its expected number of draws (what the paper writes,
     equal for rare items, but it keeps penalising head items that are in every batch anyway: in a
     controlled simulation, ``tests/test_losses_unit.py``, it over-corrects: score-vs-log-popularity
-    slope 1.37 where the truth is 1, inclusion 1.00, none 0.52); ``none``: no correction (only to measure its effect)."""
+    slope 1.37 where the truth is 1, inclusion 1.00, none 0.52); ``none``: no correction (only to
+    measure its effect)."""
     negatives_popularity_ratio: float = Field(default=0.5, ge=0, le=1)
     """Share of the extra negatives (one per click in a batch, at least ``min_extra_negatives``) drawn
     from count^0.75; the rest are hard negatives (retrieved for the click's request but not shown)
