@@ -54,7 +54,7 @@ from evaluation.protocol import Event, World, day_start_ms, utc_day
 from publisher.build import delta_snapshot, full_snapshot, is_empty, model_from_checkpoint
 from retriever.state import ServingState
 from trainer import handoff
-from trainer.nightly import build_examples, count_clicks, retrain
+from trainer.nightly import build_examples, count_clicks, read_back_lost_clicks, retrain
 from trainer.state import TrainerState
 from twotower.config import ModelConfig, TrainerConfig
 from twotower.events import Interaction
@@ -187,10 +187,10 @@ class TwoTowerPolicy(Policy):
         self._handoff_dir: tempfile.TemporaryDirectory[str] | None = None
         self._warmup_tail: tuple[int, int] = (-1, 0)
         """The warm-up's last day and how many of its events fall on it (counted by the warm-up)."""
-        self._last_day: tuple[int, list[Interaction]] = (-1, [])
-        """The last day retrained and its clicks: ``train nightly`` reads the day before back to
-        complete the histories a busy day pushed out of the streaming state
-        (:func:`trainer.nightly.build_examples`)."""
+        self._past_days: dict[int, list[Interaction]] = {}
+        """The clicks of the last ``trainer.nightly_history_days`` days retrained: ``train nightly``
+        reads days back to complete the histories a busy day pushed out of the streaming state
+        (:func:`trainer.nightly.read_back_lost_clicks`)."""
 
     # --- publishing -------------------------------------------------------------------------
     def _publish_full(self, now_ms: int) -> None:
@@ -253,22 +253,25 @@ class TwoTowerPolicy(Policy):
             # as ``train nightly`` owning the state: examples from the histories before the day,
             # then the day's clicks counted once, before the retrain (the warm-up counted the
             # first ones of the day the warm-up ends in, as a checkpoint's offsets would say)
-            examples = build_examples(state, clicks, day_start_ms(day), self._day_before(day))
+            examples = build_examples(state, clicks, day_start_ms(day), self._read_back(state, day))
             counted = self._warmup_tail[1] if self._warmup_tail[0] == day else 0
             count_clicks(state, clicks[counted:])
             self.nightly_losses.append(retrain(state, examples, seed, self.tcfg.batch_size, progress=False))
             state.dense_version += 1
             state.nightly_done.append(date.isoformat())
             state.seq += 1
-        self._last_day = day, clicks
+        self._past_days[day] = clicks
+        for old in [d for d in self._past_days if d <= day - self.tcfg.nightly_history_days]:
+            del self._past_days[old]
         self.retrains += 1
         self._timed("nightly", started)
         self._publish_full(events[-1].ts_ms)
 
-    def _day_before(self, day: int) -> list[Interaction]:
-        """The clicks of the day before ``day``, if it was retrained (what ``train nightly``
-        reads back to complete histories a busy day pushed out of the state)."""
-        return self._last_day[1] if self._last_day[0] == day - 1 else []
+    def _read_back(self, state: TrainerState, day: int) -> list[Interaction]:
+        """What ``train nightly`` reads back from the days before ``day`` (those retrained here)."""
+        return read_back_lost_clicks(
+            state, day_start_ms(day), lambda back: self._past_days.get(day - back, []), self.tcfg.nightly_history_days
+        )
 
     def _nightly_handoff(self, date: str, clicks: list[Interaction], day: int, seed: int) -> None:
         """``train nightly`` beside a running streaming trainer: train a copy, hand the change over."""
@@ -281,7 +284,7 @@ class TwoTowerPolicy(Policy):
         after = copy.deepcopy(self.state)
         if self.base is not None:
             handoff.rebase(after, self.base)
-        examples = build_examples(after, clicks, day_start_ms(day), self._day_before(day))
+        examples = build_examples(after, clicks, day_start_ms(day), self._read_back(after, day))
         self.nightly_losses.append(retrain(after, examples, seed, self.tcfg.batch_size, progress=False))
         if self.base is not None:
             self.base = handoff.base_of(after, date)
@@ -372,6 +375,7 @@ class TwoTowerPolicy(Policy):
                     "stream_lr",
                     "nightly_lr",
                     "nightly_from_base",
+                    "nightly_history_days",
                     "admission_min_count",
                     "row_ttl_days",
                     "seed",

@@ -222,6 +222,26 @@ def test_nightly_completes_the_pre_day_history_a_busy_day_pushed_out(
     assert seen[3] == _expected_histories(before + during[:3], 5)["u0"]
 
 
+def test_nightly_reads_back_as_many_days_as_the_lost_history_spans(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but u0's 5 clicks before the day fell on two days: 3 two days before, 2 the day
+    before. The nightly reads back both days (``trainer.nightly_history_days``)."""
+    cfg = _small(config)
+    start, _ = day_bounds_ms(DAY, "UTC")
+    two_back = _clicks("q", 3, start - 30 * 3_600_000, users=1)
+    one_back = _clicks("p", 2, start - 8 * 3_600_000, users=1)
+    during = _clicks("d", 9, start + 1_000, users=1)
+    _produce(cfg, _catalog() + two_back + one_back + during)
+    _stream_until_idle(cfg)
+    ckpt = checkpoint.load(cfg.trainer.state_dir)
+    assert ckpt is not None and all(ts >= start for _, ts in ckpt.histories.as_dict()["u0"])
+    seen = _example_histories(monkeypatch)
+    assert run_nightly(cfg, DAY, progress=False).examples == 9
+    assert seen[0] == _expected_histories(two_back + one_back, 5)["u0"]
+    assert len(seen[0]) == 5
+
+
 def test_streaming_trainer_started_after_nightly_only_days_does_not_count_them_again(config: Config) -> None:
     cfg = _small(config)
     start, _ = day_bounds_ms(DAY, "UTC")

@@ -458,3 +458,51 @@ def test_a_counted_range_covers_the_offsets_the_nightly_read_of_its_day() -> Non
     ckpt = SimpleNamespace(extra={nightly.NIGHTLY_COUNTED: [[1_000, 2_000]]})
     assert nightly.counted_ranges(ckpt, day, [], "ev", True) == [[1_000, 2_000]]  # type: ignore[arg-type]
     assert nightly.counted_ranges(ckpt, (2_000, 3_000), [], "ev", False) == [[1_000, 2_000]]  # type: ignore[arg-type]
+
+
+def _day_clicks(user: str, n: int, t0_ms: int, tag: str) -> list[Interaction]:
+    return [Interaction(f"{tag}{k}", f"{tag}r{k}", user, f"{tag}-i{k}", CLICK, 0, t0_ms + k * 1_000) for k in range(n)]
+
+
+def test_read_back_goes_day_by_day_until_every_history_is_whole() -> None:
+    """history_len 5: u0's history holds only the day's clicks; 2 of its pre-day clicks are two
+    days back, 3 three days back, more four days back. u1 lost nothing. The read-back stops at
+    the day that completes u0, and returns what was lost oldest first."""
+    day = 10 * 86_400_000
+    state = TrainerState(ModelConfig(dim=8, id_dim=4, history_len=5), TrainerConfig())
+    by_day = {
+        2: _day_clicks("u0", 2, day - 2 * 86_400_000, "b2"),
+        3: _day_clicks("u0", 3, day - 3 * 86_400_000, "b3"),
+        4: _day_clicks("u0", 4, day - 4 * 86_400_000, "b4"),
+    }
+    state.observe_clicks(by_day[4] + by_day[3] + by_day[2] + _day_clicks("u1", 2, day - 86_400_000, "v"))
+    state.observe_clicks(_day_clicks("u0", 5, day + 1_000, "d"))  # pushes every pre-day click of u0 out
+    asked: list[int] = []
+
+    def read_day(back: int) -> list[Interaction]:
+        asked.append(back)
+        return by_day.get(back, [])
+
+    lost = nightly.read_back_lost_clicks(state, day, read_day, max_days=7)
+    assert asked == [1, 2, 3]
+    assert lost == by_day[3] + by_day[2]
+    examples = nightly.build_examples(state, _day_clicks("u0", 1, day + 1_000, "d"), day, lost)
+    assert examples[0][1] == [(c.item_id, c.ts_ms) for c in by_day[3] + by_day[2]]
+
+    asked.clear()
+    assert nightly.read_back_lost_clicks(state, day, read_day, max_days=2) == by_day[2]  # as far as allowed
+    assert asked == [1, 2]
+    assert nightly.read_back_lost_clicks(state, day, read_day, max_days=0) == []
+
+
+def test_read_back_reads_nothing_when_no_history_was_pushed_out() -> None:
+    day = 10 * 86_400_000
+    state = TrainerState(ModelConfig(dim=8, id_dim=4, history_len=5), TrainerConfig())
+    state.observe_clicks(_day_clicks("u0", 2, day - 86_400_000, "a") + _day_clicks("u0", 2, day + 1_000, "d"))
+    state.observe_clicks(_day_clicks("u1", 5, day - 3_000_000, "b"))  # at its length, all before the day
+    # u0's history is shorter than history_len: it never lost any
+
+    def read_day(back: int) -> list[Interaction]:
+        raise AssertionError(f"read day -{back}")
+
+    assert nightly.read_back_lost_clicks(state, day, read_day, max_days=7) == []

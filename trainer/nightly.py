@@ -236,14 +236,49 @@ def _may_have_lost_pre_day(n_held: int, n_before_day: int, hist_len: int) -> boo
     return n_held >= hist_len and n_before_day < hist_len
 
 
-def users_short_of_pre_day_history(state: TrainerState, day_start_ms: int) -> set[str]:
-    """Users whose history from before the day the state may no longer hold in full."""
+def _pre_day_histories(state: TrainerState, day_start_ms: int) -> tuple[dict[str, list[tuple[str, int]]], set[str]]:
+    """What the state holds of each user's history from before the day (oldest first), and the
+    users it may have lost some of it for."""
     hist_len = state.model_cfg.history_len
-    return {
-        user
-        for user, history in state.histories.items()
-        if _may_have_lost_pre_day(len(history), sum(t < day_start_ms for _, t in history), hist_len)
-    }
+    held: dict[str, list[tuple[str, int]]] = {}
+    short = set()
+    for user, history in state.histories.items():
+        held[user] = [(i, t) for i, t in history if t < day_start_ms]
+        if _may_have_lost_pre_day(len(history), len(held[user]), hist_len):
+            short.add(user)
+    return held, short
+
+
+def _lost(click: Interaction, held: list[tuple[str, int]], day_start_ms: int) -> bool:
+    """Whether a click from before the day is one the state no longer holds: older than the oldest
+    pre-day entry it kept (or as old, and not that entry)."""
+    oldest = held[0][1] if held else day_start_ms
+    return click.ts_ms < oldest or (click.ts_ms == oldest and (click.item_id, click.ts_ms) not in held)
+
+
+def read_back_lost_clicks(
+    state: TrainerState, day_start_ms: int, read_day: Callable[[int], Iterable[Interaction]], max_days: int
+) -> list[Interaction]:
+    """The clicks from before the day that the state lost, for the users it may have lost some of
+    their pre-day history for (:func:`_pre_day_histories`), oldest first.
+
+    Reads one day at a time, ``read_day(n)`` giving the clicks ``n`` days before the day in event
+    order, and stops after ``max_days`` days or as soon as every such user has
+    ``model.history_len`` clicks from before the day (held or read back).
+    """
+    held, short = _pre_day_histories(state, day_start_ms)
+    hist_len = state.model_cfg.history_len
+    missing = {user: hist_len - len(held[user]) for user in short}
+    days: list[list[Interaction]] = []
+    for back in range(1, max_days + 1):
+        if not missing:
+            break
+        found = [c for c in read_day(back) if c.user_id in missing and _lost(c, held[c.user_id], day_start_ms)]
+        days.append(found)
+        for click in found:
+            missing[click.user_id] -= 1
+        missing = {user: n for user, n in missing.items() if n > 0}
+    return [click for found in reversed(days) for click in found]
 
 
 def build_examples(
@@ -252,30 +287,18 @@ def build_examples(
     """Each click with the history its user had just before it, replayed in event order.
 
     Histories start from what the state remembers from before the day, completed from
-    ``earlier`` (clicks before the day, in event order) for the users
-    :func:`users_short_of_pre_day_history` names: their entries older than the oldest the
-    state still holds. Every ID seen gets a row (the nightly job sees the whole day, so it needs
+    ``earlier`` (clicks before the day, in event order; :func:`read_back_lost_clicks`) for the
+    users the state may have lost some of it for: their entries older than the oldest the state
+    still holds. Every ID seen gets a row (the nightly job sees the whole day, so it needs
     no admission filter).
     """
     hist_len = state.model_cfg.history_len
-    histories: dict[str, deque[tuple[str, int]]] = {}
-    short = set()  # users_short_of_pre_day_history, in the same pass
-    for user, history in state.histories.items():
-        before = [(i, t) for i, t in history if t < day_start_ms]
-        histories[user] = deque(before, maxlen=hist_len)
-        if _may_have_lost_pre_day(len(history), len(before), hist_len):
-            short.add(user)
+    held, short = _pre_day_histories(state, day_start_ms)
     lost: dict[str, list[tuple[str, int]]] = {}
     for click in earlier:
-        if click.user_id not in short:
-            continue
-        held = histories[click.user_id]
-        oldest = held[0][1] if held else day_start_ms
-        pair = (click.item_id, click.ts_ms)
-        if click.ts_ms < oldest or (click.ts_ms == oldest and pair not in held):
-            lost.setdefault(click.user_id, []).append(pair)
-    for user, pairs in lost.items():
-        histories[user] = deque([*pairs, *histories[user]], maxlen=hist_len)
+        if click.user_id in short and _lost(click, held[click.user_id], day_start_ms):
+            lost.setdefault(click.user_id, []).append((click.item_id, click.ts_ms))
+    histories = {user: deque([*lost.get(user, ()), *pairs], maxlen=hist_len) for user, pairs in held.items()}
     seq = state.next_seq
     out = []
     for click in clicks:
@@ -388,9 +411,12 @@ def _run_nightly(
             return NightlyResult(day, "empty")
         day_ms = day_bounds_ms(date, cfg.trainer.schedule_timezone)
         start_ms = day_ms[0]
-        earlier: list[Interaction] = []
-        if users_short_of_pre_day_history(state, start_ms):  # one day back completes what the state lost
-            earlier = [r for *_, r in load_day_records(cfg, topics, date - dt.timedelta(days=1)) if r.type == CLICK]
+
+        def day_before(back: int) -> list[Interaction]:
+            return load_day(cfg, topics, date - dt.timedelta(days=back))
+
+        # what the day's clicks pushed out of the state's histories, read back day by day
+        earlier = read_back_lost_clicks(state, start_ms, day_before, cfg.trainer.nightly_history_days)
         examples = build_examples(state, clicks, start_ms, earlier)  # from the histories before the day
         if own_state:
             # No streaming trainer counts these clicks: count them once here, as it would have

@@ -221,6 +221,12 @@ class TrainerConfig(_Section):
     nightly_margin_ms: int = Field(default=3_600_000, ge=0)
     """The nightly read starts and ends this far outside the day (by Kafka timestamp) to catch
     out-of-order events; each event's own time then decides whether it belongs to the day."""
+    nightly_history_days: int = Field(default=7, ge=0)
+    """How many days before the retrained day the nightly may read back, for users whose history
+    from before the day the state no longer holds in full (the day's clicks pushed it out). It
+    reads one day at a time and stops as soon as every such user has ``model.history_len``
+    clicks before the day; 0 reads none (their first examples of the day then see a shorter
+    history than they had). Needs the events topic's retention to cover those days."""
     schedule_cron: str = "0 2 * * *"
     """Cron expression (minute hour day month weekday) of the nightly retrain."""
     schedule_timezone: str = "UTC"
