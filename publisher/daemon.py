@@ -436,7 +436,7 @@ class PublisherDaemon(Daemon):
         a trainer restored to an older state, whose new removals reuse those ``seq``).
         """
         tip = store.tip_version()
-        if tip is None or tip == current:
+        if tip is None or tip <= current:  # no rollback, or one to a version never current
             return None
         try:
             at_tip = served_items(store, tip)

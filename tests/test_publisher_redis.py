@@ -607,6 +607,22 @@ def test_a_publisher_restarted_after_a_rollback_serves_the_items_listed_again_si
     assert store.tip_version() == v5
 
 
+def test_a_rollback_to_a_version_never_made_current_keeps_what_it_withholds(
+    config: Config, store: SnapshotStore
+) -> None:
+    """A stored version newer than the tip (a compaction's full version stored aside, the
+    publisher stopped before making it current) says nothing older versions can correct."""
+    v1 = store.write(FULL, encode_full(full_snapshot(make_checkpoint(seq=1))), None, 1)
+    v2 = store.write(
+        FULL, encode_full(full_snapshot(make_checkpoint(seq=2), withheld_items=["gone"])), None, 2, current=False
+    )
+    store.rollback(v2)
+    assert (store.current_version(), store.tip_version()) == (v2, v1)
+    daemon = PublisherDaemon(config)
+    daemon.recover(store)
+    assert daemon._removed == {"gone"}
+
+
 def test_a_delta_whose_write_failed_is_published_by_the_next_poll(
     config: Config, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
