@@ -54,7 +54,7 @@ from evaluation.protocol import Event, World, day_start_ms, utc_day
 from publisher.build import delta_snapshot, full_snapshot, is_empty, model_from_checkpoint
 from retriever.state import ServingState
 from trainer import handoff
-from trainer.nightly import build_examples, count_clicks, read_back_lost_clicks, retrain
+from trainer.nightly import build_examples, count_clicks, lost_pre_day_clicks, read_back_lost_clicks, retrain
 from trainer.state import TrainerState
 from twotower.config import ModelConfig, TrainerConfig
 from twotower.events import Interaction
@@ -188,9 +188,9 @@ class TwoTowerPolicy(Policy):
         self._warmup_tail: tuple[int, int] = (-1, 0)
         """The warm-up's last day and how many of its events fall on it (counted by the warm-up)."""
         self._past_days: dict[int, list[Interaction]] = {}
-        """The clicks of the last ``trainer.nightly_history_days`` days retrained: ``train nightly``
-        reads days back to complete the histories a busy day pushed out of the streaming state
-        (:func:`trainer.nightly.read_back_lost_clicks`)."""
+        """The clicks of the last ``trainer.nightly_history_days`` days (warm-up or retrained):
+        ``train nightly`` reads days back to complete the histories a busy day pushed out of the
+        streaming state (:func:`trainer.nightly.read_back_lost_clicks`)."""
 
     # --- publishing -------------------------------------------------------------------------
     def _publish_full(self, now_ms: int) -> None:
@@ -227,6 +227,9 @@ class TwoTowerPolicy(Policy):
         self.state = self.warm_start.state(warmup)
         last = utc_day(warmup[-1].ts_ms) if warmup else -1
         self._warmup_tail = last, sum(1 for e in warmup if utc_day(e.ts_ms) == last)
+        for i, e in enumerate(warmup):  # the days before the warm-up's last, as Kafka keeps them
+            if last - self.tcfg.nightly_history_days <= utc_day(e.ts_ms) < last:
+                self._past_days.setdefault(utc_day(e.ts_ms), []).append(click(e, i))
         if self.streaming and self.tcfg.nightly_from_base:
             self.base = handoff.base_of(self.state, "bootstrap")
         self.state.seq += 1
@@ -253,8 +256,9 @@ class TwoTowerPolicy(Policy):
             # as ``train nightly`` owning the state: examples from the histories before the day,
             # then the day's clicks counted once, before the retrain (the warm-up counted the
             # first ones of the day the warm-up ends in, as a checkpoint's offsets would say)
-            examples = build_examples(state, clicks, day_start_ms(day), self._read_back(state, day))
             counted = self._warmup_tail[1] if self._warmup_tail[0] == day else 0
+            earlier = self._read_back(state, day, clicks, clicks[:counted])
+            examples = build_examples(state, clicks, day_start_ms(day), earlier)
             count_clicks(state, clicks[counted:])
             self.nightly_losses.append(retrain(state, examples, seed, self.tcfg.batch_size, progress=False))
             state.dense_version += 1
@@ -267,10 +271,15 @@ class TwoTowerPolicy(Policy):
         self._timed("nightly", started)
         self._publish_full(events[-1].ts_ms)
 
-    def _read_back(self, state: TrainerState, day: int) -> list[Interaction]:
-        """What ``train nightly`` reads back from the days before ``day`` (those retrained here)."""
+    def _read_back(
+        self, state: TrainerState, day: int, clicks: list[Interaction], counted: list[Interaction]
+    ) -> list[Interaction]:
+        """What ``train nightly`` reads back from the days before ``day`` (warm-up days included);
+        ``counted``: the day's clicks ``state`` has counted."""
+        bounds = (day_start_ms(day), day_start_ms(day + 1))
+        lost = lost_pre_day_clicks(state, bounds, clicks, counted)
         return read_back_lost_clicks(
-            state, day_start_ms(day), lambda back: self._past_days.get(day - back, []), self.tcfg.nightly_history_days
+            state, bounds, lost, lambda back: self._past_days.get(day - back, []), self.tcfg.nightly_history_days
         )
 
     def _nightly_handoff(self, date: str, clicks: list[Interaction], day: int, seed: int) -> None:
@@ -284,7 +293,8 @@ class TwoTowerPolicy(Policy):
         after = copy.deepcopy(self.state)
         if self.base is not None:
             handoff.rebase(after, self.base)
-        examples = build_examples(after, clicks, day_start_ms(day), self._read_back(after, day))
+        # the streaming trainer counted every click of the day before the retrain
+        examples = build_examples(after, clicks, day_start_ms(day), self._read_back(after, day, clicks, clicks))
         self.nightly_losses.append(retrain(after, examples, seed, self.tcfg.batch_size, progress=False))
         if self.base is not None:
             self.base = handoff.base_of(after, date)

@@ -465,44 +465,53 @@ def _day_clicks(user: str, n: int, t0_ms: int, tag: str) -> list[Interaction]:
 
 
 def test_read_back_goes_day_by_day_until_every_history_is_whole() -> None:
-    """history_len 5: u0's history holds only the day's clicks; 2 of its pre-day clicks are two
-    days back, 3 three days back, more four days back. u1 lost nothing. The read-back stops at
-    the day that completes u0, and returns what was lost oldest first."""
-    day = 10 * 86_400_000
+    """history_len 5: u0's history holds only the day's 5 clicks; 2 of its pre-day clicks are two
+    days back, 3 three days back, more four days back. u1 does not click on the day. The
+    read-back stops at the day that completes u0, and returns what was lost oldest first."""
+    day = (10 * 86_400_000, 11 * 86_400_000)
     state = TrainerState(ModelConfig(dim=8, id_dim=4, history_len=5), TrainerConfig())
     by_day = {
-        2: _day_clicks("u0", 2, day - 2 * 86_400_000, "b2"),
-        3: _day_clicks("u0", 3, day - 3 * 86_400_000, "b3"),
-        4: _day_clicks("u0", 4, day - 4 * 86_400_000, "b4"),
+        back: _day_clicks("u0", n, day[0] - back * 86_400_000, f"b{back}") for back, n in ((2, 2), (3, 3), (4, 4))
     }
-    state.observe_clicks(by_day[4] + by_day[3] + by_day[2] + _day_clicks("u1", 2, day - 86_400_000, "v"))
-    state.observe_clicks(_day_clicks("u0", 5, day + 1_000, "d"))  # pushes every pre-day click of u0 out
+    state.observe_clicks(by_day[4] + by_day[3] + by_day[2] + _day_clicks("u1", 6, day[0] - 86_400_000, "v"))
+    on_day = _day_clicks("u0", 5, day[0] + 1_000, "d")
+    state.observe_clicks(on_day)  # a streaming trainer counted them: every pre-day click of u0 is out
+    lost = nightly.lost_pre_day_clicks(state, day, on_day, counted=on_day)
+    assert lost == {"u0": 5}  # 9 lost, 5 needed
     asked: list[int] = []
 
     def read_day(back: int) -> list[Interaction]:
         asked.append(back)
         return by_day.get(back, [])
 
-    lost = nightly.read_back_lost_clicks(state, day, read_day, max_days=7)
+    found = nightly.read_back_lost_clicks(state, day, lost, read_day, max_days=7)
     assert asked == [1, 2, 3]
-    assert lost == by_day[3] + by_day[2]
-    examples = nightly.build_examples(state, _day_clicks("u0", 1, day + 1_000, "d"), day, lost)
+    assert found == by_day[3] + by_day[2]
+    examples = nightly.build_examples(state, on_day[:1], day[0], found)
     assert examples[0][1] == [(c.item_id, c.ts_ms) for c in by_day[3] + by_day[2]]
 
     asked.clear()
-    assert nightly.read_back_lost_clicks(state, day, read_day, max_days=2) == by_day[2]  # as far as allowed
+    assert nightly.read_back_lost_clicks(state, day, lost, read_day, max_days=2) == by_day[2]  # as far as allowed
     assert asked == [1, 2]
-    assert nightly.read_back_lost_clicks(state, day, read_day, max_days=0) == []
+    assert nightly.read_back_lost_clicks(state, day, lost, read_day, max_days=0) == []
+    # the count bounds the search: with only 2 clicks lost, the day that holds them ends it
+    asked.clear()
+    assert nightly.read_back_lost_clicks(state, day, {"u0": 2}, read_day, max_days=7) == by_day[2]
+    assert asked == [1, 2]
 
 
-def test_read_back_reads_nothing_when_no_history_was_pushed_out() -> None:
-    day = 10 * 86_400_000
+def test_read_back_skips_users_who_lost_nothing() -> None:
+    """A history at its length need not have lost anything: a user whose first clicks came on the
+    day, or who holds every click it made, is not read back for; nor is a user who does not click
+    on the day, whatever it lost."""
+    day = (10 * 86_400_000, 11 * 86_400_000)
     state = TrainerState(ModelConfig(dim=8, id_dim=4, history_len=5), TrainerConfig())
-    state.observe_clicks(_day_clicks("u0", 2, day - 86_400_000, "a") + _day_clicks("u0", 2, day + 1_000, "d"))
-    state.observe_clicks(_day_clicks("u1", 5, day - 3_000_000, "b"))  # at its length, all before the day
-    # u0's history is shorter than history_len: it never lost any
-
-    def read_day(back: int) -> list[Interaction]:
-        raise AssertionError(f"read day -{back}")
-
-    assert nightly.read_back_lost_clicks(state, day, read_day, max_days=7) == []
+    new = _day_clicks("new", 6, day[0] + 1_000, "n")  # first seen on the day, 6 clicks
+    full = _day_clicks("full", 2, day[0] - 3_600_000, "f") + _day_clicks("full", 3, day[0] + 1_000, "g")
+    idle = _day_clicks("idle", 7, day[0] - 3_600_000, "i") + _day_clicks("idle", 5, day[1] + 1_000, "j")
+    state.observe_clicks(sorted(new + full + idle, key=lambda c: c.ts_ms))
+    on_day = [c for c in new + full if c.ts_ms >= day[0]]
+    assert nightly.lost_pre_day_clicks(state, day, on_day, counted=on_day) == {}
+    # the same state, had the streaming trainer not counted the day's clicks of "full": its count
+    # would then say more clicks than the history holds, and the bound would not rule it out
+    assert nightly.lost_pre_day_clicks(state, day, on_day, counted=new) == {"full": 3}

@@ -109,6 +109,12 @@ class IdTable:
         self.updated_seq[row] = seq
         return row
 
+    def sightings(self, key: str) -> int:
+        """How many times :meth:`observe` counted ``key`` (since its row was last freed; 0 for a key
+        it does not know, or one forgotten before admission)."""
+        row = self.index.get(key)
+        return int(self.count[row]) if row is not None else self.pending.get(key, 0)
+
     def observe(self, key: str, ts_ms: int, seq: int) -> int:
         """Count one sighting of ``key``; admit it when it reaches the threshold.
 

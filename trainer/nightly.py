@@ -236,13 +236,18 @@ def _may_have_lost_pre_day(n_held: int, n_before_day: int, hist_len: int) -> boo
     return n_held >= hist_len and n_before_day < hist_len
 
 
-def _pre_day_histories(state: TrainerState, day_start_ms: int) -> tuple[dict[str, list[tuple[str, int]]], set[str]]:
-    """What the state holds of each user's history from before the day (oldest first), and the
-    users it may have lost some of it for."""
+def _pre_day_histories(
+    state: TrainerState, users: Iterable[str], day_start_ms: int
+) -> tuple[dict[str, list[tuple[str, int]]], set[str]]:
+    """What the state holds of each of ``users``' history from before the day (oldest first), and
+    those of them it may have lost some of it for."""
     hist_len = state.model_cfg.history_len
     held: dict[str, list[tuple[str, int]]] = {}
     short = set()
-    for user, history in state.histories.items():
+    for user in users:
+        history = state.histories.get(user)
+        if history is None:
+            continue
         held[user] = [(i, t) for i, t in history if t < day_start_ms]
         if _may_have_lost_pre_day(len(history), len(held[user]), hist_len):
             short.add(user)
@@ -256,24 +261,57 @@ def _lost(click: Interaction, held: list[tuple[str, int]], day_start_ms: int) ->
     return click.ts_ms < oldest or (click.ts_ms == oldest and (click.item_id, click.ts_ms) not in held)
 
 
+def lost_pre_day_clicks(
+    state: TrainerState, day: tuple[int, int], clicks: Iterable[Interaction], counted: Iterable[Interaction]
+) -> dict[str, int]:
+    """How many clicks from before the day each user who clicks on it may have lost from the
+    state's history, at most (and at most as many as fill ``model.history_len``); users who lost
+    none are left out.
+
+    The state holds each user's newest ``history_len`` clicks and counts every click it saw (its
+    user table's sightings). A user's clicks before the day number at most: its sightings, less
+    those of the day's clicks the state counted (``counted``), less the clicks after the day it
+    holds. So a user whose first clicks came on the day, or who has held every click it ever
+    made, lost nothing. A user whose row expired (its count starts again) counts as having lost
+    none: what it had is older than the row TTL.
+    """
+    start_ms, end_ms = day
+    on_day: dict[str, int] = {}
+    for click in counted:
+        on_day[click.user_id] = on_day.get(click.user_id, 0) + 1
+    hist_len = state.model_cfg.history_len
+    held, short = _pre_day_histories(state, {c.user_id for c in clicks}, start_ms)
+    out = {}
+    for user in short:
+        after = sum(t >= end_ms for _, t in state.histories[user])
+        before = len(held[user])
+        lost = state.users.sightings(user) - on_day.get(user, 0) - after - before
+        if lost > 0:
+            out[user] = min(lost, hist_len - before)
+    return out
+
+
 def read_back_lost_clicks(
-    state: TrainerState, day_start_ms: int, read_day: Callable[[int], Iterable[Interaction]], max_days: int
+    state: TrainerState,
+    day: tuple[int, int],
+    lost: dict[str, int],
+    read_day: Callable[[int], Iterable[Interaction]],
+    max_days: int,
 ) -> list[Interaction]:
-    """The clicks from before the day that the state lost, for the users it may have lost some of
-    their pre-day history for (:func:`_pre_day_histories`), oldest first.
+    """The clicks from before the day that the state lost, oldest first, for the users of ``lost``
+    (:func:`lost_pre_day_clicks`: how many each may have lost, at most).
 
     Reads one day at a time, ``read_day(n)`` giving the clicks ``n`` days before the day in event
-    order, and stops after ``max_days`` days or as soon as every such user has
-    ``model.history_len`` clicks from before the day (held or read back).
+    order, and stops after ``max_days`` days or as soon as it has found, for every user, as many
+    lost clicks as ``lost`` says.
     """
-    held, short = _pre_day_histories(state, day_start_ms)
-    hist_len = state.model_cfg.history_len
-    missing = {user: hist_len - len(held[user]) for user in short}
+    held, _ = _pre_day_histories(state, lost, day[0])
+    missing = dict(lost)
     days: list[list[Interaction]] = []
     for back in range(1, max_days + 1):
         if not missing:
             break
-        found = [c for c in read_day(back) if c.user_id in missing and _lost(c, held[c.user_id], day_start_ms)]
+        found = [c for c in read_day(back) if c.user_id in missing and _lost(c, held[c.user_id], day[0])]
         days.append(found)
         for click in found:
             missing[click.user_id] -= 1
@@ -293,7 +331,7 @@ def build_examples(
     no admission filter).
     """
     hist_len = state.model_cfg.history_len
-    held, short = _pre_day_histories(state, day_start_ms)
+    held, short = _pre_day_histories(state, {c.user_id for c in clicks}, day_start_ms)
     lost: dict[str, list[tuple[str, int]]] = {}
     for click in earlier:
         if click.user_id in short and _lost(click, held[click.user_id], day_start_ms):
@@ -413,10 +451,15 @@ def _run_nightly(
         start_ms = day_ms[0]
 
         def day_before(back: int) -> list[Interaction]:
+            if should_stop is not None and should_stop():
+                raise NightlyStopped
             return load_day(cfg, topics, date - dt.timedelta(days=back))
 
-        # what the day's clicks pushed out of the state's histories, read back day by day
-        earlier = read_back_lost_clicks(state, start_ms, day_before, cfg.trainer.nightly_history_days)
+        # what the day's clicks pushed out of the state's histories, read back day by day; the
+        # state has counted the day's clicks it applied (all of them on a rerun)
+        counted = [r for p, off, r in records if r.type == CLICK and (not first_run or applied(p, off))]
+        lost = lost_pre_day_clicks(state, day_ms, clicks, counted)
+        earlier = read_back_lost_clicks(state, day_ms, lost, day_before, cfg.trainer.nightly_history_days)
         examples = build_examples(state, clicks, start_ms, earlier)  # from the histories before the day
         if own_state:
             # No streaming trainer counts these clicks: count them once here, as it would have

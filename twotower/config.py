@@ -44,7 +44,8 @@ class KafkaConfig(_Section):
     """Retention of the events topic; -1 keeps everything. Kafka measures retention against
     record timestamps, which are event times here: a replay of old logs into a topic with a
     finite retention is deleted within minutes, so keep -1 (or a value longer than the age of
-    any log you replay). The nightly retrain needs at least the last day."""
+    any log you replay). The nightly retrain needs at least ``trainer.nightly_history_days`` + 2
+    days (yesterday, the days it may read back, and today's until it runs)."""
 
 
 class RedisConfig(_Section):
@@ -222,11 +223,13 @@ class TrainerConfig(_Section):
     """The nightly read starts and ends this far outside the day (by Kafka timestamp) to catch
     out-of-order events; each event's own time then decides whether it belongs to the day."""
     nightly_history_days: int = Field(default=7, ge=0)
-    """How many days before the retrained day the nightly may read back, for users whose history
-    from before the day the state no longer holds in full (the day's clicks pushed it out). It
-    reads one day at a time and stops as soon as every such user has ``model.history_len``
-    clicks before the day; 0 reads none (their first examples of the day then see a shorter
-    history than they had). Needs the events topic's retention to cover those days."""
+    """How many days before the retrained day the nightly may read back, for users who click on
+    the day and whose earlier clicks the state no longer holds in full (the day's clicks pushed
+    them out of the history; the user table's click count says how many there can be). It reads
+    one day at a time and stops as soon as it has found them all, or every such user has
+    ``model.history_len`` clicks before the day; 0 reads none (their first examples of the day
+    then see a shorter history than they had). Needs the events topic's retention to cover
+    those days."""
     schedule_cron: str = "0 2 * * *"
     """Cron expression (minute hour day month weekday) of the nightly retrain."""
     schedule_timezone: str = "UTC"
