@@ -31,9 +31,12 @@ def test_specs_parse_and_split_outside_brackets() -> None:
 
 
 def test_overrides_go_to_the_section_that_has_the_field_and_are_validated() -> None:
-    model, trainer = with_overrides(ModelConfig(), TrainerConfig(), {"temperature": "0.1", "loss": "bce"})
+    model_in, trainer_in = ModelConfig(), TrainerConfig()
+    before = model_in.model_dump(), trainer_in.model_dump()
+    assert before[0]["temperature"] != 0.1 and before[1]["loss"] != "bce"
+    model, trainer = with_overrides(model_in, trainer_in, {"temperature": "0.1", "loss": "bce"})
     assert model.temperature == 0.1 and trainer.loss == "bce"
-    assert ModelConfig().temperature != 0.1  # the originals are untouched
+    assert (model_in.model_dump(), trainer_in.model_dump()) == before  # the originals are untouched
     with pytest.raises(ValueError, match="unknown setting 'nope'"):
         with_overrides(ModelConfig(), TrainerConfig(), {"nope": "1"})
     with pytest.raises(ValueError, match="loss"):
