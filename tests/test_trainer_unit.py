@@ -190,9 +190,13 @@ def test_logq_correction_and_accidental_hits() -> None:
     pos = torch.tensor([0, 1])
     log_q = torch.log(torch.tensor([0.5, 0.25, 0.25]))
     plain = sampled_softmax_loss(logits, pos)
+    assert plain.item() == pytest.approx(math.log(3))  # three equal candidates
+    # the correction subtracts log_q: logits log 2, log 4, log 4 (sum of exponentials 10). A popular
+    # positive (column 0) is penalised, its loss rises to log(10/2); a rarer one (column 1) falls to log(10/4)
+    popular, rare = (sampled_softmax_loss(logits[:1], torch.tensor([col]), log_q).item() for col in (0, 1))
+    assert popular == pytest.approx(math.log(10 / 2)) and rare == pytest.approx(math.log(10 / 4))
     corrected = sampled_softmax_loss(logits, pos, log_q)
-    # a popular positive (column 0) is penalised by the correction, so its loss rises
-    assert corrected.item() != pytest.approx(plain.item())
+    assert corrected.item() == pytest.approx((popular + rare) / 2) and corrected.item() > plain.item()
     same = torch.tensor([[True, False, True], [False, True, False]])
     masked = sampled_softmax_loss(logits, pos, None, same)
     # row 0 has a duplicate of its positive in column 2: masked, so fewer competitors
