@@ -150,8 +150,30 @@ def test_an_invalidation_between_two_replies_of_a_batch_drops_the_first() -> Non
     asyncio.run(main())
 
 
+def _base_url(redis_url: str) -> str:
+    """``redis_url`` without its database number: append ``/<db>`` to pick one."""
+    return redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
+
+
+@pytest.fixture
+def empty_db(redis_url: str) -> str:
+    """The URL of a database of the session's Redis that holds no keys (the highest such), for a
+    test that flushes it: never the database the other tests (or a developer's REDIS_URL) use."""
+    probe = redis.Redis.from_url(redis_url)
+    try:
+        count = int(probe.config_get("databases")["databases"])
+        taken = {int(name[2:]) for name in probe.info("keyspace")}  # db<N> of the databases with keys
+        taken.add(int(probe.connection_pool.connection_kwargs.get("db", 0)))
+    finally:
+        probe.close()
+    free = [db for db in range(count - 1, 0, -1) if db not in taken]
+    if not free:
+        pytest.skip("every database of this Redis holds keys: none to flush")
+    return f"{_base_url(redis_url)}/{free[0]}"
+
+
 def test_the_url_selects_the_database(redis_url: str) -> None:
-    base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
+    base = _base_url(redis_url)
     sync = redis.Redis.from_url(f"{base}/3")
     key = f"resp-test-db-{uuid.uuid4().hex[:8]}"
     sync.set(key, b"in db 3")
@@ -178,19 +200,21 @@ def test_urls_it_does_not_handle_go_to_redis_py() -> None:
     assert isinstance(request_client("redis://127.0.0.1:6379/0?socket_keepalive=true", 2.0), RedisPyExecutor)
 
 
-def test_cached_reads_follow_redis_invalidations(redis_url: str, keys) -> None:
+def test_cached_reads_follow_redis_invalidations(empty_db: str) -> None:
     """With a TrackedCache, repeated reads cost no round trip until another client changes the
     key; a flush and a lost connection empty the cache. Another client's write is seen once its
-    invalidation has reached this client (pushed, so within about a round trip), hence _until."""
-    sync, prefix = keys
-    history, profile = f"{prefix}h0", f"{prefix}p0"
+    invalidation has reached this client (pushed, so within about a round trip), hence _until.
+    It runs in a database of its own (``empty_db``), which it flushes."""
+    sync = redis.Redis.from_url(empty_db)
+    db = int(sync.connection_pool.connection_kwargs["db"])
+    history, profile = "h0", "p0"
     sync.rpush(history, b"a")
     events: list[str] = []
     cache = TrackedCache(1 << 20, 60.0, note=events.append)
     reads = (("LRANGE", history, 0, 99), ("GET", profile))
 
     async def main() -> None:
-        client = RespClient.from_url(redis_url, cache=cache)
+        client = RespClient.from_url(empty_db, cache=cache)
         try:
             assert await client.execute(reads, cached=True) == [[b"a"], None]  # connects: nothing cached
             assert await client.execute(reads, cached=True) == [[b"a"], None]  # now kept
@@ -207,12 +231,12 @@ def test_cached_reads_follow_redis_invalidations(redis_url: str, keys) -> None:
             assert await _until(client, reads, [[b"b", b"a"], b"p"])
             assert events.count("invalidated") >= 1
 
-            sync.execute_command("FLUSHDB")  # invalidates everything
+            sync.execute_command("FLUSHDB")  # this test's database only; invalidates everything
             assert await _until(client, reads, [[], None])
 
             sync.rpush(history, b"c")
             assert await _until(client, reads, [[b"c"], None])
-            own = sync.client_list(_type="normal")
+            own = [c for c in sync.client_list(_type="normal") if int(c.get("db", -1)) == db]
             tracked = [c for c in own if "t" in c.get("flags", "")]
             assert tracked, "the request connection tracks its keys"
             for entry in tracked:
@@ -224,7 +248,11 @@ def test_cached_reads_follow_redis_invalidations(redis_url: str, keys) -> None:
         finally:
             await client.aclose()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        sync.delete(history, profile)
+        sync.close()
 
 
 async def _until(client: RespClient, reads: tuple, want: list, timeout_s: float = 5.0) -> bool:
