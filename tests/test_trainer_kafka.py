@@ -16,7 +16,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from trainer.nightly import day_bounds_ms, load_day, run_nightly
-from trainer.stream import StreamTrainer
+from trainer.stream import APPLIED_ABOVE, StreamTrainer
 from twotower import checkpoint
 from twotower.config import Config
 from twotower.events import CatalogItem, Interaction
@@ -75,7 +75,7 @@ def test_killed_trainer_resumes_without_loss_or_double_apply(config: Config, tmp
     cfg = _fast(config)
     n = 4_000
     clicks = _clicks(n, 1_700_000_000_000, step_ms=10)
-    _produce(cfg, clicks[: n // 2])  # the second half arrives while the trainer is busy
+    _produce(cfg, clicks[: n // 2])  # the second half arrives while the trainer is busy (below)
     env = dict(os.environ)
     env.update(
         {
@@ -96,21 +96,32 @@ def test_killed_trainer_resumes_without_loss_or_double_apply(config: Config, tmp
         stderr=open(tmp_path / "trainer.log", "wb"),  # noqa: SIM115
     )
     deadline = time.monotonic() + 90
-    try:
+
+    def wait_for_checkpoint_over(count: int) -> None:
         while time.monotonic() < deadline:
             ckpt = checkpoint.load(cfg.trainer.state_dir) if checkpoint.stat_seq(cfg.trainer.state_dir) else None
-            if ckpt is not None and int(ckpt.items.count.sum()) > 0:
-                break
+            if ckpt is not None and int(ckpt.items.count.sum()) > count:
+                return
             time.sleep(0.05)
-        else:
-            pytest.fail("the trainer subprocess wrote no checkpoint: " + (tmp_path / "trainer.log").read_text())
-        _produce(cfg, clicks[n // 2 :])
-        time.sleep(0.3)  # kill it in the middle of the second half
+        pytest.fail(f"the trainer checkpointed no more than {count} clicks: " + (tmp_path / "trainer.log").read_text())
+
+    try:
+        wait_for_checkpoint_over(0)
+        # a quarter more arrives while it is busy; it is killed once it has checkpointed some of it,
+        # and the last quarter arrives after the kill: the kill lands in the middle of the second half
+        _produce(cfg, clicks[n // 2 : 3 * n // 4])
+        wait_for_checkpoint_over(n // 2)
     finally:
         proc.send_signal(signal.SIGKILL)  # no chance to flush: the worst case
         proc.wait()
-    partial = int(ckpt.items.count.sum())
-    assert 0 < partial < n
+    killed = checkpoint.load(cfg.trainer.state_dir)  # what the restart resumes from
+    assert killed is not None
+    partial = int(killed.items.count.sum())
+    assert n // 2 < partial <= 3 * n // 4
+    # it holds exactly the clicks its offsets say it does: those below them and those it applied above
+    applied_above = sum(len(offsets) for offsets in killed.extra[APPLIED_ABOVE].values())
+    assert partial == sum(killed.offsets.values()) + applied_above
+    _produce(cfg, clicks[3 * n // 4 :])
     _run_in_process(cfg)
     final = checkpoint.load(cfg.trainer.state_dir)
     assert final is not None
