@@ -3,6 +3,9 @@
 The services start on first use (a run of unit tests alone starts nothing), on free ports,
 with their state in a temporary directory, and stop when the session ends. With
 ``KAFKA_BOOTSTRAP`` / ``REDIS_URL`` set, those services are used instead and nothing starts.
+
+Tests of the real datasets read them in place under :data:`DATA_DIR` (fixture ``dataset``): a
+test whose file is missing is skipped, or fails with ``TWOTOWER_REQUIRE_DATA=1`` (as in CI).
 """
 
 from __future__ import annotations
@@ -10,13 +13,18 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from twotower import infra
 from twotower.config import Config
+
+DATA_DIR = Path("/work/shared/data")
+"""Where the real datasets are (MovieLens-100K, Ciao)."""
+REQUIRE_DATA = "TWOTOWER_REQUIRE_DATA"
+"""With this environment variable at ``1``, a missing dataset fails its test instead of skipping it."""
 
 
 def _free_ports(count: int) -> list[int]:
@@ -71,3 +79,20 @@ def config(request: pytest.FixtureRequest, tmp_path: Path) -> Config:
             "publisher": {"group_id": f"{tag}-publisher"},
         }
     )
+
+
+@pytest.fixture
+def dataset() -> Callable[[str], Path]:
+    """``dataset("ml-100k/u.data")``: the path of that file under :data:`DATA_DIR`. Missing, it
+    skips the test, or fails it when ``TWOTOWER_REQUIRE_DATA=1``: a run that must cover the
+    datasets does not pass by skipping them."""
+
+    def path_of(relative: str) -> Path:
+        path = DATA_DIR / relative
+        if not path.exists():
+            if os.environ.get(REQUIRE_DATA) == "1":
+                pytest.fail(f"{path} is missing and {REQUIRE_DATA}=1")
+            pytest.skip(f"{path} not available")
+        return path
+
+    return path_of

@@ -25,8 +25,6 @@ from twotower.kafka_io import Topics
 
 pytestmark = pytest.mark.integration
 
-ML100K = Path("/work/shared/data/ml-100k")
-
 
 def consume_all(cfg: Config, topic: str, expected: int, timeout_s: float = 30.0) -> list:
     """Every message of ``topic`` up to its end offsets, once at least ``expected`` exist (or time out)."""
@@ -258,9 +256,8 @@ def test_replay_paced_by_speed(config: Config, tmp_path: Path) -> None:
     assert 0.5 <= elapsed < 10
 
 
-@pytest.mark.skipif(not (ML100K / "u.data").exists(), reason="MovieLens-100K not available")
-def test_replay_movielens_100k_sends_the_catalogue_first(config: Config) -> None:
-    result = replay(config, ML100K / "u.data", "movielens-100k", limit=200, progress=False)
+def test_replay_movielens_100k_sends_the_catalogue_first(config: Config, dataset: Callable[[str], Path]) -> None:
+    result = replay(config, dataset("ml-100k/u.data"), "movielens-100k", limit=200, progress=False)
     assert (result.events, result.catalog) == (200, 1682)
     topics = Topics(config.kafka.topic_prefix)
     catalog = decode_checked(consume_all(config, topics.catalog, 1682))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -26,9 +27,6 @@ from producers.replay_formats import (
 from producers.simulate import RetrieverError, _RecentClicks, fetch_slate
 from producers.world import SimulatorWorld
 from twotower.config import SimulatorConfig
-
-ML100K = Path("/work/shared/data/ml-100k")
-CIAO = Path("/work/shared/data/ciao/ratings.csv")
 
 
 def small_cfg(**overrides: object) -> SimulatorConfig:
@@ -414,9 +412,8 @@ def test_movielens_csv(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- real datasets (read in place)
 
 
-@pytest.mark.skipif(not (ML100K / "u.data").exists(), reason="MovieLens-100K not available")
-def test_movielens_100k_u_data() -> None:
-    rows = list(read_movielens_100k(ML100K / "u.data"))
+def test_movielens_100k_u_data(dataset: Callable[[str], Path]) -> None:
+    rows = list(read_movielens_100k(dataset("ml-100k/u.data")))
     assert len(rows) == 100_000
     times = [t for _, _, t in rows]
     assert times == sorted(times)
@@ -424,14 +421,14 @@ def test_movielens_100k_u_data() -> None:
     assert len({u for u, _, _ in rows}) == 943 and len({i for _, i, _ in rows}) == 1682
 
 
-@pytest.mark.skipif(not (ML100K / "u.item").exists(), reason="MovieLens-100K not available")
-def test_movielens_100k_items() -> None:
-    items = list(movielens_items(ML100K / "u.item"))
+def test_movielens_100k_items(dataset: Callable[[str], Path]) -> None:
+    u_item, u_genre = dataset("ml-100k/u.item"), dataset("ml-100k/u.genre")
+    items = list(movielens_items(u_item))
     assert len(items) == 1682
     assert items[0] == ("1", "Animation", [0.0, 0.0, 0.0, 1.0, 1.0, 1.0] + [0.0] * 13)
     assert all(len(features) == 19 for _, _, features in items)
-    assert movielens_genres(ML100K / "u.genre")[:3] == ["unknown", "Action", "Adventure"]
-    assert movielens_titles(ML100K / "u.item")["1"] == "Toy Story (1995)"
+    assert movielens_genres(u_genre)[:3] == ["unknown", "Action", "Adventure"]
+    assert movielens_titles(u_item)["1"] == "Toy Story (1995)"
 
 
 def test_movielens_items_bad_line(tmp_path: Path) -> None:
@@ -440,8 +437,7 @@ def test_movielens_items_bad_line(tmp_path: Path) -> None:
         list(movielens_items(path))
 
 
-@pytest.mark.skipif(not CIAO.exists(), reason="Ciao ratings not available")
-def test_ciao_csv_with_guessed_columns() -> None:
-    rows = list(read_csv(CIAO))
+def test_ciao_csv_with_guessed_columns(dataset: Callable[[str], Path]) -> None:
+    rows = list(read_csv(dataset("ciao/ratings.csv")))
     assert len(rows) == 36_065
     assert [t for _, _, t in rows] == sorted(t for _, _, t in rows)
