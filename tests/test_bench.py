@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from bench.common import (
 )
 from bench.retriever import RetrieverBenchOptions, _changed_index, _changed_rows, swap_times
 from publisher.index import build_index, deserialize, serialize
+from retriever.parts import on_huge_page_tmpfs
 from retriever.thread_sched import thread_slice_us
 from twotower.blobs import Rows, pack_rows, unpack_rows
+from twotower.config import load_config
 
 TOOLS = ["python", pytest.param("wrk", marks=pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed"))]
 
@@ -121,6 +124,9 @@ def test_redis_slow_commands_are_counted_by_name(redis_url: str) -> None:
         client.set(key, "x")
         client.get(key)
         client.get(key)
+        started = time.perf_counter()
+        client.eval("local n = 0 for i = 1, 300000 do n = n + i end return 1", 0)  # some ms in Redis
+        eval_ms = (time.perf_counter() - started) * 1000
     finally:
         client.config_set("slowlog-log-slower-than", threshold)
         client.delete(key)
@@ -129,6 +135,8 @@ def test_redis_slow_commands_are_counted_by_name(redis_url: str) -> None:
     slow = redis_slow_commands(client, tip)
     client.close()
     assert slow["GET"]["count"] == 2 and slow["SET"]["count"] == 1  # only those after the tip
+    # the longest in ms (Redis logs µs): what Redis took, within what the client waited for it
+    assert slow["EVAL"]["count"] == 1 and 0 < slow["EVAL"]["max_ms"] <= eval_ms + 0.05
 
 
 @pytest.mark.integration
@@ -161,7 +169,10 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
     assert set(report["provenance"]) == {"git_commit", "git_dirty", "started_utc"}  # the code measured
     setup = report["setup"]  # where the workers shared the parts, and whether they mapped the index
     assert setup["parts_dir"] is None or Path(setup["parts_dir"]).is_absolute()
-    assert isinstance(setup["index_mapped"], bool)
+    # the index is copied into each worker's huge pages (retriever.index_huge_pages) unless the
+    # parts are shared on a huge-page tmpfs, where it is mapped from there
+    huge_tmpfs = setup["parts_dir"] is not None and on_huge_page_tmpfs(Path(setup["parts_dir"]))
+    assert setup["index_mapped"] is (huge_tmpfs or not load_config().retriever.index_huge_pages)
     # one worker: its request thread's slice as the kernel reports it (the configured 100 µs)
     assert setup["request_thread_slice_us"] == [None if thread_slice_us() is None else 100]
     assert report["index"]["kind"] == "flat" and report["index"]["recall_at_10"] == 1.0
@@ -208,14 +219,14 @@ def test_retriever_bench_smoke(redis_url: str, tool: str, tmp_path: Path) -> Non
         timed = run_report["server_timed"]  # requests the retriever timed itself, over 1 to 10 ms
         over = [timed[key] for key in ("over_1_ms", "over_2_5_ms", "over_5_ms", "over_10_ms")]
         assert timed["count"] > 0 and [timed["count"], *over] == sorted([timed["count"], *over], reverse=True)
-        assert over[-1] >= 0
         cache = run_report["redis_cache"]  # the workers' cached user reads: most requests repeat a user
         assert set(cache) == {"hit", "miss", "invalidated", "evicted", "flushed"} and cache["hit"] > 0
         collections = run_report["gc"]  # the workers' garbage collections, by generation
         assert set(collections) == {"gen0", "gen1", "gen2"}
         assert all(g["collections"] >= g["over_10_ms"] >= 0 and g["seconds"] >= 0 for g in collections.values())
-        # commands Redis logged as slow meanwhile, by name (often none at this size)
-        assert all(c["count"] >= 1 and c["max_ms"] > 0 for c in run_report["redis_slow"].values())
+        # commands Redis logged as slow meanwhile, by name: often none at this size, so what an
+        # entry holds is checked in test_redis_slow_commands_are_counted_by_name
+        assert isinstance(run_report["redis_slow"], dict)
 
 
 @pytest.mark.integration
