@@ -127,8 +127,6 @@ class NicedRunner:
         self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
         )
-        self._lock = threading.Lock()
-        self._stopped = False
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -137,24 +135,14 @@ class NicedRunner:
         return self.submit(fn, *args).result()
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """Queue ``fn(*args)`` on the thread without waiting; once :meth:`stop` was called, run it
-        here instead (nothing would run it there)."""
+        """Queue ``fn(*args)`` on the thread without waiting."""
         future: Future[T] = Future()
-        with self._lock:
-            if not self._stopped:
-                self._calls.put((future, fn, args))
-                return future
-        _run_into(future, fn, args)
+        self._calls.put((future, fn, args))
         return future
 
-    def stop(self, timeout_s: float | None = None) -> None:
-        """End the thread after the calls queued before this one, waiting up to ``timeout_s``
-        for them (``None``: as long as they take)."""
-        with self._lock:
-            if not self._stopped:
-                self._stopped = True
-                self._calls.put(None)
-        self.thread.join(timeout_s)
+    def stop(self) -> None:
+        """End the thread after the calls queued before this one."""
+        self._calls.put(None)
 
     def _run(self) -> None:
         if self.nice:
@@ -162,15 +150,11 @@ class NicedRunner:
         while (item := self._calls.get()) is not None:
             future, fn, args = item
             del item
-            _run_into(future, fn, args)
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller, who decides
+                future.set_exception(exc)
             del future, fn, args  # what the call referred to is freed here, not on the next call
-
-
-def _run_into(future: Future[T], fn: Callable[..., T], args: tuple[Any, ...]) -> None:
-    try:
-        future.set_result(fn(*args))
-    except BaseException as exc:  # handed to the caller, who decides
-        future.set_exception(exc)
 
 
 class SnapshotWatcher:
@@ -241,14 +225,14 @@ class SnapshotWatcher:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Ask the thread to stop and wait for it (a load in progress finishes first)."""
         self._stop.set()
-        deadline = time.monotonic() + timeout_s
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.warning("snapshot watcher did not stop within %.1f s", timeout_s)
             self._thread = None
-        if self._reloader is not None:  # kept: a watcher still running runs its calls itself now
-            self._reloader.stop(max(0.0, deadline - time.monotonic()))
+        if self._reloader is not None:
+            self._reloader.stop()
+            self._reloader = None
 
     def _run(self) -> None:
         pubsub = None
@@ -352,9 +336,8 @@ class SnapshotWatcher:
         self._retired = [old for old, n in zip(retired, counts, strict=True) if n > _LISTED_ONLY]
         unused = [old for old, n in zip(retired, counts, strict=True) if n <= _LISTED_ONLY]
         retired.clear()
-        reloader = self._reloader
-        if unused and reloader is not None:
-            reloader.submit(unused.clear)  # freed there, at the reloads' priority
+        if unused and self._reloader is not None:
+            self._reloader.submit(unused.clear)  # freed there, at the reloads' priority
 
     def _build(self, target: int, state: ServingState | None) -> tuple[ServingState, str]:
         chain = self.store.chain(target)
@@ -362,9 +345,8 @@ class SnapshotWatcher:
             versions = [meta.version for meta in chain]
             if state.version in versions:
                 return state.extend(self.store, chain[versions.index(state.version) + 1 :]), "delta"
-        reloader = self._reloader
-        if reloader is not None:
-            return reloader.call(self._load_whole, chain, state is None), "full"
+        if self._reloader is not None:
+            return self._reloader.call(self._load_whole, chain, state is None), "full"
         return self._load_whole(chain, state is None), "full"
 
     def _load_whole(self, chain: list[VersionMeta], first: bool) -> ServingState:
