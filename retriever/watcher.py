@@ -321,15 +321,14 @@ class SnapshotWatcher:
         return True
 
     def _release_retired(self) -> None:
-        """Free the swapped-out states no request holds any more, on the thread whole loads run on
-        (at their lower priority), or here on the watcher's thread when there is none.
+        """Free, here on the watcher thread, the swapped-out states no request holds any more.
 
         Freeing a full version's state takes tens of milliseconds (Faiss frees the index: 23-35
         ms at 1M items). Left to Python, that happens on whichever thread drops the last
         reference, often a request that began before the swap, and then every request of the
         worker waits for it. So the watcher keeps each swapped-out state until a check finds no
         other reference to it (no request can take a new one: :attr:`state` points elsewhere),
-        then drops it. Called at every refresh, i.e. at least every ``poll_interval_s``.
+        then drops it itself. Called at every refresh, i.e. at least every ``poll_interval_s``.
         """
         retired = self._retired
         counts = _refcounts(retired)
