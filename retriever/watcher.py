@@ -17,11 +17,8 @@ so that the worker processes of one host reload a new full version one after ano
 than all at once (each reload takes a core for seconds at 1M items; the others keep serving the
 old version meanwhile). The request thread's share of the GIL during a build comes from the
 worker's switch interval (``retriever.gil_switch_interval_ms``, set by the app); its share of
-the CPU from the lower priority of the thread whole loads run on (``retriever.reload_nice``,
-:class:`NicedRunner`): most of a build is C code with the GIL released, which the kernel then
-runs on the time requests leave. Deltas (tens of milliseconds at 1M items) are applied on the
-watcher's own thread at the worker's priority, so a load that takes every core delays whole
-loads but not the ID rows and new items that deltas carry. A full
+the CPU from the watcher thread's lower priority (``retriever.reload_nice``): most of a build is
+C code with the GIL released, which the kernel then runs on the time requests leave. A full
 load does not hand the new id tables the ids the old ones were asked about (an earlier version
 did, 0.2-0.6 s of GIL-holding Python per worker and reload at 1M items): requests fill them
 again at a few tens of microseconds per id the first time each is asked.
@@ -37,15 +34,12 @@ counted, and the old state keeps serving; a version that failed is retried after
 from __future__ import annotations
 
 import logging
-import queue
 import socket
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any, TypeVar
 
 import redis
 from prometheus_client import Counter, Gauge, Histogram
@@ -55,7 +49,7 @@ from retriever.parts import PartReader
 from retriever.state import ServingState
 from retriever.thread_sched import lower_thread_priority
 from twotower.blobs import BlobError
-from twotower.snapshots import SnapshotError, SnapshotStore, VersionMeta
+from twotower.snapshots import SnapshotError, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -111,50 +105,6 @@ _LISTED_ONLY = _refcounts([object()])[0]
 assumed: it depends on how the interpreter counts the references of a loop and a call)."""
 
 _EXPECTED_ERRORS = (SnapshotError, BlobError, redis.RedisError, ValueError, RuntimeError, OSError)
-T = TypeVar("T")
-
-
-class NicedRunner:
-    """One daemon thread, niced, that runs the calls given to it one at a time.
-
-    The watcher's whole loads (and the freeing of the states they replace) run here, on the time
-    requests leave; the watcher's own thread keeps the worker's priority, so that deltas (tens of
-    milliseconds) are applied at once even while requests take every core.
-    """
-
-    def __init__(self, nice: int, name: str = "snapshot-reload") -> None:
-        self.nice = nice
-        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
-            queue.SimpleQueue()
-        )
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-
-    def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the thread and wait for it: its result, or its exception raised here."""
-        return self.submit(fn, *args).result()
-
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """Queue ``fn(*args)`` on the thread without waiting."""
-        future: Future[T] = Future()
-        self._calls.put((future, fn, args))
-        return future
-
-    def stop(self) -> None:
-        """End the thread after the calls queued before this one."""
-        self._calls.put(None)
-
-    def _run(self) -> None:
-        if self.nice:
-            lower_thread_priority(self.nice)
-        while (item := self._calls.get()) is not None:
-            future, fn, args = item
-            del item
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # handed to the caller, who decides
-                future.set_exception(exc)
-            del future, fn, args  # what the call referred to is freed here, not on the next call
 
 
 class SnapshotWatcher:
@@ -174,10 +124,8 @@ class SnapshotWatcher:
         parts: reads the big parts of a full version (see :mod:`retriever.parts`; give every
             worker of a host one directory so that they decode a full version once per host);
             default: from Redis into memory.
-        nice: added to the niceness of the thread that runs whole loads and frees the states
-            swapped out (:class:`NicedRunner`; Linux threads have their own; elsewhere, or when
-            the system refuses, it runs at the process's priority). The watcher's own thread,
-            which applies deltas, keeps the worker's. 0: whole loads run on the watcher's thread.
+        nice: added to the watcher thread's niceness when it starts (Linux threads have their
+            own; elsewhere, or when the system refuses, it runs at the process's priority).
     """
 
     def __init__(
@@ -208,8 +156,6 @@ class SnapshotWatcher:
         self._last_error = ""
         self._retired: list[ServingState] = []
         """States swapped out and not freed yet (see :meth:`_release_retired`)."""
-        self._reloader: NicedRunner | None = None
-        """Runs whole loads and frees retired states while the thread runs (``nice`` > 0)."""
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -217,8 +163,6 @@ class SnapshotWatcher:
         until a version exists and has loaded)."""
         if self._thread is not None:
             raise RuntimeError("watcher already started")
-        if self.nice:
-            self._reloader = NicedRunner(self.nice)
         self._thread = threading.Thread(target=self._run, name="snapshot-watcher", daemon=True)
         self._thread.start()
 
@@ -230,11 +174,10 @@ class SnapshotWatcher:
             if self._thread.is_alive():
                 log.warning("snapshot watcher did not stop within %.1f s", timeout_s)
             self._thread = None
-        if self._reloader is not None:
-            self._reloader.stop()
-            self._reloader = None
 
     def _run(self) -> None:
+        if self.nice:
+            lower_thread_priority(self.nice)
         pubsub = None
         while not self._stop.is_set():
             if pubsub is None:
@@ -331,12 +274,7 @@ class SnapshotWatcher:
         then drops it itself. Called at every refresh, i.e. at least every ``poll_interval_s``.
         """
         retired = self._retired
-        counts = _refcounts(retired)
-        self._retired = [old for old, n in zip(retired, counts, strict=True) if n > _LISTED_ONLY]
-        unused = [old for old, n in zip(retired, counts, strict=True) if n <= _LISTED_ONLY]
-        retired.clear()
-        if unused and self._reloader is not None:
-            self._reloader.submit(unused.clear)  # freed there, at the reloads' priority
+        self._retired = [old for old, n in zip(retired, _refcounts(retired), strict=True) if n > _LISTED_ONLY]
 
     def _build(self, target: int, state: ServingState | None) -> tuple[ServingState, str]:
         chain = self.store.chain(target)
@@ -344,22 +282,15 @@ class SnapshotWatcher:
             versions = [meta.version for meta in chain]
             if state.version in versions:
                 return state.extend(self.store, chain[versions.index(state.version) + 1 :]), "delta"
-        if self._reloader is not None:
-            return self._reloader.call(self._load_whole, chain, state is None), "full"
-        return self._load_whole(chain, state is None), "full"
-
-    def _load_whole(self, chain: list[VersionMeta], first: bool) -> ServingState:
-        """A new state from the whole chain; a load that is not the worker's first takes this
-        host's reload turn first (when ``stagger_reloads``)."""
-        if first or not self.stagger_reloads:
-            return ServingState.from_chain(self.store, chain, self.parts)
+        if state is None or not self.stagger_reloads:
+            return ServingState.from_chain(self.store, chain, self.parts), "full"
         token = self._take_turn()
         try:
             new_state = ServingState.from_chain(self.store, chain, self.parts)
             # during the turn, so that no other worker of the host is reading a file meanwhile
             # (one that does anyway reads from Redis again)
             self.parts.keep_only(chain[:1])
-            return new_state
+            return new_state, "full"
         finally:
             if token is not None:
                 self._release_turn(token)

@@ -33,7 +33,7 @@ from retriever.app import NO_SNAPSHOT, RecommendFrontDoor, create_app
 from retriever.resp import RespClient
 from retriever.state import ServingState
 from retriever.thread_sched import thread_slice_us
-from retriever.watcher import NicedRunner, SnapshotWatcher
+from retriever.watcher import SnapshotWatcher
 from retriever.workers import bound_socket, reuse_port_available, run_workers, serving_already
 from twotower.blobs import Rows
 from twotower.config import Config, ModelConfig
@@ -445,36 +445,6 @@ def test_watcher_frees_swapped_out_states_itself(store: SnapshotStore) -> None:
     assert watcher.refresh() is False and replaced() is None
 
 
-def test_a_started_watcher_frees_swapped_out_states_on_its_niced_thread(store: SnapshotStore) -> None:
-    """With ``nice`` set, the freeing of a swapped-out state runs where whole loads do, at their
-    lower priority, not on the watcher's thread (which applies deltas at the worker's)."""
-    publish_full(store, full_snapshot())
-    watcher = SnapshotWatcher(store, poll_interval_s=0.05, nice=1)
-    freed_on: list[str] = []
-    watcher.start()
-    try:
-        wait_for(lambda: watcher.state is not None, "the first load")
-        weakref.finalize(watcher.state, lambda: freed_on.append(threading.current_thread().name))
-        publish_full(store, full_snapshot(seed=2))
-        wait_for(lambda: freed_on, "the swapped-out state to be freed")
-    finally:
-        watcher.stop()
-    assert freed_on == ["snapshot-reload"]
-
-
-def test_the_niced_runner_hands_back_results_and_errors() -> None:
-    runner = NicedRunner(nice=1)
-    try:
-        assert runner.call(threading.current_thread) is runner.thread
-        with pytest.raises(KeyError, match="missing"):
-            runner.call({}.__getitem__, "missing")
-        assert runner.call(sum, [1, 2]) == 3  # an error does not end the thread
-    finally:
-        runner.stop()
-    runner.thread.join(5)
-    assert not runner.thread.is_alive()
-
-
 def test_the_watcher_thread_outlives_an_unexpected_failure(
     store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -536,44 +506,19 @@ def test_watcher_keeps_serving_through_bad_versions(cfg: Config, store: Snapshot
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-def test_whole_loads_run_on_a_niced_thread_and_deltas_at_the_workers_priority(store: SnapshotStore) -> None:
-    """Whole loads run on the time requests leave (their thread is niced, not the worker); deltas
-    are applied on the watcher's own thread, at the worker's priority."""
+def test_the_watcher_thread_alone_runs_at_a_lower_priority(store: SnapshotStore) -> None:
+    """Reloads run on the time requests leave: the watcher's thread is niced, not the worker."""
     before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    v1 = publish_full(store, full_snapshot())
     watcher = SnapshotWatcher(store, poll_interval_s=0.1, nice=5)
-    loads: list[tuple[str, int]] = []
-    real_from_chain, real_extend = ServingState.from_chain, ServingState.extend
-
-    def nice_here() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    def from_chain(_cls: type, *args: Any, **kwargs: Any) -> ServingState:
-        loads.append(("full", nice_here()))
-        return real_from_chain(*args, **kwargs)
-
-    def extend(self: ServingState, store: SnapshotStore, metas: Any) -> ServingState:
-        if metas:  # a whole load extends its full version by the chain's deltas, if any
-            loads.append(("delta", nice_here()))
-        return real_extend(self, store, metas)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ServingState, "from_chain", classmethod(from_chain))
-        patch.setattr(ServingState, "extend", extend)
-        watcher.start()
-        try:
-            wait_for(lambda: watcher.state is not None and watcher.state.version == v1, "the first load")
-            v2 = publish_delta(store, empty_delta(items=Rows(["n1"], unit(np.ones((1, MODEL.dim))))), parent=v1)
-            wait_for(lambda: watcher.state.version == v2, "the delta")
-            v3 = publish_full(store, full_snapshot(seed=3))
-            wait_for(lambda: watcher.state.version == v3, "the next full version")
-            assert watcher._thread is not None and watcher._thread.native_id is not None
-            assert os.getpriority(os.PRIO_PROCESS, watcher._thread.native_id) == before
-        finally:
-            watcher.stop()
-    niced = min(19, before + 5)
-    assert loads == [("full", niced), ("delta", before), ("full", niced)]
-    assert nice_here() == before
+    watcher.start()
+    try:
+        assert watcher._thread is not None
+        tid = watcher._thread.native_id
+        assert tid is not None
+        wait_for(lambda: os.getpriority(os.PRIO_PROCESS, tid) == min(19, before + 5), "the watcher's nice value")
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    finally:
+        watcher.stop()
 
 
 def test_whole_reloads_take_turns_between_the_workers_of_a_host(cfg: Config, store: SnapshotStore) -> None:

@@ -347,14 +347,12 @@ class RetrieverConfig(_Section):
     Python's default is 5 ms. Measured while reloading a 1M-item snapshot: 190 → 50 waits of the
     request thread longer than 5 ms. Costs nothing while the watcher is idle."""
     reload_nice: int = Field(default=10, ge=0, le=19)
-    """Niceness of the thread on which each worker's snapshot watcher loads whole versions and
-    frees the states they replace (Linux: per thread; 0: on the watcher's thread, as the worker).
-    A whole load reads, checks and builds a full version beside the request thread, most of it in
-    C with the GIL released (1M items: about a second of a core per worker); with a lower
-    priority the kernel runs it on the time requests leave, and a request that wakes preempts
-    it. Under a load that takes every core, whole loads take longer and a worker may skip full
-    versions that arrive meanwhile (it always loads the newest). Deltas are applied on the
-    watcher's own thread at the worker's priority, so they keep up under such a load. Measured at 1M items, open loop
+    """Niceness of each worker's snapshot watcher thread (Linux: per thread; 0: as the worker).
+    The watcher reads, checks and builds new versions beside the request thread, most of it in
+    C with the GIL released (a full 1M-item version: about a second of a core per worker); with
+    a lower priority the kernel runs it on the time requests leave, and a request that wakes
+    preempts it. Under a load that takes every core, reloads take longer and a worker may skip
+    versions that arrive meanwhile (it always loads the newest). Measured at 1M items, open loop
     at 200/s while 10 versions (5 full) are made current: p90 4.0-5.6 ms, p99 21-320 ms in 4 runs,
     against p90 4.8-58 ms, p99 24-476 ms in 5 runs of the code before (no nice, and the hot-id
     hand-over the watcher no longer does) interleaved with them (docs/BENCHMARKS.md, session
