@@ -5,7 +5,7 @@ with their state in a temporary directory, and stop when the session ends. With
 ``KAFKA_BOOTSTRAP`` / ``REDIS_URL`` set, those services are used instead and nothing starts.
 
 Tests of the real datasets read them in place under :data:`DATA_DIR` (fixture ``dataset``): a
-test whose file is missing is skipped, or fails with ``TWOTOWER_REQUIRE_DATA=1`` (as in CI).
+test whose file is missing is skipped, or fails with ``REQUIRE_TEST_DATA=1`` (as in CI).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from twotower.config import Config
 
 DATA_DIR = Path("/work/shared/data")
 """Where the real datasets are (MovieLens-100K, Ciao)."""
-REQUIRE_DATA = "TWOTOWER_REQUIRE_DATA"
+REQUIRE_DATA = "REQUIRE_TEST_DATA"
 """With this environment variable at ``1``, a missing dataset fails its test instead of skipping it."""
 
 
@@ -84,7 +84,7 @@ def config(request: pytest.FixtureRequest, tmp_path: Path) -> Config:
 @pytest.fixture
 def dataset() -> Callable[[str], Path]:
     """``dataset("ml-100k/u.data")``: the path of that file under :data:`DATA_DIR`. Missing, it
-    skips the test, or fails it when ``TWOTOWER_REQUIRE_DATA=1``: a run that must cover the
+    skips the test, or fails it when ``REQUIRE_TEST_DATA=1``: a run that must cover the
     datasets does not pass by skipping them."""
 
     def path_of(relative: str) -> Path:
