@@ -32,8 +32,9 @@ memory, and recovers the last published (version, trainer seq, deltas since full
 item ids, and the items withheld as expired) from the current version in Redis (after a
 rollback, an item stays withheld only if the version current before it withholds it too);
 whether the dense weights still match is decided by comparing checksums of the weights part
-with the next checkpoint's weights. Row updates already published are read again only for which items they
-gave rows and which they expired, and no content-only vector goes out before that first pass.
+with the next checkpoint's weights. Row updates already published are read again only for
+which items they gave rows and which they expired, and no content-only vector goes out before
+that first pass.
 """
 
 from __future__ import annotations
