@@ -109,21 +109,30 @@ def status_command(
     cfg = _config()
     with _opened_store(cfg) as store:
         current = store.current_version()
+        newest = store.tip_version()
         stored = [int(v) for v in store.redis.zrange(store.layout.versions, 0, -1)]
         chain = [_describe(m) for m in store.chain(current)] if current is not None else []
         fulls = [v for v in stored if store.meta(v).kind == FULL]
-    report = {"current": current, "chain": chain, "stored_versions": stored, "full_versions": fulls}
+    report = {
+        "current": current,
+        "newest_made_current": newest,  # above current after a rollback
+        "chain": chain,
+        "stored_versions": stored,
+        "full_versions": fulls,
+    }
     if as_json:
         typer.echo(json.dumps(report))
         return
     if current is None:
         typer.echo(f"no version published under prefix {cfg.redis.key_prefix!r}")
         return
-    tip = chain[-1]
+    head = chain[-1]
     typer.echo(
-        f"current version {current} ({tip['kind']}, base {tip['base']}, trainer seq {tip['trainer_seq']}, "
+        f"current version {current} ({head['kind']}, base {head['base']}, trainer seq {head['trainer_seq']}, "
         f"{len(chain) - 1} deltas on the base)"
     )
+    if newest is not None and newest > current:
+        typer.echo(f"rolled back: the newest version made current was {newest}")
     for entry in chain:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["created_ms"] / 1000))
         parts = ", ".join(f"{name} {_human(size)}" for name, size in entry["parts"].items())

@@ -693,7 +693,8 @@ def test_cli_status_and_rollback(config: Config, store: SnapshotStore, monkeypat
     result = runner.invoke(app, ["status", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["current"] == v2 and report["full_versions"] == [v1]
+    assert report["current"] == v2 and report["full_versions"] == [v1] and report["newest_made_current"] == v2
+    assert "rolled back" not in runner.invoke(app, ["status"]).output
     assert [c["version"] for c in report["chain"]] == [v1, v2]
     assert report["chain"][0]["parts"]["index"] > 0
     assert f"current version {v2}" in runner.invoke(app, ["status"]).output
@@ -701,6 +702,9 @@ def test_cli_status_and_rollback(config: Config, store: SnapshotStore, monkeypat
     result = runner.invoke(app, ["rollback", str(v1)])
     assert result.exit_code == 0, result.output
     assert store.current_version() == v1
+    report = json.loads(runner.invoke(app, ["status", "--json"]).output)
+    assert (report["current"], report["newest_made_current"]) == (v1, v2)
+    assert f"rolled back: the newest version made current was {v2}" in runner.invoke(app, ["status"]).output
     result = runner.invoke(app, ["rollback", "999"])
     assert result.exit_code == 1 and "does not exist" in result.output
     assert store.current_version() == v1
