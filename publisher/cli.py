@@ -115,7 +115,7 @@ def status_command(
         fulls = [v for v in stored if store.meta(v).kind == FULL]
     report = {
         "current": current,
-        "newest_made_current": newest,  # above current after a rollback
+        "newest_made_current": newest,  # another than current after a rollback
         "chain": chain,
         "stored_versions": stored,
         "full_versions": fulls,
@@ -131,7 +131,7 @@ def status_command(
         f"current version {current} ({head['kind']}, base {head['base']}, trainer seq {head['trainer_seq']}, "
         f"{len(chain) - 1} deltas on the base)"
     )
-    if newest is not None and newest > current:
+    if newest is not None and newest != current:  # a rollback, back or to a version never made current
         typer.echo(f"rolled back: the newest version made current was {newest}")
     for entry in chain:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["created_ms"] / 1000))

@@ -42,6 +42,7 @@ from bench.retriever import (
     _run_errors,
     _targets,
     run_wrk,
+    swap_times,
 )
 from twotower.config import ModelConfig
 
@@ -392,7 +393,8 @@ def test_the_retriever_bench_exits_1_on_an_error_of_the_run(monkeypatch: pytest.
 # --- the swaps' time zero ------------------------------------------------------------------------
 def test_open_loop_swaps_start_with_the_load(fake: tuple[FakeRetriever, str], spawns: list[float]) -> None:
     server, url = fake
-    opts = RetrieverBenchOptions(items=300, users=20, swaps=2, swap_kinds="delta", duration_s=1.0)
+    # 3 s: the last swap is due at 2.4 s, so "published before the load ended" has 0.6 s of slack
+    opts = RetrieverBenchOptions(items=300, users=20, swaps=2, swap_kinds="delta", duration_s=3.0)
     swaps = SpySwaps(FakeStore())
     run = _open_loop_phase(opts, 50.0, url, os.getpid(), FakeRedis(), swaps)  # type: ignore[arg-type]
     # the generator's process takes a second or so to start: the swaps' clock starts with its
@@ -401,7 +403,8 @@ def test_open_loop_swaps_start_with_the_load(fake: tuple[FakeRetriever, str], sp
     assert spawned < t0 <= server.arrivals[0] < t0 + 1.0
     assert run["swaps_published_after_load_end"] == [] and run["swap_errors"] == []
     at_s = [r["at_s"] for r in run["swap_schedule"]]
-    assert len(at_s) == 2 and all(due <= at < due + 0.5 for at, due in zip(at_s, [0.1, 0.8], strict=True))
+    due = swap_times(opts.swaps, opts.duration_s)  # 0.3 and 2.4 s
+    assert len(at_s) == 2 and all(round(d, 3) <= at < d + 0.5 for at, d in zip(at_s, due, strict=True))
 
 
 @pytest.mark.parametrize(

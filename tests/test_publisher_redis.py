@@ -705,6 +705,12 @@ def test_cli_status_and_rollback(config: Config, store: SnapshotStore, monkeypat
     report = json.loads(runner.invoke(app, ["status", "--json"]).output)
     assert (report["current"], report["newest_made_current"]) == (v1, v2)
     assert f"rolled back: the newest version made current was {v2}" in runner.invoke(app, ["status"]).output
+    v3 = store.write(FULL, encode_full(full_snapshot(make_checkpoint(seq=3))), None, 3, current=False)
+    assert runner.invoke(app, ["rollback", str(v3)]).exit_code == 0  # to a version never made current
+    report = json.loads(runner.invoke(app, ["status", "--json"]).output)
+    assert (report["current"], report["newest_made_current"]) == (v3, v2)
+    assert f"rolled back: the newest version made current was {v2}" in runner.invoke(app, ["status"]).output
+    assert runner.invoke(app, ["rollback", str(v1)]).exit_code == 0
     result = runner.invoke(app, ["rollback", "999"])
     assert result.exit_code == 1 and "does not exist" in result.output
     assert store.current_version() == v1
