@@ -153,6 +153,18 @@ def wrk_latencies(latencies_us: Sequence[float], failed: int = 0) -> dict[str, f
     }
 
 
+def send_window_s(result: Mapping[str, Any]) -> float:
+    """Seconds a load generator's result was sending over: an open loop's send window (its
+    ``duration_us`` runs on to its last answer), a closed loop's whole duration."""
+    return result.get("send_window_us", result["duration_us"]) / 1e6
+
+
+def achieved_qps(result: Mapping[str, Any]) -> float:
+    """Requests per second over the sending (:func:`send_window_s`), to 0.1."""
+    window_s = send_window_s(result)
+    return round(result["requests"] / window_s, 1) if window_s > 0 else 0.0
+
+
 def rounded(value: float, digits: int = 3) -> float | None:
     """``value`` rounded, ``None`` when it is not finite (a percentile that reached a failed request)."""
     return round(value, digits) if math.isfinite(value) else None

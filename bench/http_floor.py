@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import HOST, cpu_jiffies, free_ports, latencies_ms, steal_pct, wait_until
+from bench.common import HOST, achieved_qps, cpu_jiffies, free_ports, latencies_ms, steal_pct, wait_until
 from bench.open_loop import run_open_loop, sending_figures
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def measure(
 def _summary(rate: float, result: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "offered_qps": rate,
-        "qps": round(result["requests"] * 1e6 / result["send_window_us"], 1) if result["send_window_us"] > 0 else 0.0,
+        "qps": achieved_qps(result),
         "errors": sum(result[key] for key in ("connect", "read", "write", "status", "timeout")),
         **latencies_ms(result),
         **sending_figures(result),

@@ -84,6 +84,7 @@ from bench.common import (
     SLOWLOG_READ,
     DaemonProcess,
     Sample,
+    achieved_qps,
     counter_increase,
     cpu_jiffies,
     delete_prefix,
@@ -99,6 +100,7 @@ from bench.common import (
     rounded,
     running,
     scrape,
+    send_window_s,
     served_versions,
     services,
     session_cpu_s,
@@ -944,27 +946,17 @@ def _closed_loop_phase(
     before = scrape(f"{base_url}/metrics")
     cpu_before = _cpu_counters(retriever_pid, client)
     slowlog_tip = redis_slowlog_tip(client)
-    load_started: list[float] = []
-
-    def begin(at: float) -> None:  # the generator started sending: the swaps' time zero
-        load_started.append(at)
-        swaps.start(plan, swap_times(opts.swaps, opts.duration_s), at)
-
-    ended: list[tuple[float, list[Sample]]] = []
-
-    def end() -> None:  # the load's last answer is in: what the retriever did during it
-        ended.append((time.monotonic(), scrape(f"{base_url}/metrics")))
-
+    window = _LoadWindow(base_url, lambda at: swaps.start(plan, swap_times(opts.swaps, opts.duration_s), at))
     try:
-        result = _load(tool, opts, base_url, opts.duration_s, workdir, begin, end)
+        result = _load(tool, opts, base_url, opts.duration_s, workdir, window.begin, window.end)
     except BaseException:
         swaps.join(0.0)  # the load failed: its swaps stop at once
         raise
     cpu_after = _cpu_counters(retriever_pid, client)  # (the generator reaped: its CPU is in)
-    load_end, after = ended[0]
+    after = window.after
     stalls = _stalls(before, after, client, slowlog_tip)
     swaps.join(opts.duration_s + 600)
-    load_end_s = load_end - load_started[0]
+    load_end_s = window.length_s
     closed_swaps = swaps.records[swaps.first_record :]
     swap_errors = swaps.errors()
     last = closed_swaps[-1].version if closed_swaps else first
@@ -980,7 +972,7 @@ def _closed_loop_phase(
     except TimeoutError:
         settled = False
         swap_errors.append(f"not every worker served version {last} {settle_timeout:.0f} s on")
-    settled_s = time.monotonic() - load_started[0]
+    settled_s = time.monotonic() - window.started
     at_end = scrape(f"{base_url}/metrics")
     http = {**_http_report(result, before, after, opts, tool), **stalls}
     return {
@@ -1011,6 +1003,32 @@ def _closed_loop_phase(
             "schedule": [asdict(r) for r in closed_swaps],
         },
     }
+
+
+class _LoadWindow:
+    """When a load ran, as its generator reports it: :meth:`begin` as it starts sending (the load's
+    time zero; what must run beside it, the swaps, starts then) and :meth:`end` as its last answer
+    is in (the retriever's metrics are read then: what it did during the load)."""
+
+    def __init__(self, base_url: str, start_beside: Callable[[float], None]) -> None:
+        self.metrics_url = f"{base_url}/metrics"
+        self.start_beside = start_beside
+        self.started = math.nan
+        self.ended = math.nan
+        self.after: list[Sample] = []
+
+    def begin(self, at: float) -> None:
+        self.started = at
+        self.start_beside(at)
+
+    def end(self) -> None:
+        self.ended = time.monotonic()
+        self.after = scrape(self.metrics_url)
+
+    @property
+    def length_s(self) -> float:
+        """From the first send to the last answer."""
+        return self.ended - self.started
 
 
 def _after_load_end(records: Sequence[SwapRecord], load_end_s: float) -> list[int]:
@@ -1132,29 +1150,21 @@ def _open_loop_phase(
     cpu_before = _cpu_counters(retriever_pid, client)
     slowlog_tip = redis_slowlog_tip(client)
 
-    started: list[float] = []
-
-    def begin(at: float) -> None:  # the generator started its schedule: the swaps' time zero
-        started.append(at)
+    def start_swaps(at: float) -> None:
         if swaps is not None and plan:
             swaps.start(plan, swap_times(len(plan), opts.duration_s), at)
 
-    ended: list[tuple[float, list[Sample]]] = []
-
-    def end() -> None:  # the last answer is in: what the retriever did during the load
-        ended.append((time.monotonic(), scrape(f"{base_url}/metrics")))
-
+    window = _LoadWindow(base_url, start_swaps)
     try:
         result = run_open_loop(
-            base_url, rate, opts.duration_s, opts.users, opts.k, opts.seed + 7, on_start=begin, on_end=end
+            base_url, rate, opts.duration_s, opts.users, opts.k, opts.seed + 7, on_start=window.begin, on_end=window.end
         )
     except BaseException:
         if swaps is not None and plan:
             swaps.join(0.0)  # the load failed: its swaps stop at once
         raise
     cpu_after = _cpu_counters(retriever_pid, client)
-    ((end_at, after),) = ended
-    load_end_s = end_at - started[0]
+    after, load_end_s = window.after, window.length_s
     if swaps is not None:
         swaps.join(600)
     http = _http_report(result, before, after, opts, "open-loop")
@@ -1221,17 +1231,15 @@ def _http_report(
     served = counter_increase(before, after, REQUESTS_TOTAL)
     ok = counter_increase(before, after, REQUESTS_TOTAL, status="200")
     duration_s = result["duration_us"] / 1e6
-    # the open loop's rate is over its sending (its duration_s runs on to its last answer)
-    window_s = result.get("send_window_us", result["duration_us"]) / 1e6
     client_errors = result["connect"] + result["read"] + result["write"] + result["timeout"] + result["status"]
     return {
         "tool": tool,
         "concurrency": opts.concurrency,
         "workers": opts.workers,
         "duration_s": round(duration_s, 2),
-        "send_window_s": round(window_s, 2),
+        "send_window_s": round(send_window_s(result), 2),
         "requests": result["requests"],
-        "qps": round(result["requests"] / window_s, 1) if window_s > 0 else 0.0,
+        "qps": achieved_qps(result),
         **latencies_ms(result),
         "errors": client_errors,
         "client_errors": {key: result[key] for key in ("connect", "read", "write", "timeout", "status")},
