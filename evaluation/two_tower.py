@@ -189,8 +189,8 @@ class TwoTowerPolicy(Policy):
         """The warm-up's last day and how many of its events fall on it (counted by the warm-up)."""
         self._past_days: dict[int, list[Interaction]] = {}
         """The clicks of the last ``trainer.nightly_history_days`` days (warm-up or retrained):
-        ``train nightly`` reads days back to complete the histories a busy day pushed out of the
-        streaming state (:func:`trainer.nightly.read_back_lost_clicks`)."""
+        ``train nightly`` reads days back for what a busy day pushed out of the streaming state's
+        histories and their overflow lacks (:func:`trainer.nightly.read_back_lost_clicks`)."""
 
     # --- publishing -------------------------------------------------------------------------
     def _publish_full(self, now_ms: int) -> None:
@@ -262,7 +262,7 @@ class TwoTowerPolicy(Policy):
             count_clicks(state, clicks[counted:])
             self.nightly_losses.append(retrain(state, examples, seed, self.tcfg.batch_size, progress=False))
             state.dense_version += 1
-            state.nightly_done.append(date.isoformat())
+            state.nightly_trained(date.isoformat())
             state.seq += 1
         self._past_days[day] = clicks
         for old in [d for d in self._past_days if d <= day - self.tcfg.nightly_history_days]:

@@ -99,6 +99,24 @@ def test_round_trip_restores_every_part_of_the_state(tmp_path: Path) -> None:
     _assert_same_state(state, TrainerState.from_checkpoint(loaded, state.tcfg))
 
 
+def test_the_history_overflow_round_trips_and_a_file_without_one_loads(tmp_path: Path) -> None:
+    state = _state()
+    later = [Interaction(f"n{k}", "r", f"u{k % 3}", f"i{k}", CLICK, 0, 6 * DAY_MS + k) for k in range(12)]
+    state.observe_clicks(later)  # 4 clicks each on a later day: the older entries overflow
+    overflow = dict(state.history_overflow)
+    assert set(overflow) == {"u0", "u1", "u2"} and all(overflow.values())
+    checkpoint.save(tmp_path, state.to_checkpoint({}))
+    loaded = checkpoint.load(tmp_path)
+    assert loaded is not None and loaded.history_overflow.as_dict() == overflow
+    assert dict(TrainerState.from_checkpoint(loaded, state.tcfg).history_overflow) == overflow
+    data = checkpoint.encode(state.to_checkpoint({}))
+    del data["history_overflow"]  # written before the overflow
+    torch.save(data, checkpoint.path_in(tmp_path))
+    older = checkpoint.load(tmp_path)
+    assert older is not None and len(older.history_overflow) == 0
+    assert older.histories.as_dict() == loaded.histories.as_dict()
+
+
 def test_saving_removes_temporary_files_a_dead_writer_left(tmp_path: Path) -> None:
     """A forced exit mid-write leaves its temporary file; the next save (one writer) removes it."""
     (tmp_path / "checkpoint.tmp.99999").write_bytes(b"half a checkpoint")
@@ -186,7 +204,7 @@ def _format_2(state: TrainerState, offsets: dict[str, int]) -> dict[str, Any]:
     string column, every int64 column as int64, the item rows' side features written out."""
     ckpt = state.to_checkpoint(offsets)
     data = checkpoint.encode(ckpt)
-    del data["item_catalog_row"]
+    del data["item_catalog_row"], data["history_overflow"]
     data["item_category"], data["item_content"] = ckpt.item_category, ckpt.item_content
     for name, table in (("users", ckpt.users), ("items", ckpt.items)):
         for col in ("count", "last_seen_ms", "updated_seq"):
@@ -308,8 +326,9 @@ def test_history_columns_behave_as_bounded_deques() -> None:
     rng = np.random.default_rng(0)
     for n in range(3000):
         user, item = f"u{rng.integers(0, 40)}", f"i{rng.integers(0, 2000)}"
-        hist.append(user, item, n)
-        ref.setdefault(user, deque(maxlen=3)).append((item, n))
+        held = ref.setdefault(user, deque(maxlen=3))
+        assert hist.append(user, item, n) == (held[0] if len(held) == 3 else None)  # what falls out
+        held.append((item, n))
         if n % 700 == 0:  # a checkpoint: the vocabulary is compacted once it has doubled
             assert HistoryColumns.from_columns(hist.to_columns(), 3) == _plain(ref)
     del hist["u1"]

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from trainer import handoff, nightly
-from trainer.nightly import day_bounds_ms, run_nightly
+from trainer.days import day_bounds_ms
+from trainer.nightly import run_nightly
 from trainer.state import TrainerState
 from trainer.stream import NIGHTLY_COUNTED, StreamTrainer
 from twotower import checkpoint

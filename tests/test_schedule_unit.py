@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from zoneinfo import ZoneInfo
 
-from trainer.nightly import day_bounds_ms, yesterday
+from trainer.days import day_bounds_ms, yesterday
 from trainer.schedule import Scheduler
 from twotower.config import Config
 

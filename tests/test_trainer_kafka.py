@@ -15,7 +15,8 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from trainer.nightly import day_bounds_ms, load_day, run_nightly
+from trainer.days import day_bounds_ms
+from trainer.nightly import load_day, run_nightly
 from trainer.stream import APPLIED_ABOVE, StreamTrainer
 from twotower import checkpoint
 from twotower.config import Config

@@ -470,8 +470,9 @@ def _day_clicks(user: str, n: int, t0_ms: int, tag: str) -> list[Interaction]:
 
 def test_read_back_goes_day_by_day_until_every_history_is_whole() -> None:
     """history_len 5: u0's history holds only the day's 5 clicks; 2 of its pre-day clicks are two
-    days back, 3 three days back, more four days back. u1 does not click on the day. The
-    read-back stops at the day that completes u0, and returns what was lost oldest first."""
+    days back, 3 three days back, more four days back. u1 does not click on the day. Without the
+    overflow, the read-back stops at the day that completes u0, and returns what was lost oldest
+    first."""
     day = (10 * 86_400_000, 11 * 86_400_000)
     state = TrainerState(ModelConfig(dim=8, id_dim=4, history_len=5), TrainerConfig())
     by_day = {
@@ -480,6 +481,8 @@ def test_read_back_goes_day_by_day_until_every_history_is_whole() -> None:
     state.observe_clicks(by_day[4] + by_day[3] + by_day[2] + _day_clicks("u1", 6, day[0] - 86_400_000, "v"))
     on_day = _day_clicks("u0", 5, day[0] + 1_000, "d")
     state.observe_clicks(on_day)  # a streaming trainer counted them: every pre-day click of u0 is out
+    assert nightly.lost_pre_day_clicks(state, day, on_day, counted=on_day) == {}  # the overflow holds them
+    state.history_overflow.clear()  # as in a checkpoint written before the overflow
     lost = nightly.lost_pre_day_clicks(state, day, on_day, counted=on_day)
     assert lost == {"u0": 5}  # 9 lost, 5 needed
     asked: list[int] = []
@@ -519,3 +522,66 @@ def test_read_back_skips_users_who_lost_nothing() -> None:
     # the same state, had the streaming trainer not counted the day's clicks of "full": its count
     # would then say more clicks than the history holds, and the bound would not rule it out
     assert nightly.lost_pre_day_clicks(state, day, on_day, counted=new) == {"full": 3}
+
+
+def _interleaved_days(seed: int, n_users: int, per_day: int, days: int) -> list[Interaction]:
+    """Clicks of ``n_users`` users on ``days`` UTC days from day 10, at random times, sorted."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for d in range(days):
+        for k in range(per_day):
+            ts = (10 + d) * 86_400_000 + int(rng.integers(0, 86_400_000))
+            user, item = f"u{rng.integers(n_users)}", f"i{rng.integers(50)}"
+            out.append(Interaction(f"e{d}-{k}", f"r{d}-{k}", user, item, CLICK, 0, ts))
+    return sorted(out, key=lambda c: c.ts_ms)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beside_a_streaming_trainer_the_nightly_starts_from_the_histories_before_the_day(seed: int) -> None:
+    """A streaming state that has counted day 11 and part of day 12 gives day 11's nightly the
+    same examples as a state that stopped at day 11's start (a nightly owning the state), without
+    reading anything back: what the day's clicks pushed out is in the overflow."""
+    clicks = _interleaved_days(seed, n_users=6, per_day=60, days=3)  # busy users: 10 a day, history_len 4
+    day = (11 * 86_400_000, 12 * 86_400_000)
+    before = [c for c in clicks if c.ts_ms < day[0]]
+    on_day = [c for c in clicks if day[0] <= c.ts_ms < day[1]]
+    streamed = [c for c in clicks if c.ts_ms < day[1] + 43_200_000]
+    mcfg, tcfg = ModelConfig(dim=8, id_dim=4, history_len=4), TrainerConfig()
+    owner, streaming = TrainerState(mcfg, tcfg), TrainerState(mcfg, tcfg)
+    owner.observe_clicks(before)
+    streaming.observe_clicks(streamed)
+    expected = nightly.build_examples(owner, on_day, day[0])
+    assert any(len(h) == 4 for _, h in expected)
+
+    def read_day(back: int) -> list[Interaction]:
+        raise AssertionError("nothing to read back")
+
+    lost = nightly.lost_pre_day_clicks(streaming, day, on_day, counted=on_day)
+    assert lost == {}
+    assert nightly.read_back_lost_clicks(streaming, day, lost, read_day, max_days=7) == []
+    got = nightly.build_examples(streaming, on_day, day[0])
+    assert [(c.event_id, h) for c, h in got] == [(c.event_id, h) for c, h in expected]
+    # and after a checkpoint (the nightly reads the streaming trainer's)
+    resumed = TrainerState.from_checkpoint(streaming.to_checkpoint({}), tcfg)
+    assert dict(resumed.history_overflow) == dict(streaming.history_overflow)
+    assert nightly.build_examples(resumed, on_day, day[0]) == got
+
+
+def test_the_overflow_keeps_what_a_nightly_still_needs_and_drops_the_rest() -> None:
+    """history_len 2. A click pushes out an entry of its own day: not kept (newer ones of that day
+    follow it). Of an earlier day: kept until the nightly of the day after it has run."""
+    state = TrainerState(ModelConfig(dim=8, id_dim=4, history_len=2), TrainerConfig())
+    d10, d11, d12 = (d * 86_400_000 for d in (10, 11, 12))  # 1970-01-11, -12, -13
+    state.observe_clicks(_day_clicks("u", 3, d10 + 1_000, "a"))  # a0 pushed out by a2, same day
+    assert "u" not in state.history_overflow
+    state.observe_clicks(_day_clicks("u", 3, d11 + 1_000, "b"))  # a1, a2, b0 pushed out on day 11
+    assert state.history_overflow["u"] == [("a-i1", d10 + 2_000), ("a-i2", d10 + 3_000)]
+    assert state.pre_day_history("u", d11) == [("a-i1", d10 + 2_000), ("a-i2", d10 + 3_000)]
+    state.observe_clicks(_day_clicks("u", 1, d12 + 1_000, "c"))  # b1 pushed out on day 12: kept
+    assert state.history_overflow["u"][-1] == ("b-i1", d11 + 2_000)
+    assert state.pre_day_history("u", d12) == [("b-i1", d11 + 2_000), ("b-i2", d11 + 3_000)]
+    state.nightly_trained("1970-01-12")  # day 11's nightly done: day 12's needs b1 (and b2, held)
+    assert state.nightly_done == ["1970-01-12"]
+    assert state.history_overflow["u"] == [("b-i1", d11 + 2_000)]
+    state.nightly_trained("1970-01-13")
+    assert "u" not in state.history_overflow

@@ -34,7 +34,8 @@ def nightly_command(
     force: bool = typer.Option(False, help="Retrain even if this date was done before."),
 ) -> None:
     """Shuffled one-epoch retrain over one day's events, warm-started from the last weights."""
-    from trainer.nightly import run_nightly, yesterday
+    from trainer.days import yesterday
+    from trainer.nightly import run_nightly
     from twotower.daemon import setup_logging
 
     cfg = load_config()

@@ -98,7 +98,7 @@ def apply(state: TrainerState, payload: dict) -> None:
             table.accum[rows] = (table.accum[rows] + accum).clamp_(min=0.0)
         table.updated_seq[rows] = seq
     state.dense_version += 1
-    state.nightly_done.append(payload["date"])
+    state.nightly_trained(payload["date"])
 
 
 def merge_pending(state: TrainerState, state_dir: Path) -> bool:

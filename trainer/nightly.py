@@ -39,12 +39,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from zoneinfo import ZoneInfo
 
 from kafka import TopicPartition
 from tqdm import tqdm
 
 from trainer import handoff
+from trainer.days import day_bounds_ms
 from trainer.state import TrainerState
 from trainer.stream import APPLIED_ABOVE, NIGHTLY_COUNTED, CountedRange, StateLock, parse_partition_key
 from twotower import checkpoint
@@ -68,19 +68,6 @@ class NightlyResult:
     mean_loss: float = 0.0
     handed_over: bool = False
     """True when a running streaming trainer will merge the result."""
-
-
-def day_bounds_ms(date: dt.date, timezone: str) -> tuple[int, int]:
-    """[start, end) of a calendar day in ``timezone``, as epoch milliseconds."""
-    tz = ZoneInfo(timezone)
-    start = dt.datetime.combine(date, dt.time.min, tzinfo=tz)
-    end = dt.datetime.combine(date + dt.timedelta(days=1), dt.time.min, tzinfo=tz)
-    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
-
-
-def yesterday(timezone: str, now: dt.datetime | None = None) -> dt.date:
-    now = now or dt.datetime.now(ZoneInfo(timezone))
-    return (now.astimezone(ZoneInfo(timezone)) - dt.timedelta(days=1)).date()
 
 
 def read_topic_range(cfg: KafkaConfig, topic: str, start_ms: int | None, end_ms: int | None) -> Iterator[object]:
@@ -239,8 +226,8 @@ def _may_have_lost_pre_day(n_held: int, n_before_day: int, hist_len: int) -> boo
 def _pre_day_histories(
     state: TrainerState, users: Iterable[str], day_start_ms: int
 ) -> tuple[dict[str, list[tuple[str, int]]], set[str]]:
-    """What the state holds of each of ``users``' history from before the day (oldest first), and
-    those of them it may have lost some of it for."""
+    """What the state holds of each of ``users``' history from before the day (oldest first; its
+    history and what overflowed from it), and those of them it may have lost some of it for."""
     hist_len = state.model_cfg.history_len
     held: dict[str, list[tuple[str, int]]] = {}
     short = set()
@@ -248,7 +235,7 @@ def _pre_day_histories(
         history = state.histories.get(user)
         if history is None:
             continue
-        held[user] = [(i, t) for i, t in history if t < day_start_ms]
+        held[user] = state.pre_day_history(user, day_start_ms)
         if _may_have_lost_pre_day(len(history), len(held[user]), hist_len):
             short.add(user)
     return held, short
@@ -283,7 +270,7 @@ def lost_pre_day_clicks(
     held, short = _pre_day_histories(state, {c.user_id for c in clicks}, start_ms)
     out = {}
     for user in short:
-        after = sum(t >= end_ms for _, t in state.histories[user])
+        after = sum(t >= end_ms for _, t in (*state.histories[user], *state.history_overflow.get(user, ())))
         before = len(held[user])
         lost = state.users.sightings(user) - on_day.get(user, 0) - after - before
         if lost > 0:
@@ -473,7 +460,7 @@ def _run_nightly(
             handoff.write_base(state_dir, handoff.base_of(state, day))
         if own_state:
             state.dense_version += 1
-            state.nightly_done.append(day)
+            state.nightly_trained(day)
             state.seq += 1
             offsets = ckpt.offsets if ckpt else {}
             extra = {

@@ -9,7 +9,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from prometheus_client import Counter, Gauge
 
-from trainer.nightly import run_nightly, yesterday
+from trainer.days import yesterday
+from trainer.nightly import run_nightly
 from twotower.config import Config
 from twotower.daemon import Daemon
 

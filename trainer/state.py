@@ -21,16 +21,20 @@ clicks (:meth:`TrainerState.observe_impression`).
 
 from __future__ import annotations
 
+import datetime as dt
 import zlib
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 import torch
 
+from trainer.days import DayStarts, date_of, day_bounds_ms
 from trainer.id_table import IdTable
 from trainer.losses import (
     candidate_log_inclusion,
@@ -56,6 +60,10 @@ from twotower.model import (
 )
 
 MS_PER_DAY = 86_400_000
+OVERFLOW_DEPTH = 2
+"""A history's overflow keeps at most this many times ``history_len`` entries per user, for the
+nightly retrains of at most this many days (in steady state one is pending: yesterday's, until
+it runs; what is dropped beyond, a nightly reads back from Kafka)."""
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -109,6 +117,10 @@ class TrainerState:
         self.categories: dict[str, int] = {}
         self.profiles = ProfileColumns(model_cfg.profile_dim)
         self.histories = HistoryColumns(model_cfg.history_len)
+        self.history_overflow = HistoryColumns(OVERFLOW_DEPTH * model_cfg.history_len)
+        """What later clicks pushed out of :attr:`histories` that a nightly retrain may still need
+        (see :meth:`remember`), newest ``OVERFLOW_DEPTH · history_len`` per user."""
+        self._day_start = DayStarts(trainer_cfg.schedule_timezone)
         self.removed_items: list[tuple[int, str]] = []
         self.nightly_done: list[str] = []
         self.seq = 0
@@ -157,8 +169,45 @@ class TrainerState:
         self.profiles[profile.user_id] = fit_features(profile.features, self.model_cfg.profile_dim)
 
     def remember(self, user_id: str, item_id: str, ts_ms: int) -> None:
-        """Append a click to the user's pooled history (bounded)."""
-        self.histories.append(user_id, item_id, ts_ms)
+        """Append a click to the user's pooled history (bounded).
+
+        The entry that falls out goes to :attr:`history_overflow` if it is from a day before the
+        user's newest click: the nightly retrain of a day starts each user from the newest
+        ``history_len`` clicks before that day, and those a streaming trainer's state pushed out
+        are kept there until :meth:`nightly_trained` says no nightly needs them. (An entry of the
+        newest click's own day is followed by ``history_len`` newer ones before any later day.)
+        """
+        dropped = self.histories.append(user_id, item_id, ts_ms)
+        if dropped is not None:
+            newest = self.histories.newest_ms(user_id)
+            if newest is not None and dropped[1] < self._day_start(newest):
+                self.history_overflow.append(user_id, *dropped)
+
+    def pre_day_history(self, user_id: str, day_start_ms: int) -> list[tuple[str, int]]:
+        """The user's newest ``history_len`` clicks before ``day_start_ms`` that the state holds
+        (its history and what overflowed from it), oldest first."""
+        held = [*self.history_overflow.get(user_id, ()), *self.histories.get(user_id, ())]
+        held.sort(key=itemgetter(1))  # stable: clicks of one time keep their order
+        return [pair for pair in held if pair[1] < day_start_ms][-self.model_cfg.history_len :]
+
+    def nightly_trained(self, date: str) -> None:
+        """Record the nightly retrain of ``date`` (ISO, in ``trainer.schedule_timezone``) and drop
+        from :attr:`history_overflow` what no nightly of a later day can need: an entry is kept
+        while it is among a user's newest ``history_len`` before the start of some day after
+        ``date`` up to the day of the state's event time (the newest ``OVERFLOW_DEPTH`` days)."""
+        self.nightly_done.append(date)
+        tz = self.tcfg.schedule_timezone
+        first = dt.date.fromisoformat(date) + dt.timedelta(days=1)
+        last = max(first, date_of(self.event_time_ms, tz))
+        days = max(0, min((last - first).days + 1, OVERFLOW_DEPTH))
+        starts = [day_bounds_ms(last - dt.timedelta(days=back), tz)[0] for back in range(days)]
+        overflow, length = self.history_overflow, self.model_cfg.history_len
+        for user in list(overflow):
+            kept = _still_needed(overflow[user], self.histories.get(user, []), starts, length)
+            if kept:
+                overflow[user] = kept
+            else:
+                del overflow[user]
 
     def observe_impression(self, impression: Interaction) -> None:
         """Record what a request showed and what it retrieved but did not show (hard negatives).
@@ -464,6 +513,7 @@ class TrainerState:
         seq = self.next_seq
         for user in self.users.expire(now_ms, ttl_ms, seq):
             self.histories.pop(user, None)
+            self.history_overflow.pop(user, None)
         gone = self.items.expire(now_ms, ttl_ms, seq)
         for item in gone:
             self.hard_total -= self.hard_counts.pop(item, 0)
@@ -493,6 +543,7 @@ class TrainerState:
             removed_items=list(self.removed_items),
             offsets=dict(offsets),
             histories=self.histories.to_columns(),
+            history_overflow=self.history_overflow.to_columns(),
             profiles=self.profiles.to_columns(),
             catalog=catalog,
             hard_negatives=HardNegatives(
@@ -561,6 +612,7 @@ class TrainerState:
         state.profiles = ProfileColumns.from_columns(ckpt.profiles, mcfg.profile_dim)
         state.catalog = CatalogColumns.from_columns(ckpt.catalog, mcfg.content_dim)
         state.histories = HistoryColumns.from_columns(ckpt.histories, mcfg.history_len)
+        state.history_overflow = HistoryColumns.from_columns(ckpt.history_overflow, OVERFLOW_DEPTH * mcfg.history_len)
         state.removed_items = list(ckpt.removed_items)
         state.nightly_done = list(extra.get("nightly_done", []))
         state.seq = ckpt.seq
@@ -647,6 +699,20 @@ def _take(array: np.ndarray, slots: np.ndarray | None, n: int) -> torch.Tensor:
     return torch.from_numpy(array[:n].copy() if slots is None else array[slots])
 
 
+def _still_needed(
+    overflow: list[tuple[str, int]], history: list[tuple[str, int]], day_starts: Sequence[int], length: int
+) -> list[tuple[str, int]]:
+    """The entries of ``overflow`` that are among the newest ``length`` of overflow and history
+    together before one of ``day_starts`` (epoch ms)."""
+    merged = sorted([(ts, 0, i) for i, (_, ts) in enumerate(overflow)] + [(ts, 1, -1) for _, ts in history])
+    times = [ts for ts, _, _ in merged]
+    keep: set[int] = set()
+    for start in day_starts:
+        end = bisect_left(times, start)
+        keep.update(i for _, own, i in merged[max(0, end - length) : end] if own == 0)
+    return [pair for i, pair in enumerate(overflow) if i in keep]
+
+
 class _SlotKeyed:
     """The key side of the column stores below: which keys have a slot (``self.slots``)."""
 
@@ -713,9 +779,15 @@ class HistoryColumns(_SlotKeyed, MutableMapping[str, list[tuple[str, int]]]):
         self.times[slot] = 0
         self.size[slot] = 0
 
-    def append(self, user: str, item: str, ts_ms: int) -> None:
+    def append(self, user: str, item: str, ts_ms: int) -> tuple[str, int] | None:
         """Add a click to the user's history in its place by event time (after clicks of the same
-        time; a late click is not taken for the newest), dropping the oldest beyond ``length``."""
+        time; a late click is not taken for the newest), dropping the oldest beyond ``length``.
+
+        Returns:
+            The (item id, ts_ms) the history no longer holds: its oldest entry, or the click
+            itself when it is older than every entry of a full history; ``None`` when nothing
+            fell out.
+        """
         offset = ts_ms - self.ts_base
         if not INT32_MIN <= offset <= INT32_MAX:
             self._fit(ts_ms, ts_ms)
@@ -724,9 +796,11 @@ class HistoryColumns(_SlotKeyed, MutableMapping[str, list[tuple[str, int]]]):
         n = int(self.size[slot])
         items, ts = self.codes[slot], self.times[slot]
         pos = n if n == 0 or offset >= ts[n - 1] else int(np.searchsorted(ts[:n], offset, side="right"))
+        dropped = None
         if n == self.length:
             if pos == 0:
-                return  # older than every click held: not among the newest
+                return item, ts_ms  # older than every click held: not among the newest
+            dropped = self.vocab[int(items[0])], self.ts_base + int(ts[0])
             items[: pos - 1] = items[1:pos]  # drop the oldest
             ts[: pos - 1] = ts[1:pos]
             pos -= 1
@@ -736,6 +810,7 @@ class HistoryColumns(_SlotKeyed, MutableMapping[str, list[tuple[str, int]]]):
             self.size[slot] = n + 1
         items[pos] = self._code(item)
         ts[pos] = offset
+        return dropped
 
     def _fit(self, low_ms: int, high_ms: int) -> None:
         """Make times ``low_ms`` … ``high_ms`` representable: rebase the int32 offsets to the
@@ -755,6 +830,13 @@ class HistoryColumns(_SlotKeyed, MutableMapping[str, list[tuple[str, int]]]):
         base = low - INT32_MIN  # low maps to the smallest int32
         self.times = (self.times.astype(np.int64) + (self.ts_base - base)).clip(INT32_MIN, INT32_MAX).astype(np.int32)
         self.ts_base = base
+
+    def newest_ms(self, user: str) -> int | None:
+        """Event time of the user's newest entry (``None``: no history)."""
+        slot = self.slots.slot.get(user)
+        if slot is None or not self.size[slot]:
+            return None
+        return self.ts_base + int(self.times[slot, int(self.size[slot]) - 1])
 
     def entries(self) -> int:
         """Entries over every history."""

@@ -224,6 +224,10 @@ class Checkpoint:
     histories: Histories = field(default_factory=Histories.empty)
     """Recent (item id, ts_ms) interactions the trainer pools per user, oldest first (a mapping
     user → pairs is converted)."""
+    history_overflow: Histories = field(default_factory=Histories.empty)
+    """Entries the histories no longer hold that a nightly retrain may still need, oldest first:
+    clicks from before a day that later clicks pushed out (``TrainerState.history_overflow``).
+    Absent from files written before it (they load with none)."""
     profiles: Profiles = field(default_factory=Profiles.empty)
     catalog: Catalog = field(default_factory=Catalog.empty)
     hard_negatives: HardNegatives = field(default_factory=HardNegatives.empty)
@@ -244,6 +248,8 @@ class Checkpoint:
     def __post_init__(self) -> None:
         if isinstance(self.histories, Mapping):
             self.histories = Histories.from_dict(self.histories)
+        if isinstance(self.history_overflow, Mapping):
+            self.history_overflow = Histories.from_dict(self.history_overflow)
 
 
 def path_in(state_dir: str | Path) -> Path:
@@ -427,6 +433,7 @@ def encode(ckpt: Checkpoint) -> dict[str, Any]:
         "offsets": ckpt.offsets,
         "event_time_ms": ckpt.event_time_ms,
         "histories": _encode_histories(ckpt.histories),
+        "history_overflow": _encode_histories(ckpt.history_overflow),
         "profiles": {"ids": pack_strings(ckpt.profiles.ids), "features": ckpt.profiles.features},
         "catalog": {
             "ids": pack_strings(ckpt.catalog.ids),
@@ -487,6 +494,11 @@ def decode(data: dict[str, Any]) -> Checkpoint:
         offsets=dict(data["offsets"]),
         event_time_ms=int(data["event_time_ms"]),
         histories=_decode_histories(data["histories"], data["format"]),
+        history_overflow=(
+            _decode_histories(data["history_overflow"], FORMAT, "history_overflow")  # new in format 3
+            if "history_overflow" in data
+            else Histories.empty()
+        ),
         profiles=Profiles(profile_ids, _tensor(data["profiles"]["features"], "profiles.features", len(profile_ids))),
         catalog=catalog,
         hard_negatives=HardNegatives(shown, not_shown, _decode_counts(hard["counts"], "hard_negatives.counts")),
@@ -575,26 +587,26 @@ def _encode_histories(hist: Histories) -> dict[str, Any]:
     return out
 
 
-def _decode_histories(data: Any, fmt: int) -> Histories:
+def _decode_histories(data: Any, fmt: int, what: str = "histories") -> Histories:
     if fmt == 2:  # the item ids as a ragged string column
-        items = Ragged.decode(data["items"], "histories.items")
-        return Histories.from_ragged(items, _tensor(data["ts_ms"], "histories.ts_ms", len(items.values)))
+        items = Ragged.decode(data["items"], f"{what}.items")
+        return Histories.from_ragged(items, _tensor(data["ts_ms"], f"{what}.ts_ms", len(items.values)))
     ts, base = data["ts_ms"], 0
     if isinstance(ts, dict):  # kept narrow: the publisher never reads the times
-        _decode_int64(ts, "histories.ts_ms", rows=None, widen=False)
+        _decode_int64(ts, f"{what}.ts_ms", rows=None, widen=False)
         ts, base = ts["int32"], ts["base"]
-    codes = _tensor(data["codes"], "histories.codes")
+    codes = _tensor(data["codes"], f"{what}.codes")
     if codes.dtype != torch.int32:
-        raise ValueError("histories: codes are not int32")
+        raise ValueError(f"{what}: codes are not int32")
     hist = Histories(
-        unpack_strings(data["users"], "histories.users"),
-        _tensor(data["offsets"], "histories.offsets"),
-        unpack_strings(data["vocab"], "histories.vocab"),
+        unpack_strings(data["users"], f"{what}.users"),
+        _tensor(data["offsets"], f"{what}.offsets"),
+        unpack_strings(data["vocab"], f"{what}.vocab"),
         codes,
-        _tensor(ts, "histories.ts_ms"),
+        _tensor(ts, f"{what}.ts_ms"),
         base,
     )
-    hist.check()
+    hist.check(what)
     return hist
 
 
