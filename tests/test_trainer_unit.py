@@ -16,7 +16,7 @@ from trainer import nightly
 from trainer.id_table import IdTable
 from trainer.losses import candidate_log_q, popularity_distribution, sample_with_replacement, sampled_softmax_loss
 from trainer.ordering import EventTimeMerger
-from trainer.state import TrainerState
+from trainer.state import HistoryColumns, TrainerState
 from trainer.stream import CountedRange, StateLock, StreamTrainer, checkpoint_wait_s
 from twotower import checkpoint
 from twotower.config import Config, ModelConfig, TrainerConfig
@@ -585,3 +585,34 @@ def test_the_overflow_keeps_what_a_nightly_still_needs_and_drops_the_rest() -> N
     assert state.history_overflow["u"] == [("b-i1", d11 + 2_000)]
     state.nightly_trained("1970-01-13")
     assert "u" not in state.history_overflow
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pruning_an_overflow_keeps_each_user_s_newest_entries_before_each_day_start(seed: int) -> None:
+    """Column-wise pruning against a per-user reference, over users with and without a history,
+    freed slots, one or several day starts."""
+    rng = np.random.default_rng(seed)
+    length = int(rng.integers(1, 5))
+    overflow, history = HistoryColumns(2 * length), HistoryColumns(length)
+    for u in range(40):
+        times = np.sort(rng.integers(0, 10_000, int(rng.integers(1, 2 * length + 1))))
+        overflow[f"u{u}"] = [(f"i{t}", int(t)) for t in times]
+        if rng.random() < 0.7:
+            newer = np.sort(rng.integers(int(times[-1]), 12_000, int(rng.integers(1, length + 1))))
+            history[f"u{u}"] = [(f"j{t}", int(t)) for t in newer]
+    del overflow["u3"]  # a freed slot
+    starts = sorted(int(t) for t in rng.integers(0, 12_000, int(rng.integers(1, 4))))
+    expected = {}
+    for user, entries in overflow.items():
+        theirs = [(t, 1, -1) for _, t in history.get(user, [])]
+        merged = sorted([(t, 0, i) for i, (_, t) in enumerate(entries)] + theirs)
+        keep: set[int] = set()
+        for start in starts:
+            before = [m for m in merged if m[0] < start][-length:]
+            keep.update(i for _, own, i in before if own == 0)
+        if keep:
+            expected[user] = [e for i, e in enumerate(entries) if i in keep]
+    overflow.keep_newest_before(starts, length, history)
+    assert dict(overflow) == expected
+    overflow["new"] = [("x", 1)]  # freed slots are reused
+    assert overflow["new"] == [("x", 1)]

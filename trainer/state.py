@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import zlib
-from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +63,8 @@ OVERFLOW_DEPTH = 2
 """A history's overflow keeps at most this many times ``history_len`` entries per user, for the
 nightly retrains of at most this many days (in steady state one is pending: yesterday's, until
 it runs; what is dropped beyond, a nightly reads back from Kafka)."""
+PRUNE_ROWS = 65_536
+"""Users whose overflow is pruned in one column-wise step (bounds its temporary arrays)."""
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -201,13 +202,7 @@ class TrainerState:
         last = max(first, date_of(self.event_time_ms, tz))
         days = max(0, min((last - first).days + 1, OVERFLOW_DEPTH))
         starts = [day_bounds_ms(last - dt.timedelta(days=back), tz)[0] for back in range(days)]
-        overflow, length = self.history_overflow, self.model_cfg.history_len
-        for user in list(overflow):
-            kept = _still_needed(overflow[user], self.histories.get(user, []), starts, length)
-            if kept:
-                overflow[user] = kept
-            else:
-                del overflow[user]
+        self.history_overflow.keep_newest_before(starts, self.model_cfg.history_len, self.histories)
 
     def observe_impression(self, impression: Interaction) -> None:
         """Record what a request showed and what it retrieved but did not show (hard negatives).
@@ -699,20 +694,6 @@ def _take(array: np.ndarray, slots: np.ndarray | None, n: int) -> torch.Tensor:
     return torch.from_numpy(array[:n].copy() if slots is None else array[slots])
 
 
-def _still_needed(
-    overflow: list[tuple[str, int]], history: list[tuple[str, int]], day_starts: Sequence[int], length: int
-) -> list[tuple[str, int]]:
-    """The entries of ``overflow`` that are among the newest ``length`` of overflow and history
-    together before one of ``day_starts`` (epoch ms)."""
-    merged = sorted([(ts, 0, i) for i, (_, ts) in enumerate(overflow)] + [(ts, 1, -1) for _, ts in history])
-    times = [ts for ts, _, _ in merged]
-    keep: set[int] = set()
-    for start in day_starts:
-        end = bisect_left(times, start)
-        keep.update(i for _, own, i in merged[max(0, end - length) : end] if own == 0)
-    return [pair for i, pair in enumerate(overflow) if i in keep]
-
-
 class _SlotKeyed:
     """The key side of the column stores below: which keys have a slot (``self.slots``)."""
 
@@ -837,6 +818,44 @@ class HistoryColumns(_SlotKeyed, MutableMapping[str, list[tuple[str, int]]]):
         if slot is None or not self.size[slot]:
             return None
         return self.ts_base + int(self.times[slot, int(self.size[slot]) - 1])
+
+    def keep_newest_before(self, starts: Sequence[int], length: int, newer: HistoryColumns) -> None:
+        """Keep of each user's entries those among its newest ``length`` before one of ``starts``
+        (epoch ms), its entries in ``newer`` counted first (they are all newer than its entries
+        here, as a history's are than its overflow's); a user left with none is dropped.
+
+        Column-wise, ``PRUNE_ROWS`` users at a time: no Python step per user or entry.
+        """
+        users, live = self.slots.live()
+        if not users or not starts:
+            return
+        slots = np.arange(len(users)) if live is None else live
+        other = newer.slots.lookup(users, len(users))
+        col = np.arange(self.length)
+        for lo in range(0, len(users), PRUNE_ROWS):
+            rows, theirs = slots[lo : lo + PRUNE_ROWS], other[lo : lo + PRUNE_ROWS]
+            size = self.size[rows]
+            times = self.times[rows].astype(np.int64) + self.ts_base
+            valid = col < size[:, None]
+            held = theirs >= 0
+            if held.any():
+                them = np.where(held, theirs, 0)
+                newer_times = newer.times[them].astype(np.int64) + newer.ts_base
+                newer_valid = (np.arange(newer.length) < newer.size[them][:, None]) & held[:, None]
+            keep = np.zeros_like(valid)
+            for start in starts:
+                before = (valid & (times < start)).sum(axis=1)  # a prefix: entries are in time order
+                counted = (newer_valid & (newer_times < start)).sum(axis=1) if held.any() else 0
+                room = np.maximum(length - counted, 0)
+                keep |= (col >= (before - room)[:, None]) & (col < before[:, None])
+            order = np.argsort(~keep, axis=1, kind="stable")  # kept entries first, in their order
+            kept = keep.sum(axis=1)
+            left = col < kept[:, None]
+            self.codes[rows] = np.where(left, np.take_along_axis(self.codes[rows], order, axis=1), 0)
+            self.times[rows] = np.where(left, np.take_along_axis(self.times[rows], order, axis=1), 0)
+            self.size[rows] = kept
+        for i in np.flatnonzero(self.size[slots] == 0).tolist():
+            self.slots.release(users[i])
 
     def entries(self) -> int:
         """Entries over every history."""
