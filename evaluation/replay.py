@@ -156,6 +156,8 @@ def make_policies(
                 cfg = load_config()
                 model_cfg = model_cfg or cfg.model
                 trainer_cfg = trainer_cfg or cfg.trainer.model_copy(update={"seed": protocol.seed})
+            # the protocol's days are UTC days (the state keeps a history's overflow by them)
+            trainer_cfg = trainer_cfg.model_copy(update={"schedule_timezone": "UTC"})
             tower = "mind" if "_mind_" in name else "default"
             key = (tower, tuple(sorted(overrides.items())))
             if key not in warm_starts:  # policies differing only in streaming share one bootstrap

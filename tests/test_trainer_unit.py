@@ -20,7 +20,7 @@ from trainer.state import HistoryColumns, TrainerState
 from trainer.stream import CountedRange, StateLock, StreamTrainer, checkpoint_wait_s
 from twotower import checkpoint
 from twotower.config import Config, ModelConfig, TrainerConfig
-from twotower.events import CLICK, CatalogItem, Interaction, encode
+from twotower.events import CLICK, MAX_TS_MS, CatalogItem, Interaction, encode
 from twotower.kafka_io import Topics
 
 # --- ID tables ---------------------------------------------------------------------------
@@ -585,6 +585,45 @@ def test_the_overflow_keeps_what_a_nightly_still_needs_and_drops_the_rest() -> N
     assert state.history_overflow["u"] == [("b-i1", d11 + 2_000)]
     state.nightly_trained("1970-01-13")
     assert "u" not in state.history_overflow
+
+
+def test_a_late_click_in_a_full_overflow_keeps_what_each_pending_nightly_needs() -> None:
+    """history_len 1, an overflow of 2: x (day 15), y (day 16) overflow as z (day 17) comes; then
+    w, late, from day 16: day 16's nightly needs x, day 17's w; y is needed by none."""
+    state = TrainerState(ModelConfig(dim=8, id_dim=4, history_len=1), TrainerConfig())
+    hour = 3_600_000
+
+    def at(name: str, ts: int) -> Interaction:
+        return Interaction(name, "r", "u", name, CLICK, 0, ts)
+
+    x, y, z, w = (
+        at("x", 16 * 24 * hour - hour),
+        at("y", 16 * 24 * hour + 11 * hour),
+        at("z", 17 * 24 * hour + hour),
+        at("w", 17 * 24 * hour - hour),
+    )
+    state.observe_clicks([x, y, z])
+    assert state.history_overflow["u"] == [("x", x.ts_ms), ("y", y.ts_ms)]
+    state.observe_clicks([w])
+    assert state.history_overflow["u"] == [("x", x.ts_ms), ("w", w.ts_ms)]
+    assert state.pre_day_history("u", 16 * 24 * hour) == [("x", x.ts_ms)]
+    assert state.pre_day_history("u", 17 * 24 * hour) == [("w", w.ts_ms)]
+
+
+def test_times_far_in_the_future_neither_fail_nor_empty_the_overflow() -> None:
+    """The schema takes times up to year 9999: a click then must not fail the trainer, and a state
+    whose event time one such click moved must still keep what the next nightly needs."""
+    state = TrainerState(ModelConfig(dim=8, id_dim=4, history_len=2), TrainerConfig())
+    d11, d12 = 11 * 86_400_000, 12 * 86_400_000
+    state.observe_clicks(_day_clicks("u", 3, d11 + 1_000, "b") + _day_clicks("u", 1, d12 + 1_000, "c"))
+    assert state.history_overflow["u"] == [("b-i1", d11 + 2_000)]
+    state.observe_clicks([Interaction("far", "r", "v", "i", CLICK, 0, MAX_TS_MS)] * 3)
+    state.observe_clicks(_day_clicks("v", 1, MAX_TS_MS, "f"))
+    assert state.event_time_ms == MAX_TS_MS
+    state.nightly_trained("1970-01-12")  # day 11's: day 12's nightly still needs b1
+    assert state.history_overflow["u"] == [("b-i1", d11 + 2_000)]
+    for date in ("9999-12-30", "9999-12-31"):
+        state.nightly_trained(date)
 
 
 @pytest.mark.parametrize("seed", range(4))

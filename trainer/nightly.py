@@ -255,10 +255,11 @@ def lost_pre_day_clicks(
     state's history, at most (and at most as many as fill ``model.history_len``); users who lost
     none are left out.
 
-    The state holds each user's newest ``history_len`` clicks and counts every click it saw (its
-    user table's sightings). A user's clicks before the day number at most: its sightings, less
-    those of the day's clicks the state counted (``counted``), less the clicks after the day it
-    holds. So a user whose first clicks came on the day, or who has held every click it ever
+    The state holds each user's newest ``history_len`` clicks, what later days' clicks pushed out
+    of them while a nightly may need it (:attr:`TrainerState.history_overflow`), and counts every
+    click it saw (its user table's sightings). A user's clicks before the day number at most: its
+    sightings, less those of the day's clicks the state counted (``counted``), less the clicks
+    after the day it holds. So a user whose first clicks came on the day, or who has held every click it ever
     made, lost nothing. A user whose row expired (its count starts again) counts as having lost
     none: what it had is older than the row TTL.
     """
@@ -442,8 +443,9 @@ def _run_nightly(
                 raise NightlyStopped
             return load_day(cfg, topics, date - dt.timedelta(days=back))
 
-        # what the day's clicks pushed out of the state's histories, read back day by day; the
-        # state has counted the day's clicks it applied (all of them on a rerun)
+        # what the day's clicks pushed out of the state's histories and their overflow lacks,
+        # read back day by day; the state has counted the day's clicks it applied (all of them on
+        # a rerun)
         counted = [r for p, off, r in records if r.type == CLICK and (not first_run or applied(p, off))]
         lost = lost_pre_day_clicks(state, day_ms, clicks, counted)
         earlier = read_back_lost_clicks(state, day_ms, lost, day_before, cfg.trainer.nightly_history_days)

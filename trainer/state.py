@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import zlib
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.days import DayStarts, date_of, day_bounds_ms
+from trainer.days import DayStarts, date_of, dates_around, day_starts_ms
 from trainer.id_table import IdTable
 from trainer.losses import (
     candidate_log_inclusion,
@@ -179,10 +180,28 @@ class TrainerState:
         newest click's own day is followed by ``history_len`` newer ones before any later day.)
         """
         dropped = self.histories.append(user_id, item_id, ts_ms)
-        if dropped is not None:
+        if dropped is None:
+            return
+        if dropped[1] >= self._day_start(ts_ms):  # the newest click is at least as new as this one
             newest = self.histories.newest_ms(user_id)
-            if newest is not None and dropped[1] < self._day_start(newest):
-                self.history_overflow.append(user_id, *dropped)
+            if newest is None or dropped[1] >= self._day_start(newest):
+                return
+        overflow = self.history_overflow
+        if not overflow.is_full(user_id):
+            overflow.append(user_id, *dropped)
+            return
+        # A full row: late clicks can leave entries in it that no nightly needs any more, and
+        # dropping its oldest could drop one that yesterday's still does. Keep what the nightlies
+        # not run yet of the newest click's day and the day before need (at most the row).
+        newest = max(self.event_time_ms, ts_ms, self.histories.newest_ms(user_id) or ts_ms)
+        days = dates_around(date_of(newest, self.tcfg.schedule_timezone), OVERFLOW_DEPTH - 1, 0)
+        entries = sorted([*overflow[user_id], dropped], key=itemgetter(1))
+        history = self.histories.get(user_id, [])
+        kept = newest_before(entries, history, self._unretrained_day_starts(days), self.model_cfg.history_len)
+        if kept:
+            overflow[user_id] = kept
+        else:
+            del overflow[user_id]
 
     def pre_day_history(self, user_id: str, day_start_ms: int) -> list[tuple[str, int]]:
         """The user's newest ``history_len`` clicks before ``day_start_ms`` that the state holds
@@ -193,16 +212,20 @@ class TrainerState:
 
     def nightly_trained(self, date: str) -> None:
         """Record the nightly retrain of ``date`` (ISO, in ``trainer.schedule_timezone``) and drop
-        from :attr:`history_overflow` what no nightly of a later day can need: an entry is kept
-        while it is among a user's newest ``history_len`` before the start of some day after
-        ``date`` up to the day of the state's event time (the newest ``OVERFLOW_DEPTH`` days)."""
+        from :attr:`history_overflow` what no nightly still to run can need: an entry is kept
+        while it is among a user's newest ``history_len`` before the start of a day not retrained
+        yet, from the day before ``date`` to ``OVERFLOW_DEPTH`` days after it. (Days from
+        ``date``, not from the state's event time, which one click from the future would move.)"""
         self.nightly_done.append(date)
-        tz = self.tcfg.schedule_timezone
-        first = dt.date.fromisoformat(date) + dt.timedelta(days=1)
-        last = max(first, date_of(self.event_time_ms, tz))
-        days = max(0, min((last - first).days + 1, OVERFLOW_DEPTH))
-        starts = [day_bounds_ms(last - dt.timedelta(days=back), tz)[0] for back in range(days)]
-        self.history_overflow.keep_newest_before(starts, self.model_cfg.history_len, self.histories)
+        days = dates_around(dt.date.fromisoformat(date), OVERFLOW_DEPTH - 1, OVERFLOW_DEPTH)
+        self.history_overflow.keep_newest_before(
+            self._unretrained_day_starts(days), self.model_cfg.history_len, self.histories
+        )
+
+    def _unretrained_day_starts(self, dates: Iterable[dt.date]) -> list[int]:
+        """The starts (epoch ms) of those of ``dates`` whose nightly has not run."""
+        done = set(self.nightly_done)
+        return day_starts_ms((d for d in dates if d.isoformat() not in done), self.tcfg.schedule_timezone)
 
     def observe_impression(self, impression: Interaction) -> None:
         """Record what a request showed and what it retrieved but did not show (hard negatives).
@@ -694,6 +717,21 @@ def _take(array: np.ndarray, slots: np.ndarray | None, n: int) -> torch.Tensor:
     return torch.from_numpy(array[:n].copy() if slots is None else array[slots])
 
 
+def newest_before(
+    entries: Sequence[tuple[str, int]], newer: Sequence[tuple[str, int]], starts: Iterable[int], length: int
+) -> list[tuple[str, int]]:
+    """Those of ``entries`` (in time order) that are among the newest ``length`` before one of
+    ``starts``, ``newer``'s entries (all newer than ``entries``) counted first: the rule of
+    :meth:`HistoryColumns.keep_newest_before` for one user."""
+    times = [ts for _, ts in entries]
+    keep: set[int] = set()
+    for start in starts:
+        room = max(length - sum(ts < start for _, ts in newer), 0)
+        end = bisect_left(times, start)
+        keep.update(range(max(0, end - room), end))
+    return [pair for i, pair in enumerate(entries) if i in keep]
+
+
 class _SlotKeyed:
     """The key side of the column stores below: which keys have a slot (``self.slots``)."""
 
@@ -819,6 +857,11 @@ class HistoryColumns(_SlotKeyed, MutableMapping[str, list[tuple[str, int]]]):
             return None
         return self.ts_base + int(self.times[slot, int(self.size[slot]) - 1])
 
+    def is_full(self, user: str) -> bool:
+        """Whether the user's entries fill its row (the next one appended drops the oldest)."""
+        slot = self.slots.slot.get(user)
+        return slot is not None and int(self.size[slot]) == self.length
+
     def keep_newest_before(self, starts: Sequence[int], length: int, newer: HistoryColumns) -> None:
         """Keep of each user's entries those among its newest ``length`` before one of ``starts``
         (epoch ms), its entries in ``newer`` counted first (they are all newer than its entries
@@ -827,7 +870,7 @@ class HistoryColumns(_SlotKeyed, MutableMapping[str, list[tuple[str, int]]]):
         Column-wise, ``PRUNE_ROWS`` users at a time: no Python step per user or entry.
         """
         users, live = self.slots.live()
-        if not users or not starts:
+        if not users:
             return
         slots = np.arange(len(users)) if live is None else live
         other = newer.slots.lookup(users, len(users))

@@ -227,7 +227,7 @@ class Checkpoint:
     history_overflow: Histories = field(default_factory=Histories.empty)
     """Entries the histories no longer hold that a nightly retrain may still need, oldest first:
     clicks from before a day that later clicks pushed out (``TrainerState.history_overflow``).
-    Absent from files written before it (they load with none)."""
+    An optional key of format-3 files: those written before it load with none."""
     profiles: Profiles = field(default_factory=Profiles.empty)
     catalog: Catalog = field(default_factory=Catalog.empty)
     hard_negatives: HardNegatives = field(default_factory=HardNegatives.empty)
@@ -495,7 +495,7 @@ def decode(data: dict[str, Any]) -> Checkpoint:
         event_time_ms=int(data["event_time_ms"]),
         histories=_decode_histories(data["histories"], data["format"]),
         history_overflow=(
-            _decode_histories(data["history_overflow"], FORMAT, "history_overflow")  # new in format 3
+            _decode_histories(data["history_overflow"], data["format"], "history_overflow")
             if "history_overflow" in data
             else Histories.empty()
         ),
