@@ -482,7 +482,8 @@ def test_read_back_goes_day_by_day_until_every_history_is_whole() -> None:
     on_day = _day_clicks("u0", 5, day[0] + 1_000, "d")
     state.observe_clicks(on_day)  # a streaming trainer counted them: every pre-day click of u0 is out
     assert nightly.lost_pre_day_clicks(state, day, on_day, counted=on_day) == {}  # the overflow holds them
-    state.history_overflow.clear()  # as in a checkpoint written before the overflow
+    state.history_overflow.clear()  # as resumed from a checkpoint written before the overflow
+    state.overflow_since_ms = state.event_time_ms
     lost = nightly.lost_pre_day_clicks(state, day, on_day, counted=on_day)
     assert lost == {"u0": 5}  # 9 lost, 5 needed
     asked: list[int] = []
@@ -517,6 +518,7 @@ def test_read_back_skips_users_who_lost_nothing() -> None:
     full = _day_clicks("full", 2, day[0] - 3_600_000, "f") + _day_clicks("full", 3, day[0] + 1_000, "g")
     idle = _day_clicks("idle", 7, day[0] - 3_600_000, "i") + _day_clicks("idle", 5, day[1] + 1_000, "j")
     state.observe_clicks(sorted(new + full + idle, key=lambda c: c.ts_ms))
+    state.overflow_since_ms = state.event_time_ms  # the count bound alone (the overflow not trusted)
     on_day = [c for c in new + full if c.ts_ms >= day[0]]
     assert nightly.lost_pre_day_clicks(state, day, on_day, counted=on_day) == {}
     # the same state, had the streaming trainer not counted the day's clicks of "full": its count
@@ -557,7 +559,10 @@ def test_beside_a_streaming_trainer_the_nightly_starts_from_the_histories_before
         raise AssertionError("nothing to read back")
 
     lost = nightly.lost_pre_day_clicks(streaming, day, on_day, counted=on_day)
-    assert lost == {}
+    assert lost == {} and streaming.holds_pre_day_histories(day[0])
+    streaming.overflow_since_ms = streaming.event_time_ms  # the count bound alone agrees
+    assert nightly.lost_pre_day_clicks(streaming, day, on_day, counted=on_day) == {}
+    streaming.overflow_since_ms = 0
     assert nightly.read_back_lost_clicks(streaming, day, lost, read_day, max_days=7) == []
     got = nightly.build_examples(streaming, on_day, day[0])
     assert [(c.event_id, h) for c, h in got] == [(c.event_id, h) for c, h in expected]
@@ -655,3 +660,22 @@ def test_pruning_an_overflow_keeps_each_user_s_newest_entries_before_each_day_st
     assert dict(overflow) == expected
     overflow["new"] = [("x", 1)]  # freed slots are reused
     assert overflow["new"] == [("x", 1)]
+
+
+def test_the_overflow_is_trusted_for_a_day_only_when_kept_since_it_began_and_the_stream_is_near() -> None:
+    """No read-back when the state kept its overflow since before the day and its event time is
+    at most the next day; a state resumed from a checkpoint without the overflow trusts it only
+    for days that begin after that checkpoint's event time."""
+    state = TrainerState(ModelConfig(dim=8, id_dim=4, history_len=2), TrainerConfig())
+    d10, d11, d12 = (d * 86_400_000 for d in (10, 11, 12))
+    state.observe_clicks(_day_clicks("u", 1, d11 + 5, "a"))
+    assert state.holds_pre_day_histories(d11) and state.holds_pre_day_histories(d10)
+    state.observe_clicks(_day_clicks("u", 1, d12 + 5, "b"))
+    assert state.holds_pre_day_histories(d11) and not state.holds_pre_day_histories(d10)
+    data = checkpoint.encode(state.to_checkpoint({}))
+    del data["history_overflow"], data["extra"]["overflow_since_ms"]  # written before the overflow
+    resumed = TrainerState.from_checkpoint(checkpoint.decode(data), state.tcfg)
+    assert resumed.overflow_since_ms == d12 + 5
+    assert not resumed.holds_pre_day_histories(d12) and resumed.holds_pre_day_histories(d12 + 86_400_000)
+    again = TrainerState.from_checkpoint(state.to_checkpoint({}), state.tcfg)
+    assert again.overflow_since_ms == 0 and again.holds_pre_day_histories(d11)

@@ -261,9 +261,13 @@ def lost_pre_day_clicks(
     sightings, less those of the day's clicks the state counted (``counted``), less the clicks
     after the day it holds. So a user whose first clicks came on the day, or who has held every click it ever
     made, lost nothing. A user whose row expired (its count starts again) counts as having lost
-    none: what it had is older than the row TTL.
+    none: what it had is older than the row TTL. None lost anything when the state says its
+    overflow holds what the day needs (:meth:`TrainerState.holds_pre_day_histories`), the usual
+    case: a nightly that runs the day after its date, beside a trainer that kept the overflow.
     """
     start_ms, end_ms = day
+    if state.holds_pre_day_histories(start_ms):
+        return {}
     on_day: dict[str, int] = {}
     for click in counted:
         on_day[click.user_id] = on_day.get(click.user_id, 0) + 1

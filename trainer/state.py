@@ -64,6 +64,8 @@ OVERFLOW_DEPTH = 2
 """A history's overflow keeps at most this many times ``history_len`` entries per user, for the
 nightly retrains of at most this many days (in steady state one is pending: yesterday's, until
 it runs; what is dropped beyond, a nightly reads back from Kafka)."""
+OVERFLOW_SINCE = "overflow_since_ms"
+"""The checkpoint's ``extra`` key of :attr:`TrainerState.overflow_since_ms`."""
 PRUNE_ROWS = 65_536
 """Users whose overflow is pruned in one column-wise step (bounds its temporary arrays)."""
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -122,6 +124,9 @@ class TrainerState:
         self.history_overflow = HistoryColumns(OVERFLOW_DEPTH * model_cfg.history_len)
         """What later clicks pushed out of :attr:`histories` that a nightly retrain may still need
         (see :meth:`remember`), newest ``OVERFLOW_DEPTH · history_len`` per user."""
+        self.overflow_since_ms = 0
+        """Event time from which :attr:`history_overflow` has kept what it should (a state resumed
+        from a checkpoint written before it: that checkpoint's event time)."""
         self._day_start = DayStarts(trainer_cfg.schedule_timezone)
         self.removed_items: list[tuple[int, str]] = []
         self.nightly_done: list[str] = []
@@ -217,10 +222,21 @@ class TrainerState:
         yet, from the day before ``date`` to ``OVERFLOW_DEPTH`` days after it. (Days from
         ``date``, not from the state's event time, which one click from the future would move.)"""
         self.nightly_done.append(date)
-        days = dates_around(dt.date.fromisoformat(date), OVERFLOW_DEPTH - 1, OVERFLOW_DEPTH)
-        self.history_overflow.keep_newest_before(
-            self._unretrained_day_starts(days), self.model_cfg.history_len, self.histories
-        )
+        near = dates_around(dt.date.fromisoformat(date), OVERFLOW_DEPTH - 1, OVERFLOW_DEPTH)
+        # and the days around the stream's, which a rerun of an old date must not prune
+        now = dates_around(date_of(self.event_time_ms, self.tcfg.schedule_timezone), OVERFLOW_DEPTH - 1, 0)
+        starts = self._unretrained_day_starts(sorted({*near, *now}))
+        self.history_overflow.keep_newest_before(starts, self.model_cfg.history_len, self.histories)
+
+    def holds_pre_day_histories(self, day_start_ms: int) -> bool:
+        """Whether histories and overflow hold every user's newest ``history_len`` clicks before
+        the day that starts at ``day_start_ms``: the overflow has kept what it should since
+        before the day began, and the stream has not reached the second day after it (until then
+        no pruning or full row drops what that day's nightly needs)."""
+        if self.overflow_since_ms > day_start_ms:
+            return False
+        tz = self.tcfg.schedule_timezone
+        return (date_of(self.event_time_ms, tz) - date_of(day_start_ms, tz)).days <= 1
 
     def _unretrained_day_starts(self, dates: Iterable[dt.date]) -> list[int]:
         """The starts (epoch ms) of those of ``dates`` whose nightly has not run."""
@@ -573,6 +589,7 @@ class TrainerState:
                 "dense_optimizer": self.dense_optimizer.state_dict(),
                 "category_index": dict(self.categories),
                 "nightly_done": list(self.nightly_done),
+                OVERFLOW_SINCE: self.overflow_since_ms,
                 "generator": self.generator.get_state(),
                 **(extra or {}),
             },
@@ -633,6 +650,7 @@ class TrainerState:
         state.history_overflow = HistoryColumns.from_columns(ckpt.history_overflow, OVERFLOW_DEPTH * mcfg.history_len)
         state.removed_items = list(ckpt.removed_items)
         state.nightly_done = list(extra.get("nightly_done", []))
+        state.overflow_since_ms = int(extra.get(OVERFLOW_SINCE, ckpt.event_time_ms))  # older files: from now
         state.seq = ckpt.seq
         state.dense_version = ckpt.dense_version
         state.event_time_ms = ckpt.event_time_ms
