@@ -202,12 +202,34 @@ def test_nightly_owning_the_state_first_merges_a_handoff_left_waiting(config: Co
     assert not (state_dir / handoff.FILENAME).exists()
 
 
+def _days_read_back(monkeypatch: pytest.MonkeyPatch) -> list[dt.date]:
+    """Records the days the nightly reads back (:func:`trainer.nightly.load_day`)."""
+    days: list[dt.date] = []
+    load = nightly.load_day
+
+    def spy(cfg: Config, topics: Any, date: dt.date) -> list[Interaction]:
+        days.append(date)
+        return load(cfg, topics, date)
+
+    monkeypatch.setattr(nightly, "load_day", spy)
+    return days
+
+
+def _as_written_before_the_overflow(state_dir: Path) -> None:
+    """Rewrite the checkpoint as the code before the history overflow wrote it."""
+    ckpt = checkpoint.load(state_dir)
+    assert ckpt is not None and len(ckpt.history_overflow)
+    data = checkpoint.encode(ckpt)
+    del data["history_overflow"], data["extra"]["overflow_since_ms"]
+    torch.save(data, checkpoint.path_in(state_dir))
+
+
 def test_nightly_completes_the_pre_day_history_a_busy_day_pushed_out(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A streaming trainer saw the day before and the day: a user's history (5 long) holds only
     the day's last clicks. The nightly's first example of the day must still see the 5 clicks
-    before the day, read back from the day before."""
+    before the day: the checkpoint's history overflow holds them, and no day is read back."""
     cfg = _small(config)
     start, _ = day_bounds_ms(DAY, "UTC")
     before = _clicks("p", 7, start - 8 * 3_600_000, users=1)  # the day before: u0's 7 clicks
@@ -217,17 +239,21 @@ def test_nightly_completes_the_pre_day_history_a_busy_day_pushed_out(
     ckpt = checkpoint.load(cfg.trainer.state_dir)
     assert ckpt is not None and _counts(ckpt) == (16, 16)
     assert all(ts >= start for _, ts in ckpt.histories.as_dict()["u0"])
+    assert ckpt.history_overflow.as_dict()["u0"] == _expected_histories(before, 5)["u0"]
     seen = _example_histories(monkeypatch)
+    read_back = _days_read_back(monkeypatch)
     assert run_nightly(cfg, DAY, progress=False).examples == 9
     assert seen[0] == _expected_histories(before, 5)["u0"]
     assert seen[3] == _expected_histories(before + during[:3], 5)["u0"]
+    assert read_back == []
 
 
 def test_nightly_reads_back_as_many_days_as_the_lost_history_spans(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As above, but u0's 5 clicks before the day fell on two days: 3 two days before, 2 the day
-    before. The nightly reads back both days (``trainer.nightly_history_days``)."""
+    before, and the checkpoint was written before the history overflow (an upgrade): the nightly
+    reads back both days (``trainer.nightly_history_days``)."""
     cfg = _small(config)
     start, _ = day_bounds_ms(DAY, "UTC")
     two_back = _clicks("q", 3, start - 30 * 3_600_000, users=1)
@@ -237,10 +263,13 @@ def test_nightly_reads_back_as_many_days_as_the_lost_history_spans(
     _stream_until_idle(cfg)
     ckpt = checkpoint.load(cfg.trainer.state_dir)
     assert ckpt is not None and all(ts >= start for _, ts in ckpt.histories.as_dict()["u0"])
+    _as_written_before_the_overflow(Path(cfg.trainer.state_dir))
     seen = _example_histories(monkeypatch)
+    read_back = _days_read_back(monkeypatch)
     assert run_nightly(cfg, DAY, progress=False).examples == 9
     assert seen[0] == _expected_histories(two_back + one_back, 5)["u0"]
     assert len(seen[0]) == 5
+    assert read_back == [DAY - dt.timedelta(days=1), DAY - dt.timedelta(days=2)]
 
 
 def test_streaming_trainer_started_after_nightly_only_days_does_not_count_them_again(config: Config) -> None:
