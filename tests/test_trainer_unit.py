@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from trainer import nightly
+from trainer import state as state_module
 from trainer.id_table import IdTable
 from trainer.losses import candidate_log_q, popularity_distribution, sample_with_replacement, sampled_softmax_loss
 from trainer.ordering import EventTimeMerger
@@ -632,9 +633,12 @@ def test_times_far_in_the_future_neither_fail_nor_empty_the_overflow() -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_pruning_an_overflow_keeps_each_user_s_newest_entries_before_each_day_start(seed: int) -> None:
+def test_pruning_an_overflow_keeps_each_user_s_newest_entries_before_each_day_start(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Column-wise pruning against a per-user reference, over users with and without a history,
-    freed slots, one or several day starts."""
+    freed slots, one or several day starts, in steps of all users or of 7."""
+    monkeypatch.setattr(state_module, "PRUNE_ROWS", 7 if seed % 2 else 65_536)
     rng = np.random.default_rng(seed)
     length = int(rng.integers(1, 5))
     overflow, history = HistoryColumns(2 * length), HistoryColumns(length)

@@ -66,6 +66,8 @@ nightly retrains of at most this many days (in steady state one is pending: yest
 it runs; what is dropped beyond, a nightly reads back from Kafka)."""
 OVERFLOW_SINCE = "overflow_since_ms"
 """The checkpoint's ``extra`` key of :attr:`TrainerState.overflow_since_ms`."""
+NEVER = np.iinfo(np.int64).max
+"""A time no day starts after (an empty slot of a row in a column-wise comparison)."""
 PRUNE_ROWS = 65_536
 """Users whose overflow is pruned in one column-wise step (bounds its temporary arrays)."""
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -219,8 +221,10 @@ class TrainerState:
         """Record the nightly retrain of ``date`` (ISO, in ``trainer.schedule_timezone``) and drop
         from :attr:`history_overflow` what no nightly still to run can need: an entry is kept
         while it is among a user's newest ``history_len`` before the start of a day not retrained
-        yet, from the day before ``date`` to ``OVERFLOW_DEPTH`` days after it. (Days from
-        ``date``, not from the state's event time, which one click from the future would move.)"""
+        yet: from the day before ``date`` to ``OVERFLOW_DEPTH`` days after it, and the day of the
+        state's event time and the day before (both: a rerun of an old date must not prune what
+        the stream's nightlies need, nor one click from the future, which moves the event time,
+        what the next one needs)."""
         self.nightly_done.append(date)
         near = dates_around(dt.date.fromisoformat(date), OVERFLOW_DEPTH - 1, OVERFLOW_DEPTH)
         # and the days around the stream's, which a rerun of an old date must not prune
@@ -899,15 +903,15 @@ class HistoryColumns(_SlotKeyed, MutableMapping[str, list[tuple[str, int]]]):
             times = self.times[rows].astype(np.int64) + self.ts_base
             valid = col < size[:, None]
             held = theirs >= 0
+            newer_times = np.full((len(rows), 1), NEVER)  # the users' entries in ``newer``, NEVER: none
             if held.any():
                 them = np.where(held, theirs, 0)
-                newer_times = newer.times[them].astype(np.int64) + newer.ts_base
-                newer_valid = (np.arange(newer.length) < newer.size[them][:, None]) & held[:, None]
+                there = (np.arange(newer.length) < newer.size[them][:, None]) & held[:, None]
+                newer_times = np.where(there, newer.times[them].astype(np.int64) + newer.ts_base, NEVER)
             keep = np.zeros_like(valid)
             for start in starts:
                 before = (valid & (times < start)).sum(axis=1)  # a prefix: entries are in time order
-                counted = (newer_valid & (newer_times < start)).sum(axis=1) if held.any() else 0
-                room = np.maximum(length - counted, 0)
+                room = np.maximum(length - (newer_times < start).sum(axis=1), 0)
                 keep |= (col >= (before - room)[:, None]) & (col < before[:, None])
             order = np.argsort(~keep, axis=1, kind="stable")  # kept entries first, in their order
             kept = keep.sum(axis=1)
