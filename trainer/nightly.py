@@ -259,11 +259,12 @@ def lost_pre_day_clicks(
     of them while a nightly may need it (:attr:`TrainerState.history_overflow`), and counts every
     click it saw (its user table's sightings). A user's clicks before the day number at most: its
     sightings, less those of the day's clicks the state counted (``counted``), less the clicks
-    after the day it holds. So a user whose first clicks came on the day, or who has held every click it ever
-    made, lost nothing. A user whose row expired (its count starts again) counts as having lost
-    none: what it had is older than the row TTL. None lost anything when the state says its
-    overflow holds what the day needs (:meth:`TrainerState.holds_pre_day_histories`), the usual
-    case: a nightly that runs the day after its date, beside a trainer that kept the overflow.
+    after the day it holds. So a user whose first clicks came on the day, or who has held every
+    click it ever made, lost nothing. A user whose row expired (its count starts again) counts as
+    having lost none: what it had is older than the row TTL. None lost anything when the state
+    says its overflow holds what the day needs (:meth:`TrainerState.holds_pre_day_histories`),
+    the usual case: a nightly that runs the day after its date, beside a trainer that kept the
+    overflow.
     """
     start_ms, end_ms = day
     if state.holds_pre_day_histories(start_ms):
