@@ -156,12 +156,12 @@ def make_policies(
                 cfg = load_config()
                 model_cfg = model_cfg or cfg.model
                 trainer_cfg = trainer_cfg or cfg.trainer.model_copy(update={"seed": protocol.seed})
-            # the protocol's days are UTC days (the state keeps a history's overflow by them)
-            trainer_cfg = trainer_cfg.model_copy(update={"schedule_timezone": "UTC"})
             tower = "mind" if "_mind_" in name else "default"
             key = (tower, tuple(sorted(overrides.items())))
             if key not in warm_starts:  # policies differing only in streaming share one bootstrap
                 mcfg, tcfg = with_overrides(model_cfg, trainer_cfg, overrides)
+                # the protocol's days are UTC days (the state keeps a history's overflow by them)
+                tcfg = tcfg.model_copy(update={"schedule_timezone": "UTC"})
                 if tower == "mind":
                     if "user_tower" not in type(mcfg).model_fields:
                         raise ValueError("this model has no MIND user tower (model.user_tower)")

@@ -561,9 +561,6 @@ def test_beside_a_streaming_trainer_the_nightly_starts_from_the_histories_before
 
     lost = nightly.lost_pre_day_clicks(streaming, day, on_day, counted=on_day)
     assert lost == {} and streaming.holds_pre_day_histories(day[0])
-    streaming.overflow_since_ms = streaming.event_time_ms  # the count bound alone agrees
-    assert nightly.lost_pre_day_clicks(streaming, day, on_day, counted=on_day) == {}
-    streaming.overflow_since_ms = 0
     assert nightly.read_back_lost_clicks(streaming, day, lost, read_day, max_days=7) == []
     got = nightly.build_examples(streaming, on_day, day[0])
     assert [(c.event_id, h) for c, h in got] == [(c.event_id, h) for c, h in expected]
@@ -683,3 +680,56 @@ def test_the_overflow_is_trusted_for_a_day_only_when_kept_since_it_began_and_the
     assert not resumed.holds_pre_day_histories(d12) and resumed.holds_pre_day_histories(d12 + 86_400_000)
     again = TrainerState.from_checkpoint(state.to_checkpoint({}), state.tcfg)
     assert again.overflow_since_ms == 0 and again.holds_pre_day_histories(d11)
+
+
+def test_the_overflow_is_not_trusted_for_a_day_already_retrained_or_starting_at_an_upgrade() -> None:
+    """A forced rerun of a day whose nightly pruned the overflow reads back; so does a day that
+    begins exactly at the event time of a checkpoint written before the overflow (whole-day
+    timestamps make that the usual case)."""
+    state = TrainerState(ModelConfig(dim=8, id_dim=4, history_len=2), TrainerConfig())
+    d11 = 11 * 86_400_000
+    before, on_day = _day_clicks("u", 2, d11 - 43_200_000, "a"), _day_clicks("u", 2, d11 + 1_000, "b")
+    state.observe_clicks(before + on_day)
+    assert state.holds_pre_day_histories(d11) and len(state.pre_day_history("u", d11)) == 2
+    state.nightly_trained("1970-01-12")
+    assert not state.holds_pre_day_histories(d11)
+    lost = nightly.lost_pre_day_clicks(state, (d11, d11 + 86_400_000), on_day, counted=on_day)
+    assert lost == {"u": 2}
+    found = nightly.read_back_lost_clicks(state, (d11, d11 + 86_400_000), lost, lambda back: before, max_days=1)
+    assert nightly.build_examples(state, on_day, d11, found)[0][1] == [(c.item_id, c.ts_ms) for c in before]
+
+    state = TrainerState(ModelConfig(dim=8, id_dim=4, history_len=1), TrainerConfig())
+    state.observe_clicks([Interaction("a", "r", "u", "a", CLICK, 0, d11 - 86_395_000)])
+    state.observe_clicks([Interaction("b", "r", "u", "b", CLICK, 0, d11)])
+    data = checkpoint.encode(state.to_checkpoint({}))
+    del data["history_overflow"], data["extra"]["overflow_since_ms"]  # written before the overflow
+    resumed = TrainerState.from_checkpoint(checkpoint.decode(data), state.tcfg)
+    assert resumed.overflow_since_ms == d11 and not resumed.holds_pre_day_histories(d11)
+
+
+def test_without_the_overflow_trusted_the_read_back_completes_the_history_alone() -> None:
+    """history_len 2. The overflow of the nightly of day 11, run two days late, lacks a1 and a2
+    (pruned by a full row) but holds x, a late click between them: the read-back must give the
+    newest two before the day, x and a2, not a1 in front of x."""
+    state = TrainerState(ModelConfig(dim=8, id_dim=4, history_len=2), TrainerConfig())
+    hour = 3_600_000
+
+    def at(name: str, day: int, h: int) -> Interaction:
+        return Interaction(name, "r", "u", name, CLICK, 0, day * 24 * hour + h * hour)
+
+    a1, a2, b1, b2, c1, e1, e2, x = (
+        at("a1", 10, 6),
+        at("a2", 10, 18),
+        at("b1", 11, 6),
+        at("b2", 11, 12),
+        at("c1", 12, 12),
+        at("e1", 13, 6),
+        at("e2", 13, 7),
+        at("x", 10, 12),
+    )
+    state.observe_clicks([a1, a2, b1, b2, c1, e1, e2, x])
+    day = (11 * 24 * hour, 12 * 24 * hour)
+    assert not state.holds_pre_day_histories(day[0])
+    lost = nightly.lost_pre_day_clicks(state, day, [b1, b2], counted=[b1, b2])
+    found = nightly.read_back_lost_clicks(state, day, lost, lambda back: [a1, x, a2] if back == 1 else [], max_days=7)
+    assert nightly.build_examples(state, [b1, b2], day[0], found)[0][1] == [("x", x.ts_ms), ("a2", a2.ts_ms)]

@@ -226,16 +226,26 @@ def _may_have_lost_pre_day(n_held: int, n_before_day: int, hist_len: int) -> boo
 def _pre_day_histories(
     state: TrainerState, users: Iterable[str], day_start_ms: int
 ) -> tuple[dict[str, list[tuple[str, int]]], set[str]]:
-    """What the state holds of each of ``users``' history from before the day (oldest first; its
-    history and what overflowed from it), and those of them it may have lost some of it for."""
+    """What the state holds of each of ``users``' history from before the day (oldest first), and
+    those of them it may have lost some of it for.
+
+    With the overflow trusted for the day (:meth:`TrainerState.holds_pre_day_histories`), its
+    history and what overflowed from it; otherwise its history alone, which holds a user's
+    newest clicks without a gap, as the read-back (:func:`_lost`) assumes: what a pruned or
+    overfilled overflow holds need not be.
+    """
     hist_len = state.model_cfg.history_len
+    trusted = state.holds_pre_day_histories(day_start_ms)
     held: dict[str, list[tuple[str, int]]] = {}
     short = set()
     for user in users:
         history = state.histories.get(user)
         if history is None:
             continue
-        held[user] = state.pre_day_history(user, day_start_ms)
+        if trusted:
+            held[user] = state.pre_day_history(user, day_start_ms)
+        else:
+            held[user] = [(i, t) for i, t in history if t < day_start_ms]
         if _may_have_lost_pre_day(len(history), len(held[user]), hist_len):
             short.add(user)
     return held, short
@@ -255,16 +265,15 @@ def lost_pre_day_clicks(
     state's history, at most (and at most as many as fill ``model.history_len``); users who lost
     none are left out.
 
-    The state holds each user's newest ``history_len`` clicks, what later days' clicks pushed out
-    of them while a nightly may need it (:attr:`TrainerState.history_overflow`), and counts every
-    click it saw (its user table's sightings). A user's clicks before the day number at most: its
-    sightings, less those of the day's clicks the state counted (``counted``), less the clicks
-    after the day it holds. So a user whose first clicks came on the day, or who has held every
-    click it ever made, lost nothing. A user whose row expired (its count starts again) counts as
-    having lost none: what it had is older than the row TTL. None lost anything when the state
-    says its overflow holds what the day needs (:meth:`TrainerState.holds_pre_day_histories`),
-    the usual case: a nightly that runs the day after its date, beside a trainer that kept the
-    overflow.
+    The state holds each user's newest ``history_len`` clicks and counts every click it saw (its
+    user table's sightings). A user's clicks before the day number at most: its sightings, less
+    those of the day's clicks the state counted (``counted``), less the clicks after the day it
+    holds. So a user whose first clicks came on the day, or who has held every click it ever
+    made, lost nothing. A user whose row expired (its count starts again) counts as having lost
+    none: what it had is older than the row TTL. None lost anything when the state says its
+    overflow holds what the day needs (:meth:`TrainerState.holds_pre_day_histories`), the usual
+    case: a nightly that runs the day after its date, beside a trainer that kept the overflow.
+    Otherwise the overflow is left out: what the read-back finds completes the history alone.
     """
     start_ms, end_ms = day
     if state.holds_pre_day_histories(start_ms):
@@ -276,7 +285,7 @@ def lost_pre_day_clicks(
     held, short = _pre_day_histories(state, {c.user_id for c in clicks}, start_ms)
     out = {}
     for user in short:
-        after = sum(t >= end_ms for _, t in (*state.histories[user], *state.history_overflow.get(user, ())))
+        after = sum(t >= end_ms for _, t in state.histories[user])
         before = len(held[user])
         lost = state.users.sightings(user) - on_day.get(user, 0) - after - before
         if lost > 0:

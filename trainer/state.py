@@ -235,12 +235,17 @@ class TrainerState:
     def holds_pre_day_histories(self, day_start_ms: int) -> bool:
         """Whether histories and overflow hold every user's newest ``history_len`` clicks before
         the day that starts at ``day_start_ms``: the overflow has kept what it should since
-        before the day began, and the stream has not reached the second day after it (until then
-        no pruning or full row drops what that day's nightly needs)."""
-        if self.overflow_since_ms > day_start_ms:
+        before the day began (a state resumed from a checkpoint without it: since after that
+        checkpoint's event time), the day has not been retrained (its nightly prunes what only
+        it needed), and the stream has not reached the second day after it (until then no
+        pruning or full row drops what that day's nightly needs)."""
+        if self.overflow_since_ms >= day_start_ms:
             return False
         tz = self.tcfg.schedule_timezone
-        return (date_of(self.event_time_ms, tz) - date_of(day_start_ms, tz)).days <= 1
+        day = date_of(day_start_ms, tz)
+        if day.isoformat() in self.nightly_done:
+            return False
+        return (date_of(self.event_time_ms, tz) - day).days <= 1
 
     def _unretrained_day_starts(self, dates: Iterable[dt.date]) -> list[int]:
         """The starts (epoch ms) of those of ``dates`` whose nightly has not run."""
