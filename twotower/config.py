@@ -223,13 +223,13 @@ class TrainerConfig(_Section):
     """The nightly read starts and ends this far outside the day (by Kafka timestamp) to catch
     out-of-order events; each event's own time then decides whether it belongs to the day."""
     nightly_history_days: int = Field(default=7, ge=0)
-    """How many days before the retrained day the nightly may read back, for users who click on
-    the day and whose earlier clicks the state no longer holds in full: neither in the history
-    nor in its overflow (which keeps what the day's clicks pushed out; the nightly reads nothing
-    back while the state says it holds everything, and reads back after an upgrade from a
-    checkpoint without it or when run two or more days late), as the user table's click count
-    says. It reads
-    one day at a time and stops as soon as it has found them all, or every such user has
+    """How many days before the retrained day the nightly may read back from Kafka, for users who
+    click on the day and whose earlier clicks the state no longer holds in full, as the user
+    table's click count says. Beside a streaming trainer the state's history overflow keeps
+    what the day's clicks pushed out, and the nightly reads nothing back while the state says it
+    holds everything; it reads back after an upgrade from a checkpoint without the overflow, when
+    run two or more days late, or on a forced rerun of a date already retrained. It reads one day
+    at a time and stops as soon as it has found them all, or every such user has
     ``model.history_len`` clicks before the day; 0 reads none (their first examples of the day
     then see a shorter history than they had). Needs the events topic's retention to cover
     those days."""
