@@ -15,6 +15,10 @@ Note on retention: the records carry their original (possibly decades-old) times
 Kafka's time-based retention deletes a segment once its newest timestamp is older than
 ``retention.ms`` (7 days by default). A topic meant to keep a replayed history needs
 ``retention.ms=-1``; :func:`replay` logs a warning when the events topic would delete it.
+
+The other way round, the broker refuses a record more than the topic's
+``message.timestamp.after.max.ms`` (Kafka 4: one hour) ahead of its clock; :func:`replay`
+refuses a log with such rows before sending any of it.
 """
 
 from __future__ import annotations
@@ -27,15 +31,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kafka import KafkaAdminClient
-from kafka.admin import ConfigResource, ConfigResourceType
 from tqdm import tqdm
 
-from producers.replay_formats import LogSpec, read_movielens_items
+from producers.replay_formats import LogSpec, SourceRow, read_movielens_items
 from twotower.config import Config
 from twotower.daemon import ShutdownFlag
 from twotower.events import CLICK, CatalogItem, Interaction
-from twotower.kafka_io import ensure_topics, make_producer, send_record
+from twotower.kafka_io import ensure_topics, make_producer, send_record, topic_configs
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +62,40 @@ class ReplayResult:
     """True if a shutdown request stopped it before the end."""
 
 
-def _topic_retention_ms(bootstrap: str, topic: str) -> int | None:
-    """``retention.ms`` of a topic as the broker reports it, or ``None`` if it cannot be read."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="twotower-replay")
-    try:
-        resource = ConfigResource(ConfigResourceType.TOPIC, topic, {"retention.ms": None})
-        described = admin.describe_configs([resource], config_filter="All")
-        return int(described["topic"][topic]["retention.ms"]["value"])
-    except Exception as exc:  # diagnostics only: never fail a replay over a warning
-        log.debug("could not read retention.ms of %s: %s", topic, exc)
-    finally:
-        admin.close()
-    return None
+AHEAD_LIMIT_CONFIG = "message.timestamp.after.max.ms"
+"""The topic setting by which the broker refuses a record whose timestamp (here the event time) is
+further ahead of its clock (Kafka 4's default: one hour)."""
 
 
-def _warn_about_retention(bootstrap: str, topic: str, oldest_ts_ms: int) -> None:
-    retention = _topic_retention_ms(bootstrap, topic)
-    if retention is not None and retention >= 0 and time.time() * 1000 - oldest_ts_ms > retention:
+def _warn_about_retention(retention_ms: int | None, topic: str, oldest_ts_ms: int) -> None:
+    if retention_ms is not None and retention_ms >= 0 and time.time() * 1000 - oldest_ts_ms > retention_ms:
         log.warning(
             "topic %s has retention.ms=%d but the replayed events are older: the broker will delete them at "
             "its next retention check; set retention.ms=-1 on the topic to keep a replayed history",
             topic,
-            retention,
+            retention_ms,
         )
+
+
+def check_not_ahead(path: Path, rows: list[SourceRow], ahead_limit_ms: int | None, now_ms: int) -> None:
+    """Refuse, before anything is sent, a log with rows the broker would refuse: those whose time
+    is more than ``ahead_limit_ms`` after ``now_ms`` (``None``: the broker sets no limit).
+
+    ``rows`` are in event-time order. Sending them would fail those rows only, after the others
+    went out, so that a corrected file could not be replayed into the same topics again.
+
+    Raises:
+        ValueError: naming the first such row's file and line, its time and how many rows are affected.
+    """
+    if ahead_limit_ms is None or not rows or rows[-1].ts_ms - now_ms <= ahead_limit_ms:
+        return
+    ahead = [row for row in rows if row.ts_ms - now_ms > ahead_limit_ms]
+    first = min(ahead, key=lambda row: row.line)
+    raise ValueError(
+        f"{path}:{first.line}: event time {first.ts_ms} ms is {(first.ts_ms - now_ms) / 3_600_000:.1f} h ahead of "
+        f"this machine's clock; the broker refuses records more than {ahead_limit_ms} ms ahead (the events "
+        f"topic's {AHEAD_LIMIT_CONFIG}), and {len(ahead)} row(s) are: nothing was sent"
+    )
 
 
 def _short_name(name: str, keep: int = 64) -> str:
@@ -134,7 +147,11 @@ def replay(
 
     topics = ensure_topics(cfg.kafka)
     if rows:
-        _warn_about_retention(cfg.kafka.bootstrap, topics.events, rows[0].ts_ms)
+        settings = topic_configs(cfg.kafka.bootstrap, topics.events, ["retention.ms", AHEAD_LIMIT_CONFIG])
+        limit_ms = settings.get(AHEAD_LIMIT_CONFIG)
+        check_not_ahead(path, rows, int(limit_ms) if limit_ms is not None else None, int(time.time() * 1000))
+        retention = settings.get("retention.ms")
+        _warn_about_retention(int(retention) if retention is not None else None, topics.events, rows[0].ts_ms)
     # A bulk load: bigger batches and a longer linger roughly double kafka-python's throughput.
     producer = make_producer(cfg.kafka, client_id="twotower-replay", linger_ms=20, batch_size=262_144)
     failures: list[BaseException] = []

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import InvalidTimestampError
 
 from producers.replay import replay
 from producers.replay_formats import LogSpec
@@ -267,3 +268,35 @@ def test_replay_movielens_100k_sends_the_catalogue_first(config: Config, dataset
     assert toy_story.ts_ms == result.first_ts_ms
     events = decode_checked(consume_all(config, topics.events, 200))
     assert len(events) == 200 and min(r.ts_ms for r in events) == 874_724_710_000
+
+
+def test_replay_refuses_a_log_with_times_the_broker_would_refuse(config: Config, tmp_path: Path) -> None:
+    """Kafka 4 refuses a record more than ``message.timestamp.after.max.ms`` (default one hour)
+    ahead of its clock. That keeps one far-future event time from moving the trainer's clock;
+    the replayer finds such rows before sending anything rather than failing them after the rest."""
+    now = int(time.time() * 1000)
+    path = tmp_path / "future.csv"
+    path.write_text(f"user,item,ts\nu1,i1,{now - 60_000}\nu2,i2,{now + 3 * 3_600_000}\n")
+    with pytest.raises(ValueError, match=r"future\.csv:3: event time \d+ ms is 3\.0 h ahead .*nothing was sent"):
+        replay(config, path, LogSpec("csv", time_unit="ms"), progress=False)
+    topic = Topics(config.kafka.topic_prefix).events
+    assert consume_all(config, topic, 0, timeout_s=5) == []
+
+    producer = KafkaProducer(bootstrap_servers=config.kafka.bootstrap)
+    try:  # what the check is for: the broker takes a row just inside its limit, not one beyond
+        producer.send(topic, value=b"x", timestamp_ms=now + 60_000).get(timeout=30)
+        with pytest.raises(InvalidTimestampError):
+            producer.send(topic, value=b"x", timestamp_ms=now + 3 * 3_600_000).get(timeout=30)
+    finally:
+        producer.close(timeout=5)
+
+
+def test_replay_warns_when_the_topic_would_delete_the_history(
+    config: Config, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "old.csv"
+    path.write_text("user,item,ts\nu1,i1,1600000000000\n")
+    week = config.with_overrides({"kafka": {"events_retention_ms": 7 * 86_400_000}})
+    with caplog.at_level("WARNING", logger="producers.replay"):
+        assert replay(week, path, LogSpec("csv", time_unit="ms"), progress=False).events == 1
+    assert "has retention.ms=604800000 but the replayed events are older" in caplog.text

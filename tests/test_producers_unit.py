@@ -9,9 +9,11 @@ import httpx
 import numpy as np
 import pytest
 
+from producers.replay import check_not_ahead
 from producers.replay_formats import (
     MS_THRESHOLD,
     LogSpec,
+    SourceRow,
     guess_columns,
     movielens_genres,
     movielens_items,
@@ -441,3 +443,20 @@ def test_ciao_csv_with_guessed_columns(dataset: Callable[[str], Path]) -> None:
     rows = list(read_csv(dataset("ciao/ratings.csv")))
     assert len(rows) == 36_065
     assert [t for _, _, t in rows] == sorted(t for _, _, t in rows)
+
+
+def test_a_log_with_rows_the_broker_would_refuse_is_refused_whole() -> None:
+    now = 1_700_000_000_000
+    hour = 3_600_000
+    rows = [
+        SourceRow(3, "u", "a", now - hour),
+        SourceRow(1, "u", "b", now + hour),
+        SourceRow(2, "u", "c", now + hour + 1),
+    ]
+    check_not_ahead(Path("log.csv"), rows[:2], hour, now)  # exactly at the limit: the broker takes it
+    check_not_ahead(Path("log.csv"), rows, None, now)  # no limit known: nothing to check
+    with pytest.raises(ValueError, match=r"log\.csv:2: event time \d+ ms is 1\.0 h ahead .* 1 row\(s\) are: nothing"):
+        check_not_ahead(Path("log.csv"), rows, hour, now)
+    late = [SourceRow(5, "u", "a", now + 2 * hour), SourceRow(4, "u", "b", now + 3 * hour)]
+    with pytest.raises(ValueError, match=r"log\.csv:4: .* 2 row\(s\)"):  # the first line, not the newest time
+        check_not_ahead(Path("log.csv"), late, hour, now)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
 from kafka.structs import TopicPartition
 from prometheus_client import Counter
@@ -93,6 +93,27 @@ def ensure_topics(cfg: KafkaConfig) -> Topics:
     finally:
         admin.close()
     return topics
+
+
+def topic_configs(bootstrap: str, topic: str, names: Iterable[str]) -> dict[str, str]:
+    """The values of a topic's settings ``names`` as the broker applies them (its own defaults
+    included); a setting the broker does not know, or could not report, is left out.
+
+    Diagnostics for the producers' own checks: any failure to ask gives ``{}``, never an error."""
+    names = list(names)
+    admin = None
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="twotower-admin")
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic, dict.fromkeys(names))
+        described = admin.describe_configs([resource], config_filter="All")["topic"].get(topic, {})
+        values = {name: described.get(name, {}).get("value") for name in names}
+        return {name: str(value) for name, value in values.items() if value is not None}
+    except Exception as exc:
+        log.debug("could not read %s of topic %s: %s", names, topic, exc)
+        return {}
+    finally:
+        if admin is not None:
+            admin.close()
 
 
 def _wait_for_leaders(admin: KafkaAdminClient, names: list[str], timeout_s: float = 30.0) -> None:
