@@ -6,6 +6,8 @@ Endpoints:
   ``POST /recommend`` (JSON: ``user_id``, ``k``, ``history``, ``profile``, ``exclude``,
   ``category``, ``diversity``, ``context``) → ``{"user_id", "version", "items": [{"item_id", "score",
   "category", "title"}], "took_ms"}``. ``score`` is the cosine of the user and item vectors.
+  In a GET, ``exclude`` and ``category`` may also be repeated (the values add up); ``user_id``,
+  ``k`` and ``diversity`` given twice are a 400.
 * ``GET /health``: the process is alive (200 even before the first snapshot; a worker starting
   while a version is published accepts connections only once it has loaded it, see
   ``retriever.startup_wait_s``).
@@ -37,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
-import json
 import logging
 import math
 import os
@@ -56,8 +57,7 @@ import numpy as np
 import orjson
 import redis
 import torch
-from fastapi import FastAPI, HTTPException, Query
-from fastapi.encoders import jsonable_encoder
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
@@ -139,8 +139,9 @@ class RecommendRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     user_id: Id
-    k: int | None = None
-    """Items to return; default ``retriever.default_k``, at most ``retriever.max_k``."""
+    k: int | None = Field(default=None, strict=True)
+    """Items to return; default ``retriever.default_k``, at most ``retriever.max_k``. A JSON
+    integer (``true``, ``5.0`` or ``"5"`` are refused)."""
     history: list[Id | HistoryEvent] = Field(default_factory=list, max_length=MAX_LIST_LEN)
     """Fresh interactions (item ids, or ``{item_id, ts_ms}``), merged with the stored history."""
     profile: list[Feature] | None = Field(default=None, max_length=MAX_LIST_LEN)
@@ -211,14 +212,27 @@ def decode_profile(raw: bytes | None) -> list[float] | None:
 
 
 def _json_safe(value: Any) -> Any:
-    """``value`` if plain JSON can carry it, else its ``repr``."""
-    try:
-        json.dumps(value, allow_nan=False)  # refuses NaN and infinities, as the response does
-    except ValueError:
-        return repr(value)
-    except TypeError:  # not JSON as it is: left to FastAPI's encoder
-        pass
-    return value
+    """``value`` as plain JSON in UTF-8 can always carry it, for a validation error's detail:
+    what a client sent that the schema refused may not be (a NaN or infinity becomes its
+    ``repr``; a lone surrogate escaped in JSON text, ``\\ud800``, its backslash escape; bytes
+    that are not UTF-8, their decoding with U+FFFD; any other object, its ``str``)."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_json_safe(str(key)): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return _json_safe(str(value))
 
 
 def _split(csv: str | None) -> list[str]:
@@ -559,7 +573,10 @@ def _newest_first(history: Sequence[tuple[str, int]]) -> bool:
     return all(a[1] >= b[1] for a, b in itertools.pairwise(history))
 
 
-_FAST_KEYS = frozenset({"user_id", "k", "exclude", "category", "diversity"})
+_FAST_KEYS = frozenset({"user_id", "k", "diversity"})
+_LIST_KEYS = ("exclude", "category")
+"""GET parameters that are lists: each value is comma-separated, and repeats add to the list
+(``exclude=a&exclude=b`` is ``exclude=a,b``). The others may be given once."""
 _FAST_BOOLS = {"true": True, "false": False, "1": True, "0": False}
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -567,18 +584,21 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 def fast_query(query_string: bytes) -> tuple[str, int | None, list[str], list[str] | None, bool] | None:
     """The arguments of a plain ``GET /recommend`` query, or ``None`` when anything about it
     is unusual (missing or over-long user id, a k that is not a plain integer, a diversity that
-    is not true/false/1/0, a repeated parameter, undecodable bytes): such queries take FastAPI's
-    route, which validates them and answers 422 with its usual detail."""
+    is not true/false/1/0, a repeated ``user_id``, ``k`` or ``diversity``, undecodable bytes):
+    such queries take FastAPI's route, which validates them and answers 4xx with its usual detail."""
     try:
         pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True, errors="strict")
     except (UnicodeDecodeError, ValueError):
         return None
     args: dict[str, str] = {}
+    lists: dict[str, list[str]] = {key: [] for key in _LIST_KEYS}
     for key, value in pairs:
         if key in _FAST_KEYS:
             if key in args:
                 return None
             args[key] = value
+        elif key in lists:
+            lists[key].extend(_split(value))
     user_id = args.get("user_id")
     if user_id is None or not 1 <= len(user_id) <= MAX_ID_LEN:
         return None
@@ -591,8 +611,8 @@ def fast_query(query_string: bytes) -> tuple[str, int | None, list[str], list[st
     return (
         user_id,
         None if k_text is None else int(k_text),
-        _split(args.get("exclude")),
-        _split(args.get("category")) or None,
+        lists["exclude"],
+        lists["category"] or None,
         diversity,
     )
 
@@ -713,25 +733,29 @@ def create_app(cfg: Config, watcher_poll_interval_s: float = 1.0) -> RecommendFr
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: object, exc: RequestValidationError) -> Response:
-        """422 with FastAPI's usual detail; a refused input JSON cannot carry (a NaN or infinity
-        sent in a body) is written as its ``repr`` instead of failing the answer with a 500."""
-        detail = [{**e, "input": _json_safe(e["input"])} if "input" in e else e for e in exc.errors()]
-        return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=422)
+        """422 with FastAPI's usual detail, made safe to write whatever was refused (a NaN, a lone
+        surrogate, bytes that are not UTF-8: see :func:`_json_safe`) rather than failing the
+        answer with a 500."""
+        return JSONResponse({"detail": _json_safe(exc.errors())}, status_code=422)
 
     # response_model documents the body; the handlers return pre-serialised JSON, which
     # FastAPI passes through without validating or re-encoding it
     @app.get("/recommend", response_model=RecommendResponse)
     async def recommend_get(
+        request: Request,
         user_id: str = Query(min_length=1, max_length=MAX_ID_LEN, description="The user."),
         k: int | None = Query(None, description="Items to return."),
-        exclude: str = Query("", description="Comma-separated item ids to leave out."),
-        category: str = Query("", description="Comma-separated categories to keep (default: all)."),
+        exclude: list[str] = Query([], description="Item ids to leave out: comma-separated, or repeated."),
+        category: list[str] = Query([], description="Categories to keep (default: all): comma-separated, or repeated."),
         diversity: bool = Query(False, description="Cap each category at ceil(k/3) items."),
     ) -> Response:
         """Top-k items for a user (history and profile from Redis)."""
-        return _json(
-            await service.recommend(user_id, k, (), None, _split(exclude), _split(category) or None, diversity)
-        )
+        for name in _FAST_KEYS:
+            if len(request.query_params.getlist(name)) > 1:
+                raise HTTPException(400, f"{name} was given more than once")
+        excluded = [part for value in exclude for part in _split(value)]
+        categories = [part for value in category for part in _split(value)] or None
+        return _json(await service.recommend(user_id, k, (), None, excluded, categories, diversity))
 
     @app.post("/recommend", response_model=RecommendResponse)
     async def recommend_post(body: RecommendRequest) -> Response:
