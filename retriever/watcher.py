@@ -235,6 +235,10 @@ class SnapshotWatcher:
             self._failed = (target, time.monotonic() + self.retry_failed_s)
             self._note_error(f"cannot load snapshot version {target}: {exc}")
             return False
+        except Exception as exc:  # a bug, or memory short: the same wait, the traceback logged once
+            self._failed = (target, time.monotonic() + self.retry_failed_s)
+            self._note_error(f"cannot load snapshot version {target}: {exc!r}", traceback=True)
+            return False
         elapsed = time.perf_counter() - started
         if self.on_swap is not None:
             try:
@@ -323,11 +327,15 @@ class SnapshotWatcher:
         except redis.RedisError as exc:  # it lapses after RELOAD_TURN_TTL_S
             log.warning("cannot release the reload turn: %s", exc)
 
-    def _note_error(self, message: str) -> None:
+    def _note_error(self, message: str, traceback: bool = False) -> None:
+        """Count a failure; log it unless it is the one logged last (with the exception being
+        handled when ``traceback``)."""
         self.errors += 1
         SNAPSHOT_ERRORS.inc()
         if message != self._last_error:  # the same failure every second is logged once
-            log.warning("%s; still serving version %s", message, self.state.version if self.state else None)
+            log.warning(
+                "%s; still serving version %s", message, self.state.version if self.state else None, exc_info=traceback
+            )
             self._last_error = message
         else:
             log.debug("%s (again)", message)

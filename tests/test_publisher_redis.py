@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -176,6 +177,37 @@ def test_corrupted_or_missing_chunk_raises_snapshot_error(config: Config) -> Non
         assert store.read_part(meta, "index")  # the other parts are intact
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("parent", "2", "a delta with parent 2"),  # its own parent: chain() once looped for good
+        ("parent", "3", "a delta with parent 3"),  # a newer one: no chain can end that way
+        ("parent", "", "a delta with parent None"),
+        ("base", "2", "a delta with parent 1 and base 2"),
+        ("kind", "fuller", "kind 'fuller'"),
+        ("sha256:items", "x/../../../planted", "not 64 hex digits"),  # a reader names files by it
+        ("sha256:items", "A" * 64, "not 64 hex digits"),
+        ("size:items", "-1", "size -1"),
+        ("chunks:items", "0", "in 0 chunks"),
+        ("created_ms", "soon", "incomplete meta hash"),
+    ],
+)
+def test_a_meta_hash_out_of_its_ranges_is_refused(store: SnapshotStore, field: str, value: str, match: str) -> None:
+    full = encode_full(full_snapshot(make_checkpoint(seq=1)))
+    delta = encode_delta(delta_snapshot(make_checkpoint(seq=2, item_updated=[2] + [1] * 5), since_seq=1))
+    v1 = store.write(FULL, full, None, 1)
+    v2 = store.write(DELTA, delta, v1, 2)
+    assert [m.version for m in store.chain(v2)] == [v1, v2]
+    store.redis.hset(store.layout.meta(v2), field, value)
+    with pytest.raises(SnapshotError, match=re.escape(match)):
+        store.chain(v2)
+    with pytest.raises(SnapshotError):
+        store.rollback(v2)
+    store.redis.hset(store.layout.meta(v1), "parent", "1")  # a full version has none
+    with pytest.raises(SnapshotError, match="a full version with parent 1"):
+        store.meta(v1)
 
 
 def test_parts_are_read_in_bounded_pieces(config: Config) -> None:

@@ -496,6 +496,26 @@ def test_the_watcher_thread_outlives_an_unexpected_failure(
         watcher.stop()
 
 
+def test_an_unexpected_failure_waits_as_long_as_an_expected_one(
+    store: SnapshotStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not read again at every poll (a version too big for memory re-read hundreds of MB each
+    second), and its traceback logged once."""
+    watcher = SnapshotWatcher(store, poll_interval_s=0.05, retry_failed_s=60.0)
+    calls: list[int] = []
+
+    def short(target: int, _state: object) -> None:
+        calls.append(target)
+        raise MemoryError("injected: no room")
+
+    monkeypatch.setattr(watcher, "_build", short)
+    publish_full(store, full_snapshot())
+    with caplog.at_level("WARNING", logger="retriever.watcher"):
+        assert [watcher.refresh() for _ in range(4)] == [False] * 4
+    assert len(calls) == 1 and watcher.errors == 1 and watcher.state is None
+    assert caplog.text.count("Traceback") == 1 and "MemoryError('injected: no room')" in caplog.text
+
+
 def test_watcher_keeps_serving_through_bad_versions(cfg: Config, store: SnapshotStore) -> None:
     watcher = SnapshotWatcher(store, poll_interval_s=0.1, retry_failed_s=60.0)
     assert watcher.refresh() is False and watcher.state is None  # nothing published: waits quietly

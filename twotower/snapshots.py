@@ -30,6 +30,7 @@ new full version before the deltas copied onto it.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 FULL = "full"
 DELTA = "delta"
 DEFAULT_CHUNK_BYTES = 8 << 20
+_SHA256_HEX = re.compile("[0-9a-f]{64}")
 READ_PIECE_BYTES = 1 << 20
 """Bytes of a part read per round trip. Redis builds a reply whole before it serves another
 client, so a big read holds up every other client, the retrievers' request path among them:
@@ -116,13 +118,21 @@ class VersionMeta:
 
     @staticmethod
     def from_hash(version: int, raw: Mapping[bytes, bytes]) -> VersionMeta:
-        data = {k.decode(): v.decode() for k, v in raw.items()}
+        """Parse and check a meta hash: what a reader does with it must stay within the version.
+
+        Raises:
+            SnapshotError: a field is missing or out of its range. A delta's parent must be an
+                older version (so a chain always ends), a full version is its own base, a
+                checksum is 64 hex digits (a reader names files by it), a size and a chunk
+                count are what the writer can have written.
+        """
         try:
+            data = {k.decode(): v.decode() for k, v in raw.items()}
             parts = {
                 name: (data[f"sha256:{name}"], int(data[f"size:{name}"]), int(data[f"chunks:{name}"]))
                 for name in filter(None, data["parts"].split(","))
             }
-            return VersionMeta(
+            meta = VersionMeta(
                 version=version,
                 kind=data["kind"],
                 parent=int(data["parent"]) if data["parent"] else None,
@@ -131,8 +141,28 @@ class VersionMeta:
                 trainer_seq=int(data["trainer_seq"]),
                 parts=parts,
             )
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
             raise SnapshotError(f"version {version} has an incomplete meta hash ({exc})") from None
+        problem = meta._problem()
+        if problem:
+            raise SnapshotError(f"version {version} has a bad meta hash: {problem}")
+        return meta
+
+    def _problem(self) -> str | None:
+        if self.kind == FULL:
+            if self.parent is not None or self.base != self.version:
+                return f"a full version with parent {self.parent} and base {self.base}"
+        elif self.kind == DELTA:
+            if self.parent is None or not 0 < self.parent < self.version or not 0 < self.base <= self.parent:
+                return f"a delta with parent {self.parent} and base {self.base}"
+        else:
+            return f"kind {self.kind!r}"
+        for name, (sha, size, chunks) in self.parts.items():
+            if not _SHA256_HEX.fullmatch(sha):
+                return f"part {name!r} has checksum {sha[:80]!r}, not 64 hex digits"
+            if size < 0 or not 1 <= chunks <= max(1, size):
+                return f"part {name!r} has size {size} in {chunks} chunks"
+        return None
 
 
 class SnapshotStore:
