@@ -80,7 +80,15 @@ from twotower.snapshot_parts import (
     encode_delta,
     encode_full,
 )
-from twotower.snapshots import DELTA, FULL, SnapshotError, SnapshotLayout, SnapshotStore, VersionMeta
+from twotower.snapshots import (
+    DELTA,
+    FULL,
+    MissingVersionError,
+    SnapshotError,
+    SnapshotLayout,
+    SnapshotStore,
+    VersionMeta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -764,7 +772,18 @@ class PublisherDaemon(Daemon):
         last = self._last
         if last is None:
             raise RuntimeError("a delta needs a published parent version")
-        version = store.write(DELTA, encode_delta(delta), last.version, trainer_seq)
+        try:
+            version = store.write(DELTA, encode_delta(delta), last.version, trainer_seq)
+        except MissingVersionError as exc:
+            if exc.version != last.version:
+                raise
+            # Redis lost its data (a restart without it, a restore from an older save): no
+            # delta can go on the chain. As with no version at all, the next one is full.
+            self._last = None
+            self._compaction = None
+            self._ckpt_seq = self._ckpt_mtime = None  # read the checkpoint again, whoever failed here
+            log.error("the last published version %d is gone from Redis; the next version will be full", last.version)
+            raise
         if self._compaction is not None:
             self._compaction.after.append(version)
         self._last = replace(

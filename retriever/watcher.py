@@ -224,7 +224,11 @@ class SnapshotWatcher:
             self._note_error(f"cannot read the current snapshot pointer: {exc}")
             return False
         state = self.state
-        if target is None or (state is not None and state.version == target):
+        if target is None:
+            if state is not None:  # Redis lost its data (or someone deleted the pointer)
+                self._note_error("the current-version pointer is gone from Redis")
+            return False
+        if state is not None and state.version == target and self._still_stored(state):
             return False
         if self._failed is not None and self._failed[0] == target and time.monotonic() < self._failed[1]:
             return False
@@ -280,12 +284,24 @@ class SnapshotWatcher:
         retired = self._retired
         self._retired = [old for old, n in zip(retired, _refcounts(retired), strict=True) if n > _LISTED_ONLY]
 
+    def _still_stored(self, state: ServingState) -> bool:
+        """Whether Redis still holds ``state.version`` as written when ``state`` was read (not
+        another version of that number, written after Redis lost its data); when it cannot
+        say (the meta is gone, Redis fails), yes: there is nothing better to serve."""
+        try:
+            created = self.store.redis.hget(self.store.layout.meta(state.version), "created_ms")
+            return created is None or int(created) == state.created_ms
+        except (redis.RedisError, ValueError):
+            return True
+
     def _build(self, target: int, state: ServingState | None) -> tuple[ServingState, str]:
         chain = self.store.chain(target)
         if state is not None:
-            versions = [meta.version for meta in chain]
-            if state.version in versions:
-                return state.extend(self.store, chain[versions.index(state.version) + 1 :]), "delta"
+            at = [i for i, meta in enumerate(chain) if meta.version == state.version]
+            # the served version, as written when it was read: a version of the same number
+            # written after Redis lost its data is another one, and so is its chain
+            if at and chain[at[0]].created_ms == state.created_ms:
+                return state.extend(self.store, chain[at[0] + 1 :]), "delta"
         if state is None or not self.stagger_reloads:
             return ServingState.from_chain(self.store, chain, self.parts), "full"
         token = self._take_turn()

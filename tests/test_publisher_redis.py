@@ -32,7 +32,7 @@ from twotower.config import Config
 from twotower.events import CatalogItem, Interaction, Profile, Record
 from twotower.kafka_io import Topics, ensure_topics, make_producer, send_record
 from twotower.snapshot_parts import decode_delta, decode_full, encode_delta, encode_full
-from twotower.snapshots import DELTA, FULL, SnapshotError, SnapshotLayout, SnapshotStore
+from twotower.snapshots import DELTA, FULL, MissingVersionError, SnapshotError, SnapshotLayout, SnapshotStore
 
 pytestmark = pytest.mark.integration
 
@@ -300,6 +300,45 @@ def test_snapshot_loop_publishes_full_delta_skip_and_recovers(config: Config, st
     save(cfg, seq=8, dense_version=3, seed=11)
     v7 = third.poll_checkpoint(store)
     assert v7 is not None and store.meta(v7).kind == FULL
+
+
+def lose_redis_data(store: SnapshotStore) -> None:
+    """What a Redis restarted without its data looks like to this test's keys (the server is shared)."""
+    for key in store.redis.scan_iter(match=f"{store.layout.prefix}:*", count=1000):
+        store.redis.unlink(key)
+
+
+def test_after_redis_lost_its_data_the_publisher_starts_again_with_a_full_version(
+    config: Config, store: SnapshotStore
+) -> None:
+    daemon = PublisherDaemon(config)
+    daemon.recover(store)
+    save(config, seq=1)
+    v1 = daemon.poll_checkpoint(store)
+    save(config, seq=2, item_updated=[1, 2, 1, 1, 1, 1])
+    v2 = daemon.poll_checkpoint(store)
+    assert v1 is not None and v2 is not None and store.meta(v2).parent == v1
+    lose_redis_data(store)
+
+    save(config, seq=3, item_updated=[1, 3, 1, 1, 1, 1])
+    with pytest.raises(MissingVersionError):  # once stalled here: every later delta failed the same way
+        daemon.poll_checkpoint(store)
+    version = daemon.poll_checkpoint(store)
+    assert version is not None and store.meta(version).kind == FULL and store.current_version() == version
+    save(config, seq=4, item_updated=[1, 4, 1, 1, 1, 1])
+    after = daemon.poll_checkpoint(store)
+    assert after is not None and store.meta(after).parent == version
+
+    # found by the serving loop's content-only delta, with no new checkpoint to come: the one
+    # there is published again, whole
+    lose_redis_data(store)
+    daemon.note_catalog([CatalogItem("fresh", "c1", [0.2, 0.1, 0.0], 5, "Fresh")])
+    with pytest.raises(MissingVersionError):
+        daemon.flush_pending(store)
+    assert daemon.flush_pending(store) is None  # no parent: the item waits for the full version
+    version = daemon.poll_checkpoint(store)
+    assert version is not None and store.meta(version).kind == FULL and store.meta(version).trainer_seq == 4
+    assert "fresh" in decode_full(read_parts(store, version)[0]).items.ids
 
 
 def test_a_compaction_full_waits_while_the_last_full_took_too_long(config: Config, store: SnapshotStore) -> None:

@@ -553,6 +553,34 @@ def test_watcher_keeps_serving_through_bad_versions(cfg: Config, store: Snapshot
         watcher.stop()
 
 
+def test_versions_numbered_again_after_redis_lost_its_data_are_loaded_whole(store: SnapshotStore) -> None:
+    """A version number written again after Redis lost its data (a restart without it, a restore
+    of an older save) names another version: it once kept serving the old one, and the old
+    state took the new chain's deltas."""
+    watcher = SnapshotWatcher(store, poll_interval_s=0.1, retry_failed_s=60.0)
+    v1 = publish_full(store, full_snapshot(seed=0))
+    assert watcher.refresh() is True and watcher.state is not None and watcher.state.version == v1
+    old_base = watcher.state.base_vectors
+    for key in store.redis.scan_iter(match=f"{store.layout.prefix}:*", count=1000):
+        store.redis.unlink(key)  # the server is shared: only this test's keys
+    assert watcher.refresh() is False and watcher.errors == 1  # no pointer: said, and still serving
+    time.sleep(0.002)  # created_ms tells the two versions 1 apart
+    again = publish_full(store, full_snapshot(seed=1))
+    assert again == v1 and watcher.refresh() is True
+    fresh = ServingState.load(store, again)
+    assert watcher.state.created_ms == fresh.created_ms
+    np.testing.assert_array_equal(watcher.state.base_vectors, fresh.base_vectors)
+    assert not np.array_equal(old_base, fresh.base_vectors)
+
+    for key in store.redis.scan_iter(match=f"{store.layout.prefix}:*", count=1000):
+        store.redis.unlink(key)
+    time.sleep(0.002)
+    v1 = publish_full(store, full_snapshot(seed=2))
+    v2 = publish_delta(store, empty_delta(items=Rows(["n1"], unit(np.ones((1, MODEL.dim))))), parent=v1)
+    assert watcher.refresh() is True and watcher.state.version == v2
+    np.testing.assert_array_equal(watcher.state.base_vectors, ServingState.load(store, v2).base_vectors)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
 def test_the_watcher_thread_alone_runs_at_a_lower_priority(store: SnapshotStore) -> None:
     """Reloads run on the time requests leave: the watcher's thread is niced, not the worker."""

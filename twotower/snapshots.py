@@ -103,6 +103,14 @@ class SnapshotError(RuntimeError):
     """A missing, incomplete or corrupt version."""
 
 
+class MissingVersionError(SnapshotError):
+    """A version with no meta hash in Redis: never written, trimmed, or lost with Redis's data."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"version {version} does not exist")
+        self.version = version
+
+
 @dataclass(frozen=True)
 class VersionMeta:
     """What the meta hash of a version says."""
@@ -351,7 +359,7 @@ class SnapshotStore:
     def meta(self, version: int) -> VersionMeta:
         raw = self.redis.hgetall(self.layout.meta(version))
         if not raw:
-            raise SnapshotError(f"version {version} does not exist")
+            raise MissingVersionError(version)
         return VersionMeta.from_hash(version, raw)
 
     def read_part(self, meta: VersionMeta, name: str) -> bytes:
@@ -406,4 +414,13 @@ class SnapshotStore:
         return out[::-1]
 
 
-__all__ = ["DELTA", "FULL", "BlobError", "SnapshotError", "SnapshotLayout", "SnapshotStore", "VersionMeta"]
+__all__ = [
+    "DELTA",
+    "FULL",
+    "BlobError",
+    "MissingVersionError",
+    "SnapshotError",
+    "SnapshotLayout",
+    "SnapshotStore",
+    "VersionMeta",
+]
