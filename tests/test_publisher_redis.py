@@ -133,6 +133,35 @@ def test_a_failed_write_leaves_nothing_no_trim_would_find(
     assert store.redis.zscore(store.layout.versions, str(older)) == older
 
 
+def test_a_version_whose_writer_died_before_listing_it_is_deleted_by_a_trim(
+    store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer killed between storing a version and listing it once left it in Redis for good
+    (a whole full version per crash): no trim looked beyond the listed versions."""
+    parts = encode_full(full_snapshot(make_checkpoint(seq=3)))
+    listed = [store.write(FULL, parts, None, 3), store.write(FULL, parts, None, 3, current=False)]
+    store.redis.set(store.layout.current, 1_000_000)
+    listed.append(store.write(FULL, parts, None, 3))  # listed, a newer version being current
+    assert store.redis.zcard(store.layout.pending) == 0  # every finished write is listed, not pending
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise SystemExit("injected: the writer dies before it lists the version")
+
+    monkeypatch.setattr(store, "_point_to", killed)
+    monkeypatch.setattr(store, "_forget", lambda version: None)  # a dead process cleans nothing up
+    with pytest.raises(SystemExit):
+        store.write(FULL, parts, None, 3)
+    monkeypatch.undo()
+    dead = int(store.redis.get(store.layout.seq) or 0)
+    keys = store.layout.version_keys(dead)
+    assert list(store.redis.scan_iter(match=keys)) and store.redis.zscore(store.layout.versions, str(dead)) is None
+
+    assert store.trim(keep_full=10) == [] and list(store.redis.scan_iter(match=keys))  # it may still be writing
+    assert store.trim(keep_full=10, pending_max_age_s=0) == [dead]
+    assert not list(store.redis.scan_iter(match=keys)) and store.redis.zcard(store.layout.pending) == 0
+    assert all(store.meta(v).kind == FULL for v in listed)  # the listed ones are left to the usual rule
+
+
 def test_a_rollback_moves_the_current_version_and_leaves_the_tip(store: SnapshotStore) -> None:
     """The tip is the newest version a writer made current: what a restarted publisher knew last."""
     full = encode_full(full_snapshot(make_checkpoint(seq=1)))

@@ -8,6 +8,8 @@ Layout (``p`` is the configured key prefix):
 ``p:snap:tip``                        the newest version a writer made current (a rollback
                                       moves ``current`` only)
 ``p:snap:versions``                   sorted set of stored versions (score = version)
+``p:snap:pending``                    sorted set of versions being written and not listed yet
+                                      (score = when the write began, Unix seconds)
 ``p:snap:v:<n>:meta``                 hash: kind (full/delta), parent, base, created_ms,
                                       trainer_seq, and per part ``sha256:<part>``,
                                       ``size:<part>``, ``chunks:<part>``
@@ -44,6 +46,10 @@ log = logging.getLogger(__name__)
 FULL = "full"
 DELTA = "delta"
 DEFAULT_CHUNK_BYTES = 8 << 20
+PENDING_MAX_AGE_S = 3600.0
+"""A version still pending this long after its write began was abandoned (its writer died
+between storing parts and listing it): :meth:`SnapshotStore.trim` deletes it. No write of a
+version takes that long; one that did would have its parts deleted and fail to list them."""
 _SHA256_HEX = re.compile("[0-9a-f]{64}")
 READ_PIECE_BYTES = 1 << 20
 """Bytes of a part read per round trip. Redis builds a reply whole before it serves another
@@ -73,6 +79,10 @@ class SnapshotLayout:
     @property
     def versions(self) -> str:
         return f"{self.prefix}:snap:versions"
+
+    @property
+    def pending(self) -> str:
+        return f"{self.prefix}:snap:pending"
 
     @property
     def channel(self) -> str:
@@ -217,6 +227,9 @@ class SnapshotStore:
         version = int(self.redis.incr(lay.seq))
         if kind == FULL:
             base = version
+        # pending before anything of it is stored: a writer that dies before listing it leaves
+        # what a trim can find (see PENDING_MAX_AGE_S)
+        self.redis.zadd(lay.pending, {str(version): time.time()})
         meta: dict[str, str | int] = {
             "kind": kind,
             "parent": "" if parent is None else parent,
@@ -238,6 +251,7 @@ class SnapshotStore:
         pipe.hset(lay.meta(version), mapping=meta)
         if not current:
             pipe.zadd(lay.versions, {str(version): version})
+            pipe.zrem(lay.pending, str(version))
         try:
             pipe.execute()
             if current:
@@ -255,6 +269,7 @@ class SnapshotStore:
             if self.current_version() == version or self.redis.zscore(self.layout.versions, str(version)) is not None:
                 return
             self._unlink_version_keys(version)
+            self.redis.zrem(self.layout.pending, str(version))
         except redis.RedisError as exc:
             log.warning("version %d failed to write, and what it stored could not be deleted: %s", version, exc)
 
@@ -278,13 +293,17 @@ class SnapshotStore:
                         pipe.unwatch()
                         # a newer version is already current; never go back silently (listed,
                         # so that a trim deletes it in its turn)
-                        self.redis.zadd(lay.versions, {str(version): version})
+                        with self.redis.pipeline(transaction=True) as listing:
+                            listing.zadd(lay.versions, {str(version): version})
+                            listing.zrem(lay.pending, str(version))
+                            listing.execute()
                         return
                     pipe.multi()
                     pipe.set(lay.current, version)
                     if forward_only and (tip is None or int(tip) < version):
                         pipe.set(lay.tip, version)
                     pipe.zadd(lay.versions, {str(version): version})
+                    pipe.zrem(lay.pending, str(version))
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -300,12 +319,23 @@ class SnapshotStore:
             self.read_parts(meta)
         self._point_to(version, forward_only=False)
 
-    def trim(self, keep_full: int) -> list[int]:
-        """Delete every version older than the ``keep_full``-th newest full version.
+    def trim(self, keep_full: int, pending_max_age_s: float = PENDING_MAX_AGE_S) -> list[int]:
+        """Delete every version older than the ``keep_full``-th newest full version, and every
+        version left pending for ``pending_max_age_s`` (a writer died while storing it).
 
         Returns:
             The deleted version numbers.
         """
+        abandoned = [
+            int(v) for v in self.redis.zrangebyscore(self.layout.pending, "-inf", time.time() - pending_max_age_s)
+        ]
+        for v in abandoned:
+            log.warning("version %d was never listed (its writer stopped while storing it): deleting its keys", v)
+            self._unlink_version_keys(v)
+            self.redis.zrem(self.layout.pending, str(v))
+        return abandoned + self._trim_listed(keep_full)
+
+    def _trim_listed(self, keep_full: int) -> list[int]:
         versions = [int(v) for v in self.redis.zrange(self.layout.versions, 0, -1)]
         metas: dict[int, VersionMeta] = {}
         for v in versions:
