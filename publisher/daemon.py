@@ -66,8 +66,8 @@ from twotower.blobs import BlobError, Rows, checksum, unpack_rows, unpack_string
 from twotower.checkpoint import Checkpoint
 from twotower.config import Config
 from twotower.daemon import Daemon
-from twotower.events import CatalogItem, SchemaError, decode
-from twotower.kafka_io import Topics, ensure_topics, make_consumer
+from twotower.events import CatalogItem, SchemaError
+from twotower.kafka_io import Topics, decode_message, ensure_topics, make_consumer
 from twotower.model import TwoTower, dense_arrays
 from twotower.snapshot_parts import (
     ITEMS,
@@ -481,7 +481,7 @@ class PublisherDaemon(Daemon):
                 for messages in consumer.poll(timeout_ms=500).values():
                     for message in messages:
                         try:
-                            record = decode(message.value)
+                            record = decode_message(message, self.topics)
                         except SchemaError:
                             continue  # the serving-state loop dead-letters it
                         if isinstance(record, CatalogItem):

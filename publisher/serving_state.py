@@ -164,7 +164,7 @@ class ServingStateWriter:
                 with contextlib.suppress(Exception):
                     close()
             raise
-        self.decoder = RecordDecoder(self.producer)
+        self.decoder = RecordDecoder(self.producer, self.topics)
         self._held = False
         """Batches are in Redis whose offsets are not committed yet."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from types import SimpleNamespace
 from typing import Any
 
 import msgpack
@@ -21,6 +23,7 @@ from twotower.events import (
     from_dict,
     to_dict,
 )
+from twotower.kafka_io import MAX_AHEAD_OF_TIMESTAMP_MS, Topics, decode_message
 
 CLICK_EVENT = Interaction("e1", "r1", "u1", "i1", CLICK, 0, 1_700_000_000_000, {"retrieved": ["i2"]})
 
@@ -53,6 +56,13 @@ def _raw(**changes: Any) -> dict[str, Any]:
         (_raw(position=True), "bad_value", "position must be an integer"),
         (_raw(type="view"), "bad_value", "type must be one of"),
         (_raw(user_id="x" * 257), "bad_value", "user_id must have 1..256 characters"),
+        # the context keys the trainer reads: 1e39 is finite here, infinite in the float32 towers,
+        # and once made every row its step touched NaN
+        (_raw(context={"features": [1e39]}), "bad_value", "context.features must hold numbers within"),
+        (_raw(context={"features": "warm"}), "bad_value", "context.features must be a list of numbers"),
+        (_raw(context={"retrieved": "i1"}), "bad_value", "context.retrieved must be a list of item ids"),
+        (_raw(context={"retrieved": ["i1", None]}), "bad_value", "context.retrieved must be a string or integer"),
+        (_raw(context={"retrieved": ["i"] * 1001}), "bad_value", "context.retrieved has 1001 ids, more than 1000"),
     ],
 )
 def test_a_malformed_record_names_the_rule_it_broke(raw: Any, code: str, message: str) -> None:
@@ -101,3 +111,28 @@ def test_a_dead_letter_keeps_the_payload_and_says_why() -> None:
     assert whole["payload"] == b"abcdef" and whole["truncated"] is False
     tombstone = msgpack.unpackb(dead_letter(None, SchemaError("empty", "tombstone"), "events", 0, 1, keep=4))
     assert tombstone["payload"] is None and tombstone["payload_bytes"] == 0
+
+
+def test_a_message_is_checked_against_its_topic_and_timestamp() -> None:
+    """What the message around a valid record says of it: each consumer judges it the same way,
+    whenever it reads it (the streaming trainer at once, the nightly a day later)."""
+    topics = Topics("p.")
+    hour = MAX_AHEAD_OF_TIMESTAMP_MS
+
+    def message(record: Any, topic: str, timestamp: int | None) -> SimpleNamespace:
+        return SimpleNamespace(value=encode(record), topic=topic, timestamp=timestamp)
+
+    at = CLICK_EVENT.ts_ms
+    assert decode_message(message(CLICK_EVENT, topics.events, at), topics) == CLICK_EVENT
+    assert decode_message(message(CLICK_EVENT, topics.events, at - hour), topics) == CLICK_EVENT  # at the bound
+    assert decode_message(message(CLICK_EVENT, topics.events, -1), topics) == CLICK_EVENT  # no timestamp
+    assert decode_message(message(CLICK_EVENT, "elsewhere", at), topics) == CLICK_EVENT  # not a topic of ours
+    with pytest.raises(SchemaError, match=r"1\.0 h ahead of the message's timestamp") as caught:
+        decode_message(message(CLICK_EVENT, topics.events, at - hour - 1), topics)
+    assert caught.value.code == "ahead_of_timestamp" and caught.value.code in SCHEMA_ERROR_CODES
+    profile = Profile("u1", [0.5], at)
+    assert decode_message(message(profile, topics.profiles, at), topics) == profile
+    for record, topic in ((profile, topics.events), (CLICK_EVENT, topics.catalog), (profile, topics.catalog)):
+        with pytest.raises(SchemaError, match=f"on topic {re.escape(topic)}, which carries") as caught:
+            decode_message(message(record, topic, at), topics)
+        assert caught.value.code == "wrong_topic" and caught.value.code in SCHEMA_ERROR_CODES

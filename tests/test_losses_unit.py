@@ -255,6 +255,38 @@ def test_expiry_forgets_hard_negative_counts_of_expired_items() -> None:
     assert "i5" in gone and state.hard_counts == {} and state.hard_total == 0
 
 
+def test_ids_no_item_has_are_not_kept_as_hard_negatives() -> None:
+    """Their counts were never dropped (expiry only drops items that had rows): one impression
+    could grow the state by a thousand ids for good."""
+    state = _state()
+    state.observe_impression(_impression("r1", "i0", ["i5", "nobody-1", "nobody-2", "i6"]))
+    assert state.hard_negatives("r1") == ["i5", "i6"]
+    assert state.hard_counts == {"i5": 1, "i6": 1} and state.hard_total == 2
+
+
+def test_expiry_drops_the_histories_of_users_never_admitted() -> None:
+    day = 86_400_000
+    state = _state(row_ttl_days=1.0, admission_min_count=2)
+    state.observe_clicks([_click(f"r{u}", "i1", user=f"once{u}", ts=day) for u in range(50)])
+    state.observe_clicks([_click(f"s{u}", "i2", user="twice", ts=day + u) for u in range(2)])
+    assert len(state.histories) == 51 and "twice" in state.users and "once0" not in state.users
+    state.observe_clicks([_click("late", "i3", user="once7", ts=3 * day)])  # still clicking
+    state.expire(3 * day)
+    assert set(state.histories) == {"once7"}  # "twice" went with its row, the rest had no row
+
+
+def test_a_step_whose_loss_is_not_finite_learns_nothing() -> None:
+    state = _state()
+    clicks = [_click(f"r{i}", f"i{i}", user=f"u{i}") for i in range(4)]
+    examples = state.observe_clicks(clicks)
+    rows = state.users.emb.clone()
+    with torch.no_grad():
+        next(state.model.parameters()).fill_(float("inf"))
+    result = state.learn(examples, dense=False)
+    assert result.examples == 0 and result.user_rows_updated == 0
+    assert torch.equal(state.users.emb, rows)
+
+
 # --- the simulator writes the retrieved-but-not-shown items ---------------------------------------
 
 

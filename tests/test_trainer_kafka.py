@@ -20,7 +20,7 @@ from trainer.nightly import load_day, run_nightly
 from trainer.stream import APPLIED_ABOVE, StreamTrainer
 from twotower import checkpoint
 from twotower.config import Config
-from twotower.events import CatalogItem, Interaction
+from twotower.events import CLICK, CatalogItem, Interaction, Profile, encode, to_dict
 from twotower.kafka_io import Topics, ensure_topics, make_consumer, make_producer, send_record
 
 pytestmark = pytest.mark.integration
@@ -138,16 +138,31 @@ def test_malformed_message_goes_to_dead_letter_topic(config: Config) -> None:
     producer = make_producer(cfg.kafka)
     full = b"\xc1" + b"x" * (producer.config["max_request_size"] - 200)
     producer.close()
-    counted = {code: _dead_letters(topics.events, code) for code in ("not_msgpack", "unknown_kind")}
-    _produce(cfg, _clicks(50, 1_700_000_000_000), raw=[b"\xc1not msgpack", *kinds, full])
+    # valid records the message around them refutes: an event time five years ahead of the
+    # message's timestamp (a producer that leaves the timestamp to Kafka), a profile on the events
+    # topic; and a context vector infinite in float32
+    ahead = to_dict(Interaction("e", "r", "u1", "i1", CLICK, 0, int(time.time() * 1000) + 5 * 365 * 86_400_000))
+    click = to_dict(Interaction("e", "r", "u1", "i1", CLICK, 0, 1_700_000_000_000))
+    checked = [
+        msgpack.packb(ahead),
+        encode(Profile("u1", [0.5], 1_700_000_000_000)),
+        msgpack.packb({**click, "context": {"features": [1e39]}}),
+    ]
+    codes = ("not_msgpack", "unknown_kind", "ahead_of_timestamp", "wrong_topic", "bad_value")
+    counted = {code: _dead_letters(topics.events, code) for code in codes}
+    _produce(cfg, _clicks(50, 1_700_000_000_000), raw=[b"\xc1not msgpack", *kinds, full, *checked])
     _run_in_process(cfg)
     ckpt = checkpoint.load(cfg.trainer.state_dir)
     assert ckpt is not None and int(ckpt.items.count.sum()) == 50  # the daemon went on
+    assert ckpt.event_time_ms < 1_800_000_000_000  # the clock did not jump five years
+    assert all(bool(torch.isfinite(table.emb).all()) for table in (ckpt.users, ckpt.items))
     consumer = make_consumer(cfg.kafka, None, consumer_timeout_ms=5_000)
     consumer.subscribe([Topics.dlq(topics.events)])
     letters = sorted((msgpack.unpackb(m.value) for m in consumer), key=lambda letter: letter["offset"])
     consumer.close()
-    assert [letter["code"] for letter in letters] == ["not_msgpack", "unknown_kind", "unknown_kind", "not_msgpack"]
+    assert [letter["code"] for letter in letters] == [
+        "not_msgpack", "unknown_kind", "unknown_kind", "not_msgpack", "ahead_of_timestamp", "wrong_topic", "bad_value"
+    ]  # fmt: skip
     assert letters[0]["reason"].startswith("not msgpack") and "unknown record kind 'x1'" in letters[2]["reason"]
     assert [letter["payload"] for letter in letters[:3]] == [b"\xc1not msgpack", *kinds]
     assert not any(letter["truncated"] for letter in letters[:3])
@@ -156,6 +171,7 @@ def test_malformed_message_goes_to_dead_letter_topic(config: Config) -> None:
     # counted by rule, not by message text (whose values would make a metric series each)
     assert _dead_letters(topics.events, "not_msgpack") - counted["not_msgpack"] == 2
     assert _dead_letters(topics.events, "unknown_kind") - counted["unknown_kind"] == 2
+    assert all(_dead_letters(topics.events, code) - counted[code] == 1 for code in codes[2:])
 
 
 def _dead_letters(topic: str, code: str) -> float:

@@ -49,8 +49,8 @@ from trainer.state import TrainerState
 from trainer.stream import APPLIED_ABOVE, NIGHTLY_COUNTED, CountedRange, StateLock, parse_partition_key
 from twotower import checkpoint
 from twotower.config import Config, KafkaConfig
-from twotower.events import CLICK, CatalogItem, Interaction, Profile, SchemaError, decode
-from twotower.kafka_io import Topics, ensure_topics, make_consumer
+from twotower.events import CLICK, CatalogItem, Interaction, Profile, SchemaError
+from twotower.kafka_io import Topics, decode_message, ensure_topics, make_consumer
 
 log = logging.getLogger(__name__)
 NIGHTLY_LOCK = "nightly.lock"
@@ -130,7 +130,7 @@ def load_day_records(cfg: Config, topics: Topics, date: dt.date) -> list[tuple[i
     bad = 0
     for message in read_topic_range(cfg.kafka, topics.events, start - margin, end + margin):
         try:
-            record = decode(message.value)
+            record = decode_message(message, topics)
         except SchemaError:
             bad += 1  # the streaming trainer dead-letters it; the nightly only skips it
             continue
@@ -205,7 +205,7 @@ def load_side_topics(cfg: Config, topics: Topics, state: TrainerState) -> None:
     for topic in (topics.catalog, topics.profiles):
         for message in read_topic_range(cfg.kafka, topic, None, None):
             try:
-                record = decode(message.value)
+                record = decode_message(message, topics)
             except SchemaError:
                 continue
             if isinstance(record, CatalogItem):

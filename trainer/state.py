@@ -22,6 +22,7 @@ clicks (:meth:`TrainerState.observe_impression`).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import zlib
 from bisect import bisect_left
 from collections import OrderedDict
@@ -58,6 +59,8 @@ from twotower.model import (
     history_tensor,
     load_dense_state,
 )
+
+log = logging.getLogger(__name__)
 
 MS_PER_DAY = 86_400_000
 OVERFLOW_DEPTH = 2
@@ -258,9 +261,11 @@ class TrainerState:
         The impression itself is **not** a retrieval negative: it only marks its item as shown
         (a shown item is never a hard negative of its request). Its ``context["retrieved"]``
         lists item ids the retriever returned for the request beyond the shown slate; those
-        become hard negatives for the clicks of the same ``request_id``. Requests are kept in
-        a bounded LRU (``trainer.hard_negative_requests``). Records of other types are ignored,
-        so a caller may pass every interaction.
+        become hard negatives for the clicks of the same ``request_id``; ids the state knows
+        neither as a row nor from the catalogue are left out (the retriever cannot have served
+        them, and their counts would never be dropped). Requests are kept in a bounded LRU
+        (``trainer.hard_negative_requests``). Records of other types are ignored, so a caller
+        may pass every interaction.
         """
         capacity = self.tcfg.hard_negative_requests
         if impression.type != IMPRESSION or capacity <= 0 or not impression.request_id:
@@ -280,8 +285,14 @@ class TrainerState:
         if not isinstance(retrieved, (list, tuple)):
             return
         counts = self.hard_counts
+        items, catalog = self.items, self.catalog
         for item_id in retrieved:
-            if isinstance(item_id, str) and item_id not in entry.shown and item_id not in entry.not_shown:
+            if (
+                isinstance(item_id, str)
+                and item_id not in entry.shown
+                and item_id not in entry.not_shown
+                and (item_id in items or item_id in catalog)  # an item the retriever can have served
+            ):
                 entry.not_shown[item_id] = None
                 counts[item_id] = counts.get(item_id, 0) + 1
                 self.hard_total += 1
@@ -426,6 +437,11 @@ class TrainerState:
             total = loss
             if dense and tcfg.ssl_weight > 0:
                 total = loss + tcfg.ssl_weight * self._ssl_loss(i_leaf, cats, content)
+            if not bool(torch.isfinite(total.detach())):
+                # nothing the schema lets in should get here; if something does, it must not
+                # turn every row and weight it touches NaN
+                log.warning("a step's loss is %s: its %d examples are not learned", float(total.detach()), len(clicks))
+                return StepResult(float(loss.detach()), 0, 0, 0)
             if dense:
                 self.dense_optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -548,7 +564,8 @@ class TrainerState:
         return int(unique.shape[0])
 
     def expire(self, now_ms: int) -> list[str]:
-        """Expire stale user and item rows (``trainer.row_ttl_days``; none when unset); returns
+        """Expire stale user and item rows (``trainer.row_ttl_days``; none when unset), with the
+        histories of their users and of users without a row who clicked nothing since; returns
         expired item IDs (recorded for deltas)."""
         if self.tcfg.row_ttl_days is None:
             return []
@@ -557,6 +574,12 @@ class TrainerState:
         for user in self.users.expire(now_ms, ttl_ms, seq):
             self.histories.pop(user, None)
             self.history_overflow.pop(user, None)
+        # users not admitted (trainer.admission_min_count > 1) have a history but no row to expire
+        stale = self.histories.stale_users(now_ms - ttl_ms) if self.tcfg.admission_min_count > 1 else []
+        for user in stale:
+            if user not in self.users:
+                del self.histories[user]
+                self.history_overflow.pop(user, None)
         gone = self.items.expire(now_ms, ttl_ms, seq)
         for item in gone:
             self.hard_total -= self.hard_counts.pop(item, 0)
@@ -883,6 +906,20 @@ class HistoryColumns(_SlotKeyed, MutableMapping[str, list[tuple[str, int]]]):
         if slot is None or not self.size[slot]:
             return None
         return self.ts_base + int(self.times[slot, int(self.size[slot]) - 1])
+
+    def stale_users(self, before_ms: int) -> list[str]:
+        """Users whose newest entry is older than ``before_ms`` (or who hold none), column-wise."""
+        n = len(self.slots.keys)
+        if not n:
+            return []
+        size = self.size[:n]
+        newest = self.times[:n][np.arange(n), np.maximum(size - 1, 0)].astype(np.int64) + self.ts_base
+        keys = self.slots.keys
+        return [
+            user
+            for user in (keys[int(i)] for i in np.flatnonzero((size == 0) | (newest < before_ms)))
+            if user is not None
+        ]
 
     def is_full(self, user: str) -> bool:
         """Whether the user's entries fill its row (the next one appended drops the oldest)."""

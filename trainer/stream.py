@@ -225,7 +225,7 @@ class StreamTrainer(Daemon):
             log.info("%d row updates after the checkpoint: numbering from seq %d", len(left), self.state.seq)
         self._merge_handoff()
         self.producer = make_producer(self.cfg.kafka)
-        self.decoder = RecordDecoder(self.producer)
+        self.decoder = RecordDecoder(self.producer, Topics(self.cfg.kafka.topic_prefix))
         self.consumer = make_consumer(self.cfg.kafka, self.tcfg.group_id)
         # The checkpoint is the authority on offsets: a partition it does not name starts from
         # the beginning, whatever the group's committed offsets say.

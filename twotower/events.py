@@ -33,6 +33,10 @@ MAX_FEATURE_ABS = 1e9
 """Feature values are bounded so that the float32 towers stay finite: a value near float32's
 limit (3.4e38) gave an item an infinite, then NaN, vector, and no index can be built with it.
 Features are meant to be normalised; nothing sensible is lost above a billion."""
+MAX_RETRIEVED = 1_000
+"""Most item ids an impression's ``context["retrieved"]`` may list (the trainer keeps them for
+its recent requests' hard negatives; the retriever answers at most ``retriever.max_k``, 1,000 by
+default)."""
 MAX_TS_MS = 253_402_300_799_999
 """The last millisecond of the year 9999 (UTC): a later ``ts_ms`` is a unit mistake (microseconds
 or nanoseconds), and one such event would move the trainer's event-time clock past every row's
@@ -50,7 +54,7 @@ class SchemaError(ValueError):
 
 SCHEMA_ERROR_CODES = (
     "tombstone", "not_msgpack", "not_a_map", "schema_version", "unknown_kind", "missing_field",
-    "unknown_field", "bad_value",
+    "unknown_field", "bad_value", "wrong_topic", "ahead_of_timestamp",
 )  # fmt: skip
 
 
@@ -66,7 +70,9 @@ class Interaction:
     position: int
     ts_ms: int
     context: dict[str, Any] = field(default_factory=dict)
-    """Optional extras, e.g. ``{"retrieved": [...]}``: items retrieved but not shown."""
+    """Optional extras, free-form but for two keys the trainer reads, which are checked:
+    ``retrieved``, the item ids retrieved but not shown (at most :data:`MAX_RETRIEVED` ids), and
+    ``features``, the request's dense context vector (numbers as profile features are)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +141,21 @@ def _floats(value: Any, name: str) -> list[float]:
     return out
 
 
+def _check_context(context: dict[str, Any]) -> None:
+    """The context keys the trainer reads hold what it can use: a vector of 1e39 (finite as a
+    Python float, infinite as the towers' float32) once made every row it touched NaN."""
+    if "features" in context:
+        _floats(context["features"], "context.features")
+    if "retrieved" in context:
+        retrieved = context["retrieved"]
+        if not isinstance(retrieved, list | tuple):
+            raise SchemaError("context.retrieved must be a list of item ids")
+        if len(retrieved) > MAX_RETRIEVED:
+            raise SchemaError(f"context.retrieved has {len(retrieved)} ids, more than {MAX_RETRIEVED}")
+        for item_id in retrieved:
+            check_id(item_id, "context.retrieved")
+
+
 def _fields(raw: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...]) -> None:
     missing = [k for k in required if k not in raw]
     if missing:
@@ -162,6 +183,7 @@ def from_dict(raw: Any) -> Record:
         context = raw.get("context", {})
         if not isinstance(context, dict):
             raise SchemaError("context must be a map")
+        _check_context(context)
         return Interaction(
             event_id=check_id(raw["event_id"], "event_id"),
             request_id=check_id(raw["request_id"], "request_id"),

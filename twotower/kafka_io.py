@@ -19,7 +19,17 @@ from kafka.structs import TopicPartition
 from prometheus_client import Counter
 
 from twotower.config import KafkaConfig
-from twotower.events import Record, SchemaError, dead_letter, decode, encode, record_key
+from twotower.events import (
+    CatalogItem,
+    Interaction,
+    Profile,
+    Record,
+    SchemaError,
+    dead_letter,
+    decode,
+    encode,
+    record_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +38,12 @@ DEAD_LETTERS = Counter(
     "Malformed messages sent to a dead-letter topic, by the schema rule they broke",
     ["topic", "reason"],
 )
+MAX_AHEAD_OF_TIMESTAMP_MS = 3_600_000
+"""Furthest a record's event time may be ahead of its Kafka timestamp. The broker bounds the
+timestamp by its clock (``message.timestamp.after.max.ms``, Kafka 4: one hour); the event time
+in the payload is bounded by it here, since the trainer's clock follows event times (one far in
+the future would expire every row). The system's producers send the event time as the
+timestamp; a producer that leaves the timestamp to Kafka gets its send time there."""
 DEAD_LETTER_KEEP_BYTES = 65_536
 """How much of a payload a dead letter keeps when the whole payload and the letter around it do
 not fit in one message."""
@@ -58,6 +74,10 @@ class Topics:
     def dlq(topic: str) -> str:
         """The dead-letter topic of ``topic``."""
         return f"{topic}.dlq"
+
+    def kind_of(self, topic: str) -> type[Record] | None:
+        """The record type ``topic`` carries (``None``: not one of the system's topics)."""
+        return {self.events: Interaction, self.catalog: CatalogItem, self.profiles: Profile}.get(topic)
 
     def all(self) -> list[str]:
         """Every topic the system uses, dead-letter topics included."""
@@ -225,19 +245,47 @@ def send_record(producer: KafkaProducer, topic: str, record: Record):
     return producer.send(topic, key=record_key(record), value=encode(record), timestamp_ms=record.ts_ms)
 
 
+def decode_message(message, topics: Topics) -> Record:
+    """The record of a consumed ``ConsumerRecord``, checked against the message around it: the
+    kind its topic carries, and an event time at most :data:`MAX_AHEAD_OF_TIMESTAMP_MS` ahead
+    of the message's timestamp (each consumer judges a record the same way, whenever it reads it).
+
+    Raises:
+        SchemaError: what :func:`~twotower.events.decode` raises, or ``wrong_topic``, or
+            ``ahead_of_timestamp``.
+    """
+    record = decode(message.value)
+    kind = topics.kind_of(message.topic)
+    if kind is not None and not isinstance(record, kind):
+        raise SchemaError(
+            f"a {type(record).__name__} record on topic {message.topic}, which carries {kind.__name__} records",
+            "wrong_topic",
+        )
+    stamp = message.timestamp
+    if stamp is not None and stamp >= 0 and record.ts_ms > stamp + MAX_AHEAD_OF_TIMESTAMP_MS:
+        raise SchemaError(
+            f"event time {record.ts_ms} is {(record.ts_ms - stamp) / 3_600_000:.1f} h ahead of the message's "
+            f"timestamp {stamp} (at most {MAX_AHEAD_OF_TIMESTAMP_MS} ms)",
+            "ahead_of_timestamp",
+        )
+    return record
+
+
 class RecordDecoder:
     """Decodes consumed messages; a malformed one goes to the dead-letter topic and is counted.
 
     Never raises for bad input: :meth:`decode` returns ``None`` for a message it dead-lettered.
     """
 
-    def __init__(self, producer: KafkaProducer) -> None:
+    def __init__(self, producer: KafkaProducer, topics: Topics) -> None:
         self._producer = producer
+        self._topics = topics
 
     def decode(self, message) -> Record | None:
-        """The record of a consumed ``ConsumerRecord``, or ``None`` if it was dead-lettered."""
+        """The record of a consumed ``ConsumerRecord`` (:func:`decode_message`), or ``None`` if
+        it was dead-lettered."""
         try:
-            return decode(message.value)
+            return decode_message(message, self._topics)
         except SchemaError as exc:
             self._send_letter(message, exc)
             DEAD_LETTERS.labels(message.topic, exc.code).inc()
