@@ -152,6 +152,23 @@ def test_merger_keeps_skips_not_yet_read_again_in_its_checkpoint() -> None:
     assert restarted.applied_above() == {tp: [12]}  # safe offset 12 (one past 11): 11 pruned
 
 
+def test_a_record_dead_lettered_above_a_held_one_is_not_handled_again_after_a_restart() -> None:
+    """A restart resumes from the held record; the dead letter after it was once sent again."""
+    tp, other = ("events", 0), ("events", 1)
+    merger = EventTimeMerger(allowance_ms=1_000)
+    merger.expect([tp, other])
+    merger.push(tp, 10, 5_000, "x")  # held: the other partition has shown nothing yet
+    merger.mark_done(tp, 11)  # dead-lettered
+    assert merger.safe_offsets() == {tp: 10} and merger.applied_above() == {tp: [11]}
+    restarted = EventTimeMerger(allowance_ms=1_000)
+    restarted.skip_on_replay(merger.applied_above())
+    assert restarted.replayed(tp, 10) is False and restarted.replayed(tp, 11) is True
+    assert restarted.replayed(tp, 11) is False  # once
+    lone = EventTimeMerger(allowance_ms=0)
+    lone.mark_done(tp, 3)  # nothing held: the safe offset passes it, nothing to list
+    assert lone.safe_offsets() == {tp: 4} and lone.applied_above() == {}
+
+
 def test_merger_releases_at_once_when_every_partition_has_moved_past_a_record() -> None:
     merger = EventTimeMerger(allowance_ms=10_000)
     a, b = ("events", 0), ("events", 1)

@@ -81,8 +81,22 @@ class EventTimeMerger:
         return True
 
     def mark_done(self, tp: Partition, offset: int) -> None:
-        """A record handled without the buffer (e.g. dead-lettered): only its offset advances."""
+        """A record handled without the buffer (e.g. dead-lettered): its offset advances, and it
+        is listed as applied above the safe offset while an older record is held, so that a
+        restart does not handle it again."""
         self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+        if self._held.get(tp):
+            self._released_above[tp].add(offset)
+
+    def replayed(self, tp: Partition, offset: int) -> bool:
+        """Whether a record was handled before the restart (:meth:`skip_on_replay`): then it is
+        passed over, before anything is done with it (a dead letter is not sent twice)."""
+        skip = self._skip.get(tp)
+        if not skip or offset not in skip:
+            return False
+        skip.discard(offset)
+        self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+        return True
 
     def pop_ready(self, force: bool = False) -> list[tuple[Partition, int, Any]]:
         """Release, in event-time order, every record at or below the watermark (all if ``force``)."""

@@ -287,6 +287,8 @@ class StreamTrainer(Daemon):
     # --- records -----------------------------------------------------------------------
     def _route(self, tp: Partition, message: Any) -> None:
         assert self.state is not None
+        if self.merger.replayed(tp, message.offset):
+            return
         record = self.decoder.decode(message)
         if record is None:
             EVENTS.labels("dead_letter").inc()
