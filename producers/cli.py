@@ -116,7 +116,8 @@ def replay_command(
     time_unit: TimeUnit = typer.Option(
         TimeUnit.auto,
         "--time-unit",
-        help="csv: auto tells seconds from milliseconds by magnitude (>= 1e11 is ms) and also reads ISO dates.",
+        help="csv: auto tells seconds from milliseconds by magnitude (>= 1e11 is ms; below 1e8, which looks "
+        "like a date written as digits, it asks for the unit) and also reads ISO dates.",
     ),
     speed: float | None = typer.Option(
         None,
@@ -151,9 +152,9 @@ def replay_command(
     if fmt is None:
         fmt = ReplayFormat.movielens_100k if path.name == "u.data" else ReplayFormat.csv
     names = [c.strip() for c in columns.split(",")] if columns else None
-    try:
-        from producers.replay import replay
+    from producers.replay import DeliveryError, replay
 
+    try:
         log_spec = LogSpec(
             fmt.value,
             user_col=user_col,
@@ -174,6 +175,9 @@ def replay_command(
             "`twotower infra up` starts one)",
             err=True,
         )
+        raise typer.Exit(1) from None
+    except DeliveryError as exc:
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     if result.events == 0 and limit != 0 and not result.interrupted:
         typer.echo(f"warning: {path} has no rows to send", err=True)

@@ -18,7 +18,8 @@ Kafka's time-based retention deletes a segment once its newest timestamp is olde
 
 The other way round, the broker refuses a record more than the topic's
 ``message.timestamp.after.max.ms`` (Kafka 4: one hour) ahead of its clock; :func:`replay`
-refuses a log with such rows before sending any of it.
+refuses a log with such rows before sending any of it, as it does one with rows older than the
+topic's ``message.timestamp.before.max.ms``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ class ReplayResult:
 AHEAD_LIMIT_CONFIG = "message.timestamp.after.max.ms"
 """The topic setting by which the broker refuses a record whose timestamp (here the event time) is
 further ahead of its clock (Kafka 4's default: one hour)."""
+BEHIND_LIMIT_CONFIG = "message.timestamp.before.max.ms"
+"""The one by which it refuses a record whose timestamp is further behind (default: no limit)."""
+
+
+class DeliveryError(RuntimeError):
+    """Records the broker did not take, after the replay sent what it could."""
 
 
 def _warn_about_retention(retention_ms: int | None, topic: str, oldest_ts_ms: int) -> None:
@@ -77,25 +84,35 @@ def _warn_about_retention(retention_ms: int | None, topic: str, oldest_ts_ms: in
         )
 
 
-def check_not_ahead(path: Path, rows: list[SourceRow], ahead_limit_ms: int | None, now_ms: int) -> None:
-    """Refuse, before anything is sent, a log with rows the broker would refuse: those whose time
-    is more than ``ahead_limit_ms`` after ``now_ms`` (``None``: the broker sets no limit).
+def check_times(path: Path, rows: list[SourceRow], limits: dict[str, str], now_ms: int) -> None:
+    """Refuse, before anything is sent, a log with rows the broker would refuse: those whose
+    time is more than the topic's :data:`AHEAD_LIMIT_CONFIG` after ``now_ms`` or more than its
+    :data:`BEHIND_LIMIT_CONFIG` before it (``limits``: the topic's settings as the broker gives
+    them; one missing sets no limit).
 
-    ``rows`` are in event-time order. Sending them would fail those rows only, after the others
-    went out, so that a corrected file could not be replayed into the same topics again.
+    ``rows`` are in event-time order. Sending them would fail those rows only, and the broker
+    refuses a whole batch for one of them, after the others went out: a corrected file could
+    then not be replayed into the same topics again.
 
     Raises:
         ValueError: naming the first such row's file and line, its time and how many rows are affected.
     """
-    if ahead_limit_ms is None or not rows or rows[-1].ts_ms - now_ms <= ahead_limit_ms:
+    if not rows:
         return
-    ahead = [row for row in rows if row.ts_ms - now_ms > ahead_limit_ms]
-    first = min(ahead, key=lambda row: row.line)
-    raise ValueError(
-        f"{path}:{first.line}: event time {first.ts_ms} ms is {(first.ts_ms - now_ms) / 3_600_000:.1f} h ahead of "
-        f"this machine's clock; the broker refuses records more than {ahead_limit_ms} ms ahead (the events "
-        f"topic's {AHEAD_LIMIT_CONFIG}), and {len(ahead)} row(s) are: nothing was sent"
-    )
+    for name, sign in ((AHEAD_LIMIT_CONFIG, 1), (BEHIND_LIMIT_CONFIG, -1)):
+        if name not in limits:
+            continue
+        limit = int(limits[name])
+        if sign * (rows[-1 if sign > 0 else 0].ts_ms - now_ms) <= limit:
+            continue
+        out = [row for row in rows if sign * (row.ts_ms - now_ms) > limit]
+        first = min(out, key=lambda row: row.line)
+        raise ValueError(
+            f"{path}:{first.line}: event time {first.ts_ms} ms is {abs(first.ts_ms - now_ms) / 3_600_000:.1f} h "
+            f"{'ahead of' if sign > 0 else 'behind'} this machine's clock; the broker refuses records more than "
+            f"{limit} ms {'ahead' if sign > 0 else 'behind'} (the events topic's {name}), and {len(out)} row(s) "
+            "are: nothing was sent"
+        )
 
 
 def _short_name(name: str, keep: int = 64) -> str:
@@ -130,7 +147,9 @@ def replay(
         progress: show a tqdm progress bar on stderr.
 
     Raises:
-        ValueError: bad arguments or a bad file (the message names the line).
+        ValueError: bad arguments or a bad file (the message names the line), found before
+            anything is sent.
+        DeliveryError: records the broker refused or could not take (the others were sent).
     """
     if speed is not None and not (math.isfinite(speed) and speed > 0):
         raise ValueError(f"speed must be a positive number, got {speed}")
@@ -142,14 +161,17 @@ def replay(
     rows = spec.read(path)
     if limit is not None:
         rows = rows[:limit]
+    item_file = path.with_name("u.item")  # read whole before anything is sent: a bad line sends nothing
+    items = list(read_movielens_items(item_file)) if fmt == "movielens-100k" and item_file.exists() and rows else []
     flag = shutdown_flag or ShutdownFlag()
     started = time.monotonic()
 
     topics = ensure_topics(cfg.kafka)
     if rows:
-        settings = topic_configs(cfg.kafka.bootstrap, topics.events, ["retention.ms", AHEAD_LIMIT_CONFIG])
-        limit_ms = settings.get(AHEAD_LIMIT_CONFIG)
-        check_not_ahead(path, rows, int(limit_ms) if limit_ms is not None else None, int(time.time() * 1000))
+        settings = topic_configs(
+            cfg.kafka.bootstrap, topics.events, ["retention.ms", AHEAD_LIMIT_CONFIG, BEHIND_LIMIT_CONFIG]
+        )
+        check_times(path, rows, settings, int(time.time() * 1000))
         retention = settings.get("retention.ms")
         _warn_about_retention(int(retention) if retention is not None else None, topics.events, rows[0].ts_ms)
     # A bulk load: bigger batches and a longer linger roughly double kafka-python's throughput.
@@ -158,9 +180,8 @@ def replay(
     catalog = sent = 0
     interrupted = False
     try:
-        item_file = path.with_name("u.item")
-        if fmt == "movielens-100k" and item_file.exists() and rows:
-            for item in read_movielens_items(item_file):
+        if items:
+            for item in items:
                 record = CatalogItem(item.item_id, item.category, item.features, rows[0].ts_ms, item.title)
                 send_record(producer, topics.catalog, record).add_errback(failures.append)
                 catalog += 1
@@ -191,7 +212,7 @@ def replay(
     finally:
         producer.close(timeout=10)
     if failures:
-        raise RuntimeError(f"{len(failures)} record(s) could not be delivered; first error: {failures[0]!r}")
+        raise DeliveryError(f"{len(failures)} record(s) could not be delivered; first error: {failures[0]!r}")
     result = ReplayResult(
         events=sent,
         catalog=catalog,

@@ -24,6 +24,8 @@ number of seconds or milliseconds since the epoch, told apart by magnitude: valu
 least ``1e11`` (:data:`MS_THRESHOLD`) are milliseconds, smaller ones seconds. ``1e11`` seconds
 is the year 5138 and ``1e11`` ms is March 1973, so the rule is only wrong for
 millisecond times before March 1973; pass ``time_unit="ms"`` (or ``"s"``/``"iso"``) to force one.
+A number below ``1e8`` (:data:`AMBIGUOUS_SECONDS`), seconds before March 1973, is refused unless
+the unit is given: it is far more likely a date written as digits (``20200101``).
 Times after the year 9999 are rejected: microseconds and nanoseconds must be converted to ms.
 Fractional seconds are kept to the millisecond. Negative times are rejected.
 
@@ -47,6 +49,10 @@ from twotower.events import MAX_TS_MS, check_id
 
 FORMATS = ("movielens-100k", "movielens-csv", "csv")
 TIME_UNITS = ("auto", "s", "ms", "iso")
+AMBIGUOUS_SECONDS = 100_000_000
+"""Below this, a number is not read as seconds unless the unit says so: 1e8 s is March 1973, and
+what is smaller is more likely a date written as digits (20200101 read as seconds is August
+1970) or a spreadsheet's day number than an interaction logged in 1970."""
 
 
 class TimeUnit(StrEnum):
@@ -146,6 +152,12 @@ def parse_timestamp(text: str, unit: str = "auto") -> int:
         ms = round(value) if is_ms else round(value * 1000)
     if ms < 0:
         raise ValueError(f"timestamp {text!r} is before 1970")
+    if unit == "auto" and value is not None and abs(value) < AMBIGUOUS_SECONDS:
+        raise ValueError(
+            f"timestamp {text!r} read as seconds is {datetime.fromtimestamp(ms / 1000, UTC):%Y-%m-%d}: a date "
+            "written as digits (YYYYMMDD) or a spreadsheet's day number? Give the time unit (s: they are "
+            "seconds after all)"
+        )
     if ms > MAX_TS_MS:
         raise ValueError(
             f"timestamp {text!r} is after the year 9999 as {'ms' if unit != 's' else 'seconds'}"
@@ -229,12 +241,15 @@ def read_csv_rows(
     if len(delimiter) != 1:
         raise ValueError(f"the delimiter must be one character, got {delimiter!r}")
     with path.open(newline="", encoding=encoding) as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
+        # strict: a quote left open is an error, not the rest of the file read into one field
+        reader = csv.reader(handle, delimiter=delimiter, strict=True)
         try:
             rows = _read_csv(path, reader, user_col, item_col, time_col, has_header, columns, time_unit)
         except UnicodeDecodeError as exc:
             line = _first_undecodable_line(path, encoding)
             raise ValueError(f"{path}:{line}: not {encoding} text ({exc.reason}); convert the file to UTF-8") from None
+        except csv.Error as exc:
+            raise ValueError(f"{path}:{reader.line_num}: {exc} (a quote left open?)") from None
     rows.sort(key=lambda r: r.ts_ms)
     return rows
 

@@ -384,7 +384,9 @@ def test_cli_writes_json_and_plot_identically_across_hash_seeds(tmp_path: Path) 
 def test_load_events_handles_headerless_csv_with_named_columns(tmp_path: Path) -> None:
     log = tmp_path / "log.csv"
     log.write_text("7.0,100,5,900\n3,99,4,800\n")
-    spec = LogSpec("csv", "user", "item", "time", has_header=False, columns=["user", "time", "r", "item"])
+    spec = LogSpec(
+        "csv", "user", "item", "time", has_header=False, columns=["user", "time", "r", "item"], time_unit="s"
+    )
     events = load_events(log, spec)
     assert events == [Event("3", "800", 99_000), Event("7", "900", 100_000)]
     with pytest.raises(ValueError, match="fixed columns"):

@@ -22,7 +22,7 @@ from producers.replay_formats import LogSpec
 from producers.simulate import SimulatorDaemon
 from twotower.config import Config
 from twotower.events import CLICK, IMPRESSION, CatalogItem, Interaction, Profile, Record, decode
-from twotower.kafka_io import Topics
+from twotower.kafka_io import Topics, ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -300,3 +300,15 @@ def test_replay_warns_when_the_topic_would_delete_the_history(
     with caplog.at_level("WARNING", logger="producers.replay"):
         assert replay(week, path, LogSpec("csv", time_unit="ms"), progress=False).events == 1
     assert "has retention.ms=604800000 but the replayed events are older" in caplog.text
+
+
+def test_a_bad_u_item_line_sends_nothing(config: Config, tmp_path: Path) -> None:
+    """The catalogue was sent while read: 150 items had gone out when line 151 failed."""
+    (tmp_path / "u.data").write_text("1\t1\t5\t881250949\n2\t2\t3\t881250950\n")
+    good = "1|Toy Story (1995)|01-Jan-1995||url" + "|0" * 19
+    (tmp_path / "u.item").write_text(f"{good}\n2|Broken|x\n")
+    with pytest.raises(ValueError, match=r"u\.item:2: expected 24"):
+        replay(config, tmp_path / "u.data", "movielens-100k", progress=False)
+    topics = ensure_topics(config.kafka)  # the replay failed before it made them
+    assert consume_all(config, topics.catalog, 0, timeout_s=5) == []
+    assert consume_all(config, topics.events, 0, timeout_s=5) == []

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from producers.replay import check_not_ahead
+from producers.replay import AHEAD_LIMIT_CONFIG, BEHIND_LIMIT_CONFIG, check_times
 from producers.replay_formats import (
     MS_THRESHOLD,
     LogSpec,
@@ -235,6 +235,7 @@ def test_fetch_slate_timeout() -> None:
         (str(MS_THRESHOLD), "auto", MS_THRESHOLD),
         ("1000", "ms", 1000),
         ("1000", "s", 1_000_000),
+        ("20200101", "s", 20_200_101_000),  # said to be seconds: taken as such
         ("1970-01-02", "auto", 86_400_000),
         ("1970-01-01T00:00:01.5Z", "auto", 1500),
         ("1970-01-01 02:00:00+02:00", "iso", 0),
@@ -255,6 +256,8 @@ def test_parse_timestamp(text: str, unit: str, expected: int) -> None:
         ("1", "days", "time unit must be one of"),
         ("1760000000000000", "auto", "after the year 9999"),  # microseconds
         ("1760000000000000000", "ms", "after the year 9999"),  # nanoseconds
+        ("20200101", "auto", "read as seconds is 1970-08-22: a date written as digits"),  # was taken silently
+        ("43831.5", "auto", "read as seconds is 1970-01-01"),  # a spreadsheet's day number
     ],
 )
 def test_parse_timestamp_errors(text: str, unit: str, message: str) -> None:
@@ -286,7 +289,7 @@ def test_csv_with_header_any_order_extra_columns_float_ids(tmp_path: Path) -> No
         tmp_path,
         "ts,rating,item,user,comment\n300,5,7.0,1.0,nice\n100,3,8,2,\n200,1,B01,3.0,meh\n",
     )
-    rows = list(read_csv(path, user_col="user", item_col="item", time_col="ts"))
+    rows = list(read_csv(path, user_col="user", item_col="item", time_col="ts", time_unit="s"))
     assert rows == [("2", "8", 100_000), ("3", "B01", 200_000), ("1", "7", 300_000)]
 
 
@@ -320,7 +323,7 @@ def test_csv_columns_override_header_and_guessing(tmp_path: Path) -> None:
 
 def test_csv_sort_is_stable_and_keeps_line_numbers(tmp_path: Path) -> None:
     path = write(tmp_path, "user,item,time\n\nu1,a,5\nu2,b,1\nu3,c,5\nu4,d,1\n")
-    rows = read_csv_rows(path, user_col="user", item_col="item", time_col="time")
+    rows = read_csv_rows(path, user_col="user", item_col="item", time_col="time", time_unit="s")
     assert [(r.user_id, r.line) for r in rows] == [("u2", 4), ("u4", 6), ("u1", 3), ("u3", 5)]
 
 
@@ -336,23 +339,36 @@ def test_csv_missing_column_message(tmp_path: Path) -> None:
         read_csv_rows(path, has_header=False)
 
 
+def test_a_quote_left_open_is_an_error_not_rows_read_into_one_field(tmp_path: Path) -> None:
+    """The rows after it once became the field's text: read without a word, or after 131,072
+    characters a csv.Error traceback."""
+    path = write(tmp_path, 'user,item,ts,note\nu1,i1,1600000000,"hello\nu2,i2,1600000001,x\nu3,i3,1600000002,y\n')
+    with pytest.raises(ValueError, match=r"log\.csv:\d+: unexpected end of data \(a quote left open\?\)"):
+        read_csv_rows(path)
+    big = write(tmp_path, 'user,item,ts,note\nu1,i1,1600000000,"hello\n' + "u2,i2,1600000001,x\n" * 20_000, "big.csv")
+    with pytest.raises(ValueError, match=r"big\.csv:\d+: field larger than field limit"):
+        read_csv_rows(big)
+    fine = write(tmp_path, 'user,item,ts,note\nu1,i1,1600000000,"a, ""quoted"" note"\n', "fine.csv")
+    assert [(r.user_id, r.line) for r in read_csv_rows(fine)] == [("u1", 2)]
+
+
 def test_csv_bad_rows_name_their_line(tmp_path: Path) -> None:
     path = write(tmp_path, "user,item,time\nu1,i1,1\nu2,i2,soon\n")
     with pytest.raises(ValueError, match=r"log\.csv:3: bad timestamp 'soon'"):
-        read_csv_rows(path, user_col="user", item_col="item", time_col="time")
+        read_csv_rows(path, user_col="user", item_col="item", time_col="time", time_unit="s")
     path = write(tmp_path, "user,item,time\nu1,i1,1\nu2,i2\n")
     with pytest.raises(ValueError, match=r"log\.csv:3: expected at least 3 fields, got 2"):
-        read_csv_rows(path, user_col="user", item_col="item", time_col="time")
+        read_csv_rows(path, user_col="user", item_col="item", time_col="time", time_unit="s")
     path = write(tmp_path, "user,item,time\nu1, ,1\n")
     with pytest.raises(ValueError, match=r"log\.csv:2: empty id"):
-        read_csv_rows(path, user_col="user", item_col="item", time_col="time")
+        read_csv_rows(path, user_col="user", item_col="item", time_col="time", time_unit="s")
     # ids the event schema refuses fail the read, before the replayer sends any event
     path = write(tmp_path, "user,item,time\nu1,i1,1\nu2," + "i" * 257 + ",2\n")
     with pytest.raises(ValueError, match=r"log\.csv:3: id must have 1\.\.256 characters"):
-        read_csv_rows(path, user_col="user", item_col="item", time_col="time")
+        read_csv_rows(path, user_col="user", item_col="item", time_col="time", time_unit="s")
     path = write(tmp_path, "user,item,time\nu1,i1,1\nu\x002,i2,2\n")
     with pytest.raises(ValueError, match=r"log\.csv:3: id must not contain NUL"):
-        read_csv_rows(path, user_col="user", item_col="item", time_col="time")
+        read_csv_rows(path, user_col="user", item_col="item", time_col="time", time_unit="s")
     with pytest.raises(ValueError, match="empty file"):
         read_csv_rows(write(tmp_path, "\n"), user_col="user", item_col="item", time_col="time")
 
@@ -448,15 +464,22 @@ def test_ciao_csv_with_guessed_columns(dataset: Callable[[str], Path]) -> None:
 def test_a_log_with_rows_the_broker_would_refuse_is_refused_whole() -> None:
     now = 1_700_000_000_000
     hour = 3_600_000
+    ahead = {AHEAD_LIMIT_CONFIG: str(hour)}
     rows = [
         SourceRow(3, "u", "a", now - hour),
         SourceRow(1, "u", "b", now + hour),
         SourceRow(2, "u", "c", now + hour + 1),
     ]
-    check_not_ahead(Path("log.csv"), rows[:2], hour, now)  # exactly at the limit: the broker takes it
-    check_not_ahead(Path("log.csv"), rows, None, now)  # no limit known: nothing to check
+    check_times(Path("log.csv"), rows[:2], ahead, now)  # exactly at the limit: the broker takes it
+    check_times(Path("log.csv"), rows, {}, now)  # no limit known: nothing to check
     with pytest.raises(ValueError, match=r"log\.csv:2: event time \d+ ms is 1\.0 h ahead .* 1 row\(s\) are: nothing"):
-        check_not_ahead(Path("log.csv"), rows, hour, now)
+        check_times(Path("log.csv"), rows, ahead, now)
     late = [SourceRow(5, "u", "a", now + 2 * hour), SourceRow(4, "u", "b", now + 3 * hour)]
     with pytest.raises(ValueError, match=r"log\.csv:4: .* 2 row\(s\)"):  # the first line, not the newest time
-        check_not_ahead(Path("log.csv"), late, hour, now)
+        check_times(Path("log.csv"), late, ahead, now)
+    behind = {BEHIND_LIMIT_CONFIG: str(24 * hour), AHEAD_LIMIT_CONFIG: str(hour)}
+    old = [SourceRow(2, "u", "a", now - 48 * hour), SourceRow(1, "u", "b", now)]
+    with pytest.raises(ValueError, match=r"log\.csv:2: event time \d+ ms is 48\.0 h behind .*before\.max\.ms"):
+        check_times(Path("log.csv"), old, behind, now)
+    check_times(Path("log.csv"), old[1:], behind, now)
+    check_times(Path("log.csv"), old, {BEHIND_LIMIT_CONFIG: str(2**63 - 1)}, now)  # Kafka's default: none
