@@ -176,10 +176,17 @@ def guess_columns(names: Sequence[str]) -> tuple[str, str, str]:
     Raises:
         ValueError: one of the three cannot be recognised.
     """
-    keyed = {_key(n): n for n in names}
+    keyed: dict[str, list[str]] = {}
+    for n in names:
+        keyed.setdefault(_key(n), []).append(n)
     found = []
     for role, candidates in (("user", _USER_NAMES), ("item", _ITEM_NAMES), ("time", _TIME_NAMES)):
-        match = next((keyed[c] for c in candidates if c in keyed), None)
+        matches = next((keyed[c] for c in candidates if c in keyed), None)
+        if matches is not None and len(matches) > 1:
+            raise ValueError(
+                f"columns {matches} could each hold the {role}; give the mapping (--user-col/--item-col/--time-col)"
+            )
+        match = matches[0] if matches else None
         if match is None:
             raise ValueError(
                 f"cannot tell which column holds the {role}; columns are {list(names)}; "
@@ -192,6 +199,10 @@ def guess_columns(names: Sequence[str]) -> tuple[str, str, str]:
 def _resolve(spec: ColumnSpec, names: Sequence[str] | None, where: str) -> int:
     """0-based index of a column given by name or position."""
     if names is not None and isinstance(spec, str) and spec in names:
+        if list(names).count(spec) > 1:
+            raise ValueError(
+                f"{where}: there are {list(names).count(spec)} columns named {spec!r}; give its 0-based number"
+            )
         return list(names).index(spec)
     if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
         index = int(spec)
@@ -301,7 +312,10 @@ def _read_csv(
                 f"{path}: without a header, give the user, item and time columns (names with columns=[...] "
                 "or 0-based numbers)"
             )
-        guessed = guess_columns(names)
+        try:
+            guessed = guess_columns(names)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         user_col = guessed[0] if user_col is None else user_col
         item_col = guessed[1] if item_col is None else item_col
         time_col = guessed[2] if time_col is None else time_col

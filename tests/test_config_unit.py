@@ -32,6 +32,17 @@ def test_the_launchers_own_variables_are_not_settings() -> None:
         ({"TWOTOWER_MODEL__NOPE": "1"}, "model.nope"),
         ({"TWOTOWER_MODEL__DIM": "many"}, "model.dim"),
         ({"TWOTOWER_OBSERVABILITY__LOG_LEVEL": "verbose"}, "observability.log_level"),
+        # refused when read, not by the daemon that uses them later (a traceback, or another's name)
+        ({"TWOTOWER_TRAINER__SCHEDULE_TIMEZONE": "Mars/Olympus"}, "trainer.schedule_timezone: Value error, unknown"),
+        ({"TWOTOWER_TRAINER__SCHEDULE_CRON": "61 2 * * *"}, "trainer.schedule_cron: Value error, not a cron"),
+        ({"TWOTOWER_KAFKA__BOOTSTRAP": "localhost:notaport"}, "kafka.bootstrap: Value error, each broker"),
+        ({"KAFKA_BOOTSTRAP": "a:9092,b"}, "kafka.bootstrap: Value error, each broker must be host:port, got 'b'"),
+        ({"TWOTOWER_KAFKA__TOPIC_PREFIX": "bad prefix/"}, "kafka.topic_prefix: Value error"),
+        ({"TWOTOWER_PUBLISHER__HISTORY_MAX_LEN": "5"}, "publisher.history_max_len must be at least model.history_len"),
+        (
+            {"TWOTOWER_SIMULATOR__RETRIEVER_URL": "http://r", "TWOTOWER_SIMULATOR__SLATE_SIZE": "600"},
+            "2 x simulator.slate_size must not exceed retriever.max_k",
+        ),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(env: dict[str, str], message: str) -> None:
@@ -72,3 +83,27 @@ def test_a_row_lifetime_can_be_set_back_to_never_from_the_environment(tmp_path: 
     assert load_config(path, env={"TWOTOWER_TRAINER__ROW_TTL_DAYS": "never"}).trainer.row_ttl_days is None
     with pytest.raises(ConfigError, match="row_ttl_days"):
         load_config(env={"TWOTOWER_TRAINER__ROW_TTL_DAYS": "-1"})
+
+
+def test_settings_checked_when_read_take_every_valid_form(tmp_path: Path) -> None:
+    cfg = load_config(
+        env={
+            "TWOTOWER_TRAINER__SCHEDULE_TIMEZONE": "Europe/Paris",
+            "TWOTOWER_TRAINER__SCHEDULE_CRON": "*/5 1-3 * * mon-fri",
+            "KAFKA_BOOTSTRAP": "[::1]:9092, broker-2.example:19092",
+            "TWOTOWER_KAFKA__TOPIC_PREFIX": "test-1.a_",
+            "TWOTOWER_SIMULATOR__SLATE_SIZE": "600",  # no retriever to ask
+        }
+    )
+    assert cfg.trainer.schedule_timezone == "Europe/Paris" and cfg.simulator.slate_size == 600
+
+
+def test_a_config_file_that_is_not_utf8_or_has_a_section_that_is_not_a_table(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'[kafka]\nbootstrap = "caf\xe9:9092"\n')
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(latin, env={})
+    flat = tmp_path / "flat.toml"
+    flat.write_text('kafka = "x"\n')
+    with pytest.raises(ConfigError, match="kafka must be a table of settings, got str"):
+        load_config(flat, env={"KAFKA_BOOTSTRAP": "h:1"})  # the environment once replaced it silently

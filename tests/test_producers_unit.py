@@ -352,6 +352,19 @@ def test_a_quote_left_open_is_an_error_not_rows_read_into_one_field(tmp_path: Pa
     assert [(r.user_id, r.line) for r in read_csv_rows(fine)] == [("u1", 2)]
 
 
+def test_columns_a_name_could_mean_twice_are_not_chosen_between_silently(tmp_path: Path) -> None:
+    both = write(tmp_path, "user_id,userId,item,timestamp\nu1,u9,i1,1600000000\n")
+    with pytest.raises(ValueError, match=r"log\.csv: columns \['user_id', 'userId'\] could each hold the user"):
+        read_csv_rows(both)
+    twice = write(tmp_path, "user,item,ts,ts\nu1,i1,1600000000,1700000000\n", "twice.csv")
+    with pytest.raises(ValueError, match=r"twice\.csv: there are 2 columns named 'ts'; give its 0-based number"):
+        read_csv_rows(twice, user_col="user", item_col="item", time_col="ts")
+    assert read_csv_rows(twice, user_col="user", item_col="item", time_col=3)[0].ts_ms == 1_700_000_000_000
+    unknown = write(tmp_path, "who,what,when\nu1,i1,1600000000\n", "unknown.csv")
+    with pytest.raises(ValueError, match=r"unknown\.csv: cannot tell which column holds the user"):
+        read_csv_rows(unknown)
+
+
 def test_csv_bad_rows_name_their_line(tmp_path: Path) -> None:
     path = write(tmp_path, "user,item,time\nu1,i1,1\nu2,i2,soon\n")
     with pytest.raises(ValueError, match=r"log\.csv:3: bad timestamp 'soon'"):

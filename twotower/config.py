@@ -17,12 +17,14 @@ silently ignoring a misspelt key).
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -33,10 +35,47 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
+def _bootstrap_list(value: str) -> str:
+    """Each of the comma-separated brokers is ``host:port`` (kafka-python's own error for a bad
+    one names neither the setting nor the broker)."""
+    for broker in value.split(","):
+        host, _, port = broker.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"each broker must be host:port, got {broker.strip()!r}")
+    return value
+
+
+def _topic_prefix(value: str) -> str:
+    """Characters Kafka allows in a topic name, with room left for the names after it."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{0,200}", value):
+        raise ValueError(
+            f"must be at most 200 of the characters Kafka allows in topic names (A-Z a-z 0-9 . _ -), got {value!r}"
+        )
+    return value
+
+
+def _time_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (an IANA name such as UTC or Europe/Paris)") from None
+    return value
+
+
+def _cron(value: str) -> str:
+    from apscheduler.triggers.cron import CronTrigger  # only when the value is set, not on every import
+
+    try:
+        CronTrigger.from_crontab(value, timezone="UTC")
+    except ValueError as exc:
+        raise ValueError(f"not a cron expression (minute hour day month weekday): {exc}") from None
+    return value
+
+
 class KafkaConfig(_Section):
-    bootstrap: str = "127.0.0.1:9092"
+    bootstrap: Annotated[str, AfterValidator(_bootstrap_list)] = "127.0.0.1:9092"
     """Comma-separated host:port list of the brokers."""
-    topic_prefix: str = ""
+    topic_prefix: Annotated[str, AfterValidator(_topic_prefix)] = ""
     """Prepended to every topic name; tests use it to isolate themselves on a shared broker."""
     partitions: int = Field(default=3, ge=1)
     """Partitions for the topics this system creates."""
@@ -233,9 +272,9 @@ class TrainerConfig(_Section):
     ``model.history_len`` clicks before the day; 0 reads none (their first examples of the day
     then see a shorter history than they had). Needs the events topic's retention to cover
     those days."""
-    schedule_cron: str = "0 2 * * *"
+    schedule_cron: Annotated[str, AfterValidator(_cron)] = "0 2 * * *"
     """Cron expression (minute hour day month weekday) of the nightly retrain."""
-    schedule_timezone: str = "UTC"
+    schedule_timezone: Annotated[str, AfterValidator(_time_zone)] = "UTC"
     """Timezone of the cron expression and of the day boundaries of the nightly retrain."""
     loss: Literal["softmax", "bce", "pairwise_hinge", "pairwise_logistic"] = "softmax"
     """Retrieval objective over the same candidate set (the batch's clicked items + extra negatives).
@@ -448,7 +487,8 @@ class SimulatorConfig(_Section):
     zipf_a: float = Field(default=1.1, gt=0)
     """Zipf exponent of item popularity."""
     drift_per_s: float = Field(default=0.002, ge=0)
-    """How fast user interests drift, as a fraction of the latent norm per simulated second."""
+    """How fast user interests drift: radians per simulated second, along the great circle from a
+    user's unit interest vector towards a private target (producers/world.py)."""
     new_item_every_s: float = Field(default=2.0, gt=0)
     """A new item arrives this often (simulated seconds)."""
     seed: int = 0
@@ -482,6 +522,16 @@ class Config(_Section):
     def _check(self) -> Config:
         if self.retriever.default_k > self.retriever.max_k:
             raise ValueError("retriever.default_k must not exceed retriever.max_k")
+        if self.publisher.history_max_len < self.model.history_len:
+            raise ValueError(
+                "publisher.history_max_len must be at least model.history_len: the retriever pools the newest "
+                "model.history_len items of the history the publisher keeps, as the trainer does"
+            )
+        if self.simulator.retriever_url and 2 * self.simulator.slate_size > self.retriever.max_k:
+            raise ValueError(
+                "2 x simulator.slate_size must not exceed retriever.max_k: the simulator asks the retriever for "
+                "twice its slate (the rest are its requests' hard negatives)"
+            )
         return self
 
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> Config:
@@ -504,6 +554,8 @@ def _deep_update(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(base.get(key), dict):
             _deep_update(base[key], value)
+        elif isinstance(value, Mapping) and key in base:  # e.g. ``kafka = "x"`` in the file
+            raise ConfigError(f"{key} must be a table of settings, got {type(base[key]).__name__}")
         else:
             base[key] = value
 
@@ -547,8 +599,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     path = path or env.get(ENV_PREFIX + "CONFIG") or None
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from None
     _deep_update(data, _env_layer(env))
     return _validate(data, str(path) if path else "defaults and environment")
