@@ -301,6 +301,7 @@ class TwoTowerPolicy(Policy):
         handoff.write(state_dir, date, before, after)
         if not handoff.merge_pending(self.state, state_dir):
             raise RuntimeError(f"nightly handoff of {date} was written but not found")
+        handoff.retire(state_dir)
         (state_dir / handoff.FILENAME).with_suffix(".applied").unlink(missing_ok=True)
         # the streaming trainer checkpoints right after a merge
         self.state.expire(self.state.event_time_ms)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from trainer import handoff
+from trainer import handoff, nightly
 from trainer.state import TrainerState
+from trainer.stream import StateLock
 from twotower.config import ModelConfig, TrainerConfig
 
 SMALL_MODEL = ModelConfig(dim=8, id_dim=4, hidden=16, content_dim=4, profile_dim=2, history_len=5)
@@ -105,4 +109,53 @@ def test_a_handoff_older_than_the_state_s_dense_weights_is_discarded(tmp_path: P
     assert float(live.model.item.category.weight[0, 0]) == 2.0
     assert torch.equal(live.users.emb[live.users.row("a")], torch.tensor([2.0, 1, 1, 1]))
     assert live.nightly_done == ["2024-03-11"] and live.dense_version == 1
+    handoff.retire(tmp_path)
     assert not (tmp_path / handoff.FILENAME).exists()
+
+
+def test_a_handoff_stays_until_a_checkpoint_holds_its_merge(tmp_path: Path) -> None:
+    """Renamed as it was merged, a trainer that died before its next checkpoint lost the
+    nightly for good: the restarted one had neither the merge nor the file."""
+    before = _state({"a": [1, 0, 0, 0]})
+    after = copy.deepcopy(before)
+    after.users.emb[after.users.row("a")] += 1.0
+    handoff.write(tmp_path, "2024-03-10", before, after)
+    crashed = copy.deepcopy(before)
+    assert handoff.merge_pending(crashed, tmp_path) and handoff.pending(tmp_path)
+    restarted = copy.deepcopy(before)  # from the checkpoint before the merge
+    assert handoff.merge_pending(restarted, tmp_path) and restarted.nightly_done == ["2024-03-10"]
+    assert torch.equal(restarted.users.emb[restarted.users.row("a")], torch.tensor([2.0, 1, 1, 1]))
+    handoff.retire(tmp_path)  # its checkpoint saved
+    assert not handoff.pending(tmp_path) and (tmp_path / handoff.FILENAME).with_suffix(".applied").exists()
+    assert handoff.merge_pending(restarted, tmp_path) is False
+
+
+def test_a_nightly_beside_a_streaming_trainer_waits_for_the_earlier_handoff(tmp_path: Path, monkeypatch) -> None:
+    """A second run that read the checkpoint before the first's merge trained from the old dense
+    weights, and its handoff was discarded: a day lost, though reported trained."""
+    monkeypatch.setattr(nightly, "HANDOFF_POLL_S", 0.01)
+    before = _state({"a": [1, 0, 0, 0]})
+    handoff.write(tmp_path, "2024-03-10", before, copy.deepcopy(before))
+    streaming = StateLock(tmp_path)
+    assert streaming.acquire(blocking=False)
+    ours = StateLock(tmp_path)
+    result: list[bool] = []
+    waiting = threading.Thread(target=lambda: result.append(nightly._wait_for_pending_handoff(tmp_path, ours, None)))
+    waiting.start()
+    time.sleep(0.2)
+    assert waiting.is_alive()  # still waiting: the merge is not in a checkpoint yet
+    handoff.retire(tmp_path)  # the streaming trainer merged and checkpointed it
+    waiting.join(5)
+    assert result == [False]  # the streaming trainer still owns the state
+
+    handoff.write(tmp_path, "2024-03-11", before, copy.deepcopy(before))
+    waiting = threading.Thread(target=lambda: result.append(nightly._wait_for_pending_handoff(tmp_path, ours, None)))
+    waiting.start()
+    time.sleep(0.1)
+    streaming.release()  # it stopped before merging: this run owns the state and merges it itself
+    waiting.join(5)
+    assert result == [False, True] and handoff.pending(tmp_path)
+    ours.release()
+    with pytest.raises(nightly.NightlyStopped):
+        assert streaming.acquire(blocking=False)
+        nightly._wait_for_pending_handoff(tmp_path, StateLock(tmp_path), lambda: True)

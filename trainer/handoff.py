@@ -104,6 +104,10 @@ def apply(state: TrainerState, payload: dict) -> None:
 def merge_pending(state: TrainerState, state_dir: Path) -> bool:
     """Apply a waiting handoff file, if any; True if one was handled (merged or discarded).
 
+    The file stays until :func:`retire`, which the caller calls once a checkpoint holding the
+    merge is saved: a crash in between merges it again from the older checkpoint, where renaming
+    it first lost the retrain for good.
+
     A handoff is discarded when its date is already merged, or when the state's dense weights
     are no longer those the nightly started from (``base_dense_version``): a later retrain owned
     the state meanwhile (:func:`trainer.nightly.run_nightly` merges a waiting handoff before it
@@ -126,8 +130,20 @@ def merge_pending(state: TrainerState, state_dir: Path) -> bool:
     else:
         apply(state, payload)
         log.info("merged nightly retrain of %s (dense version %d)", payload["date"], state.dense_version)
-    os.replace(path, path.with_suffix(".applied"))
     return True
+
+
+def retire(state_dir: Path) -> None:
+    """Set the handoff aside (``.applied``) once a checkpoint holds what :func:`merge_pending` did
+    with it; a nightly run beside a streaming trainer waits for this (:func:`pending`)."""
+    path = state_dir / FILENAME
+    if path.exists():
+        os.replace(path, path.with_suffix(".applied"))
+
+
+def pending(state_dir: Path) -> bool:
+    """Whether a handoff waits to be merged and checkpointed."""
+    return (state_dir / FILENAME).exists()
 
 
 # --- the nightly base ------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import copy
 import datetime as dt
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -350,6 +351,28 @@ def build_examples(
     return out
 
 
+HANDOFF_POLL_S = 0.5
+
+
+def _wait_for_pending_handoff(state_dir: Path, lock: StateLock, should_stop: Callable[[], bool] | None) -> bool:
+    """Beside a streaming trainer, wait until the handoff of an earlier run is merged and in its
+    checkpoint: a run that read the checkpoint before that started from the dense weights before
+    the earlier retrain, and its own handoff was then discarded (the day lost, though reported
+    trained). True if the streaming trainer stopped meanwhile and this run now owns the state
+    (it merges the handoff itself)."""
+    waited = False
+    while handoff.pending(state_dir):
+        if lock.acquire(blocking=False):
+            return True
+        if should_stop is not None and should_stop():
+            raise NightlyStopped
+        if not waited:
+            log.info("waiting for the streaming trainer to merge an earlier nightly's handoff")
+            waited = True
+        time.sleep(HANDOFF_POLL_S)
+    return False
+
+
 class NightlyStopped(Exception):
     """A stop was asked for during a retrain: nothing of it is kept."""
 
@@ -414,6 +437,8 @@ def _run_nightly(
     lock = StateLock(state_dir)
     own_state = lock.acquire(blocking=False)
     try:
+        if not own_state:
+            own_state = _wait_for_pending_handoff(state_dir, lock, should_stop)
         topics = ensure_topics(cfg.kafka)
         ckpt = checkpoint.load(state_dir)
         state = TrainerState.from_checkpoint(ckpt, cfg.trainer) if ckpt else TrainerState(cfg.model, cfg.trainer)
@@ -423,6 +448,7 @@ def _run_nightly(
             state.seq += 1
             carried = {k: v for k, v in (ckpt.extra if ckpt else {}).items() if k in (APPLIED_ABOVE, NIGHTLY_COUNTED)}
             checkpoint.save(state_dir, state.to_checkpoint(ckpt.offsets if ckpt else {}, carried))
+            handoff.retire(state_dir)
         if day in state.nightly_done and not force:
             log.info("nightly %s already done: skipping", day)
             return NightlyResult(day, "skipped")

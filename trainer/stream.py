@@ -341,6 +341,7 @@ class StreamTrainer(Daemon):
         if handoff.merge_pending(self.state, self.state_dir):
             self.dirty = True
             self.checkpoint(force=True)
+            handoff.retire(self.state_dir)  # only now: a crash before it merges the file again
 
     # --- checkpoints -------------------------------------------------------------------
     def checkpoint(self, force: bool = False, commit: bool = True) -> None:
