@@ -63,8 +63,9 @@ T = TypeVar("T")
 class NightlyResult:
     date: str
     status: str
-    """``trained``, ``skipped`` (date done before), ``empty`` (no events that day) or ``stopped``
-    (a shutdown during the retrain; nothing kept)."""
+    """``trained``, ``skipped`` (date done before), ``empty`` (no events that day), ``stopped``
+    (a shutdown during the retrain; nothing kept) or ``not_over`` (the day and the read margin
+    after it have not ended yet; nothing done)."""
     examples: int = 0
     mean_loss: float = 0.0
     handed_over: bool = False
@@ -403,6 +404,21 @@ def retrain(
     return sum(losses) / max(len(losses), 1)
 
 
+def dates_due(cfg: Config, newest: dt.date) -> list[dt.date]:
+    """The dates up to ``newest`` (yesterday, for the scheduler) a nightly run should retrain, in
+    order: every one after the newest date retrained so far, at most
+    ``trainer.nightly_catch_up_days`` of them, so that a day missed while the scheduler was down,
+    or whose run failed or was stopped, is retrained at the next run; only ``newest`` while none
+    was retrained yet."""
+    ckpt = checkpoint.load(cfg.trainer.state_dir)
+    done = list(ckpt.extra.get("nightly_done", [])) if ckpt is not None else []
+    window = [newest - dt.timedelta(days=back) for back in range(cfg.trainer.nightly_catch_up_days - 1, -1, -1)]
+    if not done:
+        return [newest]
+    last = max(done)
+    return [d for d in window if d.isoformat() > last]
+
+
 def run_nightly(
     cfg: Config,
     date: dt.date,
@@ -433,6 +449,15 @@ def _run_nightly(
     cfg: Config, date: dt.date, force: bool, progress: bool, should_stop: Callable[[], bool] | None
 ) -> NightlyResult:
     day = date.isoformat()
+    over_at_ms = day_bounds_ms(date, cfg.trainer.schedule_timezone)[1] + cfg.trainer.nightly_margin_ms
+    if time.time() * 1000 < over_at_ms:
+        # retrained now, the rest of the day would never be: it would be marked done
+        log.warning(
+            "nightly %s: the day and its read margin (trainer.nightly_margin_ms) end at %s; nothing done",
+            day,
+            dt.datetime.fromtimestamp(over_at_ms / 1000, dt.UTC).isoformat(),
+        )
+        return NightlyResult(day, "not_over")
     state_dir = Path(cfg.trainer.state_dir)
     lock = StateLock(state_dir)
     own_state = lock.acquire(blocking=False)

@@ -1,4 +1,5 @@
-"""``schedule``: an APScheduler cron that runs the nightly retrain over yesterday's events."""
+"""``schedule``: an APScheduler cron that runs the nightly retrain over yesterday's events, and
+over the days before it that a missed, failed or stopped run left (``trainer.nightly_catch_up_days``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from apscheduler.triggers.cron import CronTrigger
 from prometheus_client import Counter, Gauge
 
 from trainer.days import yesterday
-from trainer.nightly import run_nightly
+from trainer.nightly import dates_due, run_nightly
 from twotower.config import Config
 from twotower.daemon import Daemon
 
@@ -42,14 +43,27 @@ class Scheduler(Daemon):
         self.next_run = job.next_run_time
 
     def run_once(self) -> None:
-        date = yesterday(self.cfg.trainer.schedule_timezone)
+        """Retrain yesterday, and before it the days a missed, failed or stopped run left
+        (:func:`~trainer.nightly.dates_due`), oldest first; stop at the first that fails."""
+        newest = yesterday(self.cfg.trainer.schedule_timezone)
         try:
-            result = run_nightly(self.cfg, date, progress=False, should_stop=self.shutdown_flag.is_set)
+            dates = dates_due(self.cfg, newest)
+        except Exception:
+            log.exception("cannot read which days were retrained; retraining %s only", newest)
+            dates = [newest]
+        for date in dates:
+            if self.shutdown_flag.is_set():
+                break
+            try:
+                result = run_nightly(self.cfg, date, progress=False, should_stop=self.shutdown_flag.is_set)
+            except Exception:
+                RUNS.labels("failed").inc()
+                log.exception("nightly retrain of %s failed", date)
+                break  # the next run starts again from it
             RUNS.labels(result.status).inc()
             log.info("nightly %s: %s", result.date, result.status, extra={"examples": result.examples})
-        except Exception:
-            RUNS.labels("failed").inc()
-            log.exception("nightly retrain of %s failed", date)
+            if result.status == "stopped":
+                break
         LAST_RUN.set_to_current_time()
 
     def main_loop(self) -> None:

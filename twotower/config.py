@@ -261,6 +261,11 @@ class TrainerConfig(_Section):
     nightly_margin_ms: int = Field(default=3_600_000, ge=0)
     """The nightly read starts and ends this far outside the day (by Kafka timestamp) to catch
     out-of-order events; each event's own time then decides whether it belongs to the day."""
+    nightly_catch_up_days: int = Field(default=3, ge=1)
+    """How many days back (yesterday included) a scheduled run retrains those after the newest
+    date retrained so far: a day missed while the scheduler was down, or whose run failed or was
+    stopped, is retrained by the next run, oldest first. 1: yesterday only. Needs the events
+    topic's retention to cover them."""
     nightly_history_days: int = Field(default=7, ge=0)
     """How many days before the retrained day the nightly may read back from Kafka, for users who
     click on the day and whose earlier clicks the state no longer holds in full, as the user
