@@ -11,7 +11,7 @@ test whose file is missing is skipped, or fails with ``REQUIRE_TEST_DATA=1`` (as
 from __future__ import annotations
 
 import os
-import socket
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,35 +27,39 @@ REQUIRE_DATA = "REQUIRE_TEST_DATA"
 """With this environment variable at ``1``, a missing dataset fails its test instead of skipping it."""
 
 
-def _free_ports(count: int) -> list[int]:
-    """Distinct ports nobody listens on (all held open at once, so none repeats)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A SIGTERM (a CI timeout, a cancelled job) or SIGHUP (a closed terminal) ends the session
+    as Ctrl-C does, through the fixtures' teardown: by default it ended pytest at once, and the
+    session's Kafka and Redis, in sessions of their own, ran on."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
 
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap address of the session's Kafka broker."""
     state = tmp_path_factory.mktemp("kafka-infra")
-    port, controller_port = _free_ports(2)
-    endpoints = infra.up(state, kafka_port=port, controller_port=controller_port, services=["kafka"], env=os.environ)
-    yield endpoints.kafka_bootstrap
-    infra.down(state)
+    port, controller_port = infra.free_ports(2)
+    try:
+        yield infra.up(
+            state, kafka_port=port, controller_port=controller_port, services=["kafka"], env=os.environ
+        ).kafka_bootstrap
+    finally:  # the broker runs in a session of its own: nothing else stops it
+        infra.down(state)
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of the session's Redis server."""
     state = tmp_path_factory.mktemp("redis-infra")
-    endpoints = infra.up(state, redis_port=_free_ports(1)[0], services=["redis"], env=os.environ)
-    yield endpoints.redis_url
-    infra.down(state)
+    try:
+        yield infra.up(state, redis_port=infra.free_ports(1)[0], services=["redis"], env=os.environ).redis_url
+    finally:
+        infra.down(state)
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ import ast
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,3 +38,28 @@ def test_the_image_copies_every_package_the_console_script_imports() -> None:
     assert needed >= {"twotower", "bench", "evaluation", "retriever"}  # what the check is about
     assert needed <= copied, f"not copied into the image: {sorted(needed - copied)}"
     assert not needed & ignored, f"left out of the build context: {sorted(needed & ignored)}"
+
+
+DOCKER_TMPFS_OPTIONS = {"size", "mode", "uid", "gid", "nr_inodes", "nr_blocks", "mpol"}
+"""What Docker accepts in a ``tmpfs:`` entry's options besides mount flags (ro, noexec, ...):
+any other, such as ``huge``, makes it refuse to create the container."""
+
+
+def test_compose_asks_docker_only_for_what_it_accepts() -> None:
+    """A ``tmpfs:`` entry with ``huge=within_size`` kept the retriever's container from being
+    created (and the simulator, which waits for it, from starting): ``docker compose config``
+    does not check it, Docker does when it creates the container."""
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    declared = set(compose.get("volumes") or {})
+    for name, service in compose["services"].items():
+        for entry in service.get("tmpfs") or []:
+            _, _, options = entry.partition(":")
+            keys = {option.split("=", 1)[0] for option in options.split(",") if "=" in option}
+            assert keys <= DOCKER_TMPFS_OPTIONS, f"{name}: tmpfs options {keys - DOCKER_TMPFS_OPTIONS} are refused"
+        for volume in service.get("volumes") or []:
+            source = volume.split(":", 1)[0] if isinstance(volume, str) else volume["source"]
+            if not source.startswith(("/", ".")):
+                assert source in declared, f"{name}: volume {source} is not declared"
+    parts = compose["volumes"]["retriever-parts"]["driver_opts"]
+    assert parts["type"] == "tmpfs" and "huge=within_size" in parts["o"]

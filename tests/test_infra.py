@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -170,3 +171,43 @@ def test_status_and_down_explain_a_state_dir_that_is_not_one(tmp_path: Path) -> 
     assert result.exit_code == 2 and "is a file" in " ".join(result.output.replace("│", " ").split())
     result = runner.invoke(infra.app, ["down", "--state-dir", str(tmp_path / "none")])
     assert result.exit_code == 0 and "no services were started from" in result.output
+
+
+@pytest.mark.skipif(bool(os.environ.get("REDIS_URL")), reason="a session given REDIS_URL starts no Redis")
+def test_a_test_session_ended_by_sigterm_stops_its_services(tmp_path: Path) -> None:
+    """A CI timeout's SIGTERM ended pytest at once, and the session's Redis (and Kafka), in
+    sessions of their own, ran on with no pid file left to find them by."""
+    conftest = Path(__file__).with_name("conftest.py")
+    (tmp_path / "conftest.py").write_text(conftest.read_text())
+    (tmp_path / "test_waits.py").write_text(
+        "import time\n\ndef test_waits(redis_url):\n    print('URL', redis_url, flush=True)\n    time.sleep(120)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "KAFKA_BOOTSTRAP")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_waits.py")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        url = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("URL "):
+                url = line.split()[1]
+                break
+        assert url is not None, "the inner session never reached its test"
+        client = redis.Redis.from_url(url)
+        assert client.ping()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                client.ping()
+            except redis.ConnectionError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the Redis at {url} outlived the session that started it")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

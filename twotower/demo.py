@@ -196,19 +196,30 @@ def run_demo(duration_s: float, rate: float | None, state_root: Path, console: C
     infra_dir = state_root / "infra"
     # a SIGTERM (a timeout, a cancelled job) ends the demo through its cleanup below: its
     # daemons and services run in sessions of their own and would outlive it
-    previous_handler = signal.signal(signal.SIGTERM, _exit_on_signal)
+    # (a closed terminal's SIGHUP too)
+    previous = {signum: signal.signal(signum, _exit_on_signal) for signum in (signal.SIGTERM, signal.SIGHUP)}
     daemons: dict[str, Daemon] = {}
+    # free ports: a machine that already runs a Redis or Kafka on the usual ones (Debian starts
+    # the redis-server it installs) must not stop the demo; running services are reused as they are
+    kafka_port, controller_port, redis_port = infra.free_ports(3)
     try:
         console.print(f"[bold]bringing up Kafka and Redis[/bold] (state in {infra_dir}) …")
-        with infra.running(infra_dir) as endpoints:  # stops at the end what it started
+        with infra.running(
+            infra_dir, kafka_port=kafka_port, controller_port=controller_port, redis_port=redis_port
+        ) as endpoints:  # stops at the end what it started
             try:
                 return _run_stages(cfg, endpoints, run_id, run_dir, daemons, duration_s, rate, console)
             finally:
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup is not to be cut short
+                for signum in previous:
+                    signal.signal(signum, signal.SIG_IGN)  # the cleanup is not to be cut short
                 for daemon in daemons.values():
                     daemon.stop(timeout_s=10)  # already stopped after a normal run; this covers failures
+    except infra.InfraError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1, {"ok": False, "error": str(exc).splitlines()[0]}
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run_stages(

@@ -363,6 +363,18 @@ def _read_record(state: Path, name: str) -> _ProcessRecord | None:
         return None
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct local ports nobody listens on (all held open at once, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def _port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
@@ -560,7 +572,7 @@ def start_kafka(
     record = _spawn("kafka", state, cmd, str(server_props), endpoint, log_file)
     try:
         _wait_ready("kafka", lambda: _kafka_ready(endpoint), timeout_s, record, log_file)
-    except InfraError:
+    except BaseException:  # a Ctrl-C or a test timeout too: it runs in a session of its own
         _stop(state, "kafka", timeout_s=10)  # leave no half-started process behind
         raise
     log.info("kafka %s ready at %s in %.1f s", version, endpoint, time.monotonic() - started)
@@ -640,7 +652,7 @@ def start_redis(state: Path, *, port: int = DEFAULT_REDIS_PORT, timeout_s: float
     record = _spawn("redis", state, cmd, str(data), url, log_file)
     try:
         _wait_ready("redis", lambda: _redis_ready(url), timeout_s, record, log_file)
-    except InfraError:
+    except BaseException:  # a Ctrl-C or a test timeout too: it runs in a session of its own
         _stop(state, "redis", timeout_s=10)  # leave no half-started process behind
         raise
     log.info("redis ready at %s", url)
@@ -724,13 +736,13 @@ def down(
 
 
 @contextlib.contextmanager
-def running(state_dir: Path | str = DEFAULT_STATE_DIR) -> Iterator[Endpoints]:
-    """:func:`up` for the length of a block; when the block ends, however it ends, :func:`down`
-    the services this call started (those that were running before stay up, and so does one
-    the environment names)."""
+def running(state_dir: Path | str = DEFAULT_STATE_DIR, **ports: int) -> Iterator[Endpoints]:
+    """:func:`up` for the length of a block (``ports``: its port arguments); when the block
+    ends, however it ends, :func:`down` the services this call started (those that were running
+    before stay up, and so does one the environment names)."""
     before = {name for name, service in status(state_dir).items() if service.running}
     try:
-        yield up(state_dir)
+        yield up(state_dir, **ports)  # type: ignore[arg-type]
     finally:
         started = [name for name in SERVICES if name not in before]
         if started:  # a service that failed to start included: up() leaves none half-started
