@@ -25,11 +25,11 @@ def test_a_demo_that_fails_to_start_stops_what_it_started(
     monkeypatch.setattr(infra, "status", lambda _dir: states)
     monkeypatch.setattr(infra, "up", up)
     monkeypatch.setattr(infra, "down", lambda _dir, services: downs.append(list(services)))
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(infra.InfraError):
-        demo.run_demo(1.0, None, tmp_path, Console(quiet=True))
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    code, summary = demo.run_demo(1.0, None, tmp_path, Console(quiet=True))
+    assert (code, summary) == (1, {"ok": False, "error": "redis: port taken"})  # one line, not a traceback
     assert downs == [stopped]
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
 def test_a_sigterm_during_the_demo_runs_its_cleanup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,3 +45,19 @@ def test_a_sigterm_during_the_demo_runs_its_cleanup(tmp_path: Path, monkeypatch:
     with pytest.raises(SystemExit) as exited:
         demo.run_demo(1.0, None, tmp_path, Console(quiet=True))
     assert exited.value.code == 128 + signal.SIGTERM and downs == [["kafka", "redis"]]
+
+
+def test_a_sighup_during_the_demo_runs_its_cleanup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed terminal's SIGHUP left all five daemons running, the simulator still producing."""
+    downs: list[list[str]] = []
+
+    def up(*args: object, **kwargs: object) -> None:
+        signal.raise_signal(signal.SIGHUP)
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(infra, "status", lambda _dir: {n: SimpleNamespace(running=False) for n in infra.SERVICES})
+    monkeypatch.setattr(infra, "up", up)
+    monkeypatch.setattr(infra, "down", lambda _dir, services: downs.append(list(services)))
+    with pytest.raises(SystemExit) as exited:
+        demo.run_demo(1.0, None, tmp_path, Console(quiet=True))
+    assert exited.value.code == 128 + signal.SIGHUP and downs == [["kafka", "redis"]]
