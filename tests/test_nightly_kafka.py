@@ -22,7 +22,7 @@ from trainer.stream import NIGHTLY_COUNTED, StreamTrainer
 from twotower import checkpoint
 from twotower.config import Config
 from twotower.events import CLICK, IMPRESSION, CatalogItem, Interaction
-from twotower.kafka_io import ensure_topics, make_producer, send_record
+from twotower.kafka_io import Topics, ensure_topics, make_producer, send_record
 
 pytestmark = pytest.mark.integration
 
@@ -542,3 +542,23 @@ def test_nightly_starts_from_the_previous_nightly_rows(
         assert run_nightly(cfg, DAY + dt.timedelta(days=1), force=True, progress=False).status == "trained"
         for user, row in starts[-1].items():
             assert torch.equal(row, base_rows.get(user, torch.zeros(4))), user
+
+
+def test_a_stop_during_the_nightly_s_reads_ends_it_there(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM was only seen between retrain batches: the reads of the catalogue and of the
+    day (minutes at scale) ran on, past a container's stop grace period."""
+    cfg = _small(config)
+    day_ms = day_bounds_ms(DAY, "UTC")[0]
+    _produce(cfg, [*_catalog(), *_clicks("s", 30, day_ms + 3_600_000)])
+    reads: list[str] = []
+    read = nightly.read_topic_range
+
+    def spy(kafka: Any, topic: str, *args: Any) -> Any:
+        reads.append(topic)
+        return read(kafka, topic, *args)
+
+    monkeypatch.setattr(nightly, "read_topic_range", spy)
+    monkeypatch.setattr(nightly, "build_examples", lambda *args: pytest.fail("the stop was not seen in the reads"))
+    result = run_nightly(cfg, DAY, progress=False, should_stop=lambda: True)
+    assert result.status == "stopped" and reads == [Topics(cfg.kafka.topic_prefix).catalog]
+    assert checkpoint.load(cfg.trainer.state_dir) is None  # nothing kept

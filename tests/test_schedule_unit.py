@@ -7,9 +7,10 @@ from zoneinfo import ZoneInfo
 
 from trainer import schedule
 from trainer.days import day_bounds_ms, yesterday
-from trainer.nightly import NightlyResult, dates_due, run_nightly
+from trainer.nightly import NIGHTLY_LOCK, NightlyResult, dates_due, run_nightly
 from trainer.schedule import Scheduler
 from trainer.state import TrainerState
+from trainer.stream import StateLock
 from twotower import checkpoint
 from twotower.config import Config
 
@@ -98,3 +99,14 @@ def test_a_day_not_over_yet_is_not_retrained(tmp_path) -> None:
     assert run_nightly(cfg, today).status == "not_over"
     margin = Config().with_overrides({"trainer": {"state_dir": tmp_path, "nightly_margin_ms": 3 * 86_400_000}})
     assert run_nightly(margin, today - dt.timedelta(days=1)).status == "not_over"  # its read margin too
+
+
+def test_a_run_waiting_for_another_stops_when_asked(tmp_path) -> None:
+    """It waited on the other run's lock without limit, past a container's stop grace period."""
+    cfg = Config().with_overrides({"trainer": {"state_dir": tmp_path}})
+    other = StateLock(tmp_path, NIGHTLY_LOCK)
+    assert other.acquire(blocking=False)
+    try:
+        assert run_nightly(cfg, dt.date(2024, 3, 10), should_stop=lambda: True).status == "stopped"
+    finally:
+        other.release()

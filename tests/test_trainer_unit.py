@@ -425,7 +425,9 @@ def test_nightly_applies_each_catalogue_item_s_last_version(monkeypatch: pytest.
     messages = {
         topics.catalog: [SimpleNamespace(value=encode(v), topic=topics.catalog, timestamp=v.ts_ms) for v in versions]
     }
-    monkeypatch.setattr(nightly, "read_topic_range", lambda _cfg, topic, _a, _b: iter(messages.get(topic, [])))
+    monkeypatch.setattr(
+        nightly, "read_topic_range", lambda _cfg, topic, _a, _b, _stop=None: iter(messages.get(topic, []))
+    )
     nightly.load_side_topics(cfg, topics, state)
     category, content = state.catalog["i1"]
     assert category == state.categories["new-cat"] and content[0] == 9.0

@@ -72,9 +72,19 @@ class NightlyResult:
     """True when a running streaming trainer will merge the result."""
 
 
-def read_topic_range(cfg: KafkaConfig, topic: str, start_ms: int | None, end_ms: int | None) -> Iterator[object]:
+def read_topic_range(
+    cfg: KafkaConfig,
+    topic: str,
+    start_ms: int | None,
+    end_ms: int | None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[object]:
     """Raw messages of ``topic`` whose Kafka timestamp falls in ``[start_ms, end_ms)`` by the time
-    index (``None``: from the beginning / to the current end). Reads without a consumer group."""
+    index (``None``: from the beginning / to the current end). Reads without a consumer group.
+
+    Raises:
+        NightlyStopped: ``should_stop`` said so between two polls.
+    """
     consumer = make_consumer(cfg, None, enable_auto_commit=False, consumer_timeout_ms=5_000)
     try:
         parts = consumer.partitions_for_topic(topic) or set()
@@ -97,6 +107,8 @@ def read_topic_range(cfg: KafkaConfig, topic: str, start_ms: int | None, end_ms:
         for tp in todo:
             consumer.seek(tp, starts[tp])
         while todo:
+            if should_stop is not None and should_stop():
+                raise NightlyStopped
             polled = consumer.poll(timeout_ms=1_000, max_records=5_000)
             if not polled:
                 # nothing more arrives below the end offsets: they may point past compacted gaps
@@ -124,13 +136,15 @@ def load_day_interactions(cfg: Config, topics: Topics, date: dt.date) -> list[In
     return [r for *_, r in load_day_records(cfg, topics, date)]
 
 
-def load_day_records(cfg: Config, topics: Topics, date: dt.date) -> list[tuple[int, int, Interaction]]:
+def load_day_records(
+    cfg: Config, topics: Topics, date: dt.date, should_stop: Callable[[], bool] | None = None
+) -> list[tuple[int, int, Interaction]]:
     """As :func:`load_day_interactions`, each with its partition and offset in the events topic."""
     start, end = day_bounds_ms(date, cfg.trainer.schedule_timezone)
     margin = cfg.trainer.nightly_margin_ms
     records: list[tuple[int, int, int, Interaction]] = []
     bad = 0
-    for message in read_topic_range(cfg.kafka, topics.events, start - margin, end + margin):
+    for message in read_topic_range(cfg.kafka, topics.events, start - margin, end + margin, should_stop):
         try:
             record = decode_message(message, topics)
         except SchemaError:
@@ -197,7 +211,9 @@ def count_clicks(state: TrainerState, clicks: list[Interaction]) -> None:
     state.observe_clicks(clicks)
 
 
-def load_side_topics(cfg: Config, topics: Topics, state: TrainerState) -> None:
+def load_side_topics(
+    cfg: Config, topics: Topics, state: TrainerState, should_stop: Callable[[], bool] | None = None
+) -> None:
     """Apply the (compacted) catalogue and profile topics, so a cold start knows every item.
 
     A key's last record is its current version (a topic not compacted yet still holds older
@@ -205,7 +221,7 @@ def load_side_topics(cfg: Config, topics: Topics, state: TrainerState) -> None:
     items keep their rows' update stamps."""
     items: dict[str, CatalogItem] = {}
     for topic in (topics.catalog, topics.profiles):
-        for message in read_topic_range(cfg.kafka, topic, None, None):
+        for message in read_topic_range(cfg.kafka, topic, None, None, should_stop):
             try:
                 record = decode_message(message, topics)
             except SchemaError:
@@ -435,7 +451,10 @@ def run_nightly(
     runs = StateLock(state_dir, NIGHTLY_LOCK)
     if not runs.acquire(blocking=False):
         log.info("another nightly run on %s is in progress: waiting for it", state_dir)
-        runs.acquire(blocking=True)
+        while not runs.acquire(blocking=False):
+            if should_stop is not None and should_stop():
+                return NightlyResult(date.isoformat(), "stopped")
+            time.sleep(HANDOFF_POLL_S)
     try:
         return _run_nightly(cfg, date, force, progress, should_stop)
     except NightlyStopped:
@@ -486,8 +505,8 @@ def _run_nightly(
                 base["date"],
                 handoff.rebase(state, base),
             )
-        load_side_topics(cfg, topics, state)
-        records = load_day_records(cfg, topics, date)
+        load_side_topics(cfg, topics, state, should_stop)
+        records = load_day_records(cfg, topics, date, should_stop)
         # Records the state has not seen: not applied by a streaming trainer before its
         # checkpoint, and not counted by an earlier run of this date (``force``).
         applied = applied_by_checkpoint(ckpt, topics.events)
