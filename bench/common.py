@@ -19,7 +19,6 @@ import queue
 import random
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -273,16 +272,8 @@ SLOWLOG_READ = 1024
 
 
 # --- ports, services, waiting -------------------------------------------------------------------
-def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports nobody listens on (held open together so none repeats)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+free_ports = infra.free_ports
+"""Distinct loopback ports nobody listens on (the launcher's own helper, re-exported for the benches)."""
 
 
 @contextlib.contextmanager

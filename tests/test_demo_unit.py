@@ -32,11 +32,16 @@ def test_a_demo_that_fails_to_start_stops_what_it_started(
     assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
-def test_a_sigterm_during_the_demo_runs_its_cleanup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_the_demo_runs_its_cleanup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: signal.Signals
+) -> None:
+    """A timeout's SIGTERM, or a closed terminal's SIGHUP (which left all five daemons running,
+    the simulator still producing)."""
     downs: list[list[str]] = []
 
     def up(*args: object, **kwargs: object) -> None:
-        signal.raise_signal(signal.SIGTERM)  # a timeout while the services start
+        signal.raise_signal(signum)  # while the services start
         raise AssertionError("not reached")
 
     monkeypatch.setattr(infra, "status", lambda _dir: {n: SimpleNamespace(running=False) for n in infra.SERVICES})
@@ -44,20 +49,4 @@ def test_a_sigterm_during_the_demo_runs_its_cleanup(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(infra, "down", lambda _dir, services: downs.append(list(services)))
     with pytest.raises(SystemExit) as exited:
         demo.run_demo(1.0, None, tmp_path, Console(quiet=True))
-    assert exited.value.code == 128 + signal.SIGTERM and downs == [["kafka", "redis"]]
-
-
-def test_a_sighup_during_the_demo_runs_its_cleanup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A closed terminal's SIGHUP left all five daemons running, the simulator still producing."""
-    downs: list[list[str]] = []
-
-    def up(*args: object, **kwargs: object) -> None:
-        signal.raise_signal(signal.SIGHUP)
-        raise AssertionError("not reached")
-
-    monkeypatch.setattr(infra, "status", lambda _dir: {n: SimpleNamespace(running=False) for n in infra.SERVICES})
-    monkeypatch.setattr(infra, "up", up)
-    monkeypatch.setattr(infra, "down", lambda _dir, services: downs.append(list(services)))
-    with pytest.raises(SystemExit) as exited:
-        demo.run_demo(1.0, None, tmp_path, Console(quiet=True))
-    assert exited.value.code == 128 + signal.SIGHUP and downs == [["kafka", "redis"]]
+    assert exited.value.code == 128 + signum and downs == [["kafka", "redis"]]
