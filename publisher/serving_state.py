@@ -11,9 +11,11 @@ Per poll batch, in one MULTI/EXEC:
 Malformed messages go to the dead-letter topic (:class:`~twotower.kafka_io.RecordDecoder`)
 and never stop the loop. Offsets are committed only after the Redis transaction succeeded;
 if decoding or writing fails, the consumer is rewound to the start of the batch so that the
-next poll retries it. Delivery is at-least-once: a crash between the Redis write and the
-commit replays the batch (item and profile writes are idempotent; a click may then appear
-twice in a history).
+next poll retries it. Each transaction also records, per partition, the next offset Redis
+holds (``layout.serving_offsets``, watched, so that the client never re-sends a transaction
+whose reply it lost), and a batch read again (after a crash between the Redis write and the
+commit, or a write whose reply was lost) pushes only the clicks above it: every click is in a
+history once. Item and profile writes are idempotent and are applied again.
 
 The catalogue items of each batch are handed back to the caller, which decides whether an
 item needs a content-only vector (see :class:`publisher.daemon.PublisherDaemon`); through
@@ -122,6 +124,10 @@ def queue_writes(
     return result
 
 
+def _field(tp: TopicPartition) -> str:
+    return f"{tp.topic}:{tp.partition}"
+
+
 class ServingStateWriter:
     """Consumes events, catalogue and profiles and writes Redis; offsets commit under ``publisher.group_id``.
 
@@ -165,6 +171,7 @@ class ServingStateWriter:
                     close()
             raise
         self.decoder = RecordDecoder(self.producer, self.topics)
+        self._held_by_redis: dict[str, int] | None = None
         self._held = False
         """Batches are in Redis whose offsets are not committed yet."""
 
@@ -194,22 +201,30 @@ class ServingStateWriter:
             return BatchResult()
         firsts = {tp: messages[0].offset for tp, messages in batch.items() if messages}
         try:
+            held = self._held_offsets()
             records: list[Record] = []
             dead = 0
             count = 0
-            for messages in batch.values():
+            for tp, messages in batch.items():
+                floor = held.get(_field(tp), 0)
                 for message in messages:
                     count += 1
                     record = self.decoder.decode(message)
                     if record is None:
                         dead += 1
-                    else:
-                        records.append(record)
-            pipe = self.redis.pipeline(transaction=True)
-            result = queue_writes(pipe, self.layout, records, self.cfg.publisher.history_max_len)
-            if len(pipe):
+                    elif not (message.offset < floor and isinstance(record, Interaction) and record.type == CLICK):
+                        records.append(record)  # a click below the floor is in its history already
+            nexts = {_field(tp): messages[-1].offset + 1 for tp, messages in batch.items() if messages}
+            with self.redis.pipeline(transaction=True) as pipe:
+                # watched: the client then never sends the transaction again after losing its reply
+                pipe.watch(self.layout.serving_offsets)
+                pipe.multi()
+                result = queue_writes(pipe, self.layout, records, self.cfg.publisher.history_max_len)
+                pipe.hset(self.layout.serving_offsets, mapping=nexts)
                 pipe.execute()
+            held.update((name, max(held.get(name, 0), offset)) for name, offset in nexts.items())
         except Exception:
+            self._held_by_redis = None  # what Redis holds is read again: the write may have happened
             self._rewind(firsts)
             raise
         result.messages, result.dead_letters = count, dead
@@ -229,6 +244,14 @@ class ServingStateWriter:
         if before_commit is None or before_commit(result):
             self._commit()
         return result
+
+    def _held_offsets(self) -> dict[str, int]:
+        """Per ``topic:partition``, the next offset whose writes Redis holds (read once, then
+        kept up to date; read again after a failure)."""
+        if self._held_by_redis is None:
+            raw = self.redis.hgetall(self.layout.serving_offsets)
+            self._held_by_redis = {key.decode(): int(value) for key, value in raw.items()}
+        return self._held_by_redis
 
     def _commit(self) -> None:
         try:

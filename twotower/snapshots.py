@@ -16,6 +16,8 @@ Layout (``p`` is the configured key prefix):
 ``p:snap:v:<n>:part:<name>:<i>``      the i-th chunk of a part's bytes
 ``p:snap:notify``                     pub/sub channel; the message is the new version number
 ``p:hist:<user>``                     the user's recent interactions, newest first (msgpack)
+``p:serving:offsets``                 hash ``<topic>:<partition>`` → the next offset the serving
+                                      state holds (written in each batch's transaction)
 ``p:item:<item>``                     hash of item details (category, title, ts_ms)
 ``p:profile:<user>``                  the user's profile features (msgpack list of floats)
 ====================================  ==========================================================
@@ -98,6 +100,10 @@ class SnapshotLayout:
         """A ``SCAN MATCH`` pattern of every key of one version (the prefix's glob characters escaped)."""
         prefix = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
         return f"{prefix}:snap:v:{version}:*"
+
+    @property
+    def serving_offsets(self) -> str:
+        return f"{self.prefix}:serving:offsets"
 
     def history(self, user_id: str) -> str:
         return f"{self.prefix}:hist:{user_id}"
