@@ -214,12 +214,38 @@ def test_clicks_of_a_request_get_its_hard_negatives_mixed_with_popularity_sample
     extra = cand[len({c.item_id for c in clicks}) :]
     assert len([i for i in extra if i in hard]) == 4  # half of the 8 extra negatives are hard ones
     assert set(cand[:8]) == {c.item_id for c in clicks} and positive_cols.tolist() == list(range(8))
-    assert log_q is not None and log_q.shape == (len(cand),) and torch.isfinite(log_q).all()
+    assert log_q is not None and log_q.shape == (len(clicks), len(cand)) and torch.isfinite(log_q).all()
+    # the request's own hard negatives are in the set whenever the subsample keeps one (4 of 10),
+    # not with their share of the stream of such records, which other rows still see
+    own = [cand.index(i) for i in extra if i in hard]
+    assert bool((log_q[0, own].exp() >= 0.399).all()) and bool((log_q[0, own] > log_q[1:, own]).all())
+    rest = [j for j in range(len(cand)) if j not in own]
+    assert torch.equal(log_q[0, rest], log_q[1, rest])
     only_pop = _state(negatives_popularity_ratio=1.0)
     only_pop.observe_clicks([_click("warm", f"i{i}", ts=1) for i in range(20)])
     only_pop.observe_impression(_impression("r1", "i0", hard))
     cand, _, _ = only_pop._candidates(clicks)
     assert not set(cand) & set(hard)  # ratio 1: popularity negatives only (these items have no clicks)
+
+
+def test_own_hard_negatives_all_taken_are_not_corrected_at_all() -> None:
+    """Kept whatever happens, they are in the set with probability 1 (log Q = 0). With the
+    stream's share instead (about 1/catalogue), a streaming micro-batch pushed down the items
+    the retriever ranked first for the user: at the true logits the expected gradient on them
+    was +0.46 per click against +0.03 with this (helper 26, B=4)."""
+    state = _state(negatives_popularity_ratio=0.0)
+    state.observe_clicks([_click("warm", f"i{i}", ts=1) for i in range(20)])
+    state.observe_impression(_impression("r1", "i0", ["i25", "i26"]))
+    clicks = [_click("r1", "i0", ts=1_000), _click("r2", "i1", user="u2", ts=1_000)]
+    cand, _, log_q = state._candidates(clicks)
+    own = [cand.index("i25"), cand.index("i26")]
+    assert log_q is not None and torch.allclose(log_q[0, own], torch.zeros(2), atol=1e-6)
+    assert bool((log_q[1, own] < -0.1).all())  # another request's: the stream's share (half each here)
+    expected = _state(negatives_popularity_ratio=0.0, logq_correction="expected_count")
+    expected.observe_clicks([_click("warm", f"i{i}", ts=1) for i in range(20)])
+    expected.observe_impression(_impression("r1", "i0", ["i25", "i26"]))
+    cand, _, log_q = expected._candidates(clicks)
+    assert log_q is not None and bool((log_q[0, [cand.index("i25"), cand.index("i26")]] >= 0).all())
 
 
 def test_hard_negatives_fill_only_what_they_have_and_learning_uses_them() -> None:

@@ -24,6 +24,11 @@ LOSSES = ("softmax", "bce", "pairwise_hinge", "pairwise_logistic")
 """The objectives :func:`retrieval_loss` knows."""
 
 
+def _per_row(log_q: torch.Tensor) -> torch.Tensor:
+    """``log_q`` as rows to subtract from ``[B, M]`` logits: ``[M]`` is the same for every row."""
+    return log_q if log_q.dim() == 2 else log_q.unsqueeze(0)
+
+
 def _corrected(
     logits: torch.Tensor,
     positive_cols: torch.Tensor,
@@ -32,7 +37,7 @@ def _corrected(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logQ-corrected logits, each row's positive logit ``[B]`` and its negatives mask ``[B, M]``."""
     if log_q is not None:
-        logits = logits - log_q.unsqueeze(0)
+        logits = logits - _per_row(log_q)
     rows = torch.arange(logits.shape[0])
     negatives = torch.ones_like(logits, dtype=torch.bool)
     if same_item is not None:
@@ -53,7 +58,8 @@ def sampled_softmax_loss(
         logits: ``[B, M]`` user-candidate scores (already divided by the temperature).
         positive_cols: ``[B]`` column of each row's positive.
         log_q: ``[M]`` log of the expected count of each candidate in a batch's sample; it is
-            subtracted from every logit (Yi et al. 2019, sampling-bias correction).
+            subtracted from every logit (Yi et al. 2019, sampling-bias correction). ``[B, M]``:
+            one per row (a row's own hard negatives are in the set with another probability).
         same_item: ``[B, M]`` bool, True where a column holds the same item as the row's
             positive; such columns other than the positive itself are masked out.
 
@@ -61,7 +67,7 @@ def sampled_softmax_loss(
         The mean cross-entropy.
     """
     if log_q is not None:
-        logits = logits - log_q.unsqueeze(0)
+        logits = logits - _per_row(log_q)
     if same_item is not None:
         accidental = same_item.clone()
         accidental[torch.arange(logits.shape[0]), positive_cols] = False

@@ -473,9 +473,13 @@ class TrainerState:
         ``1 - (1-p_click)^B (1-p_pop)^n_pop (1-p_hard)^n_hard``; ``expected_count``, the log of
         ``B·p_click + n_pop·p_pop + n_hard·p_hard``. ``p_click`` is the item's share of clicks,
         ``p_pop`` its popularity-sampling probability and ``p_hard`` its share of all
-        retrieved-but-not-shown records (streaming frequency estimates, as for clicks). The
-        hard-negative term treats hard negatives as draws from the stream of such records: they
-        are user-specific, so this is the user-independent approximation of their proposal.
+        retrieved-but-not-shown records (streaming frequency estimates, as for clicks). For
+        another click's hard negatives the hard-negative term treats them as draws from the
+        stream of such records (the user-independent approximation); a click's own request's
+        hard negatives are in the set whenever the subsample keeps them (``selected``: all of
+        them when the pool fits), so their log Q in that click's row is that of
+        ``1 - (1 - selected)(1 - pi of the other sources)`` (expected count: ``selected`` plus
+        the others'). log Q is then ``[B, M]``, one row per click.
         """
         b = len(clicks)
         counts = self.items.count
@@ -521,7 +525,28 @@ class TrainerState:
         if mode == "none":
             return cand_ids, positive_cols, None
         log_q_fn = candidate_log_inclusion if mode == "inclusion" else candidate_log_q
-        return cand_ids, positive_cols, log_q_fn(click_p, samp_p, b, n_pop, hard_prob=hard_p, n_hard=len(hard))
+        log_q = log_q_fn(click_p, samp_p, b, n_pop, hard_prob=hard_p, n_hard=len(hard))
+        if not hard:
+            return cand_ids, positive_cols, log_q
+        # A click's own request's hard negatives are not draws from the stream of such records:
+        # each is in the set whenever the subsample keeps it (all of them when the pool fits),
+        # whatever its share of that stream. With the stream's share, their log Q was far too
+        # small, and the correction pushed down the very items the retriever ranks first for
+        # the user (helper 26's measurement: 10x the popularity bias logQ removes, at B=4).
+        selected = min(1.0, hard_target / len(pool))
+        others = log_q_fn(click_p, samp_p, b, n_pop).to(torch.float64).exp()  # without the hard stream
+        if mode == "inclusion":  # pi = 1 - (1 - selected)(1 - pi of the other sources)
+            own = torch.log(1.0 - (1.0 - selected) * (1.0 - others).clamp(min=0.0))
+        else:  # expected count: the other sources' plus the selection's
+            own = torch.log(others + selected)
+        per_row = log_q.unsqueeze(0).repeat(b, 1)
+        chosen = set(hard)
+        for i, click in enumerate(clicks):
+            cols = [col[item] for item in self.hard_negatives(click.request_id) if item in chosen]
+            if cols:
+                at = torch.tensor(cols)
+                per_row[i, at] = own[at].to(per_row.dtype)
+        return cand_ids, positive_cols, per_row
 
     def _ssl_loss(self, id_rows: torch.Tensor, cats: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
         """Self-supervised InfoNCE on the item tower (Yao et al. 2021) over the step's candidate items.
