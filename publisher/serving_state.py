@@ -2,8 +2,11 @@
 
 Per poll batch, in one MULTI/EXEC:
 
-* a **click** → ``LPUSH`` msgpack ``[item_id, ts_ms]`` onto ``layout.history(user)`` and one
-  ``LTRIM`` per touched user to ``history_max_len`` (newest first; impressions are no history);
+* a **click** → msgpack ``[item_id, ts_ms]`` into ``layout.history(user)`` in its place by event
+  time, newest first, and the list trimmed to ``history_max_len`` (:data:`PUSH_CLICK`: a late
+  click goes after the newer ones, and one older than every entry of a full history is left
+  out, as the trainer does; pushed and trimmed by arrival instead, a burst of old clicks pushed
+  the newest out); impressions are no history;
 * a :class:`~twotower.events.CatalogItem` → ``HSET layout.item(item)`` with ``category``,
   ``title`` and ``ts_ms``;
 * a :class:`~twotower.events.Profile` → ``SET layout.profile(user)`` to a msgpack list of floats.
@@ -85,6 +88,36 @@ class BatchResult:
     """Catalogue items of the batch, in arrival order."""
 
 
+PUSH_CLICK = """
+local key, entry, ts, cap = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local head = redis.call('LINDEX', key, 0)
+if not head or cmsgpack.unpack(head)[2] <= ts then
+    redis.call('LPUSH', key, entry)
+else
+    local entries = redis.call('LRANGE', key, 0, -1)
+    local placed = false
+    for i = 2, #entries do
+        if cmsgpack.unpack(entries[i])[2] <= ts then
+            redis.call('LINSERT', key, 'BEFORE', entries[i], entry)
+            placed = true
+            break
+        end
+    end
+    if not placed then
+        if #entries >= cap then
+            return 0
+        end
+        redis.call('RPUSH', key, entry)
+    end
+end
+redis.call('LTRIM', key, 0, cap - 1)
+return 1
+"""
+"""Insert one history entry (``ARGV``: entry, its ts_ms, the cap) in its place by event time,
+newest first (after entries of the same time), and trim to the cap; an entry older than every
+one of a full history is left out. In order, it is one ``LINDEX`` and an ``LPUSH``."""
+
+
 def queue_writes(
     pipe: redis.client.Pipeline, layout: SnapshotLayout, records: Iterable[Record], history_max_len: int
 ) -> BatchResult:
@@ -100,13 +133,12 @@ def queue_writes(
         Counts and the catalogue items seen.
     """
     result = BatchResult()
-    touched: dict[str, None] = {}
+    push_click = pipe.register_script(PUSH_CLICK)  # EVALSHA; the pipeline loads it first if Redis lacks it
     for record in records:
         if isinstance(record, Interaction):
             if record.type == CLICK:
-                key = layout.history(record.user_id)
-                pipe.lpush(key, encode_history_entry(record.item_id, record.ts_ms))
-                touched[key] = None
+                entry = encode_history_entry(record.item_id, record.ts_ms)
+                push_click(keys=[layout.history(record.user_id)], args=[entry, record.ts_ms, history_max_len])
                 result.clicks += 1
             else:
                 result.impressions += 1
@@ -119,8 +151,6 @@ def queue_writes(
         elif isinstance(record, Profile):
             pipe.set(layout.profile(record.user_id), encode_profile(record.features))
             result.profiles += 1
-    for key in touched:
-        pipe.ltrim(key, 0, history_max_len - 1)
     return result
 
 

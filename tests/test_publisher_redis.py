@@ -895,6 +895,37 @@ def test_queue_writes_history_items_and_profiles(config: Config) -> None:
         client.close()
 
 
+def test_a_late_click_takes_its_place_by_event_time_and_never_pushes_newer_ones_out(config: Config) -> None:
+    """Pushed and trimmed by arrival, a burst of old clicks (an offline client's upload) left the
+    history holding them instead of the newest: these were neither pooled nor excluded."""
+    client = redis.Redis.from_url(config.redis.url)
+    layout = SnapshotLayout(config.redis.key_prefix)
+    key = layout.history("erin")
+
+    def write(clicks: list[tuple[str, int]]) -> None:
+        with client.pipeline(transaction=True) as pipe:
+            records = [Interaction(f"e{item}", "r", "erin", item, "click", 0, ts) for item, ts in clicks]
+            queue_writes(pipe, layout, records, history_max_len=5)
+            pipe.execute()
+
+    try:
+        client.script_flush()  # the pipeline loads the script itself
+        write([(f"new{i}", 100_000 + i) for i in range(5)])
+        write([(f"old{i}", 1_000 + i) for i in range(5)])  # older than every entry of a full history
+        history = [decode_history_entry(e) for e in client.lrange(key, 0, -1)]
+        assert history == [(f"new{i}", 100_000 + i) for i in reversed(range(5))]
+        write([("late", 100_002), ("same", 100_004)])  # in their places; the oldest falls out
+        history = [decode_history_entry(e) for e in client.lrange(key, 0, -1)]
+        assert history == [
+            ("same", 100_004), ("new4", 100_004), ("new3", 100_003), ("late", 100_002), ("new2", 100_002)
+        ]  # fmt: skip
+        client.delete(key)
+        write([("b", 2_000), ("a", 1_000), ("c", 3_000)])  # room left: an old one goes last
+        assert [decode_history_entry(e)[0] for e in client.lrange(key, 0, -1)] == ["c", "b", "a"]
+    finally:
+        client.close()
+
+
 # ---------------------------------------------------------------- serving state with the real broker
 
 
