@@ -41,11 +41,11 @@ from evaluation.metrics import PolicyMetrics, Series, hit
 from evaluation.protocol import Event, Protocol, World, utc_day, warmup_size
 from evaluation.two_tower import WarmStart, click, utc_date
 from trainer.nightly import run_nightly
-from trainer.stream import APPLIED_ABOVE, partition_key
+from trainer.stream import APPLIED_ABOVE
 from twotower import checkpoint, infra
 from twotower.config import Config
 from twotower.demo import free_port
-from twotower.kafka_io import Topics, ensure_topics, make_consumer, make_producer, send_record
+from twotower.kafka_io import Topics, ensure_topics, make_consumer, make_producer, partition_key, send_record
 from twotower.processes import DaemonProcess, wait_healthy
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from prometheus_client import Counter
 
 from twotower.config import Config
 from twotower.events import CLICK, CatalogItem, Interaction, Profile, Record
-from twotower.kafka_io import PartitionAssigner, RecordDecoder, Topics, make_consumer, make_producer
+from twotower.kafka_io import PartitionAssigner, RecordDecoder, Topics, make_consumer, make_producer, partition_key
 from twotower.snapshots import SnapshotLayout
 
 log = logging.getLogger(__name__)
@@ -154,10 +154,6 @@ def queue_writes(
     return result
 
 
-def _field(tp: TopicPartition) -> str:
-    return f"{tp.topic}:{tp.partition}"
-
-
 class ServingStateWriter:
     """Consumes events, catalogue and profiles and writes Redis; offsets commit under ``publisher.group_id``.
 
@@ -236,7 +232,7 @@ class ServingStateWriter:
             dead = 0
             count = 0
             for tp, messages in batch.items():
-                floor = held.get(_field(tp), 0)
+                floor = held.get(partition_key(tp), 0)
                 for message in messages:
                     count += 1
                     record = self.decoder.decode(message)
@@ -244,7 +240,7 @@ class ServingStateWriter:
                         dead += 1
                     elif not (message.offset < floor and isinstance(record, Interaction) and record.type == CLICK):
                         records.append(record)  # a click below the floor is in its history already
-            nexts = {_field(tp): messages[-1].offset + 1 for tp, messages in batch.items() if messages}
+            nexts = {partition_key(tp): messages[-1].offset + 1 for tp, messages in batch.items() if messages}
             with self.redis.pipeline(transaction=True) as pipe:
                 # watched: the client then never sends the transaction again after losing its reply
                 pipe.watch(self.layout.serving_offsets)

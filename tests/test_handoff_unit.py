@@ -133,7 +133,7 @@ def test_a_handoff_stays_until_a_checkpoint_holds_its_merge(tmp_path: Path) -> N
 def test_a_nightly_beside_a_streaming_trainer_waits_for_the_earlier_handoff(tmp_path: Path, monkeypatch) -> None:
     """A second run that read the checkpoint before the first's merge trained from the old dense
     weights, and its handoff was discarded: a day lost, though reported trained."""
-    monkeypatch.setattr(nightly, "HANDOFF_POLL_S", 0.01)
+    monkeypatch.setattr(nightly, "WAIT_POLL_S", 0.01)
     before = _state({"a": [1, 0, 0, 0]})
     handoff.write(tmp_path, "2024-03-10", before, copy.deepcopy(before))
     streaming = StateLock(tmp_path)

@@ -46,12 +46,12 @@ from tqdm import tqdm
 
 from trainer import handoff
 from trainer.days import day_bounds_ms
-from trainer.state import TrainerState
-from trainer.stream import APPLIED_ABOVE, NIGHTLY_COUNTED, CountedRange, StateLock, parse_partition_key
+from trainer.state import NIGHTLY_DONE, TrainerState
+from trainer.stream import APPLIED_ABOVE, NIGHTLY_COUNTED, CountedRange, StateLock
 from twotower import checkpoint
 from twotower.config import Config, KafkaConfig
 from twotower.events import CLICK, CatalogItem, Interaction, Profile, SchemaError
-from twotower.kafka_io import Topics, decode_message, ensure_topics, make_consumer
+from twotower.kafka_io import Topics, decode_message, ensure_topics, make_consumer, parse_partition_key
 
 log = logging.getLogger(__name__)
 NIGHTLY_LOCK = "nightly.lock"
@@ -368,7 +368,8 @@ def build_examples(
     return out
 
 
-HANDOFF_POLL_S = 0.5
+WAIT_POLL_S = 0.5
+"""How often a run waiting for another's lock, or for a handoff to be merged, looks again."""
 
 
 def _wait_for_pending_handoff(state_dir: Path, lock: StateLock, should_stop: Callable[[], bool] | None) -> bool:
@@ -386,7 +387,7 @@ def _wait_for_pending_handoff(state_dir: Path, lock: StateLock, should_stop: Cal
         if not waited:
             log.info("waiting for the streaming trainer to merge an earlier nightly's handoff")
             waited = True
-        time.sleep(HANDOFF_POLL_S)
+        time.sleep(WAIT_POLL_S)
     return False
 
 
@@ -427,11 +428,11 @@ def dates_due(cfg: Config, newest: dt.date) -> list[dt.date]:
     or whose run failed or was stopped, is retrained at the next run; only ``newest`` while none
     was retrained yet."""
     ckpt = checkpoint.load(cfg.trainer.state_dir)
-    done = list(ckpt.extra.get("nightly_done", [])) if ckpt is not None else []
-    window = [newest - dt.timedelta(days=back) for back in range(cfg.trainer.nightly_catch_up_days - 1, -1, -1)]
+    done = ckpt.extra.get(NIGHTLY_DONE, []) if ckpt is not None else []
     if not done:
         return [newest]
     last = max(done)
+    window = [newest - dt.timedelta(days=back) for back in range(cfg.trainer.nightly_catch_up_days - 1, -1, -1)]
     return [d for d in window if d.isoformat() > last]
 
 
@@ -454,7 +455,7 @@ def run_nightly(
         while not runs.acquire(blocking=False):
             if should_stop is not None and should_stop():
                 return NightlyResult(date.isoformat(), "stopped")
-            time.sleep(HANDOFF_POLL_S)
+            time.sleep(WAIT_POLL_S)
     try:
         return _run_nightly(cfg, date, force, progress, should_stop)
     except NightlyStopped:

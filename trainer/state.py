@@ -67,6 +67,8 @@ OVERFLOW_DEPTH = 2
 """A history's overflow keeps at most this many times ``history_len`` entries per user, for the
 nightly retrains of at most this many days (in steady state one is pending: yesterday's, until
 it runs; what is dropped beyond, a nightly reads back from Kafka)."""
+NIGHTLY_DONE = "nightly_done"
+"""The checkpoint's ``extra`` key of :attr:`TrainerState.nightly_done` (the dates retrained)."""
 OVERFLOW_SINCE = "overflow_since_ms"
 """The checkpoint's ``extra`` key of :attr:`TrainerState.overflow_since_ms`."""
 NEVER = np.iinfo(np.int64).max
@@ -645,7 +647,7 @@ class TrainerState:
             extra={
                 "dense_optimizer": self.dense_optimizer.state_dict(),
                 "category_index": dict(self.categories),
-                "nightly_done": list(self.nightly_done),
+                NIGHTLY_DONE: list(self.nightly_done),
                 OVERFLOW_SINCE: self.overflow_since_ms,
                 "generator": self.generator.get_state(),
                 **(extra or {}),
@@ -706,7 +708,7 @@ class TrainerState:
         state.histories = HistoryColumns.from_columns(ckpt.histories, mcfg.history_len)
         state.history_overflow = HistoryColumns.from_columns(ckpt.history_overflow, OVERFLOW_DEPTH * mcfg.history_len)
         state.removed_items = list(ckpt.removed_items)
-        state.nightly_done = list(extra.get("nightly_done", []))
+        state.nightly_done = list(extra.get(NIGHTLY_DONE, []))
         state.overflow_since_ms = int(extra.get(OVERFLOW_SINCE, ckpt.event_time_ms))  # older files: from now
         state.seq = ckpt.seq
         state.dense_version = ckpt.dense_version

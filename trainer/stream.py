@@ -38,7 +38,16 @@ from twotower import checkpoint
 from twotower.config import Config
 from twotower.daemon import Daemon
 from twotower.events import CatalogItem, Interaction, Profile
-from twotower.kafka_io import PartitionAssigner, RecordDecoder, Topics, ensure_topics, make_consumer, make_producer
+from twotower.kafka_io import (
+    PartitionAssigner,
+    RecordDecoder,
+    Topics,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    parse_partition_key,
+    partition_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +134,6 @@ def checkpoint_wait_s(took_s: float, interval_s: float, max_share: float) -> flo
     so that checkpoints taking ``took_s`` each use at most ``max_share`` of the trainer's time (a
     big state is then checkpointed less often instead of leaving no time to train)."""
     return max(interval_s, took_s / max_share)
-
-
-def partition_key(tp: Partition) -> str:
-    return f"{tp[0]}:{tp[1]}"
-
-
-def parse_partition_key(key: str) -> Partition:
-    topic, _, part = key.rpartition(":")
-    return topic, int(part)
 
 
 class StateLock:

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
@@ -77,7 +78,11 @@ class Topics:
 
     def kind_of(self, topic: str) -> type[Record] | None:
         """The record type ``topic`` carries (``None``: not one of the system's topics)."""
-        return {self.events: Interaction, self.catalog: CatalogItem, self.profiles: Profile}.get(topic)
+        return self._kinds.get(topic)
+
+    @cached_property
+    def _kinds(self) -> dict[str, type[Record]]:  # asked for every consumed record: built once
+        return {self.events: Interaction, self.catalog: CatalogItem, self.profiles: Profile}
 
     def all(self) -> list[str]:
         """Every topic the system uses, dead-letter topics included."""
@@ -113,6 +118,18 @@ def ensure_topics(cfg: KafkaConfig) -> Topics:
     finally:
         admin.close()
     return topics
+
+
+def partition_key(tp: tuple[str, int]) -> str:
+    """``topic:partition``: how a partition is named where it is a key (checkpoint offsets, the
+    serving state's offsets in Redis)."""
+    return f"{tp[0]}:{tp[1]}"
+
+
+def parse_partition_key(key: str) -> tuple[str, int]:
+    """Inverse of :func:`partition_key`."""
+    topic, _, part = key.rpartition(":")
+    return topic, int(part)
 
 
 def topic_configs(bootstrap: str, topic: str, names: Iterable[str]) -> dict[str, str]:
